@@ -1,0 +1,137 @@
+"""Configuration files of `sigmad master` and `sigmad node` (see conf/*.yaml)."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from sigmad.errors import SpecError
+from sigmad.spec import LABEL_RE, Fields, Resources, string_map
+from sigmad.units import parse_cpu, parse_size
+
+DEFAULT_ETCD = "http://127.0.0.1:2379"
+DEFAULT_PREFIX = "/sigma/v1"
+DEFAULT_LISTEN = "127.0.0.1:7475"
+DEFAULT_ENGINE = "unix:///var/run/docker.sock"
+
+
+@dataclass
+class EtcdConfig:
+    endpoints: list[str] = field(default_factory=lambda: [DEFAULT_ETCD])
+    prefix: str = DEFAULT_PREFIX
+
+
+@dataclass
+class MasterConfig:
+    token: str
+    listen: str = DEFAULT_LISTEN
+    etcd: EtcdConfig = field(default_factory=EtcdConfig)
+    reconcile_interval: float = 5.0
+
+
+@dataclass
+class NodeConfig:
+    name: str = field(default_factory=socket.gethostname)
+    engine: str = DEFAULT_ENGINE
+    address: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    reserved: Resources = field(default_factory=Resources)
+    heartbeat_ttl: int = 5
+    etcd: EtcdConfig = field(default_factory=EtcdConfig)
+
+
+def _etcd(fields: Fields) -> EtcdConfig:
+    raw = Fields(fields.at("etcd"), fields.take("etcd") or {}, "")
+    endpoints = raw.take("endpoints", [DEFAULT_ETCD])
+    if isinstance(endpoints, str):
+        endpoints = [endpoints]
+    if not endpoints or not all(isinstance(e, str) and "://" in e for e in endpoints):
+        raise SpecError(raw.at("endpoints"), "must be a list of URLs like http://127.0.0.1:2379")
+    prefix = raw.take("prefix", DEFAULT_PREFIX)
+    if not isinstance(prefix, str) or not prefix.startswith("/"):
+        raise SpecError(raw.at("prefix"), "must be a key prefix starting with /")
+    raw.done()
+    return EtcdConfig(endpoints, prefix)
+
+
+def _number(fields: Fields, key: str, default: float, minimum: float) -> float:
+    value = fields.take(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+        raise SpecError(fields.at(key), f"must be a number of at least {minimum}")
+    return float(value)
+
+
+def _read(path: str | Path) -> Fields:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise SpecError("", f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        doc = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise SpecError("", f"config {path} is not valid YAML: {exc}") from None
+    return Fields("", doc, "")
+
+
+def master_config(fields: Fields) -> MasterConfig:
+    """A MasterConfig from a parsed mapping (see conf/master.yaml)."""
+    token = fields.take("token")
+    token_file = fields.take("token_file")
+    if token_file and not token:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise SpecError("token_file", f"cannot read {token_file}: {exc.strerror}") from None
+    if not isinstance(token, str) or len(token) < 16:
+        raise SpecError("token", "is required: a secret of at least 16 characters "
+                        "(or token_file: a file holding one)")
+    listen = fields.take("listen", DEFAULT_LISTEN)
+    if not isinstance(listen, str) or ":" not in listen:
+        raise SpecError("listen", "must be HOST:PORT")
+    config = MasterConfig(
+        token=token, listen=listen, etcd=_etcd(fields),
+        reconcile_interval=_number(fields, "reconcile_interval", 5.0, 0.1),
+    )
+    fields.done()
+    return config
+
+
+def node_config(fields: Fields) -> NodeConfig:
+    """A NodeConfig from a parsed mapping (see conf/node.yaml)."""
+    defaults = NodeConfig()
+    name = fields.take("name") or defaults.name
+    if not isinstance(name, str):
+        raise SpecError("name", "must be a string")
+    engine = fields.take("engine", DEFAULT_ENGINE)
+    if not isinstance(engine, str) or not engine.startswith(("unix://", "tcp://", "http://")):
+        raise SpecError("engine", "must be unix:///path/docker.sock or tcp://HOST:PORT")
+    reserved = Fields("reserved", fields.take("reserved") or {}, "")
+    try:
+        reserve = Resources(
+            parse_cpu(reserved.take("cpu", 0)), parse_size(reserved.take("memory", 0))
+        )
+    except ValueError as exc:
+        raise SpecError("reserved", str(exc)) from None
+    reserved.done()
+    config = NodeConfig(
+        name=name,
+        engine=engine,
+        address=str(fields.take("address", "")),
+        labels=string_map("labels", fields.take("labels"), LABEL_RE, "label"),
+        reserved=reserve,
+        heartbeat_ttl=int(_number(fields, "heartbeat_ttl", 5, 2)),
+        etcd=_etcd(fields),
+    )
+    fields.done()
+    return config
+
+
+def load_master(path: str | Path) -> MasterConfig:
+    return master_config(_read(path))
+
+
+def load_node(path: str | Path) -> NodeConfig:
+    return node_config(_read(path))

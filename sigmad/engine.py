@@ -1,0 +1,259 @@
+"""One host's Docker Engine API, and the translation of an instance into container configs.
+
+The only module that imports aiodocker. Everything Docker-shaped stays here: the rest of
+sigma sees `ContainerState` and plain dicts of container config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiodocker
+import aiohttp
+
+from sigmad.errors import EngineError
+from sigmad.models import Instance
+from sigmad.spec import AppSpec, ContainerSpec
+
+log = logging.getLogger(__name__)
+
+LABEL_INSTANCE = "sigma.instance"
+LABEL_APP = "sigma.app"
+LABEL_NAMESPACE = "sigma.namespace"
+LABEL_CONTAINER = "sigma.container"
+LABEL_GENERATION = "sigma.generation"
+LABEL_INDEX = "sigma.index"
+CPU_PERIOD_NS = 1_000_000_000 // 1000  # NanoCpus per millicore
+
+
+def container_name(instance: Instance, container: str) -> str:
+    """A deterministic name, so the engine itself refuses a second copy."""
+    return f"sigma-{instance.namespace}-{instance.name}-{container}"
+
+
+def container_config(instance: Instance, app: AppSpec, container: ContainerSpec) -> dict[str, Any]:
+    """The Engine API create body for one container of an instance."""
+    limit = container.resources.limit
+    host_config: dict[str, Any] = {}
+    if limit.cpu_m:
+        host_config["NanoCpus"] = limit.cpu_m * CPU_PERIOD_NS
+    if limit.memory:
+        # MemorySwap equal to Memory: the container gets no swap on top of its cap.
+        host_config["Memory"] = limit.memory
+        host_config["MemorySwap"] = limit.memory
+    config: dict[str, Any] = {
+        "Image": container.image,
+        "Hostname": instance.name,
+        "Env": [f"{k}={v}" for k, v in sorted(container.env.items())]
+        + [f"SIGMA_INSTANCE={instance.name}", f"SIGMA_APP={app.app}",
+           f"SIGMA_NAMESPACE={app.namespace}", f"SIGMA_INDEX={instance.index}"],
+        "Labels": {
+            LABEL_INSTANCE: instance.key,
+            LABEL_APP: app.app,
+            LABEL_NAMESPACE: app.namespace,
+            LABEL_INDEX: str(instance.index),
+            LABEL_CONTAINER: container.name,
+            LABEL_GENERATION: str(instance.generation),
+        },
+        "HostConfig": host_config,
+    }
+    if container.command:
+        # Like Kubernetes' `command`: it replaces the image's entrypoint.
+        config["Entrypoint"] = container.command[:1]
+        config["Cmd"] = container.command[1:]
+    return config
+
+
+@dataclass
+class ContainerState:
+    """What sigma needs from `docker inspect`."""
+
+    id: str
+    name: str
+    labels: dict[str, str]
+    running: bool
+    status: str
+    exit_code: int
+    oom_killed: bool
+    error: str
+    started_at: str
+    finished_at: str
+    pid: int
+    ip: str
+
+    @classmethod
+    def from_inspect(cls, data: dict[str, Any]) -> ContainerState:
+        state = data.get("State") or {}
+        networks = (data.get("NetworkSettings") or {}).get("Networks") or {}
+        ip = next((n.get("IPAddress") for n in networks.values() if n.get("IPAddress")), "")
+        return cls(
+            id=data["Id"],
+            name=data.get("Name", "").lstrip("/"),
+            labels=(data.get("Config") or {}).get("Labels") or {},
+            running=bool(state.get("Running")),
+            status=state.get("Status", ""),
+            exit_code=int(state.get("ExitCode") or 0),
+            oom_killed=bool(state.get("OOMKilled")),
+            error=state.get("Error") or "",
+            started_at=state.get("StartedAt", ""),
+            finished_at=state.get("FinishedAt", ""),
+            pid=int(state.get("Pid") or 0),
+            ip=ip,
+        )
+
+    def end_reason(self) -> str:
+        """The one authoritative reason a stopped container ended (DESIGN.md §3).
+
+        An exit status above 128 without an OOM kill is a signal (137 is SIGKILL, not OOM)."""
+        if self.oom_killed:
+            return "OOMKilled"
+        if self.error:
+            return f"FailedToStart({self.error})"
+        if self.exit_code > 128:
+            try:
+                return f"Signaled({signal.Signals(self.exit_code - 128).name})"
+            except ValueError:
+                return f"Exited({self.exit_code})"
+        return f"Exited({self.exit_code})"
+
+
+class Engine:
+    """A client for one host's Docker engine (`unix:///path.sock` or `tcp://host:port`)."""
+
+    def __init__(self, url: str, request_timeout: float = 60.0) -> None:
+        self.url = url
+        self._docker = aiodocker.Docker(
+            url=url, timeout=aiohttp.ClientTimeout(total=request_timeout, connect=5)
+        )
+
+    async def close(self) -> None:
+        await self._docker.close()
+
+    async def _json(self, path: str, method: str = "GET", **kwargs: Any) -> Any:
+        try:
+            return await self._docker._query_json(path, method=method, **kwargs)
+        except aiodocker.DockerError as exc:
+            raise EngineError(f"{self.url}: {exc.message}", exc.status) from None
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise EngineError(f"engine {self.url} is unreachable: {exc or type(exc).__name__}")\
+                from None
+
+    async def info(self) -> dict[str, Any]:
+        """`docker info`: NCPU, MemTotal, ServerVersion, cgroup facts."""
+        result: dict[str, Any] = await self._json("info")
+        return result
+
+    async def has_image(self, ref: str) -> bool:
+        try:
+            await self._json(f"images/{ref}/json")
+        except EngineError as exc:
+            if exc.engine_status == 404:
+                return False
+            raise
+        return True
+
+    async def ensure_image(self, ref: str, progress: Callable[[str], None] | None = None) -> None:
+        """Pull `ref` unless the engine has it; `progress` gets human-readable pull status."""
+        if await self.has_image(ref):
+            return
+        repo, _, tag = ref.rpartition(":") if ":" in ref.rsplit("/", 1)[-1] else (ref, "", "")
+        params = {"fromImage": repo, "tag": tag or "latest"}
+        try:
+            async with self._docker._query(
+                "images/create", method="POST", params=params,
+                timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_read=300),
+            ) as response:
+                async for line in response.content:
+                    if not line.strip():
+                        continue
+                    message = json.loads(line)
+                    if "error" in message:
+                        raise EngineError(f"pull {ref}: {message['error']}", 404)
+                    if progress and message.get("status"):
+                        detail = message.get("progress") or message.get("id") or ""
+                        progress(f"pull {ref}: {message['status']} {detail}".strip())
+        except aiodocker.DockerError as exc:
+            raise EngineError(f"pull {ref}: {exc.message}", exc.status) from None
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise EngineError(f"pull {ref}: engine {self.url} failed: {exc}") from None
+
+    async def create(self, name: str, config: dict[str, Any]) -> str:
+        """Create a container; its id. EngineError with engine_status 409 if the name is taken."""
+        data = await self._json(
+            "containers/create", "POST", params={"name": name},
+            data=json.dumps(config).encode(), headers={"Content-Type": "application/json"},
+        )
+        return str(data["Id"])
+
+    async def start(self, container_id: str) -> None:
+        await self._json(f"containers/{container_id}/start", "POST")
+
+    async def stop(self, container_id: str, timeout: int = 10) -> None:
+        """Stop politely (SIGTERM, then SIGKILL after `timeout` s); a stopped one is fine."""
+        try:
+            await self._json(
+                f"containers/{container_id}/stop", "POST", params={"t": timeout},
+                timeout=aiohttp.ClientTimeout(total=timeout + 30, connect=5),
+            )
+        except EngineError as exc:
+            if exc.engine_status not in (304, 404):
+                raise
+
+    async def remove(self, container_id: str) -> None:
+        """Remove a container (forcibly); one already gone is fine."""
+        try:
+            await self._json(f"containers/{container_id}", "DELETE", params={"force": "true"})
+        except EngineError as exc:
+            if exc.engine_status != 404:
+                raise
+
+    async def inspect(self, container_id: str) -> ContainerState | None:
+        """The container's state, or None if the engine does not know it."""
+        try:
+            data = await self._json(f"containers/{container_id}/json")
+        except EngineError as exc:
+            if exc.engine_status == 404:
+                return None
+            raise
+        return ContainerState.from_inspect(data)
+
+    async def list(self, labels: dict[str, str] | None = None) -> list[ContainerState]:
+        """Every container (running or not) carrying all `labels` (value "" = any value)."""
+        wanted = [f"{k}={v}" if v else k for k, v in (labels or {}).items()]
+        summaries = await self._json(
+            "containers/json", params={"all": "true", "filters": json.dumps({"label": wanted})}
+        )
+        states = []
+        for summary in summaries:
+            state = await self.inspect(summary["Id"])
+            if state is not None:
+                states.append(state)
+        return states
+
+    async def update(self, container_id: str, resources: dict[str, Any]) -> None:
+        """Change a running container's cgroup caps in place (`docker update`)."""
+        await self._json(
+            f"containers/{container_id}/update", "POST",
+            data=json.dumps(resources).encode(), headers={"Content-Type": "application/json"},
+        )
+
+    async def events(self, labels: dict[str, str] | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Container events as they happen (until the connection ends)."""
+        filters: dict[str, list[str]] = {"type": ["container"]}
+        if labels:
+            filters["label"] = [f"{k}={v}" if v else k for k, v in labels.items()]
+        try:
+            async with self._docker._query(
+                "events", params={"filters": json.dumps(filters)},
+                timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_read=None),
+            ) as response:
+                async for line in response.content:
+                    if line.strip():
+                        yield json.loads(line)
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
+            raise EngineError(f"event stream of {self.url} ended: {exc}") from None

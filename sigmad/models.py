@@ -1,0 +1,113 @@
+"""Cluster records kept in etcd: nodes, apps, instances (DESIGN.md §2, §3)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from sigmad.spec import AppSpec, Resources
+
+# Instance states (DESIGN.md §3).
+PENDING = "Pending"
+SCHEDULED = "Scheduled"
+STARTING = "Starting"
+RUNNING = "Running"
+EXITED = "Exited"
+FAILED = "Failed"
+FAILED_TO_START = "FailedToStart"
+NEED_MIGRATION = "NeedMigration"
+TERMINATING = "Terminating"
+
+# Node states.
+READY = "Ready"
+NOT_READY = "NotReady"
+DRAINING = "Draining"
+
+MAX_TERMINATIONS = 5
+
+
+def now() -> float:
+    """Wall-clock seconds; records carry wall time so operators can read them."""
+    return time.time()
+
+
+@dataclass
+class Node:
+    """A host: its engine, labels and capacity. The agent writes it; readiness is the
+    presence of its leased heartbeat key."""
+
+    name: str
+    engine: str
+    address: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    capacity: Resources = field(default_factory=Resources)
+    allocatable: Resources = field(default_factory=Resources)
+    draining: bool = False
+    engine_version: str = ""
+    updated: float = 0.0
+
+
+@dataclass
+class AppRecord:
+    """An app's desired state; `generation` grows on every change of the spec."""
+
+    spec: AppSpec
+    generation: int = 1
+    created: float = 0.0
+    updated: float = 0.0
+
+
+@dataclass
+class ContainerStatus:
+    name: str
+    id: str = ""
+    state: str = ""
+    exit_code: int | None = None
+    started_at: str = ""
+    finished_at: str = ""
+
+
+@dataclass
+class Termination:
+    """One end of an instance's container, with its one authoritative reason."""
+
+    container: str
+    reason: str
+    at: float
+    container_id: str = ""
+
+
+@dataclass
+class Instance:
+    """One replica `APP-INDEX` of an app; it, not its container, owns its place and resources."""
+
+    namespace: str
+    app: str
+    index: int
+    generation: int
+    state: str = PENDING
+    reason: str = ""
+    node: str = ""
+    ip: str = ""
+    request: Resources = field(default_factory=Resources)
+    containers: list[ContainerStatus] = field(default_factory=list)
+    restarts: int = 0
+    next_start: float = 0.0
+    terminations: list[Termination] = field(default_factory=list)
+    created: float = 0.0
+    updated: float = 0.0
+
+    @property
+    def name(self) -> str:
+        """The stable name `APP-INDEX`."""
+        return f"{self.app}-{self.index}"
+
+    @property
+    def key(self) -> str:
+        """`namespace/APP-INDEX`, the value of the `sigma.instance` container label."""
+        return f"{self.namespace}/{self.name}"
+
+    def terminated(self, container: str, reason: str, container_id: str = "") -> None:
+        """Record a container end, keeping the last few."""
+        self.terminations.append(Termination(container, reason, now(), container_id))
+        del self.terminations[:-MAX_TERMINATIONS]

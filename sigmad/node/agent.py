@@ -1,0 +1,94 @@
+"""`sigmad node`: registers its host and keeps a heartbeat lease (DESIGN.md §1, §6).
+
+The agent is not in the container data path: the master talks to the engine directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from sigmad.config import NodeConfig
+from sigmad.engine import Engine
+from sigmad.errors import EngineError, SigmaError
+from sigmad.models import Node, now
+from sigmad.spec import Resources
+from sigmad.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def node_record(config: NodeConfig, info: dict[str, object], draining: bool) -> Node:
+    """The Node record from the engine's `info` (real CPU count and memory of the host)."""
+    capacity = Resources(int(str(info.get("NCPU", 0))) * 1000, int(str(info.get("MemTotal", 0))))
+    allocatable = Resources(
+        max(capacity.cpu_m - config.reserved.cpu_m, 0),
+        max(capacity.memory - config.reserved.memory, 0),
+    )
+    return Node(
+        name=config.name, engine=config.engine, address=config.address,
+        labels=dict(config.labels), capacity=capacity, allocatable=allocatable,
+        draining=draining, engine_version=str(info.get("ServerVersion", "")), updated=now(),
+    )
+
+
+class Agent:
+    """Keeps the node record current and the heartbeat lease alive."""
+
+    def __init__(self, config: NodeConfig, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self.engine = Engine(config.engine)
+        self.lease = 0
+
+    async def _engine_info(self) -> dict[str, object]:
+        delay = 0.5
+        while True:
+            try:
+                return await self.engine.info()
+            except EngineError as exc:
+                log.warning("waiting for the engine: %s", exc.message)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def register(self) -> Node:
+        """Write the node record, keeping the master-owned `draining` flag."""
+        info = await self._engine_info()
+        key = self.store.keys.node(self.config.name)
+        while True:
+            current = await self.store.get(key, Node)
+            node = node_record(self.config, info, current.value.draining if current else False)
+            if current is None:
+                if await self.store.create(key, node):
+                    break
+            elif await self.store.update(key, node, current.mod_revision):
+                break
+        log.info(
+            "node %s registered: %d cpu, %d MiB, engine %s %s", node.name,
+            node.capacity.cpu_m // 1000, node.capacity.memory >> 20, node.engine,
+            node.engine_version,
+        )
+        return node
+
+    async def heartbeat(self) -> None:
+        """Hold a leased heartbeat key; re-grant the lease if it lapsed (e.g. etcd outage)."""
+        ttl = self.config.heartbeat_ttl
+        key = self.store.keys.heartbeat(self.config.name)
+        while True:
+            try:
+                if not self.lease or not await self.store.keepalive(self.lease):
+                    self.lease = await self.store.grant(ttl)
+                    await self.store.put(key, {"node": self.config.name, "since": now()},
+                                         lease=self.lease)
+                    log.info("heartbeat lease %x granted (ttl %ds)", self.lease, ttl)
+            except SigmaError as exc:
+                log.warning("heartbeat failed: %s", exc.message)
+                self.lease = 0
+            await asyncio.sleep(ttl / 3)
+
+    async def run(self) -> None:
+        try:
+            await self.register()
+            await self.heartbeat()
+        finally:
+            await self.engine.close()

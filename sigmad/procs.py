@@ -1,0 +1,146 @@
+"""Child processes sigma runs for itself: an etcd member for `sigmad dev` and the tests."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import subprocess
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class EtcdProcess:
+    """A single-member etcd listening on 127.0.0.1, with its data under `data_dir`."""
+
+    def __init__(
+        self, data_dir: Path, client_port: int, peer_port: int, name: str = "sigma"
+    ) -> None:
+        self.data_dir = data_dir
+        self.client_port = client_port
+        self.peer_port = peer_port
+        self.name = name
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.client_port}"
+
+    def start(self) -> None:
+        binary = shutil.which("etcd")
+        if binary is None:
+            raise RuntimeError("etcd is not installed: apt-get install etcd-server")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        args = [
+            binary, "--name", self.name, "--data-dir", str(self.data_dir / "data"),
+            "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"{self.name}={peer}",
+        ]
+        with open(self.data_dir / "etcd.log", "ab") as logfile:
+            self.proc = subprocess.Popen(
+                args, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        log.info("etcd started (pid %d) on %s", self.proc.pid, self.endpoint)
+
+    async def wait_ready(self, timeout: float = 20.0) -> None:
+        """Until etcd accepts TCP connections on its client port."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"etcd exited with {self.proc.returncode}; see {self.data_dir / 'etcd.log'}"
+                )
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", self.client_port)
+                writer.close()
+                return
+            except OSError:
+                if loop.time() > deadline:
+                    raise RuntimeError(f"etcd did not listen on {self.endpoint} in {timeout}s")\
+                        from None
+                await asyncio.sleep(0.1)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        log.info("etcd stopped")
+
+
+class DockerdProcess:
+    """A dockerd of its own (data, exec root, socket under `root`), optionally inside a
+    network namespace so its bridge and iptables rules touch nothing else."""
+
+    def __init__(self, root: Path, exec_root: Path, netns: str | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        self.root = root
+        self.exec_root = exec_root  # short: containerd's socket paths must fit 108 bytes
+        self.netns = netns
+        self.extra_args = extra_args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "docker.sock"
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self) -> None:
+        binary = shutil.which("dockerd")
+        if binary is None:
+            raise RuntimeError("dockerd is not installed: apt-get install docker.io")
+        self.root.mkdir(parents=True, exist_ok=True)
+        args = [
+            binary, "--data-root", str(self.root / "data"), "--exec-root", str(self.exec_root),
+            "--pidfile", str(self.root / "dockerd.pid"), "-H", self.url, *self.extra_args,
+        ]
+        if self.netns:
+            # nsenter, not `ip netns exec`: that remounts /sys and dockerd loses its cgroups.
+            args = ["nsenter", f"--net=/var/run/netns/{self.netns}", *args]
+        with open(self.root / "dockerd.log", "ab") as logfile:
+            self.proc = subprocess.Popen(
+                args, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until the engine answers /_ping on its socket."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"dockerd exited with {self.proc.returncode}; see {self.root / 'dockerd.log'}"
+                )
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(self.socket))
+                writer.write(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+                answer = await reader.read(64)
+                writer.close()
+                if b" 200 " in answer:
+                    return
+            except OSError:
+                pass
+            if loop.time() > deadline:
+                raise RuntimeError(f"dockerd did not answer on {self.socket} in {timeout}s")
+            await asyncio.sleep(0.2)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

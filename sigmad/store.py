@@ -1,0 +1,282 @@
+"""etcd access: the key layout, typed records, CAS transactions, watches and leases.
+
+The only module that imports aetcd. A lost connection is retried with backoff and logged;
+callers see `StoreUnavailable` only once the retry budget is spent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit
+
+import aetcd
+import aetcd.exceptions
+import aetcd.rpc
+
+from sigmad import records
+from sigmad.errors import StoreUnavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
+
+_TRANSIENT = (
+    aetcd.exceptions.ConnectionFailedError,
+    aetcd.exceptions.ConnectionTimeoutError,
+    aetcd.exceptions.InternalError,
+    aetcd.rpc.AioRpcError,
+    asyncio.TimeoutError,
+    OSError,
+)
+MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
+
+
+class Keys:
+    """DESIGN.md §2 key layout under a configurable prefix."""
+
+    def __init__(self, prefix: str = "/sigma/v1") -> None:
+        self.prefix = "/" + prefix.strip("/")
+
+    def _k(self, *parts: object) -> str:
+        return "/".join([self.prefix, *map(str, parts)])
+
+    def nodes(self) -> str:
+        return self._k("nodes", "")
+
+    def node(self, name: str) -> str:
+        return self._k("nodes", name)
+
+    def heartbeats(self) -> str:
+        return self._k("heartbeats", "")
+
+    def heartbeat(self, name: str) -> str:
+        return self._k("heartbeats", name)
+
+    def apps(self, namespace: str | None = None) -> str:
+        return self._k("apps", namespace, "") if namespace else self._k("apps", "")
+
+    def app(self, namespace: str, app: str) -> str:
+        return self._k("apps", namespace, app)
+
+    def instances(self, namespace: str | None = None, app: str | None = None) -> str:
+        parts = [p for p in (namespace, app) if p]
+        return self._k("instances", *parts, "")
+
+    def instance(self, namespace: str, app: str, index: int) -> str:
+        return self._k("instances", namespace, app, index)
+
+    def leader(self) -> str:
+        return self._k("leader")
+
+
+@dataclass
+class Versioned(Generic[T]):
+    """A record as read, with the key and mod_revision a later CAS compares against."""
+
+    key: str
+    value: T
+    mod_revision: int
+
+
+@dataclass
+class Guard:
+    """A transaction precondition: `key` is at `mod_revision` (0: the key is absent)."""
+
+    key: str
+    mod_revision: int
+
+
+@dataclass
+class Op:
+    """A transaction operation: put `record` at `key` (optionally leased), or delete `key`."""
+
+    key: str
+    record: Any = None
+    delete: bool = False
+    lease: int = 0
+
+
+@dataclass
+class WatchEvent:
+    key: str
+    value: bytes | None  # None on delete
+    mod_revision: int
+
+
+class Store:
+    """An etcd client for one cluster (a list of endpoints, tried in turn)."""
+
+    def __init__(
+        self, endpoints: list[str], prefix: str = "/sigma/v1", retry_for: float = 30.0,
+        rpc_timeout: float = 5.0,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("at least one etcd endpoint is needed")
+        self.endpoints = endpoints
+        self.keys = Keys(prefix)
+        self.retry_for = retry_for
+        self.rpc_timeout = rpc_timeout
+        self._current = 0
+        self._client = self._new_client()
+        self._outage = False
+
+    def _new_client(self) -> aetcd.Client:
+        url = urlsplit(self.endpoints[self._current])
+        return aetcd.Client(
+            host=url.hostname or "127.0.0.1", port=url.port or 2379,
+            timeout=self.rpc_timeout,
+        )
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def _reconnect(self) -> None:
+        try:
+            await self._client.close()
+        except Exception:  # a broken channel may fail to close; it is dropped anyway
+            log.debug("closing the etcd client failed", exc_info=True)
+        self._current = (self._current + 1) % len(self.endpoints)
+        self._client = self._new_client()
+
+    async def _call(self, what: str, fn: Callable[[aetcd.Client], Awaitable[R]]) -> R:
+        """Run `fn(client)`, retrying transient failures with jittered backoff."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.retry_for
+        delay = 0.1
+        while True:
+            try:
+                result = await fn(self._client)
+            except _TRANSIENT as exc:
+                if not self._outage:
+                    log.warning("etcd %s failed (%s); retrying", what, _short(exc))
+                    self._outage = True
+                if loop.time() + delay > deadline:
+                    raise StoreUnavailable(
+                        f"etcd at {', '.join(self.endpoints)} is unreachable: {_short(exc)}"
+                    ) from None
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 2.0)
+                await self._reconnect()
+                continue
+            if self._outage:
+                log.warning("etcd reachable again")
+                self._outage = False
+            return result
+
+    async def ping(self) -> int:
+        """The current revision (raises StoreUnavailable if etcd is down)."""
+        result = await self._call("ping", lambda c: c.get_prefix(b"\0", keys_only=True))
+        return int(result.header.revision)
+
+    async def get(self, key: str, cls: type[T]) -> Versioned[T] | None:
+        kv = await self._call("get", lambda c: c.get(key.encode()))
+        if kv is None:
+            return None
+        return Versioned(key, records.loads(cls, kv.value), kv.mod_revision)
+
+    async def scan(self, prefix: str, cls: type[T]) -> tuple[list[Versioned[T]], int]:
+        """Every record under `prefix`, and the revision they were read at."""
+        result = await self._call("list", lambda c: c.get_prefix(prefix.encode()))
+        items = [
+            Versioned(kv.key.decode(), records.loads(cls, kv.value), kv.mod_revision)
+            for kv in result.kvs
+        ]
+        return items, int(result.header.revision)
+
+    async def keys_under(self, prefix: str) -> list[str]:
+        result = await self._call(
+            "list keys", lambda c: c.get_prefix(prefix.encode(), keys_only=True)
+        )
+        return [kv.key.decode() for kv in result.kvs]
+
+    async def put(self, key: str, record: Any, lease: int = 0) -> None:
+        data = records.dumps(record)
+        await self._call("put", lambda c: c.put(key.encode(), data, lease=lease or None))
+
+    async def create(self, key: str, record: Any, lease: int = 0) -> bool:
+        """Write `record` only if `key` is absent."""
+        return await self.commit([Guard(key, 0)], [Op(key, record, lease=lease)])
+
+    async def update(self, key: str, record: Any, mod_revision: int) -> bool:
+        """Write `record` only if `key` is still at `mod_revision`."""
+        return await self.commit([Guard(key, mod_revision)], [Op(key, record)])
+
+    async def delete(self, key: str, mod_revision: int | None = None) -> bool:
+        """Delete `key`, only if still at `mod_revision` when one is given."""
+        guards = [] if mod_revision is None else [Guard(key, mod_revision)]
+        return await self.commit(guards, [Op(key, delete=True)])
+
+    async def commit(self, guards: list[Guard], ops: list[Op]) -> bool:
+        """One transaction: all `ops` if every guard holds, else nothing. False on conflict."""
+        if len(guards) + len(ops) > MAX_TXN_OPS:
+            raise ValueError(f"a transaction holds at most {MAX_TXN_OPS} guards and ops")
+        tx = aetcd.transactions
+        compare = [
+            tx.Mod(g.key.encode()) == g.mod_revision if g.mod_revision
+            else tx.Version(g.key.encode()) == 0
+            for g in guards
+        ]
+        success = [
+            tx.Delete(op.key.encode()) if op.delete
+            else tx.Put(op.key.encode(), records.dumps(op.record), lease=op.lease or None)
+            for op in ops
+        ]
+        succeeded, _ = await self._call(
+            "transaction", lambda c: c.transaction(compare=compare, success=success, failure=[])
+        )
+        return bool(succeeded)
+
+    async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
+        """Changes under `prefix` from `start_revision` on; reconnects and resumes after an
+        outage. Raises `aetcd.exceptions.RevisionCompactedError` if history is gone; callers
+        then relist (see `WatchCompacted`)."""
+        revision = start_revision
+        delay = 0.1
+        while True:
+            try:
+                stream = await self._client.watch_prefix(
+                    prefix.encode(), start_revision=revision
+                )
+                async for event in stream:
+                    delay = 0.1
+                    revision = event.kv.mod_revision + 1
+                    deleted = event.kind == "DELETE"
+                    yield WatchEvent(
+                        event.kv.key.decode(), None if deleted else event.kv.value,
+                        event.kv.mod_revision,
+                    )
+            except aetcd.exceptions.RevisionCompactedError:
+                raise WatchCompacted(prefix) from None
+            except (*_TRANSIENT, aetcd.exceptions.ClientError) as exc:
+                log.warning("watch on %s broke (%s); resuming from %d", prefix, _short(exc),
+                            revision)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            await self._reconnect()
+
+    async def grant(self, ttl: int) -> int:
+        """A new lease of `ttl` seconds; its id."""
+        lease = await self._call("lease grant", lambda c: c.lease(ttl))
+        return int(lease.id)
+
+    async def keepalive(self, lease_id: int) -> bool:
+        """Refresh a lease; False if it has already expired."""
+        reply = await self._call("lease keepalive", lambda c: c.refresh_lease(lease_id))
+        return reply is not None and reply.TTL > 0
+
+    async def revoke(self, lease_id: int) -> None:
+        await self._call("lease revoke", lambda c: c.revoke_lease(lease_id))
+
+
+class WatchCompacted(Exception):
+    """The watch's start revision was compacted away: relist, then watch again."""
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:200]
