@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -135,13 +136,19 @@ class Api:
             key = self.keys.app(s.namespace, s.app)
             current = await self.store.get(key, AppRecord)
             if current is None:
-                action, rec = "created", AppRecord(s, 1, now(), now())
+                action, rec = "created", AppRecord(s, 1, 1, now(), now())
                 guards.append(Guard(key, 0))
             elif records.to_dict(current.value.spec) == records.to_dict(s):
                 action, rec = "unchanged", current.value
             else:
                 old = current.value
-                action, rec = "updated", AppRecord(s, old.generation + 1, old.created, now())
+                template = old.template_generation
+                if records.to_dict(replace(old.spec, replicas=0)) != records.to_dict(
+                    replace(s, replicas=0)
+                ):
+                    template = old.generation + 1
+                action = "updated"
+                rec = AppRecord(s, old.generation + 1, template, old.created, now())
                 guards.append(Guard(key, current.mod_revision))
             if action != "unchanged":
                 ops.append(Op(key, rec))

@@ -69,19 +69,9 @@ def master(config_path: str) -> None:
 @click.option("--config", "config_path", default="/etc/sigma/node.yaml", show_default=True)
 def node(config_path: str) -> None:
     """Run the node agent of this host."""
-    from sigmad.node.agent import Agent
-    from sigmad.store import Store
+    from sigmad.node.agent import run_agent
 
-    config = _load(load_node, config_path)
-
-    async def main() -> None:
-        store = Store(config.etcd.endpoints, config.etcd.prefix)
-        try:
-            await Agent(config, store).run()
-        finally:
-            await store.close()
-
-    _run(main())
+    _run(run_agent(_load(load_node, config_path)))
 
 
 @cli.command()

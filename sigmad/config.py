@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from sigmad.errors import SpecError
-from sigmad.spec import LABEL_RE, Fields, Resources, string_map
+from sigmad.spec import LABEL_RE, Fields, Resources, quantity, string_map
 from sigmad.units import parse_cpu, parse_size
 
 DEFAULT_ETCD = "http://127.0.0.1:2379"
@@ -80,6 +80,8 @@ def master_config(fields: Fields) -> MasterConfig:
     """A MasterConfig from a parsed mapping (see conf/master.yaml)."""
     token = fields.take("token")
     token_file = fields.take("token_file")
+    if token_file is not None and not isinstance(token_file, str):
+        raise SpecError("token_file", "must be the path of a file holding the token")
     if token_file and not token:
         try:
             token = Path(token_file).read_text().strip()
@@ -109,17 +111,15 @@ def node_config(fields: Fields) -> NodeConfig:
     if not isinstance(engine, str) or not engine.startswith(("unix://", "tcp://", "http://")):
         raise SpecError("engine", "must be unix:///path/docker.sock or tcp://HOST:PORT")
     reserved = Fields("reserved", fields.take("reserved") or {}, "")
-    try:
-        reserve = Resources(
-            parse_cpu(reserved.take("cpu", 0)), parse_size(reserved.take("memory", 0))
-        )
-    except ValueError as exc:
-        raise SpecError("reserved", str(exc)) from None
+    reserve = Resources(
+        quantity("reserved.cpu", reserved.take("cpu", 0), parse_cpu),
+        quantity("reserved.memory", reserved.take("memory", 0), parse_size),
+    )
     reserved.done()
     config = NodeConfig(
         name=name,
         engine=engine,
-        address=str(fields.take("address", "")),
+        address=str(fields.take("address") or ""),
         labels=string_map("labels", fields.take("labels"), LABEL_RE, "label"),
         reserved=reserve,
         heartbeat_ttl=int(_number(fields, "heartbeat_ttl", 5, 2)),

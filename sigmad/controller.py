@@ -81,6 +81,7 @@ class Controller:
         self.interval = interval
         self.engines: dict[str, Engine] = {}
         self.workers: dict[str, asyncio.Task[None]] = {}
+        self.listeners: dict[str, asyncio.Task[None]] = {}
         self.wake = asyncio.Event()
 
     async def run(self) -> None:
@@ -98,10 +99,10 @@ class Controller:
                     await asyncio.wait_for(self.wake.wait(), self.interval)
                 self.wake.clear()
         finally:
-            watcher.cancel()
-            for task in list(self.workers.values()):
+            tasks = [watcher, *self.workers.values(), *self.listeners.values()]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(watcher, *self.workers.values(), return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             for engine in self.engines.values():
                 await engine.close()
 
@@ -191,7 +192,7 @@ class Controller:
                     continue
                 new = Instance(
                     namespace=spec.namespace, app=spec.app, index=index,
-                    generation=rec.value.generation, request=spec.request(),
+                    generation=rec.value.template_generation, request=spec.request(),
                     created=now(), updated=now(),
                 )
                 key = self.keys.instance(spec.namespace, spec.app, index)
@@ -233,8 +234,24 @@ class Controller:
             engine = self.engines.get(name)
             if engine is None or engine.url != node.engine:
                 if engine is not None:
+                    self.listeners.pop(name).cancel()
                     self._spawn(f"close-engine/{name}", engine.close())
-                self.engines[name] = Engine(node.engine)
+                engine = self.engines[name] = Engine(node.engine)
+                self.listeners[name] = asyncio.create_task(self._listen(name, engine))
+
+    async def _listen(self, name: str, engine: Engine) -> None:
+        """Wake a pass as soon as a sigma container on `name` changes state."""
+        delay = 1.0
+        while True:
+            try:
+                async for event in engine.events({LABEL_INSTANCE: ""}):
+                    delay = 1.0
+                    if event.get("status") in ("die", "oom", "destroy", "stop", "start"):
+                        self.wake.set()
+            except EngineError as exc:
+                log.debug("node %s: %s", name, exc.message)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
     async def _sweep_orphans(self, state: ClusterState) -> None:
         """Remove sigma containers on Ready nodes that no instance record places there."""
@@ -327,7 +344,7 @@ class Runner:
     async def step(self) -> None:
         inst = self.inst
         found = await self.engine.list({LABEL_INSTANCE: inst.key})
-        if inst.generation != self.app.generation:
+        if inst.generation != self.app.template_generation:
             await self._replace(found)
             found = []
         wanted = {s.name for s in self.spec.containers}
@@ -374,10 +391,10 @@ class Runner:
                     c.labels.get(LABEL_CONTAINER, ""), "KilledBySigma(updated)", c.id
                 )
             await self.engine.remove(c.id)
-        self.inst.generation = self.app.generation
+        self.inst.generation = self.app.template_generation
         self.inst.request = self.spec.request()
         self.inst.state, self.inst.reason = SCHEDULED, "updated"
-        self.progress(f"replacing containers for generation {self.app.generation}")
+        self.progress(f"replacing containers for generation {self.app.template_generation}")
 
     async def _ended(self, c: ContainerState) -> bool:
         """Record a container end; True if it was removed for a restart."""

@@ -10,11 +10,9 @@ import secrets
 from pathlib import Path
 
 from sigmad.config import EtcdConfig, MasterConfig, NodeConfig
-from sigmad.controller import Controller
-from sigmad.master import serve_api
-from sigmad.node.agent import Agent
+from sigmad.master import run_master
+from sigmad.node.agent import run_agent
 from sigmad.procs import EtcdProcess
-from sigmad.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +54,11 @@ async def run_dev(data_dir: Path, listen: str, engine: str, etcd_port: int, name
         etcd_config = EtcdConfig([etcd.endpoint])
         master = MasterConfig(token=token, listen=listen, etcd=etcd_config, reconcile_interval=2)
         node = NodeConfig(name=name, engine=engine, etcd=etcd_config)
-        store = Store(etcd_config.endpoints, etcd_config.prefix)
-        runner = await serve_api(store, token, listen)
         server = f"http://{listen}"
         path = write_credentials(server, token)
         print(f"sigma dev is up\n  server: {server}\n  token:  {token}\n"
               f"  sigmactl reads both from {path}\n  etcd:   {etcd.endpoint} "
               f"(data in {etcd.data_dir})\nPress Ctrl-C to stop.", flush=True)
-        try:
-            await asyncio.gather(
-                Controller(store, master.reconcile_interval).run(), Agent(node, store).run()
-            )
-        finally:
-            await runner.cleanup()
-            await store.close()
+        await asyncio.gather(run_master(master), run_agent(node))
     finally:
         etcd.stop()

@@ -28,6 +28,7 @@ LABEL_NAMESPACE = "sigma.namespace"
 LABEL_CONTAINER = "sigma.container"
 LABEL_GENERATION = "sigma.generation"
 LABEL_INDEX = "sigma.index"
+CONNECT_FAILED = 900  # aiodocker's status for a connection that could not be made
 CPU_PERIOD_NS = 1_000_000_000 // 1000  # NanoCpus per millicore
 
 
@@ -138,6 +139,8 @@ class Engine:
         try:
             return await self._docker._query_json(path, method=method, **kwargs)
         except aiodocker.DockerError as exc:
+            if exc.status == CONNECT_FAILED:
+                raise EngineError(f"engine {self.url} is unreachable: {exc.message}") from None
             raise EngineError(f"{self.url}: {exc.message}", exc.status) from None
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise EngineError(f"engine {self.url} is unreachable: {exc or type(exc).__name__}")\

@@ -7,18 +7,26 @@ import logging
 from aiohttp import web
 
 from sigmad.api import make_app
-from sigmad.config import MasterConfig
+from sigmad.config import EtcdConfig, MasterConfig
 from sigmad.controller import Controller
 from sigmad.store import Store
 
 log = logging.getLogger(__name__)
+API_RETRY_FOR = 3.0  # an API call waits this long for etcd, then answers 503
 
 
-async def serve_api(store: Store, token: str, listen: str) -> web.AppRunner:
-    """Start the API on `listen` (HOST:PORT); the caller cleans the runner up."""
-    host, _, port = listen.rpartition(":")
-    runner = web.AppRunner(make_app(store, token), access_log=None)
+async def serve_api(etcd: EtcdConfig, token: str, listen: str) -> web.AppRunner:
+    """Start the API on `listen` (HOST:PORT) with a store of its own; the caller cleans up."""
+    store = Store(etcd.endpoints, etcd.prefix, retry_for=API_RETRY_FOR)
+    app = make_app(store, token)
+
+    async def close_store(_: web.Application) -> None:
+        await store.close()
+
+    app.on_cleanup.append(close_store)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
+    host, _, port = listen.rpartition(":")
     await web.TCPSite(runner, host or "0.0.0.0", int(port)).start()
     log.info("API listening on http://%s", listen)
     return runner
@@ -26,13 +34,10 @@ async def serve_api(store: Store, token: str, listen: str) -> web.AppRunner:
 
 async def run_master(config: MasterConfig) -> None:
     """Serve the API and run the controller until cancelled."""
+    runner = await serve_api(config.etcd, config.token, config.listen)
     store = Store(config.etcd.endpoints, config.etcd.prefix)
-    runner = await serve_api(store, config.token, config.listen)
     try:
         await Controller(store, config.reconcile_interval).run()
     finally:
         await runner.cleanup()
         await store.close()
-
-
-

@@ -49,10 +49,13 @@ class Node:
 
 @dataclass
 class AppRecord:
-    """An app's desired state; `generation` grows on every change of the spec."""
+    """An app's desired state. `generation` grows on every change of the spec;
+    `template_generation` only when what an instance runs changes (anything but `replicas`),
+    so scaling never replaces running instances."""
 
     spec: AppSpec
     generation: int = 1
+    template_generation: int = 1
     created: float = 0.0
     updated: float = 0.0
 
@@ -84,7 +87,7 @@ class Instance:
     namespace: str
     app: str
     index: int
-    generation: int
+    generation: int  # the app's template_generation its containers were made from
     state: str = PENDING
     reason: str = ""
     node: str = ""

@@ -124,7 +124,7 @@ def _name(path: str, value: object) -> str:
     return value
 
 
-def _quantity(path: str, value: object, parse: Callable[[object], int]) -> int:
+def quantity(path: str, value: object, parse: Callable[[object], int]) -> int:
     try:
         return parse(value)
     except ValueError as exc:
@@ -134,8 +134,8 @@ def _quantity(path: str, value: object, parse: Callable[[object], int]) -> int:
 def _resources(path: str, value: object) -> Resources:
     fields = Fields(path, value or {}, "")
     res = Resources(
-        _quantity(fields.at("cpu"), fields.take("cpu", 0), parse_cpu),
-        _quantity(fields.at("memory"), fields.take("memory", 0), parse_size),
+        quantity(fields.at("cpu"), fields.take("cpu", 0), parse_cpu),
+        quantity(fields.at("memory"), fields.take("memory", 0), parse_size),
     )
     fields.done()
     return res

@@ -92,3 +92,12 @@ class Agent:
             await self.heartbeat()
         finally:
             await self.engine.close()
+
+
+async def run_agent(config: NodeConfig) -> None:
+    """Run the agent of `config` until cancelled."""
+    store = Store(config.etcd.endpoints, config.etcd.prefix)
+    try:
+        await Agent(config, store).run()
+    finally:
+        await store.close()

@@ -20,18 +20,27 @@ class Request:
     labels: dict[str, str]
 
 
-def _reject(node: NodeInfo, req: Request) -> str | None:
-    """None if `node` can take `req`, else the filter's reason."""
+def _eligible(node: NodeInfo, req: Request) -> str | None:
+    """None if `node` may run `req` at all (capacity aside), else the filter's reason."""
     if not node.ready:
         return "node not ready"
     if node.draining:
         return "node draining"
     if any(node.labels.get(k) != v for k, v in req.labels.items()):
         return "labels mismatch"
+    return None
+
+
+def _reject(node: NodeInfo, req: Request) -> str | None:
+    """None if `node` can take `req`, else the filter's reason. A request of 0 (best
+    effort) always fits, even on an over-booked node."""
+    reason = _eligible(node, req)
+    if reason:
+        return reason
     free = node.free()
-    if req.request.cpu_m > free.cpu_m:
+    if req.request.cpu_m and req.request.cpu_m > free.cpu_m:
         return "insufficient cpu"
-    if req.request.memory > free.memory:
+    if req.request.memory and req.request.memory > free.memory:
         return "insufficient memory"
     return None
 
@@ -39,14 +48,16 @@ def _reject(node: NodeInfo, req: Request) -> str | None:
 def _explain(nodes: list[NodeInfo], req: Request, counts: Counter[str]) -> str:
     if not nodes:
         return "no nodes registered"
+    # "best free" counts only nodes that passed every other filter.
+    eligible = [node.free() for node in nodes if _eligible(node, req) is None]
     parts = []
     for reason, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
         text = f"{n} node{'s' if n > 1 else ''}: {reason}"
         if reason == "insufficient cpu":
-            best = max(node.free().cpu_m for node in nodes)
+            best = max(0, *(free.cpu_m for free in eligible))
             text += f" (need {format_cpu(req.request.cpu_m)}, best free {format_cpu(best)})"
         elif reason == "insufficient memory":
-            best = max(node.free().memory for node in nodes)
+            best = max(0, *(free.memory for free in eligible))
             text += f" (need {format_size(req.request.memory)}, best free {format_size(best)})"
         parts.append(text)
     return "; ".join(parts)

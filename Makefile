@@ -1,0 +1,83 @@
+# Sigma: build, check and demo.  `make demo` runs it, `make test` checks it.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+# Prerequisites run in the order they are listed (system packages before the venv).
+.NOTPARALLEL:
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Debian packages sigma needs at run and test time: the engine, etcd, the static busybox the
+# demo image is built from, a local registry, `ip`, curl (demo), and venv support for python3.
+APT_PACKAGES := docker.io etcd-server busybox-static docker-registry iproute2 curl python3-venv
+
+# Only the source directories that exist (bench/ may not yet).
+LINT_DIRS := $(wildcard sigmad sigmactl tests bench)
+
+.PHONY: help deps system-deps venv lint test demo demo-stop clean
+
+help:
+	@echo "make demo       start dockerd (if none), sigmad dev and the example app web"
+	@echo "make demo-stop  stop what 'make demo' started"
+	@echo "make test       lint (ruff, mypy) and run unit + integration tests (root)"
+	@echo "make lint       ruff and mypy only"
+	@echo "make deps       install missing system packages and the .venv"
+	@echo "make clean      remove .venv and caches"
+
+deps: system-deps venv
+
+# Installs only what is missing; a package counts as present when its command is on PATH
+# (e.g. a docker installed some other way) or dpkg says it is installed.
+system-deps:
+	@missing=(); \
+	have() { dpkg -s "$$1" >/dev/null 2>&1; }; \
+	for pkg in $(APT_PACKAGES); do \
+	  case "$$pkg" in \
+	    docker.io)       command -v dockerd >/dev/null 2>&1 && command -v docker >/dev/null 2>&1 && continue ;; \
+	    etcd-server)     command -v etcd >/dev/null 2>&1 && continue ;; \
+	    docker-registry) command -v docker-registry >/dev/null 2>&1 && continue ;; \
+	    iproute2)        command -v ip >/dev/null 2>&1 && continue ;; \
+	    curl)            command -v curl >/dev/null 2>&1 && continue ;; \
+	    python3-venv)    $(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 && continue ;; \
+	  esac; \
+	  have "$$pkg" || missing+=("$$pkg"); \
+	done; \
+	if (( $${#missing[@]} )); then \
+	  echo "installing system packages: $${missing[*]}"; \
+	  if [[ $$(id -u) -ne 0 ]]; then echo "error: run as root to install $${missing[*]}" >&2; exit 1; fi; \
+	  apt-get update; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y "$${missing[@]}"; \
+	fi
+
+venv: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Re-installed only when the package metadata changes (editable: code changes need nothing).
+$(STAMP): setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+lint: venv
+	$(BIN)/ruff check $(LINT_DIRS)
+	$(BIN)/mypy
+
+# The tests start their own etcd and dockerd: they need root.
+test: deps
+	$(MAKE) --no-print-directory lint
+	$(BIN)/pytest -q
+
+demo: deps
+	scripts/demo.sh
+
+demo-stop:
+	scripts/demo.sh stop
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build dist *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

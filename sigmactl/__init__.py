@@ -1,0 +1,1 @@
+"""sigmactl: the command line client of the Sigma HTTP API."""

@@ -1,0 +1,5 @@
+"""`python -m sigmactl`."""
+
+from sigmactl.cli import main
+
+main()

@@ -1,0 +1,175 @@
+"""`sigmactl`: apply, get, describe and delete Sigma objects over the HTTP API."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import IO, Any
+
+import click
+
+from sigmactl import output
+from sigmactl.client import Client, CtlError, api_path, resolve
+from sigmad import __version__
+
+KINDS = {
+    "node": "nodes", "nodes": "nodes",
+    "app": "apps", "apps": "apps",
+    "instance": "instances", "instances": "instances",
+}
+POLL_INTERVAL = 0.5
+
+namespace_option = click.option(
+    "-n", "--namespace", default="default", show_default=True, help="Namespace of the object."
+)
+
+
+class Group(click.Group):
+    """A click group that reports CtlError as `error: MESSAGE` and exits 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CtlError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(1)
+
+
+@dataclass
+class Settings:
+    """The global options; the client is made only when a command needs it."""
+
+    server: str | None
+    token: str | None
+
+    def client(self) -> Client:
+        """A client for the resolved server and token."""
+        return Client(*resolve(self.server, self.token))
+
+
+def _items(answer: Any) -> list[dict[str, Any]]:
+    items = answer.get("items") if isinstance(answer, dict) else None
+    if not isinstance(items, list):
+        raise CtlError("server answered without an item list: is --server a Sigma master?")
+    return items
+
+
+def _emit(data: Any, fmt: str) -> None:
+    click.echo(output.dump(data, fmt))
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--server", metavar="URL", help="Sigma master URL [env: SIGMA_SERVER].")
+@click.option("--token", metavar="TOKEN", help="API bearer token [env: SIGMA_TOKEN].")
+@click.version_option(__version__, prog_name="sigmactl")
+@click.pass_context
+def cli(ctx: click.Context, server: str | None, token: str | None) -> None:
+    """Control a Sigma cluster. Without --server/--token, SIGMA_SERVER/SIGMA_TOKEN or the
+    credentials file $SIGMA_CREDENTIALS (default ~/.sigma/credentials.json) are used."""
+    ctx.obj = Settings(server, token)
+
+
+@cli.command()
+@click.option("-f", "--filename", "file", type=click.File("r", encoding="utf-8"),
+              required=True, help="YAML or JSON app specs; '-' reads stdin.")
+@click.option("--dry-run", is_flag=True, help="Validate and report, write nothing.")
+@click.pass_obj
+def apply(settings: Settings, file: IO[str], dry_run: bool) -> None:
+    """Create or update the apps in FILE."""
+    params = {"dry_run": "true"} if dry_run else None
+    answer = settings.client().put_text(api_path("apps"), file.read(), params)
+    suffix = " (dry run)" if dry_run else ""
+    for item in _items(answer):
+        click.echo(f"app {item['app']} {item['action']} "
+                   f"(generation {item['generation']}){suffix}")
+
+
+@cli.command()
+@click.argument("kind", type=click.Choice(sorted(KINDS), case_sensitive=False))
+@click.option("-n", "--namespace", help="Only this namespace (default: all).")
+@click.option("--app", help="Only this app.")
+@click.option("-o", "--output", "fmt", default="table", show_default=True,
+              type=click.Choice(["table", "wide", "json", "yaml"]))
+@click.pass_obj
+def get(settings: Settings, kind: str, namespace: str | None, app: str | None,
+        fmt: str) -> None:
+    """List nodes, apps or instances."""
+    kind = KINDS[kind.lower()]
+    if kind == "nodes" and (namespace or app):
+        raise click.UsageError("nodes have no namespace or app: drop -n/--app")
+    params = {k: v for k, v in (("namespace", namespace), ("app", app)) if v}
+    if kind == "apps":
+        params.pop("app", None)
+    items = _items(settings.client().get(api_path(kind), params))
+    if kind == "apps" and app:
+        items = [a for a in items if a.get("app") == app]
+    if fmt in ("json", "yaml"):
+        _emit(items, fmt)
+    elif not items:
+        click.echo("No resources found.", err=True)
+    else:
+        click.echo(output.list_table(kind, items, fmt == "wide", time.time()))
+
+
+@cli.command()
+@click.argument("kind", type=click.Choice(["app", "instance"], case_sensitive=False))
+@click.argument("name")
+@namespace_option
+@click.option("-o", "--output", "fmt", type=click.Choice(["json", "yaml"]),
+              help="Print the raw object instead of a description.")
+@click.pass_obj
+def describe(settings: Settings, kind: str, name: str, namespace: str,
+             fmt: str | None) -> None:
+    """Show one app, or one instance (NAME is APP-INDEX), in detail."""
+    kind = kind.lower()
+    obj = settings.client().get(api_path(KINDS[kind], namespace, name))
+    if fmt:
+        _emit(obj, fmt)
+    elif kind == "app":
+        click.echo(output.describe_app(obj, time.time()))
+    else:
+        click.echo(output.describe_instance(obj, time.time()))
+
+
+@cli.command()
+@click.argument("kind", type=click.Choice(["app"], case_sensitive=False))
+@click.argument("name")
+@namespace_option
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Wait until the app's instances are gone.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=60, show_default=True,
+              help="Seconds to wait.")
+@click.pass_obj
+def delete(settings: Settings, kind: str, name: str, namespace: str, wait: bool,
+           timeout: float) -> None:
+    """Delete an app; its instances are then stopped and removed."""
+    client = settings.client()
+    client.delete(api_path("apps", namespace, name))
+    click.echo(f"app {namespace}/{name} deleted")
+    if wait:
+        _wait_gone(client, namespace, name, timeout)
+
+
+def _wait_gone(client: Client, namespace: str, app: str, timeout: float) -> None:
+    """Poll until the app has no instances left, or fail after `timeout` seconds."""
+    progress = output.Progress(sys.stderr)
+    deadline = time.monotonic() + timeout
+    try:
+        while items := _items(client.get(api_path("instances"),
+                                         {"namespace": namespace, "app": app})):
+            count = output.plural(len(items), "instance")
+            if time.monotonic() >= deadline:
+                raise CtlError(
+                    f"{count} of app {namespace}/{app} still terminating after {timeout:g}s: "
+                    f"check with 'sigmactl get instances -n {namespace} --app {app}'"
+                )
+            progress.show(f"waiting for {count} to stop...")
+            time.sleep(POLL_INTERVAL)
+    finally:
+        progress.clear()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="sigmactl")

@@ -1,0 +1,88 @@
+"""sigmad.engine against the real test dockerd: the calls the controller relies on."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from sigmad.engine import LABEL_INSTANCE, Engine, container_config
+from sigmad.errors import EngineError
+from sigmad.models import Instance
+from sigmad.spec import parse
+from tests.integration.conftest import IMAGE, EngineHost
+
+SPEC = f"""
+app: probe
+containers:
+  - name: main
+    image: {IMAGE}
+    command: [sleep, "300"]
+    resources: {{limit: {{cpu: 250m, memory: 64Mi}}}}
+"""
+
+
+@pytest.fixture
+async def client(engine: EngineHost) -> Engine:
+    c = Engine(engine.url)
+    yield c  # type: ignore[misc]
+    await c.close()
+
+
+async def test_lifecycle_update_and_events(client: Engine, engine: EngineHost) -> None:
+    (app,) = parse(SPEC)
+    inst = Instance(namespace=f"t{uuid.uuid4().hex[:6]}", app="probe", index=0, generation=1)
+    config = container_config(inst, app, app.containers[0])
+    events: list[dict[str, object]] = []
+
+    async def collect() -> None:
+        async for event in client.events({LABEL_INSTANCE: inst.key}):
+            events.append(event)
+
+    listener = asyncio.create_task(collect())
+    await asyncio.sleep(0.3)
+    await client.ensure_image(IMAGE)
+    cid = await client.create("sigma-engine-probe", config)
+    with pytest.raises(EngineError) as taken:
+        await client.create("sigma-engine-probe", config)
+    assert taken.value.engine_status == 409
+    await client.start(cid)
+    state = await client.inspect(cid)
+    assert state is not None and state.running and state.labels[LABEL_INSTANCE] == inst.key
+    assert [c.id for c in await client.list({LABEL_INSTANCE: inst.key})] == [cid]
+
+    await client.update(cid, {"NanoCpus": 1_000_000_000, "Memory": 96 << 20,
+                              "MemorySwap": 96 << 20})
+    host = engine.inspect(cid)["HostConfig"]
+    assert (host["NanoCpus"], host["Memory"], host["MemorySwap"]) == (10**9, 96 << 20, 96 << 20)
+    assert (await client.inspect(cid)).id == cid  # type: ignore[union-attr]
+
+    await client.stop(cid, timeout=1)
+    stopped = await client.inspect(cid)
+    assert stopped is not None and not stopped.running
+    assert stopped.end_reason() in ("Signaled(SIGTERM)", "Signaled(SIGKILL)")
+    await client.stop(cid)  # stopping a stopped container is fine
+    await client.remove(cid)
+    await client.remove(cid)  # and so is removing a removed one
+    assert await client.inspect(cid) is None
+    await asyncio.sleep(0.5)
+    listener.cancel()
+    seen = [e.get("status") for e in events]
+    assert {"create", "start", "die", "destroy"} <= set(seen), seen
+
+
+async def test_missing_image_is_a_clear_error(client: Engine) -> None:
+    with pytest.raises(EngineError) as missing:
+        await client.ensure_image("127.0.0.1:1/sigma/nothing:here")
+    assert "nothing" in missing.value.message
+
+
+async def test_unreachable_engine_is_an_engine_error() -> None:
+    client = Engine("unix:///nonexistent/docker.sock")
+    try:
+        with pytest.raises(EngineError) as down:
+            await client.info()
+        assert "unreachable" in down.value.message
+    finally:
+        await client.close()

@@ -1,0 +1,177 @@
+"""sigmactl rendering: tables, ages, JSON/YAML and descriptions."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import yaml
+
+from sigmactl import output
+
+NOW = 1_764_265_000.0
+
+NODE: dict[str, Any] = {
+    "name": "h1", "engine": "unix:///var/run/docker.sock", "address": "", "labels": {"zone": "a"},
+    "status": "Ready", "capacity": {"cpu_m": 2000, "memory": 2 * 2**30},
+    "allocatable": {"cpu_m": 2000, "memory": 2 * 2**30},
+    "requested": {"cpu_m": 200, "memory": 128 * 2**20}, "instances": 2,
+    "draining": False, "engine_version": "20.10.24", "updated": NOW - 5,
+}
+APP: dict[str, Any] = {
+    "namespace": "default", "app": "web", "generation": 3, "replicas": 2, "running": 1,
+    "spec": {"app": "web", "namespace": "default", "replicas": 2, "restart": "always",
+             "placement": {"labels": {}},
+             "containers": [{"name": "main", "image": "sigma/busybox:latest",
+                             "command": ["httpd", "-f", "-p", "8080"], "env": {},
+                             "resources": {"request": {"cpu_m": 100, "memory": 64 * 2**20},
+                                           "limit": {"cpu_m": 1500, "memory": 2**30}}}]},
+    "created": NOW - 3 * 3600, "updated": NOW - 60,
+}
+INSTANCE: dict[str, Any] = {
+    "namespace": "default", "app": "web", "index": 0, "name": "web-0", "generation": 3,
+    "state": "Running", "reason": "", "node": "h1", "ip": "10.244.0.2",
+    "request": {"cpu_m": 100, "memory": 64 * 2**20},
+    "containers": [{"name": "main", "id": "3f2a9b8c7d6e5f4a3b2c", "state": "running",
+                    "exit_code": None, "started_at": "2026-11-27T18:00:00Z", "finished_at": ""}],
+    "restarts": 1, "next_start": 0,
+    "terminations": [{"container": "main", "reason": f"Exited({n})", "at": NOW - 100 + n,
+                      "container_id": f"{n:02d}aabbccddeeff0011"} for n in range(7)],
+    "created": NOW - 2 * 86400, "updated": NOW,
+}
+
+
+def test_age_units() -> None:
+    assert output.age(NOW - 5, NOW) == "5s"
+    assert output.age(NOW - 59.9, NOW) == "59s"
+    assert output.age(NOW - 180, NOW) == "3m"
+    assert output.age(NOW - 2 * 3600 - 10, NOW) == "2h"
+    assert output.age(NOW - 4 * 86400, NOW) == "4d"
+    assert output.age(NOW + 10, NOW) == "0s"
+    assert output.age(0, NOW) == "-"
+    assert output.age(None, NOW) == "-"
+
+
+def test_short_id_and_plural() -> None:
+    assert output.short_id("3f2a9b8c7d6e5f4a3b2c") == "3f2a9b8c7d6e"
+    assert output.short_id("") == "-"
+    assert output.plural(1, "instance") == "1 instance"
+    assert output.plural(2, "instance") == "2 instances"
+
+
+def test_table_aligns_uppercases_and_strips() -> None:
+    rows = [["a", "Ready", ""], ["long-name", "NotReady", "1"]]
+    text = output.table(["name", "Status", "x"], rows)
+    assert text.splitlines() == [
+        "NAME       STATUS    X",
+        "a          Ready     -",
+        "long-name  NotReady  1",
+    ]
+    assert all(line == line.rstrip() for line in text.splitlines())
+
+
+def test_node_table_and_wide() -> None:
+    lines = output.list_table("nodes", [NODE], False, NOW).splitlines()
+    assert lines[0].split() == ["NAME", "STATUS", "CPU(REQ/ALLOC)", "MEMORY(REQ/ALLOC)",
+                                "INSTANCES", "LABELS"]
+    assert lines[1].split() == ["h1", "Ready", "200m/2", "128Mi/2Gi", "2", "zone=a"]
+    wide = output.list_table("nodes", [NODE], True, NOW).splitlines()
+    assert wide[0].split()[-4:] == ["ENGINE", "ADDRESS", "VERSION", "AGE"]
+    assert wide[1].split()[-4:] == ["unix:///var/run/docker.sock", "-", "20.10.24", "5s"]
+
+
+def test_app_table_and_wide() -> None:
+    lines = output.list_table("apps", [APP], False, NOW).splitlines()
+    assert lines[0].split() == ["NAMESPACE", "NAME", "GENERATION", "READY", "AGE"]
+    assert lines[1].split() == ["default", "web", "3", "1/2", "3h"]
+    wide = output.list_table("apps", [APP], True, NOW).splitlines()
+    assert wide[1].split()[-2:] == ["sigma/busybox:latest", "always"]
+
+
+def test_instance_table_and_wide() -> None:
+    pending = {**INSTANCE, "name": "web-1", "state": "Pending", "node": "", "ip": "",
+               "containers": [], "reason": "no node has 100m cpu free"}
+    lines = output.list_table("instances", [INSTANCE, pending], False, NOW).splitlines()
+    assert lines[0].split() == ["NAMESPACE", "NAME", "STATE", "NODE", "IP", "RESTARTS", "AGE"]
+    assert lines[1].split() == ["default", "web-0", "Running", "h1", "10.244.0.2", "1", "2d"]
+    assert lines[2].split() == ["default", "web-1", "Pending", "-", "-", "1", "2d"]
+    wide = output.list_table("instances", [INSTANCE, pending], True, NOW).splitlines()
+    assert wide[0].split()[-3:] == ["GENERATION", "CONTAINERS", "REASON"]
+    assert wide[1].split()[-3:] == ["3", "3f2a9b8c7d6e", "-"]
+    assert wide[2].endswith("no node has 100m cpu free")
+
+
+def test_dump_json_and_yaml_keep_api_order() -> None:
+    assert json.loads(output.dump([APP], "json")) == [APP]
+    assert output.dump({"b": 1, "a": 2}, "json") == '{\n  "b": 1,\n  "a": 2\n}'
+    text = output.dump(APP, "yaml")
+    assert yaml.safe_load(text) == APP
+    assert text.splitlines()[0] == "namespace: default"
+
+
+def test_fields_align() -> None:
+    assert output.fields([("Name", "web"), ("Generation", 3), ("Reason", "")]).splitlines() == [
+        "Name:        web",
+        "Generation:  3",
+        "Reason:      -",
+    ]
+
+
+def test_describe_app() -> None:
+    text = output.describe_app(APP, NOW)
+    assert "Replicas:    2 desired, 1 running" in text
+    assert "Placement:   -" in text
+    lines = text.splitlines()
+    header = lines.index("Containers:")
+    assert lines[header + 1].split() == ["NAME", "IMAGE", "COMMAND", "CPU(REQ/LIMIT)",
+                                         "MEMORY(REQ/LIMIT)"]
+    assert lines[header + 2].startswith("  main  sigma/busybox:latest  httpd -f -p 8080")
+    assert lines[header + 2].split()[-2:] == ["100m/1.5", "64Mi/1Gi"]
+
+
+def test_describe_instance_shows_last_terminations() -> None:
+    text = output.describe_instance(INSTANCE, NOW)
+    assert "Request:     cpu 100m, memory 64Mi" in text
+    assert "3f2a9b8c7d6e " in text
+    lines = text.splitlines()
+    start = lines.index("Terminations:")
+    rows = lines[start + 2:]
+    assert [r.split()[-2] for r in rows] == [f"Exited({n})" for n in range(2, 7)]
+    assert rows[-1].split()[-1] == "06aabbccddee"
+    assert "(1m ago)" in rows[-1]
+
+
+def test_describe_instance_without_terminations_or_containers() -> None:
+    bare = {**INSTANCE, "containers": [], "terminations": [], "next_start": NOW + 30}
+    text = output.describe_instance(bare, NOW)
+    assert "Next start:  in 30s" in text
+    assert "Containers:  -" in text
+    assert text.endswith("Terminations:  -")
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_progress_prints_changes_only_off_a_terminal() -> None:
+    stream = _Stream(tty=False)
+    progress = output.Progress(stream)
+    for text in ("waiting for 2", "waiting for 2", "waiting for 1"):
+        progress.show(text)
+    progress.clear()
+    assert stream.getvalue() == "waiting for 2\nwaiting for 1\n"
+
+
+def test_progress_rewrites_in_place_on_a_terminal() -> None:
+    stream = _Stream(tty=True)
+    progress = output.Progress(stream)
+    progress.show("a")
+    progress.show("b")
+    progress.clear()
+    assert stream.getvalue() == "\r\033[Ka\r\033[Kb\r\033[K"
