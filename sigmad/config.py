@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from sigmad.errors import SpecError
+from sigmad.models import DEFAULT_PORT_RANGE, Overcommit
 from sigmad.spec import LABEL_RE, Fields, Resources, quantity, string_map
 from sigmad.units import parse_cpu, parse_size
 
@@ -39,6 +40,8 @@ class NodeConfig:
     address: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     reserved: Resources = field(default_factory=Resources)
+    overcommit: Overcommit = field(default_factory=Overcommit)
+    port_range: list[int] = field(default_factory=lambda: list(DEFAULT_PORT_RANGE))
     heartbeat_ttl: int = 5
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
 
@@ -116,12 +119,26 @@ def node_config(fields: Fields) -> NodeConfig:
         quantity("reserved.memory", reserved.take("memory", 0), parse_size),
     )
     reserved.done()
+    ratios = Fields("overcommit", fields.take("overcommit") or {}, "")
+    overcommit = Overcommit(
+        _number(ratios, "cpu", 1.0, 1.0), _number(ratios, "memory", 1.0, 1.0)
+    )
+    ratios.done()
+    port_range = fields.take("port_range", DEFAULT_PORT_RANGE)
+    if not (
+        isinstance(port_range, list) and len(port_range) == 2
+        and all(isinstance(p, int) and not isinstance(p, bool) for p in port_range)
+        and 1024 <= port_range[0] <= port_range[1] <= 65535
+    ):
+        raise SpecError("port_range", "must be [FIRST, LAST] with 1024 <= FIRST <= LAST <= 65535")
     config = NodeConfig(
         name=name,
         engine=engine,
         address=str(fields.take("address") or ""),
         labels=string_map("labels", fields.take("labels"), LABEL_RE, "label"),
         reserved=reserve,
+        overcommit=overcommit,
+        port_range=list(port_range),
         heartbeat_ttl=int(_number(fields, "heartbeat_ttl", 5, 2)),
         etcd=_etcd(fields),
     )

@@ -32,6 +32,17 @@ def now() -> float:
 
 
 @dataclass
+class Overcommit:
+    """How far a node's requests may exceed its allocatable: 1.0 = not at all."""
+
+    cpu: float = 1.0
+    memory: float = 1.0
+
+
+DEFAULT_PORT_RANGE = [31000, 32767]
+
+
+@dataclass
 class Node:
     """A host: its engine, labels and capacity. The agent writes it; readiness is the
     presence of its leased heartbeat key."""
@@ -42,6 +53,8 @@ class Node:
     labels: dict[str, str] = field(default_factory=dict)
     capacity: Resources = field(default_factory=Resources)
     allocatable: Resources = field(default_factory=Resources)
+    overcommit: Overcommit = field(default_factory=Overcommit)
+    port_range: list[int] = field(default_factory=lambda: list(DEFAULT_PORT_RANGE))
     draining: bool = False
     engine_version: str = ""
     updated: float = 0.0
@@ -92,6 +105,7 @@ class Instance:
     reason: str = ""
     node: str = ""
     ip: str = ""
+    host_ports: dict[str, int] = field(default_factory=dict)  # port name → host port
     request: Resources = field(default_factory=Resources)
     containers: list[ContainerStatus] = field(default_factory=list)
     restarts: int = 0

@@ -22,12 +22,13 @@ LABEL_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?$")
 MAX_NAME = 40
 MAX_REPLICAS = 10_000
 RESTART_POLICIES = ("always", "on-failure", "never")
+NETWORK_MODES = ("overlay", "host-compat")
+STRATEGIES = ("spread", "binpack")
+OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+MAX_READY_TIMEOUT = 3600
 # Fields of DESIGN.md's app shape that this version parses but cannot act on yet: rejected
 # with a clear message rather than silently ignored.
-NOT_YET = {
-    "network", "volumes", "configs", "migration", "depends_on",
-    "containers[].ready", "placement.spread", "placement.strategy",
-}
+NOT_YET = {"network.ip", "volumes", "configs", "migration"}
 
 
 @dataclass
@@ -45,17 +46,77 @@ class ResourceSpec:
 
 
 @dataclass
+class ReadyCheck:
+    """When a started container counts as ready: a TCP port accepts, an HTTP path answers
+    2xx/3xx, or a command exits 0 — within `timeout` seconds."""
+
+    tcp: int = 0
+    http: str = ""
+    port: int = 0
+    exec: list[str] = field(default_factory=list)
+    timeout: float = 60.0
+
+
+@dataclass
 class ContainerSpec:
     name: str
     image: str
     command: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     resources: ResourceSpec = field(default_factory=ResourceSpec)
+    ready: ReadyCheck | None = None
+
+
+@dataclass
+class Expression:
+    """A node label requirement: `key` In/NotIn `values`, or Exists/DoesNotExist."""
+
+    key: str
+    operator: str
+    values: list[str] = field(default_factory=list)
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        if self.operator == "Exists":
+            return self.key in labels
+        if self.operator == "DoesNotExist":
+            return self.key not in labels
+        if self.operator == "In":
+            return labels.get(self.key) in self.values
+        return labels.get(self.key) not in self.values
 
 
 @dataclass
 class Placement:
     labels: dict[str, str] = field(default_factory=dict)
+    expressions: list[Expression] = field(default_factory=list)
+    spread: str = ""  # a node label key to spread the app's replicas over
+    strategy: str = "spread"  # or binpack
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        """Whether a node with `labels` satisfies the selector."""
+        return all(labels.get(k) == v for k, v in self.labels.items()) and all(
+            e.matches(labels) for e in self.expressions
+        )
+
+
+@dataclass
+class Port:
+    """A named container port that gets a host port from the node's range."""
+
+    name: str
+    container: int
+    protocol: str = "tcp"
+
+    @property
+    def env(self) -> str:
+        """`SIGMA_HOST_PORT_<NAME>`."""
+        return "SIGMA_HOST_PORT_" + self.name.upper().replace("-", "_")
+
+
+@dataclass
+class NetworkSpec:
+    mode: str = "overlay"
+    ports: list[Port] = field(default_factory=list)
 
 
 @dataclass
@@ -65,7 +126,9 @@ class AppSpec:
     namespace: str = "default"
     replicas: int = 1
     placement: Placement = field(default_factory=Placement)
+    network: NetworkSpec = field(default_factory=NetworkSpec)
     restart: str = "always"
+    depends_on: list[str] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -188,9 +251,115 @@ def _container(path: str, value: object) -> ContainerSpec:
         command=[str(a) for a in command],
         env=string_map(fields.at("env"), fields.take("env"), ENV_RE, "environment variable"),
         resources=_resource_spec(fields.at("resources"), fields.take("resources")),
+        ready=_ready(fields.at("ready"), fields.take("ready")),
     )
     fields.done()
     return spec
+
+
+def _port_number(path: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise SpecError(path, f"{value!r} is not a port number (1-65535)")
+    return value
+
+
+def _ready(path: str, value: object) -> ReadyCheck | None:
+    if value is None:
+        return None
+    fields = Fields(path, value, "")
+    check = ReadyCheck()
+    kinds = [k for k in ("tcp", "http", "exec") if k in fields.left]
+    if len(kinds) != 1:
+        raise SpecError(path, "needs exactly one of tcp, http or exec")
+    if "tcp" in fields.left:
+        check.tcp = _port_number(fields.at("tcp"), fields.take("tcp"))
+    if "http" in fields.left:
+        check.http = fields.take("http")
+        if not isinstance(check.http, str) or not check.http.startswith("/"):
+            raise SpecError(fields.at("http"), "must be a path starting with /")
+        check.port = _port_number(fields.at("port"), fields.take("port", required=True))
+    if "exec" in fields.left:
+        check.exec = fields.take("exec")
+        if not isinstance(check.exec, list) or not check.exec or not all(
+            isinstance(a, str) for a in check.exec
+        ):
+            raise SpecError(fields.at("exec"), "must be a non-empty list of strings")
+    timeout = fields.take("timeout", 60)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not (
+        0 < timeout <= MAX_READY_TIMEOUT
+    ):
+        raise SpecError(fields.at("timeout"), f"must be seconds, from 1 to {MAX_READY_TIMEOUT}")
+    check.timeout = float(timeout)
+    fields.done()
+    return check
+
+
+def _choice(path: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise SpecError(path, f"{value!r} is not one of {', '.join(choices)}")
+    return str(value)
+
+
+def _placement(value: object) -> Placement:
+    fields = Fields("placement", value or {}, "placement")
+    labels = string_map("placement.labels", fields.take("labels"), LABEL_RE, "label")
+    raw = fields.take("expressions") or []
+    if not isinstance(raw, list):
+        raise SpecError("placement.expressions", "must be a list")
+    expressions = []
+    for i, item in enumerate(raw):
+        ex = Fields(f"placement.expressions[{i}]", item, "")
+        key = ex.take("key", required=True)
+        if not isinstance(key, str) or not LABEL_RE.match(key):
+            raise SpecError(ex.at("key"), f"{key!r} is not a label name")
+        op = _choice(ex.at("operator"), ex.take("operator", required=True), OPERATORS)
+        values = ex.take("values", [])
+        if not isinstance(values, list) or not all(isinstance(v, str | int) for v in values):
+            raise SpecError(ex.at("values"), "must be a list of strings")
+        if op in ("In", "NotIn") and not values:
+            raise SpecError(ex.at("values"), f"must not be empty with {op}")
+        if op in ("Exists", "DoesNotExist") and values:
+            raise SpecError(ex.at("values"), f"must be empty with {op}")
+        ex.done()
+        expressions.append(Expression(key, op, [str(v) for v in values]))
+    spread = fields.take("spread", "")
+    if not isinstance(spread, str) or (spread and not LABEL_RE.match(spread)):
+        raise SpecError("placement.spread", f"{spread!r} is not a label name")
+    strategy = _choice("placement.strategy", fields.take("strategy", "spread"), STRATEGIES)
+    fields.done()
+    return Placement(labels, expressions, spread, strategy)
+
+
+def _network(value: object) -> NetworkSpec:
+    fields = Fields("network", value or {}, "network")
+    mode = _choice("network.mode", fields.take("mode", "overlay"), NETWORK_MODES)
+    raw = fields.take("ports") or []
+    if not isinstance(raw, list):
+        raise SpecError("network.ports", "must be a list")
+    ports: list[Port] = []
+    for i, item in enumerate(raw):
+        pf = Fields(f"network.ports[{i}]", item, "")
+        port = Port(
+            _name(pf.at("name"), pf.take("name", required=True)),
+            _port_number(pf.at("container"), pf.take("container", required=True)),
+            _choice(pf.at("protocol"), pf.take("protocol", "tcp"), ("tcp", "udp")),
+        )
+        pf.done()
+        if any(p.name == port.name for p in ports):
+            raise SpecError(pf.at("name"), f"{port.name!r} is used twice")
+        ports.append(port)
+    fields.done()
+    return NetworkSpec(mode, ports)
+
+
+def _depends_on(value: object) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise SpecError("depends_on", "must be a list of app names")
+    for i, name in enumerate(value):
+        _name(f"depends_on[{i}]", name)
+    return list(value)
 
 
 def validate(doc: object) -> AppSpec:
@@ -212,16 +381,16 @@ def validate(doc: object) -> AppSpec:
         if c.name in seen:
             raise SpecError(f"containers[{i}].name", f"{c.name!r} is used twice")
         seen.add(c.name)
-    placement = Fields("placement", fields.take("placement") or {}, "placement")
-    labels = string_map("placement.labels", placement.take("labels"), LABEL_RE, "label")
-    placement.done()
-    restart = fields.take("restart", "always")
-    if restart not in RESTART_POLICIES:
-        raise SpecError("restart", f"{restart!r} is not one of {', '.join(RESTART_POLICIES)}")
+    placement = _placement(fields.take("placement"))
+    network = _network(fields.take("network"))
+    restart = _choice("restart", fields.take("restart", "always"), RESTART_POLICIES)
+    depends_on = _depends_on(fields.take("depends_on"))
+    if app in depends_on:
+        raise SpecError("depends_on", f"an app cannot depend on itself ({app})")
     fields.done()
     return AppSpec(
         app=app, namespace=namespace, replicas=replicas, containers=containers,
-        placement=Placement(labels), restart=restart,
+        placement=placement, network=network, restart=restart, depends_on=depends_on,
     )
 
 

@@ -28,6 +28,7 @@ def node_record(config: NodeConfig, info: dict[str, object], draining: bool) -> 
     return Node(
         name=config.name, engine=config.engine, address=config.address,
         labels=dict(config.labels), capacity=capacity, allocatable=allocatable,
+        overcommit=config.overcommit, port_range=list(config.port_range),
         draining=draining, engine_version=str(info.get("ServerVersion", "")), updated=now(),
     )
 

@@ -123,7 +123,9 @@ def test_dumps_is_compact_sorted_json():
 def test_to_dict_is_plain_json_data():
     d = to_dict(an_app_record())
     assert d["spec"]["containers"][0]["resources"]["request"] == {"cpu_m": 1000, "memory": 2**31}
-    assert d["spec"]["placement"] == {"labels": {"zone": "bj-1"}}
+    assert d["spec"]["placement"] == {
+        "labels": {"zone": "bj-1"}, "expressions": [], "spread": "", "strategy": "spread",
+    }
     assert d["generation"] == 4
     # A copy: changing it does not touch the record.
     rec = an_app_record()
@@ -144,8 +146,8 @@ def test_unknown_keys_are_ignored():
 
 def test_unknown_keys_ignored_in_nested_spec():
     d = to_dict(an_app_record())
-    d["spec"]["network"] = {"mode": "overlay"}
-    d["spec"]["containers"][1]["ready"] = {"tcp": 80}
+    d["spec"]["volumes"] = [{"name": "data"}]
+    d["spec"]["containers"][1]["healthcheck"] = {"tcp": 80}
     assert from_dict(AppRecord, d) == an_app_record()
 
 

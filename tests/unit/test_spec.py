@@ -241,15 +241,10 @@ def test_unknown_placement_field():
 @pytest.mark.parametrize(
     ("overrides", "path"),
     [
-        ({"network": {"mode": "overlay"}}, "network"),
+        ({"network": {"ip": "10.244.0.9"}}, "network.ip"),
         ({"volumes": [{"name": "data", "ssd": 1, "mount": "/data"}]}, "volumes"),
         ({"configs": [{"name": "c", "mount": "/etc/c"}]}, "configs"),
-        ({"depends_on": ["zookeeper"]}, "depends_on"),
         ({"migration": "auto"}, "migration"),
-        ({"placement": {"spread": "zone"}}, "placement.spread"),
-        ({"placement": {"strategy": "binpack"}}, "placement.strategy"),
-        ({"containers": [{"name": "m", "image": "i", "ready": {"tcp": 8080}}]},
-         "containers[0].ready"),
     ],
 )
 def test_design_fields_not_yet_supported(overrides, path):
