@@ -103,6 +103,7 @@ class Instance:
     generation: int  # the app's template_generation its containers were made from
     state: str = PENDING
     reason: str = ""
+    unschedulable: dict[str, int] = field(default_factory=dict)  # filter reason → node count
     node: str = ""
     ip: str = ""
     host_ports: dict[str, int] = field(default_factory=dict)  # port name → host port

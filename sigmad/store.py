@@ -70,6 +70,24 @@ class Keys:
     def instance(self, namespace: str, app: str, index: int) -> str:
         return self._k("instances", namespace, app, index)
 
+    def node_lock(self, node: str) -> str:
+        """Bumped by every placement onto `node`; placements guard its revision so two
+        schedulers never book the same capacity twice."""
+        return self._k("alloc", "node", node)
+
+    def node_locks(self) -> str:
+        return self._k("alloc", "node", "")
+
+    def port(self, node: str, port: int) -> str:
+        """Owner (instance key) of a host port on a node; created only if absent."""
+        return self._k("alloc", "port", node, port)
+
+    def ports(self, node: str | None = None) -> str:
+        return self._k("alloc", "port", node, "") if node else self._k("alloc", "port", "")
+
+    def events(self) -> str:
+        return self._k("events", "")
+
     def leader(self) -> str:
         return self._k("leader")
 
