@@ -2,9 +2,9 @@
 
 One pass reads the whole state from etcd, creates and retires instance records, places
 Pending instances, and hands every placed instance to a worker that drives its containers
-on its node's engine. Every write is a CAS on the record's mod_revision, so a pass that
-raced with another writer just loses and retries next pass. Containers carry labels, so a
-restarted master adopts what runs instead of starting duplicates.
+on its node's engine (sigmad.runtime). Every write is a CAS on the record's mod_revision, so a
+pass that raced with another writer just loses and retries next pass. Containers carry labels,
+so a restarted master adopts what runs instead of starting duplicates.
 """
 
 from __future__ import annotations
@@ -12,53 +12,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from sigmad import scheduler
-from sigmad.engine import (
-    LABEL_CONTAINER,
-    LABEL_GENERATION,
-    LABEL_INSTANCE,
-    ContainerState,
-    Engine,
-    container_config,
-    container_name,
-)
+from sigmad.engine import LABEL_INSTANCE, Engine, EnginePool
 from sigmad.errors import EngineError, SigmaError
+from sigmad.events import EventLog
 from sigmad.models import (
-    EXITED,
-    FAILED,
-    FAILED_TO_START,
     PENDING,
     RUNNING,
-    SCHEDULED,
-    STARTING,
     TERMINATING,
     AppRecord,
-    ContainerStatus,
     Instance,
     Node,
     now,
 )
-from sigmad.spec import AppSpec
+from sigmad.runtime import Runner
 from sigmad.store import Guard, Op, Store, Versioned, WatchCompacted
 
 log = logging.getLogger(__name__)
-MAX_BACKOFF = 60.0
 BATCH = 64
-
-
-def restart_backoff(restarts: int) -> float:
-    """Seconds to wait before restart number `restarts` (1, 2, 4 … capped at a minute)."""
-    return float(min(2 ** max(restarts - 1, 0), MAX_BACKOFF))
-
-
-def should_restart(policy: str, reason: str) -> bool:
-    """Whether the restart policy restarts a container that ended for `reason`."""
-    if policy == "always":
-        return True
-    return policy == "on-failure" and reason != "Exited(0)"
 
 
 @dataclass
@@ -72,6 +46,24 @@ class ClusterState:
     revision: int
 
 
+def unmet_dependencies(app: AppRecord, state: ClusterState) -> str:
+    """Why `app` must wait for its depends_on apps ("" when all have every replica Running)."""
+    waiting = []
+    for dep in app.spec.depends_on:
+        rec = state.apps.get(f"{app.spec.namespace}/{dep}")
+        if rec is None:
+            waiting.append(f"{dep} (no such app)")
+            continue
+        running = sum(
+            1 for i in state.instances.values()
+            if i.value.namespace == app.spec.namespace and i.value.app == dep
+            and i.value.state == RUNNING
+        )
+        if running < rec.value.spec.replicas:
+            waiting.append(f"{dep} ({running}/{rec.value.spec.replicas} running)")
+    return f"waiting for depends_on: {', '.join(waiting)}" if waiting else ""
+
+
 class Controller:
     """Drives the cluster toward the apps' specs."""
 
@@ -79,14 +71,16 @@ class Controller:
         self.store = store
         self.keys = store.keys
         self.interval = interval
-        self.engines: dict[str, Engine] = {}
+        self.engines = EnginePool()
+        self.events = EventLog(store)
         self.workers: dict[str, asyncio.Task[None]] = {}
         self.listeners: dict[str, asyncio.Task[None]] = {}
         self.wake = asyncio.Event()
+        self.last_ready: set[str] | None = None
 
     async def run(self) -> None:
         """Reconcile until cancelled: on every etcd change under the prefix, and periodically."""
-        watcher = asyncio.create_task(self._watch())
+        background = [asyncio.create_task(self._watch()), asyncio.create_task(self.events.run())]
         try:
             while True:
                 try:
@@ -99,19 +93,19 @@ class Controller:
                     await asyncio.wait_for(self.wake.wait(), self.interval)
                 self.wake.clear()
         finally:
-            tasks = [watcher, *self.workers.values(), *self.listeners.values()]
+            tasks = [*background, *self.workers.values(), *self.listeners.values()]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            for engine in self.engines.values():
-                await engine.close()
+            await self.engines.close()
 
     async def _watch(self) -> None:
         while True:
             try:
                 revision = await self.store.ping()
-                async for _ in self.store.watch(self.keys.prefix + "/", revision + 1):
-                    self.wake.set()
+                async for event in self.store.watch(self.keys.prefix + "/", revision + 1):
+                    if not event.key.startswith(self.keys.events()):
+                        self.wake.set()
             except (WatchCompacted, SigmaError) as exc:
                 log.info("watch restarted: %s", exc)
                 await asyncio.sleep(1)
@@ -132,15 +126,26 @@ class Controller:
     async def reconcile(self) -> None:
         """One pass: instance records, placement, workers, orphan containers."""
         state = await self.read()
+        self._node_events(state)
         await self._sync_instances(state)
-        state = await self.read()
-        await self._schedule(state)
+        await self._schedule(await self.read())
         state = await self.read()
         self._refresh_engines(state)
         for key, inst in state.instances.items():
             if inst.value.state != PENDING and key not in self.workers:
-                self._spawn(key, self._drive(inst.key))  # worker per instance, keyed by name
+                app = state.apps.get(f"{inst.value.namespace}/{inst.value.app}")
+                hold = unmet_dependencies(app.value, state) if app else ""
+                self._spawn(key, self._drive(inst.key, hold))
         await self._sweep_orphans(state)
+
+    def _node_events(self, state: ClusterState) -> None:
+        if self.last_ready is not None:
+            for name in sorted(state.ready - self.last_ready):
+                self.events.emit("node", "", name, "", "node Ready")
+            for name in sorted(self.last_ready - state.ready):
+                self.events.emit("node", "", name, "", "node NotReady: heartbeat lost",
+                                 warning=True)
+        self.last_ready = set(state.ready)
 
     def _spawn(self, key: str, work: Awaitable[None]) -> None:
         async def runner() -> None:
@@ -169,7 +174,7 @@ class Controller:
         """Create missing instances `APP-INDEX`, retire surplus and orphaned ones."""
         items: list[tuple[Guard, Op]] = []
         by_app: dict[str, set[int]] = {}
-        for key, inst in state.instances.items():
+        for inst in state.instances.values():
             i = inst.value
             app = state.apps.get(f"{i.namespace}/{i.app}")
             by_app.setdefault(f"{i.namespace}/{i.app}", set()).add(i.index)
@@ -183,7 +188,7 @@ class Controller:
                 continue
             i.state, i.reason, i.updated = TERMINATING, why, now()
             items.append((Guard(inst.key, inst.mod_revision), Op(inst.key, i)))
-            log.info("%s: terminating (%s)", key, why)
+            self.events.emit("instance", i.namespace, i.name, i.app, f"terminating: {why}")
         for app_key, rec in state.apps.items():
             spec = rec.value.spec
             have = by_app.get(app_key, set())
@@ -197,7 +202,7 @@ class Controller:
                 )
                 key = self.keys.instance(spec.namespace, spec.app, index)
                 items.append((Guard(key, 0), Op(key, new)))
-                log.info("%s: created", new.key)
+                self.events.emit("instance", new.namespace, new.name, new.app, "created")
         await self._commit(items)
 
     async def _schedule(self, state: ClusterState) -> None:
@@ -219,10 +224,13 @@ class Controller:
         for v in pending:
             inst = v.value
             if v.key in placed:
-                inst.node, inst.state, inst.reason = placed[v.key], SCHEDULED, ""
-                log.info("%s: scheduled on %s", inst.key, inst.node)
+                inst.node, inst.state, inst.reason = placed[v.key], "Scheduled", ""
+                self.events.emit("instance", inst.namespace, inst.name, inst.app,
+                                 f"scheduled on {inst.node}")
             elif inst.reason != unplaced[v.key]:
                 inst.reason = unplaced[v.key]
+                self.events.emit("instance", inst.namespace, inst.name, inst.app,
+                                 f"Pending: {inst.reason}", warning=True)
             else:
                 continue
             inst.updated = now()
@@ -231,12 +239,11 @@ class Controller:
 
     def _refresh_engines(self, state: ClusterState) -> None:
         for name, node in state.nodes.items():
-            engine = self.engines.get(name)
-            if engine is None or engine.url != node.engine:
-                if engine is not None:
-                    self.listeners.pop(name).cancel()
-                    self._spawn(f"close-engine/{name}", engine.close())
-                engine = self.engines[name] = Engine(node.engine)
+            engine, new = self.engines.get(name, node.engine)
+            if new:
+                old = self.listeners.pop(name, None)
+                if old is not None:
+                    old.cancel()
                 self.listeners[name] = asyncio.create_task(self._listen(name, engine))
 
     async def _listen(self, name: str, engine: Engine) -> None:
@@ -255,13 +262,11 @@ class Controller:
 
     async def _sweep_orphans(self, state: ClusterState) -> None:
         """Remove sigma containers on Ready nodes that no instance record places there."""
-        wanted = {
-            (i.value.key, i.value.node) for i in state.instances.values()
-        }
-        for name in sorted(state.ready & set(self.engines)):
-            engine = self.engines[name]
+        wanted = {(i.value.key, i.value.node) for i in state.instances.values()}
+        for name in sorted(state.ready & set(state.nodes)):
+            engine, _ = self.engines.get(name, state.nodes[name].engine)
             try:
-                found = await engine.list({LABEL_INSTANCE: ""})
+                found = await engine.find({LABEL_INSTANCE: ""})
             except EngineError as exc:
                 log.warning("node %s: cannot list containers: %s", name, exc.message)
                 continue
@@ -272,183 +277,59 @@ class Controller:
                 log.info("node %s: removing orphan container %s of %s", name, c.name, owner)
                 await engine.remove(c.id)
 
-    async def _drive(self, record_key: str) -> None:
+    async def _drive(self, record_key: str, hold: str) -> None:
         """One step of one instance (etcd key `record_key`) toward its desired state."""
         rec = await self.store.get(record_key, Instance)
         if rec is None:
             return
         inst = rec.value
-        key = inst.key
+        node = await self.store.get(self.keys.node(inst.node), Node) if inst.node else None
         app = await self.store.get(self.keys.app(inst.namespace, inst.app), AppRecord)
-        engine = self.engines.get(inst.node)
+        engine = self.engines.get(inst.node, node.value.engine)[0] if node else None
+
+        def report(message: str, warning: bool) -> None:
+            log.info("%s: %s", inst.key, message)
+            self.events.emit("instance", inst.namespace, inst.name, inst.app, message, warning)
+
         if inst.state == TERMINATING:
-            await self._terminate(rec, engine)
+            await self._terminate(rec, engine, app.value if app else None, report)
             return
-        if engine is None:
-            return
-        if app is None:  # the next pass marks it Terminating
-            return
+        if engine is None or node is None or app is None:
+            return  # no node to run on yet, or the next pass marks it Terminating
         before = _fingerprint(inst)
+        state = inst.state
         try:
-            await Runner(engine, inst, app.value, self._progress(inst)).step()
+            await Runner(engine, inst, app.value, node.value.address, report).step(hold)
         except EngineError as exc:
             inst.reason = f"engine: {exc.message}"
+        if inst.state != state:
+            report(f"{state} → {inst.state}" + (f": {inst.reason}" if inst.reason else ""),
+                   inst.state in ("Failed", "FailedToStart"))
         if _fingerprint(inst) != before:
             inst.updated = now()
             if not await self.store.update(rec.key, inst, rec.mod_revision):
-                log.info("%s: record changed meanwhile; next pass retries", key)
-        if inst.state in (STARTING, SCHEDULED) or inst.next_start > now():
+                log.info("%s: record changed meanwhile; next pass retries", inst.key)
+        if inst.state != RUNNING or inst.next_start > now():
             self.wake.set()
 
-    def _progress(self, inst: Instance) -> Callable[[str], None]:
-        def report(message: str) -> None:
-            log.info("%s: %s", inst.key, message)
-
-        return report
-
-    async def _terminate(self, rec: Versioned[Instance], engine: Engine | None) -> None:
+    async def _terminate(self, rec: Versioned[Instance], engine: Engine | None,
+                         app: AppRecord | None, report: Runner.Report) -> None:
         inst = rec.value
-        if engine is not None and inst.node:
-            found = await engine.list({LABEL_INSTANCE: inst.key})
-            order = {c.name: i for i, c in enumerate(inst.containers)}
-            found.sort(key=lambda c: -order.get(c.labels.get(LABEL_CONTAINER, ""), 0))
-            for c in found:
-                if c.running:
-                    await engine.stop(c.id)
-                    inst.terminated(c.labels.get(LABEL_CONTAINER, ""), inst.reason, c.id)
+        if engine is not None and app is not None:
+            found = await engine.find({LABEL_INSTANCE: inst.key})
+            await Runner(engine, inst, app, "", report).remove_all(found, inst.reason)
+        elif engine is not None:
+            for c in await engine.find({LABEL_INSTANCE: inst.key}):
                 await engine.remove(c.id)
-                log.info("%s: removed container %s (%s)", inst.key, c.name, inst.reason)
-        if await self.store.delete(rec.key, rec.mod_revision):
-            log.info("%s: gone (%s)", inst.key, inst.reason)
+        ops = [Op(rec.key, delete=True)]
+        ops += [Op(self.keys.port(inst.node, p), delete=True) for p in inst.host_ports.values()]
+        if await self.store.commit([Guard(rec.key, rec.mod_revision)], ops):
+            report(f"gone ({inst.reason})", False)
 
 
 def _fingerprint(inst: Instance) -> tuple[object, ...]:
     return (
         inst.state, inst.reason, inst.ip, inst.restarts, inst.next_start, inst.generation,
-        [(c.id, c.state, c.exit_code) for c in inst.containers], len(inst.terminations),
+        [(c.id, c.state, c.exit_code, c.ready) for c in inst.containers],
+        len(inst.terminations),
     )
-
-
-class Runner:
-    """Brings one instance's containers on one engine in line with its app, in spec order."""
-
-    def __init__(
-        self, engine: Engine, inst: Instance, app: AppRecord, progress: Callable[[str], None]
-    ) -> None:
-        self.engine = engine
-        self.inst = inst
-        self.app = app
-        self.spec: AppSpec = app.spec
-        self.progress = progress
-
-    async def step(self) -> None:
-        inst = self.inst
-        found = await self.engine.list({LABEL_INSTANCE: inst.key})
-        if inst.generation != self.app.template_generation:
-            await self._replace(found)
-            found = []
-        wanted = {s.name for s in self.spec.containers}
-        by_name = {c.labels.get(LABEL_CONTAINER): c for c in found}
-        for stale in found:
-            if stale.labels.get(LABEL_CONTAINER) not in wanted:
-                await self.engine.remove(stale.id)
-        statuses: list[ContainerStatus] = []
-        first_id = ""
-        for spec in self.spec.containers:
-            c = by_name.get(spec.name)
-            if c is not None and not c.running and c.status != "created":
-                if not await self._ended(c):
-                    statuses.append(_status(spec.name, c))
-                    break
-                c = None
-            if c is None:
-                if inst.next_start > now():
-                    inst.reason = inst.reason or "waiting to restart"
-                    break
-                c = await self._create(spec.name, first_id)
-                if c is None:
-                    break
-            if not c.running:
-                await self.engine.start(c.id)
-                c = await self.engine.inspect(c.id) or c
-                self.progress(f"started container {spec.name} ({c.id[:12]})")
-            statuses.append(_status(spec.name, c))
-            first_id = first_id or c.id
-            if not c.running:
-                break
-        inst.containers = statuses
-        if len(statuses) == len(self.spec.containers) and all(s.state == "running" for s in
-                                                              statuses):
-            inst.state, inst.reason = RUNNING, ""
-            inst.ip = (await self.engine.inspect(first_id) or found[0]).ip if first_id else ""
-        elif inst.state not in (EXITED, FAILED, FAILED_TO_START):
-            inst.state = STARTING
-
-    async def _replace(self, found: list[ContainerState]) -> None:
-        for c in sorted(found, key=lambda c: c.name, reverse=True):
-            if c.running:
-                self.inst.terminated(
-                    c.labels.get(LABEL_CONTAINER, ""), "KilledBySigma(updated)", c.id
-                )
-            await self.engine.remove(c.id)
-        self.inst.generation = self.app.template_generation
-        self.inst.request = self.spec.request()
-        self.inst.state, self.inst.reason = SCHEDULED, "updated"
-        self.progress(f"replacing containers for generation {self.app.template_generation}")
-
-    async def _ended(self, c: ContainerState) -> bool:
-        """Record a container end; True if it was removed for a restart."""
-        inst = self.inst
-        name = c.labels.get(LABEL_CONTAINER, "")
-        reason = c.end_reason()
-        if not any(t.container_id == c.id for t in inst.terminations):
-            inst.terminated(name, reason, c.id)
-            self.progress(f"container {name} ended: {reason}")
-        if not should_restart(self.spec.restart, reason):
-            inst.state = EXITED if reason == "Exited(0)" else FAILED
-            inst.reason = reason
-            return False
-        await self.engine.remove(c.id)
-        inst.restarts += 1
-        delay = restart_backoff(inst.restarts)
-        inst.next_start = now() + delay
-        inst.state, inst.reason = STARTING, f"{reason}; restarting in {delay:g}s"
-        return True
-
-    async def _create(self, name: str, network_of: str) -> ContainerState | None:
-        inst = self.inst
-        spec = next(s for s in self.spec.containers if s.name == name)
-        try:
-            await self.engine.ensure_image(spec.image, self.progress)
-        except EngineError as exc:
-            inst.restarts += 1
-            inst.next_start = now() + restart_backoff(inst.restarts)
-            inst.state, inst.reason = FAILED_TO_START, f"FailedToStart({exc.message})"
-            return None
-        config = container_config(inst, self.spec, spec)
-        if network_of:
-            config["HostConfig"]["NetworkMode"] = f"container:{network_of}"
-        cname = container_name(inst, name)
-        try:
-            cid = await self.engine.create(cname, config)
-        except EngineError as exc:
-            if exc.engine_status != 409:
-                inst.state, inst.reason = FAILED_TO_START, f"FailedToStart({exc.message})"
-                return None
-            # A container of that name exists without our labels for this generation:
-            # a leftover of an earlier generation or of a crash mid-create. Replace it.
-            await self.engine.remove(cname)
-            cid = await self.engine.create(cname, config)
-        inst.next_start = 0.0
-        return await self.engine.inspect(cid)
-
-
-def _status(name: str, c: ContainerState) -> ContainerStatus:
-    return ContainerStatus(
-        name=name, id=c.id, state=c.status,
-        exit_code=None if c.running else c.exit_code,
-        started_at=c.started_at, finished_at="" if c.running else c.finished_at,
-    )
-
-
-__all__ = ["LABEL_GENERATION", "Controller", "restart_backoff", "should_restart"]

@@ -6,6 +6,7 @@ sigma sees `ContainerState` and plain dicts of container config.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import signal
@@ -18,7 +19,7 @@ import aiohttp
 
 from sigmad.errors import EngineError
 from sigmad.models import Instance
-from sigmad.spec import AppSpec, ContainerSpec
+from sigmad.spec import AppSpec, ContainerSpec, Resources
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ LABEL_NAMESPACE = "sigma.namespace"
 LABEL_CONTAINER = "sigma.container"
 LABEL_GENERATION = "sigma.generation"
 LABEL_INDEX = "sigma.index"
+DEFAULT_PIDS_LIMIT = 4096  # no fork bomb takes a host down
 CONNECT_FAILED = 900  # aiodocker's status for a connection that could not be made
 CPU_PERIOD_NS = 1_000_000_000 // 1000  # NanoCpus per millicore
 
@@ -37,22 +39,54 @@ def container_name(instance: Instance, container: str) -> str:
     return f"sigma-{instance.namespace}-{instance.name}-{container}"
 
 
-def container_config(instance: Instance, app: AppSpec, container: ContainerSpec) -> dict[str, Any]:
-    """The Engine API create body for one container of an instance."""
-    limit = container.resources.limit
-    host_config: dict[str, Any] = {}
+def cap_config(limit: Resources) -> dict[str, Any]:
+    """cgroup caps for a limit (create and live update alike); 0 means no cap.
+
+    Memory and MemorySwap always go together: equal, so the container gets no swap on top
+    of its cap (and Docker refuses a Memory above the old MemorySwap when set alone)."""
+    caps: dict[str, Any] = {}
     if limit.cpu_m:
-        host_config["NanoCpus"] = limit.cpu_m * CPU_PERIOD_NS
+        caps["NanoCpus"] = limit.cpu_m * CPU_PERIOD_NS
     if limit.memory:
-        # MemorySwap equal to Memory: the container gets no swap on top of its cap.
-        host_config["Memory"] = limit.memory
-        host_config["MemorySwap"] = limit.memory
+        caps["Memory"] = limit.memory
+        caps["MemorySwap"] = limit.memory
+    return caps
+
+
+def container_config(
+    instance: Instance, app: AppSpec, container: ContainerSpec, host_ip: str = "",
+    network_of: str = "",
+) -> dict[str, Any]:
+    """The Engine API create body for one container of an instance.
+
+    The first container owns the instance's network (and its published host ports); the
+    others join it (`network_of`: the first container's id)."""
+    host_config: dict[str, Any] = {
+        **cap_config(container.resources.limit),
+        "PidsLimit": DEFAULT_PIDS_LIMIT,
+    }
+    if container.resources.limit.memory:
+        host_config["MemorySwappiness"] = 0
+    ports = {p.name: p for p in app.network.ports}
+    env = [f"{k}={v}" for k, v in sorted(container.env.items())]
+    env += [f"SIGMA_INSTANCE={instance.name}", f"SIGMA_APP={app.app}",
+            f"SIGMA_NAMESPACE={app.namespace}", f"SIGMA_INDEX={instance.index}"]
+    if instance.host_ports:
+        env.append(f"SIGMA_HOST_IP={host_ip}")
+        env += [f"{ports[n].env}={hp}" for n, hp in sorted(instance.host_ports.items())]
+    exposed: dict[str, dict[str, str]] = {}
+    if network_of:
+        host_config["NetworkMode"] = f"container:{network_of}"
+    elif instance.host_ports:
+        bindings = {
+            f"{ports[n].container}/{ports[n].protocol}": [{"HostPort": str(hp)}]
+            for n, hp in instance.host_ports.items()
+        }
+        host_config["PortBindings"] = bindings
+        exposed = {key: {} for key in bindings}
     config: dict[str, Any] = {
         "Image": container.image,
-        "Hostname": instance.name,
-        "Env": [f"{k}={v}" for k, v in sorted(container.env.items())]
-        + [f"SIGMA_INSTANCE={instance.name}", f"SIGMA_APP={app.app}",
-           f"SIGMA_NAMESPACE={app.namespace}", f"SIGMA_INDEX={instance.index}"],
+        "Env": env,
         "Labels": {
             LABEL_INSTANCE: instance.key,
             LABEL_APP: app.app,
@@ -63,6 +97,10 @@ def container_config(instance: Instance, app: AppSpec, container: ContainerSpec)
         },
         "HostConfig": host_config,
     }
+    if not network_of:
+        config["Hostname"] = instance.name
+    if exposed:
+        config["ExposedPorts"] = exposed
     if container.command:
         # Like Kubernetes' `command`: it replaces the image's entrypoint.
         config["Entrypoint"] = container.command[:1]
@@ -225,7 +263,7 @@ class Engine:
             raise
         return ContainerState.from_inspect(data)
 
-    async def list(self, labels: dict[str, str] | None = None) -> list[ContainerState]:
+    async def find(self, labels: dict[str, str] | None = None) -> list[ContainerState]:
         """Every container (running or not) carrying all `labels` (value "" = any value)."""
         wanted = [f"{k}={v}" if v else k for k, v in (labels or {}).items()]
         summaries = await self._json(
@@ -245,6 +283,34 @@ class Engine:
             data=json.dumps(resources).encode(), headers={"Content-Type": "application/json"},
         )
 
+    async def exec(self, container_id: str, command: list[str], timeout: float = 10.0) -> int:
+        """Run `command` inside a running container; its exit code (-1 if it timed out)."""
+        created = await self._json(
+            f"containers/{container_id}/exec", "POST",
+            data=json.dumps({"Cmd": command, "AttachStdout": False, "AttachStderr": False}),
+            headers={"Content-Type": "application/json"},
+        )
+        exec_id = created["Id"]
+        await self._json(
+            f"exec/{exec_id}/start", "POST", data=json.dumps({"Detach": True}),
+            headers={"Content-Type": "application/json"},
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            info = await self._json(f"exec/{exec_id}/json")
+            if not info.get("Running"):
+                return int(info.get("ExitCode") or 0)
+            await asyncio.sleep(0.05)
+        return -1
+
+    async def memory_usage(self, container_id: str) -> int:
+        """Bytes of memory the container uses now (page cache excluded, as `docker stats`)."""
+        stats = await self._json(f"containers/{container_id}/stats", params={"stream": "false"})
+        memory = stats.get("memory_stats") or {}
+        cache = (memory.get("stats") or {}).get("total_inactive_file", 0)
+        return max(int(memory.get("usage", 0)) - int(cache), 0)
+
     async def events(self, labels: dict[str, str] | None = None) -> AsyncIterator[dict[str, Any]]:
         """Container events as they happen (until the connection ends)."""
         filters: dict[str, list[str]] = {"type": ["container"]}
@@ -260,3 +326,28 @@ class Engine:
                         yield json.loads(line)
         except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
             raise EngineError(f"event stream of {self.url} ended: {exc}") from None
+
+
+class EnginePool:
+    """One client per node engine URL, made on first use and replaced if the URL changes."""
+
+    def __init__(self) -> None:
+        self.engines: dict[str, Engine] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def get(self, node: str, url: str) -> tuple[Engine, bool]:
+        """The engine of `node` at `url`, and whether the client is new."""
+        engine = self.engines.get(node)
+        if engine is not None and engine.url == url:
+            return engine, False
+        if engine is not None:
+            task = asyncio.ensure_future(engine.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        engine = self.engines[node] = Engine(url)
+        return engine, True
+
+    async def close(self) -> None:
+        for engine in self.engines.values():
+            await engine.close()
+        self.engines.clear()

@@ -81,6 +81,7 @@ class ContainerStatus:
     exit_code: int | None = None
     started_at: str = ""
     finished_at: str = ""
+    ready: bool = False
 
 
 @dataclass
@@ -110,6 +111,7 @@ class Instance:
     request: Resources = field(default_factory=Resources)
     containers: list[ContainerStatus] = field(default_factory=list)
     restarts: int = 0
+    streak: int = 0  # failures in a row (each ran less than a minute): drives the backoff
     next_start: float = 0.0
     terminations: list[Termination] = field(default_factory=list)
     created: float = 0.0

@@ -50,7 +50,7 @@ async def test_lifecycle_update_and_events(client: Engine, engine: EngineHost) -
     await client.start(cid)
     state = await client.inspect(cid)
     assert state is not None and state.running and state.labels[LABEL_INSTANCE] == inst.key
-    assert [c.id for c in await client.list({LABEL_INSTANCE: inst.key})] == [cid]
+    assert [c.id for c in await client.find({LABEL_INSTANCE: inst.key})] == [cid]
 
     await client.update(cid, {"NanoCpus": 1_000_000_000, "Memory": 96 << 20,
                               "MemorySwap": 96 << 20})

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from sigmad.engine import (
+    DEFAULT_PIDS_LIMIT,
     LABEL_APP,
     LABEL_CONTAINER,
     LABEL_GENERATION,
@@ -83,7 +84,7 @@ def test_memory_limit_without_swap():
 
 def test_zero_limit_sets_no_caps():
     cfg = container_config(*make(limit=Resources(0, 0)))
-    assert cfg["HostConfig"] == {}
+    assert cfg["HostConfig"] == {"PidsLimit": DEFAULT_PIDS_LIMIT}
 
 
 def test_request_does_not_become_a_cap():
@@ -102,6 +103,7 @@ def test_limits_from_a_parsed_spec():
     cfg = container_config(inst, app, app.containers[0])
     assert cfg["HostConfig"] == {
         "NanoCpus": 500_000_000, "Memory": 134217728, "MemorySwap": 134217728,
+        "MemorySwappiness": 0, "PidsLimit": DEFAULT_PIDS_LIMIT,
     }
 
 

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from sigmad.controller import MAX_BACKOFF, restart_backoff, should_restart
+from sigmad.runtime import MAX_BACKOFF, restart_backoff, should_restart
 
 
 @pytest.mark.parametrize(
