@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -10,10 +11,14 @@ from typing import Any
 
 from aiohttp import web
 
-from sigmad import __version__, records, spec
+from sigmad import __version__, records, resize, spec
+from sigmad.engine import EnginePool
 from sigmad.errors import Conflict, NotFound, SigmaError, SpecError, Unauthorized
+from sigmad.events import Event
 from sigmad.models import DRAINING, NOT_READY, READY, RUNNING, AppRecord, Instance, Node, now
+from sigmad.spec import AppSpec, Fields, Resources, quantity
 from sigmad.store import Guard, Op, Store
+from sigmad.units import parse_cpu, parse_size
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -46,6 +51,11 @@ def make_app(store: Store, token: str) -> web.Application:
 
     api = Api(store)
     app = web.Application(middlewares=[errors], client_max_size=MAX_BODY)
+
+    async def close_engines(_: web.Application) -> None:
+        await api.engines.close()
+
+    app.on_cleanup.append(close_engines)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/v1/nodes", api.list_nodes)
     app.router.add_get("/v1/nodes/{name}", api.get_node)
@@ -53,7 +63,10 @@ def make_app(store: Store, token: str) -> web.Application:
     app.router.add_put("/v1/apps", api.apply)
     app.router.add_get("/v1/apps/{ns}/{app}", api.get_app)
     app.router.add_delete("/v1/apps/{ns}/{app}", api.delete_app)
+    app.router.add_post("/v1/apps/{ns}/{app}/resources", api.update_resources)
     app.router.add_get("/v1/instances", api.list_instances)
+    app.router.add_get("/v1/events", api.events)
+    app.router.add_get("/v1/pool", api.pool)
     app.router.add_get("/v1/instances/{ns}/{name}", api.get_instance)
     return app
 
@@ -64,6 +77,7 @@ class Api:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.keys = store.keys
+        self.engines = EnginePool()
 
     async def healthz(self, request: web.Request) -> web.Response:
         return _json({"ok": True, "version": __version__})
@@ -127,11 +141,13 @@ class Api:
         return _json(self._app_view(rec.value, await self._instances(ns, name)))
 
     async def apply(self, request: web.Request) -> web.Response:
-        """Create or update every app in the body, all-or-nothing after validation."""
-        text = await request.text()
-        specs = spec.parse(text)
-        dry_run = request.query.get("dry_run", "").lower() in ("1", "true", "yes")
-        results, guards, ops = [], [], []
+        """Create or update every app in the body, all-or-nothing after validation.
+
+        A change of resources only (and replicas) is applied to running containers in place
+        (see sigmad.resize); any other change is a new template generation (a replace)."""
+        specs = spec.parse(await request.text())
+        dry_run = _flag(request, "dry_run")
+        results, guards, ops, resizes = [], [], [], []
         for s in specs:
             key = self.keys.app(s.namespace, s.app)
             current = await self.store.get(key, AppRecord)
@@ -140,25 +156,58 @@ class Api:
                 guards.append(Guard(key, 0))
             elif records.to_dict(current.value.spec) == records.to_dict(s):
                 action, rec = "unchanged", current.value
+            elif _only_replicas(current.value.spec, s):
+                old = current.value
+                action = "updated"
+                rec = AppRecord(s, old.generation + 1, old.template_generation, old.created, now())
+                guards.append(Guard(key, current.mod_revision))
+            elif resize.resources_only(current.value.spec, s):
+                resizes.append(await resize.plan(self.store, self.engines, current, s,
+                                                 _flag(request, "force")))
+                old = current.value
+                action = "resized in place"
+                rec = AppRecord(s, old.generation + 1, old.template_generation, old.created, now())
             else:
                 old = current.value
-                template = old.template_generation
-                if records.to_dict(replace(old.spec, replicas=0)) != records.to_dict(
-                    replace(s, replicas=0)
-                ):
-                    template = old.generation + 1
                 action = "updated"
-                rec = AppRecord(s, old.generation + 1, template, old.created, now())
+                rec = AppRecord(s, old.generation + 1, old.generation + 1, old.created, now())
                 guards.append(Guard(key, current.mod_revision))
-            if action != "unchanged":
+            if action in ("created", "updated"):
                 ops.append(Op(key, rec))
             results.append({"app": s.key, "action": action, "generation": rec.generation})
-        if ops and not dry_run and not await self.store.commit(guards, ops):
-            raise Conflict("another client changed these apps meanwhile: apply again")
+        if not dry_run:
+            if ops and not await self.store.commit(guards, ops):
+                raise Conflict("another client changed these apps meanwhile: apply again")
+            for plan in resizes:
+                await resize.apply(self.store, self.engines, plan)
         for r in results:
             log.info("apply %s: %s (generation %d)%s", r["app"], r["action"], r["generation"],
                      " (dry run)" if dry_run else "")
         return _json({"items": results})
+
+    async def update_resources(self, request: web.Request) -> web.Response:
+        """Change an app's limits/requests on its running containers, in place."""
+        ns, name = request.match_info["ns"], request.match_info["app"]
+        current = await self.store.get(self.keys.app(ns, name), AppRecord)
+        if current is None:
+            raise NotFound(f"app {ns}/{name} not found")
+        body = await _body(request)
+        change = _change(body)
+        new = resize.with_resources(current.value.spec, change)
+        if records.to_dict(new) == records.to_dict(current.value.spec):
+            return _json({"app": f"{ns}/{name}", "action": "unchanged",
+                          "generation": current.value.generation})
+        if not resize.resources_only(current.value.spec, new):
+            raise SpecError("limit", "adding or removing a cap (0 = no cap) cannot be done in "
+                            "place: change the spec and apply it to replace the containers")
+        force = body.get("force", False)
+        if not isinstance(force, bool):
+            raise SpecError("force", "must be true or false")
+        plan = await resize.plan(self.store, self.engines, current, new, force)
+        await resize.apply(self.store, self.engines, plan)
+        return _json({"app": f"{ns}/{name}", "action": "resized in place",
+                      "generation": current.value.generation + 1,
+                      "containers": len(plan.updates)})
 
     async def delete_app(self, request: web.Request) -> web.Response:
         ns, name = request.match_info["ns"], request.match_info["app"]
@@ -168,6 +217,66 @@ class Api:
         await self.store.delete(rec.key)
         log.info("delete app %s/%s", ns, name)
         return _json({"app": f"{ns}/{name}", "action": "deleted"}, status=202)
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """Recent events (`?limit=`, default 100), or with `?watch=true` a server-sent event
+        stream of them followed by every new one."""
+        match = _event_filter(request)
+        try:
+            limit = int(request.query.get("limit", "100"))
+        except ValueError:
+            raise SpecError("limit", "must be a whole number") from None
+        items, revision = await self.store.scan(self.keys.events(), Event)
+        recent = [v.value for v in items if match(v.value)][-limit:] if limit > 0 else []
+        if not _flag(request, "watch"):
+            return _json({"items": recent})
+        response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+        })
+        await response.prepare(request)
+        for event in recent:
+            await response.write(_sse(event))
+        async for change in self.store.watch(self.keys.events(), revision + 1):
+            if change.value is not None:
+                event = records.loads(Event, change.value)
+                if match(event):
+                    await response.write(_sse(event))
+        return response
+
+    async def pool(self, request: web.Request) -> web.Response:
+        """The pool as one server: allocatable, requested, free and limits committed, overall
+        and per node label value (Ready nodes only)."""
+        nodes = [v for v in await self._node_views() if v["status"] == READY]
+        apps, _ = await self.store.scan(self.keys.apps(), AppRecord)
+        limits = {v.value.spec.key: v.value.spec.limit() for v in apps}
+        placed = [i for i in await self._instances() if i.node]
+        by_node: dict[str, list[Instance]] = {}
+        for inst in placed:
+            by_node.setdefault(inst.node, []).append(inst)
+
+        def summary(group: list[dict[str, Any]]) -> dict[str, Any]:
+            names = {n["name"] for n in group}
+            mine = [i for i in placed if i.node in names]
+            lims = [limits.get(f"{i.namespace}/{i.app}", Resources()) for i in mine]
+            total = _sum([records.from_dict(Resources, n["allocatable"]) for n in group])
+            requested = _sum([i.request for i in mine])
+            return {
+                "nodes": len(group), "instances": len(mine), "allocatable": total,
+                "requested": requested,
+                "free": {k: total[k] - requested[k] for k in total},
+                "limits": _sum(lims),
+                "uncapped": {"cpu": sum(1 for r in lims if not r.cpu_m),
+                             "memory": sum(1 for r in lims if not r.memory)},
+            }
+
+        by_label: dict[str, dict[str, Any]] = {}
+        for key in sorted({k for n in nodes for k in n["labels"]}):
+            values = sorted({n["labels"][key] for n in nodes if key in n["labels"]})
+            by_label[key] = {
+                value: summary([n for n in nodes if n["labels"].get(key) == value])
+                for value in values
+            }
+        return _json({**summary(nodes), "by_label": by_label})
 
     async def list_instances(self, request: web.Request) -> web.Response:
         namespace = request.query.get("namespace", "")
@@ -183,6 +292,63 @@ class Api:
         if rec is None:
             raise NotFound(f"instance {ns}/{name} not found")
         return _json(_instance_view(rec.value))
+
+
+def _event_filter(request: web.Request) -> Callable[[Event], bool]:
+    namespace, app, kind = (request.query.get(k, "") for k in ("namespace", "app", "kind"))
+
+    def match(e: Event) -> bool:
+        return ((not namespace or e.namespace == namespace) and (not app or e.app == app)
+                and (not kind or e.kind == kind))
+
+    return match
+
+
+def _sum(items: list[Resources]) -> dict[str, int]:
+    return {"cpu_m": sum(r.cpu_m for r in items), "memory": sum(r.memory for r in items)}
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    return request.query.get(name, "").lower() in ("1", "true", "yes")
+
+
+def _only_replicas(old: AppSpec, new: AppSpec) -> bool:
+    return records.to_dict(replace(old, replicas=0)) == records.to_dict(replace(new, replicas=0))
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise SpecError("", "the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise SpecError("", "the body must be a JSON object")
+    return body
+
+
+def _change(body: dict[str, Any]) -> resize.Change:
+    """A resize.Change from `{"container", "limit": {"cpu", "memory"}, "request": {...}}`."""
+    fields = Fields("", body, "")
+    container = fields.take("container")
+    if container is not None and not isinstance(container, str):
+        raise SpecError("container", "must be a container name")
+    values: dict[str, int | None] = {}
+    for part in ("limit", "request"):
+        sub = Fields(part, fields.take(part) or {}, "")
+        cpu, memory = sub.take("cpu"), sub.take("memory")
+        sub.done()
+        values[f"{part}_cpu"] = None if cpu is None else quantity(f"{part}.cpu", cpu, parse_cpu)
+        values[f"{part}_memory"] = None if memory is None else quantity(
+            f"{part}.memory", memory, parse_size)
+    fields.take("force")
+    fields.done()
+    if all(v is None for v in values.values()):
+        raise SpecError("limit", "nothing to change: give a limit or request (cpu or memory)")
+    return resize.Change(container, **values)
+
+
+def _sse(event: Event) -> bytes:
+    return f"data: {json.dumps(records.to_dict(event))}\n\n".encode()
 
 
 def _instance_view(inst: Instance) -> dict[str, Any]:

@@ -135,6 +135,12 @@ class AppSpec:
         """`namespace/app`."""
         return f"{self.namespace}/{self.app}"
 
+    def limit(self) -> Resources:
+        """One instance's caps summed over its containers; 0 if any container is uncapped."""
+        cpu = [c.resources.limit.cpu_m for c in self.containers]
+        memory = [c.resources.limit.memory for c in self.containers]
+        return Resources(sum(cpu) if all(cpu) else 0, sum(memory) if all(memory) else 0)
+
     def request(self) -> Resources:
         """What one instance reserves from the pool: the sum over its containers."""
         return Resources(

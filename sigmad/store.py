@@ -212,6 +212,13 @@ class Store:
         )
         return [kv.key.decode() for kv in result.kvs]
 
+    async def revisions(self, prefix: str) -> dict[str, int]:
+        """key → mod_revision of every key under `prefix` (values not read)."""
+        result = await self._call(
+            "list revisions", lambda c: c.get_prefix(prefix.encode(), keys_only=True)
+        )
+        return {kv.key.decode(): kv.mod_revision for kv in result.kvs}
+
     async def put(self, key: str, record: Any, lease: int = 0) -> None:
         data = records.dumps(record)
         await self._call("put", lambda c: c.put(key.encode(), data, lease=lease or None))

@@ -18,6 +18,22 @@ from sigmad.store import Store
 log = logging.getLogger(__name__)
 
 
+def check_engine(url: str, info: dict[str, object]) -> None:
+    """Refuse a host whose engine cannot cap memory and swap together (sigma's caps would not
+    hold: a container could swap past its memory limit)."""
+    if not info.get("SwapLimit") or not info.get("MemoryLimit"):
+        raise NodeRefused(
+            f"the engine at {url} has no memory-swap accounting (docker info: "
+            "SwapLimit=false), so sigma cannot cap memory with swap off; enable it "
+            "(kernel parameter swapaccount=1 on cgroup v1, or cgroup v2) and restart"
+        )
+
+
+class NodeRefused(SigmaError):
+    code = "node_refused"
+    status = 400
+
+
 def node_record(config: NodeConfig, info: dict[str, object], draining: bool) -> Node:
     """The Node record from the engine's `info` (real CPU count and memory of the host)."""
     capacity = Resources(int(str(info.get("NCPU", 0))) * 1000, int(str(info.get("MemTotal", 0))))
@@ -55,6 +71,7 @@ class Agent:
     async def register(self) -> Node:
         """Write the node record, keeping the master-owned `draining` flag."""
         info = await self._engine_info()
+        check_engine(self.config.engine, info)
         key = self.store.keys.node(self.config.name)
         while True:
             current = await self.store.get(key, Node)
