@@ -128,7 +128,7 @@ class Controller:
         state = await self.read()
         self._node_events(state)
         await self._sync_instances(state)
-        await self._schedule(await self.read())
+        await self._schedule(state)
         state = await self.read()
         self._refresh_engines(state)
         for key, inst in state.instances.items():
@@ -206,36 +206,17 @@ class Controller:
         await self._commit(items)
 
     async def _schedule(self, state: ClusterState) -> None:
-        """Place Pending instances on nodes (the scheduler is a pure function)."""
-        pending = [v for v in state.instances.values() if v.value.state == PENDING]
-        if not pending:
-            return
-        bound = [v.value for v in state.instances.values() if v.value.node]
-        snap = scheduler.build_snapshot(
-            list(state.nodes.values()), state.ready, bound, state.revision
+        """Place Pending instances and commit the placements (sigmad.scheduler.binder)."""
+        result = await scheduler.schedule_pending(
+            self.store, {key: rec.value.spec for key, rec in state.apps.items()}
         )
-        requests = []
-        for v in pending:
-            app = state.apps.get(f"{v.value.namespace}/{v.value.app}")
-            labels = app.value.spec.placement.labels if app else {}
-            requests.append(scheduler.Request(v.key, v.value.request, labels))
-        placed, unplaced = scheduler.place(snap, requests)
-        items: list[tuple[Guard, Op]] = []
-        for v in pending:
-            inst = v.value
-            if v.key in placed:
-                inst.node, inst.state, inst.reason = placed[v.key], "Scheduled", ""
-                self.events.emit("instance", inst.namespace, inst.name, inst.app,
-                                 f"scheduled on {inst.node}")
-            elif inst.reason != unplaced[v.key]:
-                inst.reason = unplaced[v.key]
-                self.events.emit("instance", inst.namespace, inst.name, inst.app,
-                                 f"Pending: {inst.reason}", warning=True)
-            else:
-                continue
-            inst.updated = now()
-            items.append((Guard(v.key, v.mod_revision), Op(v.key, inst)))
-        await self._commit(items)
+        for key, node in sorted(result.scheduled.items()):
+            ns, name = key.split("/", 1)
+            self.events.emit("instance", ns, name, name.rsplit("-", 1)[0], f"scheduled on {node}")
+        for key, reason in sorted(result.pending.items()):
+            ns, name = key.split("/", 1)
+            self.events.emit("instance", ns, name, name.rsplit("-", 1)[0], f"Pending: {reason}",
+                             warning=True)
 
     def _refresh_engines(self, state: ClusterState) -> None:
         for name, node in state.nodes.items():

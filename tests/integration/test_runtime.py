@@ -1,0 +1,179 @@
+"""Instance runtime on a real dockerd: kill reasons, live resize, start order, depends_on,
+restart backoff, events (issue: instance runtime)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import yaml
+
+from tests.integration.conftest import IMAGE, Cluster, EngineHost, wait_for, web_spec
+from tests.integration.test_foundation import cgroup_file
+
+MiB = 1 << 20
+
+
+def one(cluster: Cluster, app: str, state: str, timeout: float = 30) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        items = cluster.instances(app)
+        return items[0] if items and items[0]["state"] == state else None
+
+    return wait_for(check, timeout, f"{app}-0 {state}")
+
+
+def test_memory_hog_is_oomkilled(cluster: Cluster) -> None:
+    spec = yaml.safe_load(web_spec(1, app="hog", script="exec tail /dev/zero", restart="never"))
+    spec["containers"][0]["resources"]["limit"]["memory"] = "32Mi"
+    spec["containers"][0]["resources"]["request"]["memory"] = "16Mi"
+    cluster.apply(yaml.safe_dump(spec))
+    inst = one(cluster, "hog", "Failed")
+    assert inst["reason"] == "OOMKilled"
+    assert [t["reason"] for t in inst["terminations"]] == ["OOMKilled"]
+    out = cluster.ctl("describe", "instance", "hog-0")
+    assert "OOMKilled" in out.stdout
+
+
+def test_kill_9_is_signaled_not_oom(cluster: Cluster, engine: EngineHost) -> None:
+    cluster.apply(web_spec(1, app="victim", script="exec sleep 600", restart="never"))
+    inst = one(cluster, "victim", "Running")
+    pid = engine.inspect(inst["containers"][0]["id"])["State"]["Pid"]
+    os.kill(pid, signal.SIGKILL)
+    inst = one(cluster, "victim", "Failed")
+    assert inst["reason"] == "Signaled(SIGKILL)"
+    assert [t["reason"] for t in inst["terminations"]] == ["Signaled(SIGKILL)"]
+
+
+def test_reason_recorded_while_the_master_was_down(cluster: Cluster, engine: EngineHost) -> None:
+    cluster.apply(web_spec(1, app="quiet", script="exec sleep 600", restart="never"))
+    inst = one(cluster, "quiet", "Running")
+    cluster.stop("master")
+    engine.docker("kill", "--signal", "KILL", inst["containers"][0]["id"])
+    cluster.start_master()
+    inst = one(cluster, "quiet", "Failed")
+    assert inst["reason"] == "Signaled(SIGKILL)"
+
+
+def _caps(engine: EngineHost, cid: str) -> tuple[int, int, float]:
+    pid = engine.inspect(cid)["State"]["Pid"]
+    quota = int(cgroup_file(pid, "cpu", "cpu.cfs_quota_us"))
+    period = int(cgroup_file(pid, "cpu", "cpu.cfs_period_us"))
+    return (int(cgroup_file(pid, "memory", "memory.limit_in_bytes")),
+            int(cgroup_file(pid, "memory", "memory.memsw.limit_in_bytes")), quota / period)
+
+
+def test_live_update_keeps_the_container(cluster: Cluster, engine: EngineHost) -> None:
+    cluster.apply(web_spec(2))
+    before = {i["name"]: i["containers"][0]["id"] for i in cluster.wait_running("web", 2)}
+    assert {_caps(engine, c) for c in before.values()} == {(128 * MiB, 128 * MiB, 0.5)}
+    out = cluster.ctl("update", "web", "--limit-cpu", "1500m", "--limit-memory", "256Mi")
+    assert out.returncode == 0, out.stderr
+    assert "resized in place" in out.stdout
+    for cid in before.values():
+        assert _caps(engine, cid) == (256 * MiB, 256 * MiB, 1.5)
+        assert engine.inspect(cid)["State"]["Running"]
+    after = {i["name"]: i["containers"][0]["id"] for i in cluster.instances("web")}
+    assert after == before
+    # Applying a spec that changes only resources is an in-place change too.
+    spec = yaml.safe_load(web_spec(2))
+    spec["containers"][0]["resources"]["limit"]["memory"] = "192Mi"
+    cluster.apply(yaml.safe_dump(spec))
+    for cid in before.values():
+        assert _caps(engine, cid)[:2] == (192 * MiB, 192 * MiB)
+    time.sleep(2)
+    assert {i["name"]: i["containers"][0]["id"] for i in cluster.instances("web")} == before
+    assert cluster.api("GET", "/v1/apps/default/web")[1]["spec"]["containers"][0][
+        "resources"]["limit"]["memory"] == 192 * MiB
+
+
+def test_refused_update_changes_nothing(cluster: Cluster, engine: EngineHost) -> None:
+    script = "tail -c 48000000 /dev/zero & exec httpd -f -p 8080"
+    cluster.apply(web_spec(1, app="fat", script=script))
+    (inst,) = cluster.wait_running("fat", 1)
+    cid = inst["containers"][0]["id"]
+    app_before = cluster.api("GET", "/v1/apps/default/fat")[1]
+    out = cluster.ctl("update", "fat", "--request-memory", "100Ti", "--limit-memory", "200Ti")
+    assert out.returncode == 1
+    assert "does not fit on node node-1" in out.stderr and "nothing was changed" in out.stderr
+    wait_for(lambda: engine.inspect(cid)["State"]["Pid"] and _rss(engine, cid) > 40 * MiB, 20,
+             "the container to use 40 MiB")
+    out = cluster.ctl("update", "fat", "--limit-memory", "32Mi")
+    assert out.returncode == 1
+    assert "above the new memory limit" in out.stderr and "--force" in out.stderr
+    assert _caps(engine, cid) == (128 * MiB, 128 * MiB, 0.5)
+    assert cluster.api("GET", "/v1/apps/default/fat")[1] == app_before
+    assert cluster.instances("fat")[0]["containers"][0]["id"] == cid
+
+
+def _rss(engine: EngineHost, cid: str) -> int:
+    pid = engine.inspect(cid)["State"]["Pid"]
+    return int(cgroup_file(pid, "memory", "memory.usage_in_bytes"))
+
+
+def ordered_spec(replicas: int) -> str:
+    """Three containers sharing one network; each exits 1 at once if the one before it is
+    not listening yet, so any start out of order shows as a termination."""
+    def step(port: int, before: int | None) -> str:
+        check = f"nc 127.0.0.1 {before} -e true || exit 1; " if before else ""
+        return f"{check}sleep 0.5; exec httpd -f -p {port}"
+
+    containers = [
+        {"name": name, "image": IMAGE, "command": ["sh", "-c", step(port, before)],
+         "ready": {"tcp": port, "timeout": 30}}
+        for name, port, before in (("db", 9001, None), ("app", 9002, 9001),
+                                   ("proxy", 9003, 9002))
+    ]
+    return yaml.safe_dump({"app": "ordered", "replicas": replicas, "containers": containers})
+
+
+def test_containers_start_in_spec_order(cluster: Cluster) -> None:
+    cluster.apply(ordered_spec(20))
+    items = cluster.wait_running("ordered", 20, timeout=240)
+    for inst in items:
+        assert inst["terminations"] == [], inst["name"]
+        assert inst["restarts"] == 0
+        assert [c["name"] for c in inst["containers"]] == ["db", "app", "proxy"]
+    out = cluster.ctl("events", "--app", "ordered", "--limit", "10000", "-o", "json")
+    assert out.returncode == 0, out.stderr
+    events = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    for inst in items:
+        mine = [e["message"] for e in events if e["name"] == inst["name"]
+                and (e["message"].startswith("started container") or e["message"].endswith(
+                    " ready"))]
+        order = [m.split()[-2] if m.endswith(" ready") else m.split()[2] for m in mine]
+        assert order == ["db", "db", "app", "app", "proxy", "proxy"], mine
+
+
+def test_depends_on_holds_the_dependent_app(cluster: Cluster, engine: EngineHost) -> None:
+    cluster.apply(web_spec(1, app="front", depends_on=["back"]))
+    inst = wait_for(lambda: (cluster.instances("front") or [{}])[0].get("reason", "")
+                    .startswith("waiting for depends_on"), 20, "front held")
+    assert inst
+    time.sleep(2)
+    assert engine.sigma_containers("front") == []
+    front = cluster.instances("front")[0]
+    assert front["state"] == "Scheduled" and "back (no such app)" in front["reason"]
+    cluster.apply(web_spec(2, app="back"))
+    cluster.wait_running("back", 2)
+    cluster.wait_running("front", 1)
+
+
+def test_restart_backoff_grows(cluster: Cluster) -> None:
+    cluster.apply(web_spec(1, app="crash", script="exit 1", restart="always"))
+
+    def four() -> list[float] | None:
+        items = cluster.instances("crash")
+        ends = [t["at"] for t in items[0]["terminations"]] if items else []
+        return ends if len(ends) >= 4 else None
+
+    ends = wait_for(four, 40, "four terminations")
+    gaps = [b - a for a, b in itertools.pairwise(ends)]
+    assert gaps[0] < gaps[1] < gaps[2], gaps
+    assert gaps[2] >= 3.5  # 1 s, 2 s, 4 s backoff (plus a pass)
+    inst = cluster.instances("crash")[0]
+    assert inst["restarts"] >= 4
+    assert all(t["reason"] == "Exited(1)" for t in inst["terminations"])
