@@ -29,6 +29,8 @@ from sigmad.procs import DockerdProcess, EtcdProcess
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = "sigma/busybox:latest"
+# A /30 on a veth pair between this namespace and the test engine's: the test host's address.
+HOST_GATEWAY, HOST_ADDRESS = "10.199.0.1", "10.199.0.2"
 T = TypeVar("T")
 
 
@@ -69,10 +71,11 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProcess]:
 class EngineHost:
     """The test session's dockerd and the namespace it lives in."""
 
-    def __init__(self, proc: DockerdProcess, netns: str) -> None:
+    def __init__(self, proc: DockerdProcess, netns: str, address: str) -> None:
         self.proc = proc
         self.netns = netns
         self.url = proc.url
+        self.address = address  # the test host's IP, reachable from the root namespace
 
     def docker(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -108,9 +111,19 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineHost]:
     if os.geteuid() != 0:
         pytest.skip("integration tests start dockerd and need root")
     netns = f"sigmat{os.getpid()}"
+    host_side, address = f"{netns}h", HOST_ADDRESS
     subprocess.run(["ip", "netns", "add", netns], check=True)
-    subprocess.run(["nsenter", f"--net=/var/run/netns/{netns}", "ip", "link", "set", "lo", "up"],
-                   check=True)
+    inside = ["nsenter", f"--net=/var/run/netns/{netns}"]
+    for cmd in (
+        [*inside, "ip", "link", "set", "lo", "up"],
+        ["ip", "link", "add", host_side, "type", "veth", "peer", "name", "eth0", "netns", netns],
+        ["ip", "addr", "add", f"{HOST_GATEWAY}/30", "dev", host_side],
+        ["ip", "link", "set", host_side, "up"],
+        [*inside, "ip", "addr", "add", f"{address}/30", "dev", "eth0"],
+        [*inside, "ip", "link", "set", "eth0", "up"],
+        [*inside, "ip", "route", "add", "default", "via", HOST_GATEWAY],
+    ):
+        subprocess.run(cmd, check=True)
     exec_root = Path(f"/run/{netns}")
     proc = DockerdProcess(tmp_path_factory.mktemp("docker"), exec_root, netns=netns)
     proc.start()
@@ -118,11 +131,12 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineHost]:
         asyncio.run(proc.wait_ready())
         subprocess.run([str(REPO / "scripts" / "build-image.sh"), proc.url, IMAGE], check=True,
                        capture_output=True, timeout=120)
-        eng = EngineHost(proc, netns)
+        eng = EngineHost(proc, netns, address)
         yield eng
         eng.clean()
     finally:
         proc.stop()
+        subprocess.run(["ip", "link", "del", host_side], check=False)
         subprocess.run(["ip", "netns", "del", netns], check=False)
         shutil.rmtree(exec_root, ignore_errors=True)
 
@@ -154,6 +168,7 @@ class Cluster:
         }))
         (self.root / "node.yaml").write_text(yaml.safe_dump({
             "name": self.node_name, "engine": self.engine.url, "labels": {"zone": "room-a"},
+            "address": self.engine.address, "port_range": [31000, 31009],
             "heartbeat_ttl": 2, "etcd": etcd,
         }))
 

@@ -177,3 +177,47 @@ def test_restart_backoff_grows(cluster: Cluster) -> None:
     inst = cluster.instances("crash")[0]
     assert inst["restarts"] >= 4
     assert all(t["reason"] == "Exited(1)" for t in inst["terminations"])
+
+
+def test_host_compat_ports_env_and_reach(cluster: Cluster, engine: EngineHost) -> None:
+    """A named port gets a host port from the node's range, published by Docker, injected as
+    SIGMA_HOST_IP / SIGMA_HOST_PORT_<NAME>, reachable from outside the host, released on
+    delete."""
+    import urllib.request
+
+    script = ("mkdir -p /www && echo $SIGMA_HOST_IP:$SIGMA_HOST_PORT_HTTP > /www/index.html && "
+              "exec httpd -f -p 8080 -h /www")
+    spec = yaml.safe_load(web_spec(2, app="hc", script=script))
+    spec["network"] = {"mode": "host-compat", "ports": [{"name": "http", "container": 8080}]}
+    cluster.apply(yaml.safe_dump(spec))
+    items = cluster.wait_running("hc", 2)
+    ports = [i["host_ports"]["http"] for i in items]
+    assert len(set(ports)) == 2 and all(31000 <= p <= 31009 for p in ports)
+    for inst, port in zip(items, ports, strict=True):
+        env = engine.inspect(inst["containers"][0]["id"])["Config"]["Env"]
+        assert f"SIGMA_HOST_IP={engine.address}" in env
+        assert f"SIGMA_HOST_PORT_HTTP={port}" in env
+
+        def answer(p: int = port) -> str:
+            try:
+                with urllib.request.urlopen(f"http://{engine.address}:{p}/", timeout=2) as r:
+                    return r.read().decode().strip()
+            except OSError:
+                return ""
+
+        assert wait_for(answer, 10, f"an answer on {engine.address}:{port}") == \
+            f"{engine.address}:{port}"
+    status, body = cluster.api("GET", "/v1/instances/default/hc-0")
+    assert status == 200 and body["host_ports"] == {"http": ports[0]}
+    out = cluster.ctl("delete", "app", "hc")
+    assert out.returncode == 0, out.stderr
+    spec["app"] = "hc2"
+    spec["replicas"] = 10  # the whole range of 10 ports: only free if hc's were released
+    cluster.apply(yaml.safe_dump(spec))
+    items = cluster.wait_running("hc2", 10, timeout=90)
+    assert sorted(i["host_ports"]["http"] for i in items) == list(range(31000, 31010))
+    spec["app"], spec["replicas"] = "hc3", 1
+    cluster.apply(yaml.safe_dump(spec))
+    pending = wait_for(lambda: (cluster.instances("hc3") or [{}])[0].get("unschedulable"), 20,
+                       "hc3 Pending for want of ports")
+    assert pending == {"host ports exhausted": 1}
