@@ -1,0 +1,33 @@
+"""The node agent's pure parts: engine checks and the node record from `docker info`."""
+
+from __future__ import annotations
+
+import pytest
+
+from sigmad.config import NodeConfig
+from sigmad.models import Overcommit
+from sigmad.node.agent import NodeRefused, check_engine, node_record
+from sigmad.spec import Resources
+
+INFO = {"NCPU": 8, "MemTotal": 16 << 30, "ServerVersion": "20.10.24", "SwapLimit": True,
+        "MemoryLimit": True}
+
+
+def test_engine_without_swap_accounting_is_refused() -> None:
+    with pytest.raises(NodeRefused) as refused:
+        check_engine("unix:///x.sock", {**INFO, "SwapLimit": False})
+    assert "memory-swap accounting" in refused.value.message
+    assert "swapaccount=1" in refused.value.message
+    check_engine("unix:///x.sock", INFO)
+
+
+def test_node_record_subtracts_reserved_and_keeps_draining() -> None:
+    config = NodeConfig(name="h1", labels={"zone": "a"}, reserved=Resources(500, 1 << 30),
+                        overcommit=Overcommit(2.0, 1.5), port_range=[32000, 32100])
+    node = node_record(config, INFO, draining=True)
+    assert node.capacity == Resources(8000, 16 << 30)
+    assert node.allocatable == Resources(7500, 15 << 30)
+    assert node.overcommit == Overcommit(2.0, 1.5)
+    assert node.port_range == [32000, 32100]
+    assert node.draining and node.labels == {"zone": "a"}
+    assert node.engine_version == "20.10.24"
