@@ -1,6 +1,11 @@
-"""Placement: a pure function of a cluster snapshot (DESIGN.md §4)."""
+"""Placement (DESIGN.md §4): a pure scheduler over a snapshot (`place`), and the binder that
+commits its decisions to etcd (`schedule_pending`)."""
 
-from sigmad.scheduler.placer import Request, place
+from sigmad.scheduler.binder import BindResult, schedule_pending
+from sigmad.scheduler.placer import Binding, Decision, Request, Unplaced, place
 from sigmad.scheduler.snapshot import NodeInfo, Snapshot, build_snapshot
 
-__all__ = ["NodeInfo", "Request", "Snapshot", "build_snapshot", "place"]
+__all__ = [
+    "BindResult", "Binding", "Decision", "NodeInfo", "Request", "Snapshot", "Unplaced",
+    "build_snapshot", "place", "schedule_pending",
+]

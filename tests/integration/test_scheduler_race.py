@@ -189,3 +189,46 @@ async def test_pending_is_placed_when_a_node_joins(etcd: EtcdProcess) -> None:
             assert list(inst.host_ports) == ["p0"]
     finally:
         await s.close()
+
+
+async def test_many_placements_on_one_node_commit_in_waves(etcd: EtcdProcess) -> None:
+    prefix = f"/sigma-test/{uuid.uuid4().hex[:8]}"
+    s = store(etcd, prefix)
+    try:
+        apps = {"ns/tiny": app("tiny", 10, MI, ports=1)}
+        await add_node(s, "only", 4000, 4096 * MI, "z1", ports=500)
+        await add_instances(s, apps["ns/tiny"], 0, 150)  # 4 ops each: five waves
+        result = await schedule_pending(s, apps, random.Random(1))
+        assert (result.placed, result.conflicts, result.rounds) == (150, 0, 1)
+        assert len(await check_no_double_booking(s)) == 150
+    finally:
+        await s.close()
+
+
+class LockThief(Store):
+    """A store that lets another writer bump a node lock right after its first transaction,
+    as a rival scheduler placing on that node would."""
+
+    stolen = False
+
+    async def commit(self, guards: list[Guard], ops: list[Op]) -> bool:
+        ok = await super().commit(guards, ops)
+        if not self.stolen and any(o.key == self.keys.node_lock("only") for o in ops):
+            self.stolen = True
+            await self.put(self.keys.node_lock("only"), NodeLock("rival", "rival"))
+        return ok
+
+
+async def test_a_lock_taken_between_waves_is_replanned(etcd: EtcdProcess) -> None:
+    prefix = f"/sigma-test/{uuid.uuid4().hex[:8]}"
+    s = LockThief([etcd.endpoint], prefix)
+    try:
+        apps = {"ns/tiny": app("tiny", 10, MI)}
+        await add_node(s, "only", 4000, 4096 * MI, "z1")
+        await add_instances(s, apps["ns/tiny"], 0, 100)  # 2 ops each: two waves
+        result = await schedule_pending(s, apps, random.Random(1))
+        assert s.stolen
+        assert (result.placed, result.conflicts, result.rounds) == (100, 1, 2)
+        assert len(await check_no_double_booking(s)) == 100
+    finally:
+        await s.close()
