@@ -27,9 +27,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit
-
-import aetcd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -200,19 +197,11 @@ def packing(nodes: list[Node], apps: list[tuple[AppSpec, int]], strategy: str,
 
 
 class TimedStore(Store):
-    """A Store that records when each transaction started and how long it took. Its client
-    accepts replies past gRPC's default 4 MiB: `Store.scan` reads a prefix in one range
-    request, and 100,000 instance records are about 35 MB."""
+    """A Store that records when each transaction started and how long it took."""
 
     def __init__(self, endpoints: list[str], prefix: str) -> None:
         super().__init__(endpoints, prefix)
         self.txns: list[tuple[float, float, int]] = []  # start, seconds, guards + ops
-
-    def _new_client(self) -> aetcd.Client:
-        url = urlsplit(self.endpoints[self._current])
-        return aetcd.Client(host=url.hostname or "127.0.0.1", port=url.port or 2379,
-                            timeout=self.rpc_timeout,
-                            options={"grpc.max_receive_message_length": 1 << 30})
 
     async def commit(self, guards: list[Guard], ops: list[Op]) -> bool:
         start = time.perf_counter()

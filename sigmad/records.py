@@ -1,4 +1,8 @@
-"""Dataclass records to and from JSON-ready dicts, driven by type hints."""
+"""Dataclass records to and from JSON-ready dicts, driven by type hints.
+
+Decoding is on the hot path (every pass reads every instance), so each record class gets its
+converters built once and cached.
+"""
 
 from __future__ import annotations
 
@@ -6,55 +10,71 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Callable
 from functools import cache
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+Convert = Callable[[Any], Any]
+
+
+@cache
+def _names(cls: Any) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 def to_dict(record: Any) -> Any:
     """A JSON-ready copy of a dataclass record (nested records, lists and dicts included)."""
-    if dataclasses.is_dataclass(record) and not isinstance(record, type):
-        return {f.name: to_dict(getattr(record, f.name)) for f in dataclasses.fields(record)}
-    if isinstance(record, list | tuple):
+    kind = type(record)
+    if kind in _SCALARS:
+        return record
+    if hasattr(kind, "__dataclass_fields__"):
+        return {name: to_dict(getattr(record, name)) for name in _names(kind)}  # type: ignore[arg-type]
+    if kind is list or kind is tuple:
         return [to_dict(item) for item in record]
-    if isinstance(record, dict):
+    if kind is dict:
         return {key: to_dict(value) for key, value in record.items()}
     return record
 
 
-@cache
-def _hints(cls: Any) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
-def _convert(hint: Any, value: Any) -> Any:
-    if value is None:
-        return None
+def _same(value: Any) -> Any:
+    return value
+
+
+def _converter(hint: Any) -> Convert:
+    """A function turning JSON data into a value of type `hint` (None stays None)."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         inner = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-        return _convert(inner[0], value) if len(inner) == 1 else value
+        return _converter(inner[0]) if len(inner) == 1 else _same
     if origin is list:
-        (item,) = typing.get_args(hint)
-        return [_convert(item, v) for v in value]
+        item = _converter(typing.get_args(hint)[0])
+        if item is _same:
+            return lambda v: None if v is None else list(v)
+        return lambda v: None if v is None else [item(x) for x in v]
     if origin is dict:
-        _, item = typing.get_args(hint)
-        return {k: _convert(item, v) for k, v in value.items()}
+        value = _converter(typing.get_args(hint)[1])
+        if value is _same:
+            return lambda v: None if v is None else dict(v)
+        return lambda v: None if v is None else {k: value(x) for k, x in v.items()}
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        return from_dict(hint, value)
-    return value
+        return lambda v: None if v is None else from_dict(hint, v)
+    return _same
+
+
+@cache
+def _fields(cls: Any) -> list[tuple[str, Convert]]:
+    hints = typing.get_type_hints(cls)
+    return [(f.name, _converter(hints[f.name])) for f in dataclasses.fields(cls)]
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     """Build `cls` from a dict; keys the record does not know are ignored (newer writers)."""
-    hints = _hints(cls)  # type: ignore[arg-type]
-    kwargs = {
-        f.name: _convert(hints[f.name], data[f.name])
-        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-        if f.name in data
-    }
-    return cls(**kwargs)
+    fields = _fields(cls)  # type: ignore[arg-type]
+    return cls(**{name: convert(data[name]) for name, convert in fields if name in data})
 
 
 def dumps(record: Any) -> bytes:

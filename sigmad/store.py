@@ -7,6 +7,7 @@ callers see `StoreUnavailable` only once the retry budget is spent.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,6 +18,7 @@ from urllib.parse import urlsplit
 import aetcd
 import aetcd.exceptions
 import aetcd.rpc
+import aetcd.utils
 
 from sigmad import records
 from sigmad.errors import StoreUnavailable
@@ -34,6 +36,7 @@ _TRANSIENT = (
     OSError,
 )
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
+PAGE = 2000  # keys per range read: a big prefix is read in pages at one revision
 
 
 class Keys:
@@ -188,8 +191,34 @@ class Store:
 
     async def ping(self) -> int:
         """The current revision (raises StoreUnavailable if etcd is down)."""
-        result = await self._call("ping", lambda c: c.get_prefix(b"\0", keys_only=True))
-        return int(result.header.revision)
+        _, revision = await self._range("\0", keys_only=True, limit=1)
+        return revision
+
+    async def _range(
+        self, prefix: str, keys_only: bool = False, limit: int = 0
+    ) -> tuple[list[Any], int]:
+        """Every key-value under `prefix` read page by page at one revision (one gRPC answer
+        is capped in size), and that revision. `limit` > 0 reads at most that many."""
+        start, end = prefix.encode(), aetcd.utils.prefix_range_end(prefix.encode())
+        kvs: list[Any] = []
+        revision = 0
+        while True:
+            request = aetcd.rpc.RangeRequest(
+                key=start, range_end=end, limit=min(limit or PAGE, PAGE), revision=revision,
+                keys_only=keys_only,
+            )
+            response = await self._call("range", functools.partial(self._raw_range, request))
+            revision = revision or int(response.header.revision)
+            kvs.extend(response.kvs)
+            if not response.more or (limit and len(kvs) >= limit):
+                return kvs, revision
+            start = response.kvs[-1].key + b"\0"
+
+    async def _raw_range(self, request: Any, client: aetcd.Client) -> Any:
+        await client.connect()
+        return await client.kvstub.Range(
+            request, timeout=self.rpc_timeout, metadata=client.metadata
+        )
 
     async def get(self, key: str, cls: type[T]) -> Versioned[T] | None:
         kv = await self._call("get", lambda c: c.get(key.encode()))
@@ -199,25 +228,21 @@ class Store:
 
     async def scan(self, prefix: str, cls: type[T]) -> tuple[list[Versioned[T]], int]:
         """Every record under `prefix`, and the revision they were read at."""
-        result = await self._call("list", lambda c: c.get_prefix(prefix.encode()))
+        kvs, revision = await self._range(prefix)
         items = [
             Versioned(kv.key.decode(), records.loads(cls, kv.value), kv.mod_revision)
-            for kv in result.kvs
+            for kv in kvs
         ]
-        return items, int(result.header.revision)
+        return items, revision
 
     async def keys_under(self, prefix: str) -> list[str]:
-        result = await self._call(
-            "list keys", lambda c: c.get_prefix(prefix.encode(), keys_only=True)
-        )
-        return [kv.key.decode() for kv in result.kvs]
+        kvs, _ = await self._range(prefix, keys_only=True)
+        return [kv.key.decode() for kv in kvs]
 
     async def revisions(self, prefix: str) -> dict[str, int]:
         """key → mod_revision of every key under `prefix` (values not read)."""
-        result = await self._call(
-            "list revisions", lambda c: c.get_prefix(prefix.encode(), keys_only=True)
-        )
-        return {kv.key.decode(): kv.mod_revision for kv in result.kvs}
+        kvs, _ = await self._range(prefix, keys_only=True)
+        return {kv.key.decode(): kv.mod_revision for kv in kvs}
 
     async def put(self, key: str, record: Any, lease: int = 0) -> None:
         data = records.dumps(record)
