@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
 from typing import IO, Any
 
 import click
 
-from sigmactl import output
-from sigmactl.client import Client, CtlError, api_path, resolve
+from sigmactl import commands, output
+from sigmactl.base import Settings, emit, items, namespace_option
+from sigmactl.client import Client, CtlError, api_path
 from sigmad import __version__
 
 KINDS = {
@@ -19,10 +19,6 @@ KINDS = {
     "instance": "instances", "instances": "instances",
 }
 POLL_INTERVAL = 0.5
-
-namespace_option = click.option(
-    "-n", "--namespace", default="default", show_default=True, help="Namespace of the object."
-)
 
 
 class Group(click.Group):
@@ -34,29 +30,6 @@ class Group(click.Group):
         except CtlError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(1)
-
-
-@dataclass
-class Settings:
-    """The global options; the client is made only when a command needs it."""
-
-    server: str | None
-    token: str | None
-
-    def client(self) -> Client:
-        """A client for the resolved server and token."""
-        return Client(*resolve(self.server, self.token))
-
-
-def _items(answer: Any) -> list[dict[str, Any]]:
-    items = answer.get("items") if isinstance(answer, dict) else None
-    if not isinstance(items, list):
-        raise CtlError("server answered without an item list: is --server a Sigma master?")
-    return items
-
-
-def _emit(data: Any, fmt: str) -> None:
-    click.echo(output.dump(data, fmt))
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,7 +53,7 @@ def apply(settings: Settings, file: IO[str], dry_run: bool) -> None:
     params = {"dry_run": "true"} if dry_run else None
     answer = settings.client().put_text(api_path("apps"), file.read(), params)
     suffix = " (dry run)" if dry_run else ""
-    for item in _items(answer):
+    for item in items(answer):
         click.echo(f"app {item['app']} {item['action']} "
                    f"(generation {item['generation']}){suffix}")
 
@@ -101,15 +74,15 @@ def get(settings: Settings, kind: str, namespace: str | None, app: str | None,
     params = {k: v for k, v in (("namespace", namespace), ("app", app)) if v}
     if kind == "apps":
         params.pop("app", None)
-    items = _items(settings.client().get(api_path(kind), params))
+    found = items(settings.client().get(api_path(kind), params))
     if kind == "apps" and app:
-        items = [a for a in items if a.get("app") == app]
+        found = [a for a in found if a.get("app") == app]
     if fmt in ("json", "yaml"):
-        _emit(items, fmt)
-    elif not items:
+        emit(found, fmt)
+    elif not found:
         click.echo("No resources found.", err=True)
     else:
-        click.echo(output.list_table(kind, items, fmt == "wide", time.time()))
+        click.echo(output.list_table(kind, found, fmt == "wide", time.time()))
 
 
 @cli.command()
@@ -123,13 +96,13 @@ def describe(settings: Settings, kind: str, name: str, namespace: str,
              fmt: str | None) -> None:
     """Show one app, or one instance (NAME is APP-INDEX), in detail."""
     kind = kind.lower()
-    obj = settings.client().get(api_path(KINDS[kind], namespace, name))
+    answer = settings.client().get(api_path(KINDS[kind], namespace, name))
     if fmt:
-        _emit(obj, fmt)
+        emit(answer, fmt)
     elif kind == "app":
-        click.echo(output.describe_app(obj, time.time()))
+        click.echo(output.describe_app(answer, time.time()))
     else:
-        click.echo(output.describe_instance(obj, time.time()))
+        click.echo(output.describe_instance(answer, time.time()))
 
 
 @cli.command()
@@ -156,9 +129,9 @@ def _wait_gone(client: Client, namespace: str, app: str, timeout: float) -> None
     progress = output.Progress(sys.stderr)
     deadline = time.monotonic() + timeout
     try:
-        while items := _items(client.get(api_path("instances"),
-                                         {"namespace": namespace, "app": app})):
-            count = output.plural(len(items), "instance")
+        while left := items(client.get(api_path("instances"),
+                                        {"namespace": namespace, "app": app})):
+            count = output.plural(len(left), "instance")
             if time.monotonic() >= deadline:
                 raise CtlError(
                     f"{count} of app {namespace}/{app} still terminating after {timeout:g}s: "
@@ -168,6 +141,10 @@ def _wait_gone(client: Client, namespace: str, app: str, timeout: float) -> None
             time.sleep(POLL_INTERVAL)
     finally:
         progress.clear()
+
+
+for command in (commands.update, commands.events, commands.pool, commands.why):
+    cli.add_command(command)
 
 
 def main() -> None:

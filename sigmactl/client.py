@@ -8,6 +8,7 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ UNAUTHORIZED = (
     "(use --token, SIGMA_TOKEN or the credentials file written by 'sigmad dev')"
 )
 NO_SERVER = "no sigma server configured: run 'sigmad dev' or set --server/SIGMA_SERVER"
+EVENT_STREAM = "text/event-stream"
 
 
 class CtlError(Exception):
@@ -99,32 +101,128 @@ class Client:
         """PUT `text` (YAML or JSON) to `path` and return the answer's JSON."""
         return self._call("PUT", path, params, text.encode("utf-8"))
 
+    def post_json(self, path: str, body: Any) -> Any:
+        """POST `body` as JSON to `path` and return the answer's JSON."""
+        return self._call("POST", path, None, json.dumps(body).encode("utf-8"),
+                          "application/json")
+
     def delete(self, path: str) -> Any:
         """DELETE `path` and return the answer's JSON."""
         return self._call("DELETE", path)
 
-    def _call(
+    def events(self, path: str, params: dict[str, str] | None = None
+               ) -> Generator[Any, None, None]:
+        """The JSON of each server-sent event of `path`, as it arrives. Connecting and the
+        answer's headers have the usual timeout; waiting for the next event has none. Ends
+        when the server closes the stream."""
+        request = self._request("GET", path, params, accept=EVENT_STREAM)
+        with self._open(request, _STREAM_OPENER) as answer:
+            kind = answer.headers.get_content_type()
+            if kind != EVENT_STREAM:
+                raise CtlError(f"server answered {kind}, not an event stream: "
+                               "is --server a Sigma master of this version?")
+            try:
+                yield from sse_data(answer)
+            except (OSError, http.client.HTTPException) as exc:
+                raise CtlError(f"lost the event stream from {self.server} "
+                               f"({exc or type(exc).__name__}): run the command again") from None
+
+    def _request(
         self, method: str, path: str, params: dict[str, str] | None = None,
-        body: bytes | None = None,
-    ) -> Any:
+        body: bytes | None = None, content_type: str = "application/yaml; charset=utf-8",
+        accept: str = "application/json",
+    ) -> urllib.request.Request:
         url = self.server + path
         if params:
             url += "?" + urllib.parse.urlencode(params)
         request = urllib.request.Request(url, data=body, method=method)
-        request.add_header("Accept", "application/json")
+        request.add_header("Accept", accept)
         if body is not None:
-            request.add_header("Content-Type", "application/yaml; charset=utf-8")
+            request.add_header("Content-Type", content_type)
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
+        return request
+
+    def _open(self, request: urllib.request.Request,
+              opener: urllib.request.OpenerDirector | None = None) -> Any:
+        """The open answer to `request` (a context manager); CtlError for an HTTP error
+        status (decoded from its body) or an unreachable server."""
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as answer:
-                status, raw = answer.status, answer.read()
+            return (opener or _OPENER).open(request, timeout=self.timeout)
         except urllib.error.HTTPError as exc:
-            status, raw = exc.code, exc.read()
+            decode(exc.code, exc.read())  # raises: urllib raises HTTPError for non-2xx only
+            raise
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-            raise CtlError(
-                f"cannot reach sigma at {self.server} ({reason or type(exc).__name__}): "
-                "is sigmad running? Start one with 'sigmad dev' or set --server/SIGMA_SERVER"
-            ) from None
+            raise self._unreachable(exc) from None
+
+    def _call(
+        self, method: str, path: str, params: dict[str, str] | None = None,
+        body: bytes | None = None, content_type: str = "application/yaml; charset=utf-8",
+    ) -> Any:
+        request = self._request(method, path, params, body, content_type)
+        try:
+            with self._open(request) as answer:
+                status, raw = answer.status, answer.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise self._unreachable(exc) from None
         return decode(status, raw)
+
+    def _unreachable(self, exc: Exception) -> CtlError:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        return CtlError(
+            f"cannot reach sigma at {self.server} ({reason or type(exc).__name__}): "
+            "is sigmad running? Start one with 'sigmad dev' or set --server/SIGMA_SERVER"
+        )
+
+
+def sse_data(lines: Iterable[bytes]) -> Iterator[Any]:
+    """The JSON `data` of each event in a `text/event-stream` read as byte lines: `data:`
+    lines are joined until a blank line; comments (`:`) and other fields are skipped, and an
+    event cut off by the end of the stream is dropped."""
+    data: list[str] = []
+    for raw in lines:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if not line:
+            if data:
+                yield _event_json("\n".join(data))
+                data = []
+            continue
+        field, _, value = line.partition(":")
+        if field == "data":
+            data.append(value.removeprefix(" "))
+
+
+def _event_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise CtlError(f"server sent an event that is not JSON: {_first_line(text)}") from None
+
+
+def _untimed_reads(connection: Any) -> Any:
+    """A subclass of an http.client connection class whose socket has no timeout once the
+    answer's headers are in: a watch may wait for its next event for as long as it likes."""
+
+    class Untimed(connection):
+        def getresponse(self) -> http.client.HTTPResponse:
+            sock = self.sock  # dropped by getresponse when the server says it will close
+            answer = super().getresponse()
+            if sock is not None:
+                sock.settimeout(None)  # the answer still reads from it
+            return answer
+
+    return Untimed
+
+
+class _StreamHTTPHandler(urllib.request.HTTPHandler):
+    def do_open(self, http_class: Any, req: Any, **kwargs: Any) -> http.client.HTTPResponse:
+        return super().do_open(_untimed_reads(http_class), req, **kwargs)
+
+
+class _StreamHTTPSHandler(urllib.request.HTTPSHandler):
+    def do_open(self, http_class: Any, req: Any, **kwargs: Any) -> http.client.HTTPResponse:
+        return super().do_open(_untimed_reads(http_class), req, **kwargs)
+
+
+_OPENER = urllib.request.build_opener()
+_STREAM_OPENER = urllib.request.build_opener(_StreamHTTPHandler, _StreamHTTPSHandler)

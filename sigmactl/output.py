@@ -55,6 +55,17 @@ def _labels(labels: Mapping[str, str] | None) -> str:
     return ",".join(f"{k}={v}" for k, v in (labels or {}).items()) or NONE
 
 
+def ratio(value: float) -> str:
+    """`1.0x`, `1.25x`: a ratio to two decimals at most."""
+    text = f"{round(value, 2):g}"
+    return f"{text}x" if "." in text else f"{text}.0x"
+
+
+def host_ports(ports: Mapping[str, int] | None, sep: str) -> str:
+    """`http:31007,admin:31008` (sep `:`), or `-` without host ports."""
+    return ",".join(f"{name}{sep}{port}" for name, port in (ports or {}).items()) or NONE
+
+
 def _pair(req: Item | None, other: Item | None, key: str) -> str:
     fmt = format_cpu if key == "cpu_m" else format_size
     return f"{fmt((req or {}).get(key, 0))}/{fmt((other or {}).get(key, 0))}"
@@ -78,11 +89,18 @@ def _node_cells(n: Item, now: float) -> list[Cell]:
         ("MEMORY(req/alloc)", _pair(n.get("requested"), n.get("allocatable"), "memory"), False),
         ("INSTANCES", str(n.get("instances", 0)), False),
         ("LABELS", _labels(n.get("labels")), False),
+        ("OVERCOMMIT", _overcommit(n.get("overcommit")), True),
+        ("PORTS", "-".join(str(p) for p in n.get("port_range") or []), True),
         ("ENGINE", n.get("engine", ""), True),
         ("ADDRESS", n.get("address", ""), True),
         ("VERSION", n.get("engine_version", ""), True),
         ("AGE", age(n.get("updated"), now), True),
     ]
+
+
+def _overcommit(over: Item | None) -> str:
+    over = over or {}
+    return f"cpu {ratio(over.get('cpu', 1.0))} mem {ratio(over.get('memory', 1.0))}"
 
 
 def _app_cells(a: Item, now: float) -> list[Cell]:
@@ -111,6 +129,7 @@ def _instance_cells(i: Item, now: float) -> list[Cell]:
         ("AGE", age(i.get("created"), now), False),
         ("GENERATION", str(i.get("generation", "")), True),
         ("CONTAINERS", ids, True),
+        ("PORTS", host_ports(i.get("host_ports"), ":"), True),
         ("REASON", i.get("reason", ""), True),
     ]
 
@@ -181,6 +200,7 @@ def describe_instance(i: Item, now: float) -> str:
         ("Reason", i.get("reason")),
         ("Node", i.get("node")),
         ("IP", i.get("ip")),
+        ("Host ports", host_ports(i.get("host_ports"), "=")),
         ("Request", f"cpu {format_cpu(request.get('cpu_m', 0))}, "
                     f"memory {format_size(request.get('memory', 0))}"),
         ("Restarts", i.get("restarts", 0)),
@@ -190,7 +210,8 @@ def describe_instance(i: Item, now: float) -> str:
     ])
     containers = [
         [c.get("name", ""), short_id(c.get("id", "")), c.get("state", ""),
-         _text(c.get("exit_code")), c.get("started_at", ""), c.get("finished_at", "")]
+         "yes" if c.get("ready") else "no", _text(c.get("exit_code")),
+         c.get("started_at", ""), c.get("finished_at", "")]
         for c in i.get("containers", [])
     ]
     terminations = [
@@ -200,8 +221,8 @@ def describe_instance(i: Item, now: float) -> str:
     ]
     return "\n".join([
         head,
-        _section("Containers:", ["NAME", "ID", "STATE", "EXIT", "STARTED", "FINISHED"],
-                 containers),
+        _section("Containers:",
+                 ["NAME", "ID", "STATE", "READY", "EXIT", "STARTED", "FINISHED"], containers),
         _section("Terminations:", ["TIME", "CONTAINER", "REASON", "CONTAINER ID"],
                  terminations),
     ])

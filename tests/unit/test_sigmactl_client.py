@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,9 +24,25 @@ TOKEN = "s3cret"
 
 
 @dataclass
+class Stream:
+    """A `text/event-stream` answer: `chunks` sent one by one, `pause` seconds apart (the
+    first after `delay`), chunked, then the connection is closed."""
+
+    chunks: list[bytes]
+    pause: float = 0.0
+    delay: float = 0.0
+    content_type: str = "text/event-stream"
+
+
+def sse(*events: Any) -> list[bytes]:
+    """Server-sent events carrying `events` as JSON, one chunk each."""
+    return [f"data: {json.dumps(e)}\n\n".encode() for e in events]
+
+
+@dataclass
 class Fake:
     """Answers by (method, path without query): a list of (status, body) used in turn,
-    the last one repeating; records every request."""
+    the last one repeating (a Stream body is streamed); records every request."""
 
     url: str = ""
     routes: dict[tuple[str, str], list[tuple[int, Any]]] = field(default_factory=dict)
@@ -36,26 +54,46 @@ class Fake:
 
 def _handler(fake: Fake) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # chunked streams; urllib asks to close after each
+
+        def _stream(self, stream: Stream) -> None:
+            time.sleep(stream.delay)
+            self.send_response(200)
+            self.send_header("Content-Type", stream.content_type)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Connection", "close")  # as aiohttp answers urllib
+            self.end_headers()
+            for n, chunk in enumerate(stream.chunks):
+                if n:
+                    time.sleep(stream.pause)
+                self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+            self.close_connection = True
+
         def _serve(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length).decode() if length else ""
             path, _, query = self.path.partition("?")
             fake.seen.append({"method": self.command, "path": path, "query": query,
                               "body": body, "auth": self.headers.get("Authorization"),
-                              "type": self.headers.get("Content-Type")})
+                              "type": self.headers.get("Content-Type"),
+                              "accept": self.headers.get("Accept")})
             if self.headers.get("Authorization") != f"Bearer {TOKEN}":
                 status, data = 401, {"error": {"code": "unauthorized", "message": "no",
                                                "field": None}}
             else:
                 answers = fake.routes.get((self.command, path), [(404, "404 page\nnot here")])
                 status, data = answers.pop(0) if len(answers) > 1 else answers[0]
+                if isinstance(data, Stream):
+                    return self._stream(data)
             raw = data.encode() if isinstance(data, str) else json.dumps(data).encode()
             self.send_response(status)
             self.send_header("Content-Length", str(len(raw)))
             self.end_headers()
             self.wfile.write(raw)
 
-        do_GET = do_PUT = do_DELETE = _serve
+        do_GET = do_PUT = do_POST = do_DELETE = _serve
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
@@ -63,25 +101,39 @@ def _handler(fake: Fake) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-@pytest.fixture
-def fake() -> Iterator[Fake]:
+@contextlib.contextmanager
+def serving() -> Iterator[Fake]:
+    """A Fake answering on a free port of 127.0.0.1 until the block ends."""
     state = Fake()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
     state.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
-    yield state
-    server.shutdown()
-    server.server_close()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+def isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No SIGMA_SERVER/SIGMA_TOKEN, and a credentials file path that does not exist yet."""
     for name in ("SIGMA_SERVER", "SIGMA_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     path = tmp_path / "credentials.json"
     monkeypatch.setenv("SIGMA_CREDENTIALS", str(path))
     return path
+
+
+@pytest.fixture
+def fake() -> Iterator[Fake]:
+    with serving() as state:
+        yield state
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    return isolate(monkeypatch, tmp_path)
 
 
 def _free_port() -> int:

@@ -17,6 +17,7 @@ NODE: dict[str, Any] = {
     "status": "Ready", "capacity": {"cpu_m": 2000, "memory": 2 * 2**30},
     "allocatable": {"cpu_m": 2000, "memory": 2 * 2**30},
     "requested": {"cpu_m": 200, "memory": 128 * 2**20}, "instances": 2,
+    "overcommit": {"cpu": 1.5, "memory": 1.0}, "port_range": [31000, 32767],
     "draining": False, "engine_version": "20.10.24", "updated": NOW - 5,
 }
 APP: dict[str, Any] = {
@@ -32,9 +33,13 @@ APP: dict[str, Any] = {
 INSTANCE: dict[str, Any] = {
     "namespace": "default", "app": "web", "index": 0, "name": "web-0", "generation": 3,
     "state": "Running", "reason": "", "node": "h1", "ip": "10.244.0.2",
+    "host_ports": {"http": 31007, "admin": 31008},
     "request": {"cpu_m": 100, "memory": 64 * 2**20},
     "containers": [{"name": "main", "id": "3f2a9b8c7d6e5f4a3b2c", "state": "running",
-                    "exit_code": None, "started_at": "2026-11-27T18:00:00Z", "finished_at": ""}],
+                    "exit_code": None, "started_at": "2026-11-27T18:00:00Z", "finished_at": "",
+                    "ready": True},
+                   {"name": "log", "id": "", "state": "created", "exit_code": None,
+                    "started_at": "", "finished_at": "", "ready": False}],
     "restarts": 1, "next_start": 0,
     "terminations": [{"container": "main", "reason": f"Exited({n})", "at": NOW - 100 + n,
                       "container_id": f"{n:02d}aabbccddeeff0011"} for n in range(7)],
@@ -51,6 +56,13 @@ def test_age_units() -> None:
     assert output.age(NOW + 10, NOW) == "0s"
     assert output.age(0, NOW) == "-"
     assert output.age(None, NOW) == "-"
+
+
+def test_ratio_and_host_ports() -> None:
+    assert [output.ratio(x) for x in (1, 1.0, 1.5, 1.25, 2.345, 10)] == [
+        "1.0x", "1.0x", "1.5x", "1.25x", "2.35x", "10.0x"]
+    assert output.host_ports({"http": 31007, "admin": 31008}, ":") == "http:31007,admin:31008"
+    assert output.host_ports({}, "=") == output.host_ports(None, "=") == "-"
 
 
 def test_short_id_and_plural() -> None:
@@ -77,8 +89,13 @@ def test_node_table_and_wide() -> None:
                                 "INSTANCES", "LABELS"]
     assert lines[1].split() == ["h1", "Ready", "200m/2", "128Mi/2Gi", "2", "zone=a"]
     wide = output.list_table("nodes", [NODE], True, NOW).splitlines()
-    assert wide[0].split()[-4:] == ["ENGINE", "ADDRESS", "VERSION", "AGE"]
-    assert wide[1].split()[-4:] == ["unix:///var/run/docker.sock", "-", "20.10.24", "5s"]
+    assert wide[0].split()[-6:] == ["OVERCOMMIT", "PORTS", "ENGINE", "ADDRESS", "VERSION", "AGE"]
+    assert wide[1].split()[-9:] == ["cpu", "1.5x", "mem", "1.0x", "31000-32767",
+                                    "unix:///var/run/docker.sock", "-", "20.10.24", "5s"]
+    assert "  zone=a  cpu 1.5x mem 1.0x  31000-32767  unix://" in wide[1]
+    bare = {k: v for k, v in NODE.items() if k not in ("overcommit", "port_range")}
+    wide = output.list_table("nodes", [bare], True, NOW).splitlines()
+    assert wide[1].split()[6:12] == ["cpu", "1.0x", "mem", "1.0x", "-", "unix:///var/run/docker.sock"]
 
 
 def test_app_table_and_wide() -> None:
@@ -91,14 +108,15 @@ def test_app_table_and_wide() -> None:
 
 def test_instance_table_and_wide() -> None:
     pending = {**INSTANCE, "name": "web-1", "state": "Pending", "node": "", "ip": "",
-               "containers": [], "reason": "no node has 100m cpu free"}
+               "containers": [], "host_ports": {}, "reason": "no node has 100m cpu free"}
     lines = output.list_table("instances", [INSTANCE, pending], False, NOW).splitlines()
     assert lines[0].split() == ["NAMESPACE", "NAME", "STATE", "NODE", "IP", "RESTARTS", "AGE"]
     assert lines[1].split() == ["default", "web-0", "Running", "h1", "10.244.0.2", "1", "2d"]
     assert lines[2].split() == ["default", "web-1", "Pending", "-", "-", "1", "2d"]
     wide = output.list_table("instances", [INSTANCE, pending], True, NOW).splitlines()
-    assert wide[0].split()[-3:] == ["GENERATION", "CONTAINERS", "REASON"]
-    assert wide[1].split()[-3:] == ["3", "3f2a9b8c7d6e", "-"]
+    assert wide[0].split()[-4:] == ["GENERATION", "CONTAINERS", "PORTS", "REASON"]
+    assert wide[1].split()[-4:] == ["3", "3f2a9b8c7d6e,-", "http:31007,admin:31008", "-"]
+    assert wide[2].split()[-9:-6] == ["3", "-", "-"]
     assert wide[2].endswith("no node has 100m cpu free")
 
 
@@ -134,7 +152,13 @@ def test_describe_instance_shows_last_terminations() -> None:
     text = output.describe_instance(INSTANCE, NOW)
     assert "Request:     cpu 100m, memory 64Mi" in text
     assert "3f2a9b8c7d6e " in text
+    assert "Host ports:  http=31007,admin=31008" in text
     lines = text.splitlines()
+    start = lines.index("Containers:")
+    assert lines[start + 1].split() == ["NAME", "ID", "STATE", "READY", "EXIT", "STARTED",
+                                        "FINISHED"]
+    assert lines[start + 2].split()[:5] == ["main", "3f2a9b8c7d6e", "running", "yes", "-"]
+    assert lines[start + 3].split() == ["log", "-", "created", "no", "-", "-", "-"]
     start = lines.index("Terminations:")
     rows = lines[start + 2:]
     assert [r.split()[-2] for r in rows] == [f"Exited({n})" for n in range(2, 7)]
@@ -144,8 +168,10 @@ def test_describe_instance_shows_last_terminations() -> None:
 
 def test_describe_instance_without_terminations_or_containers() -> None:
     bare = {**INSTANCE, "containers": [], "terminations": [], "next_start": NOW + 30}
+    del bare["host_ports"]
     text = output.describe_instance(bare, NOW)
     assert "Next start:  in 30s" in text
+    assert "Host ports:  -" in text
     assert "Containers:  -" in text
     assert text.endswith("Terminations:  -")
 

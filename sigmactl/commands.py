@@ -1,0 +1,158 @@
+"""`sigmactl update`, `events`, `pool` and `why`."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from sigmactl import views
+from sigmactl.base import Settings, emit, items, namespace_option, obj, output_option
+from sigmactl.client import CtlError, api_path
+from sigmactl.output import plural
+from sigmad.units import parse_cpu, parse_size
+
+QUANTITY_OPTIONS = "--limit-cpu, --limit-memory, --request-cpu or --request-memory"
+
+
+def _checked(parse: Callable[[str], int]) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback that refuses a quantity the server would refuse; keeps the text."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse(value)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc)) from None
+        return value
+
+    return check
+
+
+def _quantity_option(name: str, parse: Callable[[str], int], what: str) -> Any:
+    return click.option(name, metavar="Q", callback=_checked(parse), help=f"{what}.")
+
+
+@click.command()
+@click.argument("app")
+@namespace_option
+@click.option("--container", metavar="NAME", help="The container to change (needed when the "
+              "app has several).")
+@_quantity_option("--limit-cpu", parse_cpu, "CPU cap, e.g. 500m, 2, 0.5")
+@_quantity_option("--limit-memory", parse_size, "Memory cap (swap off), e.g. 512Mi, 8Gi")
+@_quantity_option("--request-cpu", parse_cpu, "CPU share booked on the node, e.g. 250m, 1")
+@_quantity_option("--request-memory", parse_size, "Memory booked on the node, e.g. 2Gi")
+@click.option("--force", is_flag=True, help="Lower the memory limit even below what the "
+              "containers use now (the kernel may then OOM-kill them).")
+@output_option("json")
+@click.pass_obj
+def update(settings: Settings, app: str, namespace: str, container: str | None,
+           limit_cpu: str | None, limit_memory: str | None, request_cpu: str | None,
+           request_memory: str | None, force: bool, fmt: str | None) -> None:
+    """Resize APP's running containers in place.
+
+    Changes cpu/memory limits and requests on the same containers, without a restart. A
+    request that no longer fits its node is refused, and then nothing is changed."""
+    given = {"limit": {"cpu": limit_cpu, "memory": limit_memory},
+             "request": {"cpu": request_cpu, "memory": request_memory}}
+    body: dict[str, Any] = {part: {k: v for k, v in values.items() if v is not None}
+                            for part, values in given.items()}
+    body = {part: values for part, values in body.items() if values}
+    if not body:
+        raise click.UsageError(f"nothing to change: give {QUANTITY_OPTIONS}")
+    if container:
+        body["container"] = container
+    if force:
+        body["force"] = True
+    answer = obj(settings.client().post_json(
+        api_path("apps", namespace, app, "resources"), body), "a resize result")
+    if fmt:
+        emit(answer, fmt)
+        return
+    name = answer.get("app") or f"{namespace}/{app}"
+    if answer.get("action") == "unchanged":
+        click.echo(f"app {name} unchanged")
+    else:
+        count = plural(int(answer.get("containers") or 0), "container")
+        click.echo(f"app {name} {answer.get('action')} "
+                   f"(generation {answer.get('generation')}, {count} updated)")
+
+
+@click.command()
+@click.option("-w", "--watch", is_flag=True, help="After the recent events, print each new "
+              "one as it happens, until Ctrl-C.")
+@click.option("-n", "--namespace", help="Only this namespace (default: all).")
+@click.option("--app", help="Only this app.")
+@click.option("--kind", type=click.Choice(["instance", "node"]), help="Only this kind.")
+@click.option("--limit", type=click.IntRange(min=0), metavar="N",
+              help="At most N recent events (the server's default is 100).")
+@output_option("table", "json", default="table")
+@click.pass_obj
+def events(settings: Settings, watch: bool, namespace: str | None, app: str | None,
+           kind: str | None, limit: int | None, fmt: str) -> None:
+    """Show recent events, or watch them (-w).
+
+    Instance state changes with their reasons and node changes, oldest first. -o json
+    prints one JSON object per line."""
+    params = {k: str(v) for k, v in (("namespace", namespace), ("app", app), ("kind", kind),
+                                     ("limit", limit)) if v not in (None, "")}
+    client = settings.client()
+
+    def show(event: Any) -> str:
+        event = obj(event, "an event")
+        return views.event_json(event) if fmt == "json" else views.event_line(
+            views.event_cells(event))
+
+    if not watch:
+        found = [obj(e, "an event") for e in items(client.get(api_path("events"), params))]
+        if not found:
+            click.echo("No events found.", err=True)
+        elif fmt == "table":
+            click.echo(views.events_table(found))
+        else:
+            click.echo("\n".join(show(e) for e in found))
+        return
+    with contextlib.suppress(KeyboardInterrupt), \
+            contextlib.closing(client.events(api_path("events"), {**params, "watch": "true"})) \
+            as stream:
+        for n, event in enumerate(stream):
+            if n == 0 and fmt == "table":
+                click.echo(views.event_line(views.EVENT_HEADERS))
+            click.echo(show(event))
+        raise CtlError("the server closed the event stream: run 'sigmactl events -w' again "
+                       "to go on watching")
+
+
+@click.command()
+@output_option("table", "json", "yaml", default="table")
+@click.pass_obj
+def pool(settings: Settings, fmt: str) -> None:
+    """Show the pool of Ready nodes as one server.
+
+    Allocatable, requested, free and the limits committed (the overcommit in use), overall
+    and per node label value."""
+    answer = obj(settings.client().get(api_path("pool")), "a pool summary")
+    if fmt == "table":
+        click.echo(views.pool_text(answer))
+    else:
+        emit(answer, fmt)
+
+
+@click.command()
+@click.argument("instance")
+@namespace_option
+@output_option("json")
+@click.pass_obj
+def why(settings: Settings, instance: str, namespace: str, fmt: str | None) -> None:
+    """Say why INSTANCE (APP-INDEX) is in its state.
+
+    For a Pending one, how many nodes each scheduler filter rejected; for a starting one,
+    which containers are not ready yet."""
+    answer = obj(settings.client().get(api_path("instances", namespace, instance)),
+                 "an instance")
+    if fmt:
+        emit(views.why_data(answer), fmt)
+    else:
+        click.echo(views.why_text(answer))

@@ -1,0 +1,237 @@
+"""`sigmactl update`, `events`, `pool`, `why` and the event-stream reader, against a tiny real
+HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sigmactl import client as client_module
+from sigmactl.client import UNAUTHORIZED, Client, CtlError, sse_data
+from tests.unit.test_sigmactl_client import TOKEN, Fake, Stream, isolate, run, serving, sse
+from tests.unit.test_sigmactl_views import EVENT, NODE_EVENT, POOL
+
+RESOURCES = "/v1/apps/default/web/resources"
+
+
+@pytest.fixture
+def fake() -> Iterator[Fake]:
+    with serving() as state:
+        yield state
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    return isolate(monkeypatch, tmp_path)
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "field": None}}
+
+
+# the event-stream reader
+
+
+def test_sse_data_joins_lines_and_skips_the_rest() -> None:
+    lines = [b": keep-alive\n", b"event: change\n", b'data: {"a":\r\n', b"data: 1}\r\n",
+             b"\r\n", b"\n", b'data:{"b": 2}\n', b"id: 7\n", b"\n", b'data: {"cut": 1}\n']
+    assert list(sse_data(lines)) == [{"a": 1}, {"b": 2}]
+    with pytest.raises(CtlError, match=r"^server sent an event that is not JSON: oops$"):
+        list(sse_data([b"data: oops\n", b"\n"]))
+
+
+def test_stream_reads_two_events_without_a_read_timeout(fake: Fake) -> None:
+    fake.answer("GET", "/v1/events", (200, Stream(sse(EVENT, NODE_EVENT), pause=0.6)))
+    started = time.monotonic()
+    got = list(Client(fake.url, TOKEN, timeout=0.3).events("/v1/events", {"watch": "true"}))
+    assert got == [EVENT, NODE_EVENT]
+    assert time.monotonic() - started >= 0.6  # waited past the timeout for the second event
+    seen = fake.seen[-1]
+    assert (seen["query"], seen["accept"]) == ("watch=true", "text/event-stream")
+
+
+def test_stream_headers_keep_the_usual_timeout(fake: Fake) -> None:
+    fake.answer("GET", "/v1/events", (200, Stream(sse(EVENT), delay=1.0)))
+    with pytest.raises(CtlError, match=r"^cannot reach sigma at .*timed out"):
+        list(Client(fake.url, TOKEN, timeout=0.2).events("/v1/events"))
+
+
+def test_stream_refuses_errors_and_other_answers(fake: Fake) -> None:
+    with pytest.raises(CtlError) as err:
+        list(Client(fake.url, "wrong").events("/v1/events"))
+    assert str(err.value) == UNAUTHORIZED
+    fake.answer("GET", "/v1/events", (200, Stream([b"{}"], content_type="application/json")))
+    with pytest.raises(CtlError, match=r"^server answered application/json, not an event stream"):
+        list(Client(fake.url, TOKEN).events("/v1/events"))
+
+
+# update
+
+
+def test_update_sends_only_the_given_values(fake: Fake) -> None:
+    fake.answer("POST", RESOURCES, (200, {"app": "default/web", "action": "resized in place",
+                                          "generation": 3, "containers": 2}))
+    result = run(fake, "update", "web", "--limit-cpu", "4", "--limit-memory", "8Gi",
+                 "--request-cpu", "500m", "--container", "main", "--force")
+    assert (result.exit_code, result.stdout) == (
+        0, "app default/web resized in place (generation 3, 2 containers updated)\n")
+    seen = fake.seen[-1]
+    assert seen["type"] == "application/json"
+    assert json.loads(seen["body"]) == {"limit": {"cpu": "4", "memory": "8Gi"},
+                                        "request": {"cpu": "500m"}, "container": "main",
+                                        "force": True}
+
+
+def test_update_unchanged_and_json(fake: Fake) -> None:
+    answer = {"app": "prod/web", "action": "unchanged", "generation": 2}
+    fake.answer("POST", "/v1/apps/prod/web/resources", (200, answer))
+    result = run(fake, "update", "web", "-n", "prod", "--request-memory", "2Gi")
+    assert (result.exit_code, result.stdout) == (0, "app prod/web unchanged\n")
+    assert json.loads(fake.seen[-1]["body"]) == {"request": {"memory": "2Gi"}}
+    result = run(fake, "update", "web", "-n", "prod", "--request-memory", "2Gi", "-o", "json")
+    assert json.loads(result.stdout) == answer
+
+
+def test_update_argument_errors(fake: Fake) -> None:
+    result = run(fake, "update", "web", "--force")
+    assert result.exit_code == 2
+    assert ("nothing to change: give --limit-cpu, --limit-memory, --request-cpu or "
+            "--request-memory") in result.stderr
+    result = run(fake, "update", "web", "--limit-memory", "lots")
+    assert result.exit_code == 2
+    assert '"lots" is not a size' in result.stderr
+    assert fake.seen == []
+
+
+def test_update_refused_prints_the_server_message(fake: Fake) -> None:
+    message = ("request cpu 4 per instance does not fit on node h1: 1.5 of 2 already booked "
+               "there (2 instances of web); nothing was changed")
+    fake.answer("POST", RESOURCES, (409, _error("refused", message)))
+    result = run(fake, "update", "web", "--request-cpu", "4")
+    assert (result.exit_code, result.stdout, result.stderr) == (1, "", f"error: {message}\n")
+
+
+# events
+
+
+def test_events_table_json_lines_and_filters(fake: Fake) -> None:
+    fake.answer("GET", "/v1/events", (200, {"items": [EVENT, NODE_EVENT]}))
+    result = run(fake, "events")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["TIME", "TYPE", "KIND", "OBJECT", "MESSAGE"]
+    assert lines[1].split()[1:4] == ["Normal", "instance", "default/web-0"]
+    assert lines[2].split()[1:4] == ["Warning", "node", "h1"]
+    assert fake.seen[-1]["query"] == ""
+    result = run(fake, "events", "-o", "json", "-n", "default", "--app", "web",
+                 "--kind", "instance", "--limit", "0")
+    assert [json.loads(line) for line in result.stdout.splitlines()] == [EVENT, NODE_EVENT]
+    assert fake.seen[-1]["query"] == "namespace=default&app=web&kind=instance&limit=0"
+
+
+def test_events_empty_and_bad_options(fake: Fake) -> None:
+    fake.answer("GET", "/v1/events", (200, {"items": []}))
+    result = run(fake, "events")
+    assert (result.exit_code, result.stdout, result.stderr) == (0, "", "No events found.\n")
+    assert run(fake, "events", "--kind", "pod").exit_code == 2
+    assert run(fake, "events", "--limit", "-1").exit_code == 2
+
+
+def test_events_watch_prints_each_event_then_fails_when_closed(fake: Fake) -> None:
+    fake.answer("GET", "/v1/events", (200, Stream(sse(EVENT, NODE_EVENT), pause=0.05)))
+    result = run(fake, "events", "-w", "--app", "web")
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert [line.split()[1:4] for line in lines] == [
+        ["TYPE", "KIND", "OBJECT"], ["Normal", "instance", "default/web-0"],
+        ["Warning", "node", "h1"]]
+    assert result.stderr == ("error: the server closed the event stream: run 'sigmactl events "
+                             "-w' again to go on watching\n")
+    assert fake.seen[-1]["query"] == "app=web&watch=true"
+    result = run(fake, "events", "--watch", "-o", "json")
+    assert [json.loads(line) for line in result.stdout.splitlines()] == [EVENT, NODE_EVENT]
+
+
+def test_events_watch_ends_quietly_on_ctrl_c(fake: Fake, monkeypatch: pytest.MonkeyPatch) -> None:
+    closed = []
+
+    def events(self: Client, path: str, params: dict[str, str]) -> Iterator[Any]:
+        try:
+            yield EVENT
+            raise KeyboardInterrupt
+        finally:
+            closed.append(path)
+
+    monkeypatch.setattr(client_module.Client, "events", events)
+    result = run(fake, "events", "-w", "-o", "json")
+    assert (result.exit_code, result.stderr) == (0, "")
+    assert [json.loads(line) for line in result.stdout.splitlines()] == [EVENT]
+    assert closed == ["/v1/events"]
+
+
+# pool
+
+
+def test_pool_table_and_raw(fake: Fake) -> None:
+    fake.answer("GET", "/v1/pool", (200, POOL))
+    result = run(fake, "pool")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[1].split()[:3] == ["pool", "3", "5"]
+    assert lines[2].startswith("overcommit in use: cpu 1.8x, memory 1.2x")
+    assert lines[5].startswith("zone=room-a")
+    assert json.loads(run(fake, "pool", "-o", "json").stdout) == POOL
+    assert "by_label:" in run(fake, "pool", "-o", "yaml").stdout
+    fake.answer("GET", "/v1/pool", (200, []))
+    result = run(fake, "pool")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: server answered without a pool summary: ")
+
+
+# why
+
+
+def test_why_pending_and_running(fake: Fake) -> None:
+    pending = {"namespace": "prod", "name": "web-3", "state": "Pending", "node": "",
+               "reason": "3 nodes: labels mismatch", "containers": [],
+               "unschedulable": {"labels mismatch": 3}}
+    fake.answer("GET", "/v1/instances/prod/web-3", (200, pending))
+    result = run(fake, "why", "web-3", "-n", "prod")
+    assert (result.exit_code, result.stdout.splitlines()) == (0, [
+        "web-3 is Pending: 3 nodes: labels mismatch", "FILTER           NODES",
+        "labels mismatch  3"])
+    data = json.loads(run(fake, "why", "web-3", "-n", "prod", "-o", "json").stdout)
+    assert data["unschedulable"] == {"labels mismatch": 3}
+    running = {**pending, "state": "Running", "node": "h1", "reason": ""}
+    fake.answer("GET", "/v1/instances/prod/web-3", (200, running))
+    result = run(fake, "why", "web-3", "-n", "prod")
+    assert (result.exit_code, result.stdout) == (0, "web-3 is Running on h1\n")
+
+
+def test_why_missing_instance(fake: Fake) -> None:
+    fake.answer("GET", "/v1/instances/default/web-9",
+                (404, _error("not_found", "instance default/web-9 not found")))
+    result = run(fake, "why", "web-9")
+    assert (result.exit_code, result.stderr) == (1, "error: instance default/web-9 not found\n")
+
+
+# the new columns through the commands
+
+
+def test_get_wide_and_describe_show_ports(fake: Fake) -> None:
+    instance = {"namespace": "default", "app": "web", "index": 0, "name": "web-0",
+                "state": "Running", "node": "h1", "host_ports": {"http": 31007},
+                "containers": [{"name": "main", "id": "3f2a9b8c7d6e5f", "state": "running",
+                                "ready": True}]}
+    fake.answer("GET", "/v1/instances", (200, {"items": [instance]}))
+    fake.answer("GET", "/v1/instances/default/web-0", (200, instance))
+    wide = run(fake, "get", "instances", "-o", "wide").stdout.splitlines()
+    assert wide[1].split()[wide[0].split().index("PORTS")] == "http:31007"
+    text = run(fake, "describe", "instance", "web-0").stdout
+    assert "Host ports:  http=31007" in text
+    assert "  main  3f2a9b8c7d6e  running  yes" in text
