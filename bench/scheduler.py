@@ -378,8 +378,7 @@ Python {platform.python_version()}, {etcd_version}, one local etcd member on ext
   empty nodes kept for whole-host instances, does not show with requests of at most 4 cores.
 - End to end is below the commit rate because one `schedule_pending` call first reads and
   decodes every node and instance record (`Store.scan` and `records.loads`), which takes
-  longer than placing them. `Store.scan` reads a prefix in one gRPC reply, so this benchmark's
-  store raises the client's 4 MiB reply limit (100,000 instance records are about 35 MB).
+  longer than placing them (`Store.scan` reads a prefix in pages of 2,000 keys at one revision).
 """
 
     def command(self) -> str:
