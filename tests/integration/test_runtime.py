@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import time
 from typing import Any
@@ -101,7 +102,7 @@ def test_refused_update_changes_nothing(cluster: Cluster, engine: EngineHost) ->
     assert "does not fit on node node-1" in out.stderr and "nothing was changed" in out.stderr
     wait_for(lambda: engine.inspect(cid)["State"]["Pid"] and _rss(engine, cid) > 40 * MiB, 20,
              "the container to use 40 MiB")
-    out = cluster.ctl("update", "fat", "--limit-memory", "32Mi")
+    out = cluster.ctl("update", "fat", "--limit-memory", "40Mi", "--request-memory", "16Mi")
     assert out.returncode == 1
     assert "above the new memory limit" in out.stderr and "--force" in out.stderr
     assert _caps(engine, cid) == (128 * MiB, 128 * MiB, 0.5)
@@ -140,12 +141,13 @@ def test_containers_start_in_spec_order(cluster: Cluster) -> None:
     out = cluster.ctl("events", "--app", "ordered", "--limit", "10000", "-o", "json")
     assert out.returncode == 0, out.stderr
     events = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    step = re.compile(r"^(?:started container (\S+) \(|container (\S+) ready$)")
     for inst in items:
-        mine = [e["message"] for e in events if e["name"] == inst["name"]
-                and (e["message"].startswith("started container") or e["message"].endswith(
-                    " ready"))]
-        order = [m.split()[-2] if m.endswith(" ready") else m.split()[2] for m in mine]
-        assert order == ["db", "db", "app", "app", "proxy", "proxy"], mine
+        mine = [m for e in events if e["name"] == inst["name"]
+                and (m := step.match(e["message"]))]
+        order = [(m.group(1) and "start " + m.group(1)) or "ready " + m.group(2) for m in mine]
+        assert order == ["start db", "ready db", "start app", "ready app", "start proxy",
+                         "ready proxy"], order
 
 
 def test_depends_on_holds_the_dependent_app(cluster: Cluster, engine: EngineHost) -> None:
