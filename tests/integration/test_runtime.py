@@ -223,3 +223,44 @@ def test_host_compat_ports_env_and_reach(cluster: Cluster, engine: EngineHost) -
     pending = wait_for(lambda: (cluster.instances("hc3") or [{}])[0].get("unschedulable"), 20,
                        "hc3 Pending for want of ports")
     assert pending == {"host ports exhausted": 1}
+
+
+def test_pool_why_and_event_stream(cluster: Cluster) -> None:
+    """`sigmactl pool` sums the Ready nodes; `why` explains a Pending instance; `events -w`
+    streams as things happen."""
+    import subprocess
+    import sys
+
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "sigmactl", "events", "-w", "--app", "web", "-o", "json"],
+        stdout=subprocess.PIPE, text=True, env=cluster.env,
+    )
+    try:
+        cluster.apply(web_spec(2))
+        cluster.wait_running("web", 2)
+        lines = [json.loads(watch.stdout.readline()) for _ in range(3)]  # type: ignore[union-attr]
+        assert {e["app"] for e in lines} == {"web"}
+    finally:
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(10) == 0
+
+    spec = yaml.safe_load(web_spec(1, app="picky"))
+    spec["placement"] = {"labels": {"zone": "room-z"}}
+    cluster.apply(yaml.safe_dump(spec))
+    wait_for(lambda: (cluster.instances("picky") or [{}])[0].get("unschedulable"), 20,
+             "picky Pending with counts")
+    out = cluster.ctl("why", "picky-0")
+    assert out.returncode == 0, out.stderr
+    assert "picky-0 is Pending: 1 node: labels mismatch" in out.stdout
+
+    out = cluster.ctl("pool", "-o", "json")
+    assert out.returncode == 0, out.stderr
+    pool = json.loads(out.stdout)
+    node = cluster.api("GET", f"/v1/nodes/{cluster.node_name}")[1]
+    assert pool["nodes"] == 1 and pool["instances"] == 2
+    assert pool["allocatable"] == node["allocatable"]
+    assert pool["requested"] == {"cpu_m": 200, "memory": 128 * MiB}
+    assert pool["limits"] == {"cpu_m": 1000, "memory": 256 * MiB}
+    assert pool["by_label"]["zone"]["room-a"]["requested"] == pool["requested"]
+    table = cluster.ctl("pool")
+    assert table.returncode == 0 and "zone=room-a" in table.stdout
