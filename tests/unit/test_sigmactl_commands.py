@@ -6,28 +6,16 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sigmactl import client as client_module
 from sigmactl.client import UNAUTHORIZED, Client, CtlError, sse_data
-from tests.unit.test_sigmactl_client import TOKEN, Fake, Stream, isolate, run, serving, sse
+from tests.unit.test_sigmactl_client import TOKEN, Fake, Stream, run, sse
 from tests.unit.test_sigmactl_views import EVENT, NODE_EVENT, POOL
 
 RESOURCES = "/v1/apps/default/web/resources"
-
-
-@pytest.fixture
-def fake() -> Iterator[Fake]:
-    with serving() as state:
-        yield state
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    return isolate(monkeypatch, tmp_path)
 
 
 def _error(code: str, message: str) -> dict[str, Any]:
