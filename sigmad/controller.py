@@ -33,6 +33,7 @@ from sigmad.store import Guard, Op, Store, Versioned, WatchCompacted
 
 log = logging.getLogger(__name__)
 BATCH = 64
+RESYNC = 30.0  # seconds between passes that check every instance's containers, events or not
 
 
 @dataclass
@@ -77,6 +78,8 @@ class Controller:
         self.listeners: dict[str, asyncio.Task[None]] = {}
         self.wake = asyncio.Event()
         self.last_ready: set[str] | None = None
+        self.dirty: set[str] = set()  # instances whose containers the engines reported on
+        self.last_full = float("-inf")  # when every instance was last checked on its engine
 
     async def run(self) -> None:
         """Reconcile until cancelled: on every etcd change under the prefix, and periodically."""
@@ -126,22 +129,36 @@ class Controller:
     async def reconcile(self) -> None:
         """One pass: instance records, placement, workers, orphan containers."""
         state = await self.read()
-        self._node_events(state)
         await self._sync_instances(state)
         await self._schedule(state)
         state = await self.read()
+        self._node_events(state)
         self._refresh_engines(state)
+        loop = asyncio.get_running_loop()
+        full = loop.time() - self.last_full >= RESYNC
+        if full:
+            self.last_full = loop.time()
         for key, inst in state.instances.items():
-            if inst.value.state != PENDING and key not in self.workers:
-                app = state.apps.get(f"{inst.value.namespace}/{inst.value.app}")
-                hold = unmet_dependencies(app.value, state) if app else ""
-                self._spawn(key, self._drive(inst.key, hold))
-        await self._sweep_orphans(state)
+            if inst.value.state == PENDING or key in self.workers:
+                continue
+            app = state.apps.get(f"{inst.value.namespace}/{inst.value.app}")
+            settled = (
+                inst.value.state == RUNNING and app is not None
+                and inst.value.generation == app.value.template_generation
+            )
+            if settled and not full and key not in self.dirty:
+                continue  # nothing changed for it: the engine's events would have said
+            self.dirty.discard(key)
+            hold = unmet_dependencies(app.value, state) if app else ""
+            self._spawn(key, self._drive(inst.key, hold, inst.value.node in state.ready))
+        if full:
+            await self._sweep_orphans(state)
 
     def _node_events(self, state: ClusterState) -> None:
         if self.last_ready is not None:
             for name in sorted(state.ready - self.last_ready):
                 self.events.emit("node", "", name, "", "node Ready")
+                self.last_full = float("-inf")  # check it at once: it may hold orphans
             for name in sorted(self.last_ready - state.ready):
                 self.events.emit("node", "", name, "", "node NotReady: heartbeat lost",
                                  warning=True)
@@ -235,6 +252,8 @@ class Controller:
                 async for event in engine.events({LABEL_INSTANCE: ""}):
                     delay = 1.0
                     if event.get("status") in ("die", "oom", "destroy", "stop", "start"):
+                        attributes = (event.get("Actor") or {}).get("Attributes") or {}
+                        self.dirty.add(attributes.get(LABEL_INSTANCE, ""))
                         self.wake.set()
             except EngineError as exc:
                 log.debug("node %s: %s", name, exc.message)
@@ -258,7 +277,7 @@ class Controller:
                 log.info("node %s: removing orphan container %s of %s", name, c.name, owner)
                 await engine.remove(c.id)
 
-    async def _drive(self, record_key: str, hold: str) -> None:
+    async def _drive(self, record_key: str, hold: str, node_ready: bool) -> None:
         """One step of one instance (etcd key `record_key`) toward its desired state."""
         rec = await self.store.get(record_key, Instance)
         if rec is None:
@@ -273,6 +292,10 @@ class Controller:
             self.events.emit("instance", inst.namespace, inst.name, inst.app, message, warning)
 
         if inst.state == TERMINATING:
+            if not node_ready:
+                # Its node is gone: the record goes now; the node's containers are removed as
+                # orphans when it comes back (the sweep finds no record for them).
+                engine = None
             await self._terminate(rec, engine, app.value if app else None, report)
             return
         if engine is None or node is None or app is None:

@@ -169,3 +169,17 @@ def test_exit_code_is_recorded_as_the_reason(cluster: Cluster) -> None:
     inst = wait_for(failed, 30, "job-0 Failed")
     assert inst["reason"] == "Exited(3)"
     assert [t["reason"] for t in inst["terminations"]] == ["Exited(3)"]  # type: ignore[index]
+
+
+def test_delete_while_the_node_is_down(cluster: Cluster, engine: EngineHost) -> None:
+    """Records go at once; the node's containers go as orphans when it is back."""
+    cluster.apply(web_spec(2))
+    cluster.wait_running("web", 2)
+    cluster.stop("node", signal.SIGKILL)
+    wait_for(lambda: cluster.api("GET", f"/v1/nodes/{cluster.node_name}")[1]["status"]
+             == "NotReady", 10, "node NotReady")
+    assert cluster.ctl("delete", "app", "web").returncode == 0
+    assert cluster.instances("web") == []
+    assert len(engine.sigma_containers("web")) == 2  # unreachable for all sigma knows
+    cluster.start_node()
+    wait_for(lambda: not engine.sigma_containers("web"), 20, "orphans removed")
