@@ -138,6 +138,8 @@ class Controller:
         full = loop.time() - self.last_full >= RESYNC
         if full:
             self.last_full = loop.time()
+        holds = {key: unmet_dependencies(rec.value, state)
+                 for key, rec in state.apps.items() if rec.value.spec.depends_on}
         for key, inst in state.instances.items():
             if inst.value.state == PENDING or key in self.workers:
                 continue
@@ -149,7 +151,7 @@ class Controller:
             if settled and not full and key not in self.dirty:
                 continue  # nothing changed for it: the engine's events would have said
             self.dirty.discard(key)
-            hold = unmet_dependencies(app.value, state) if app else ""
+            hold = holds.get(f"{inst.value.namespace}/{inst.value.app}", "")
             self._spawn(key, self._drive(inst.key, hold, inst.value.node in state.ready))
         if full:
             await self._sweep_orphans(state)
