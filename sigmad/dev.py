@@ -53,7 +53,8 @@ async def run_dev(data_dir: Path, listen: str, engine: str, etcd_port: int, name
         await etcd.wait_ready()
         etcd_config = EtcdConfig([etcd.endpoint])
         master = MasterConfig(token=token, listen=listen, etcd=etcd_config, reconcile_interval=2)
-        node = NodeConfig(name=name, engine=engine, etcd=etcd_config)
+        # Published host ports bind every address of this machine; 127.0.0.1 reaches them.
+        node = NodeConfig(name=name, engine=engine, address="127.0.0.1", etcd=etcd_config)
         server = f"http://{listen}"
         path = write_credentials(server, token)
         print(f"sigma dev is up\n  server: {server}\n  token:  {token}\n"
