@@ -20,8 +20,11 @@ from sigmad.engine import LABEL_INSTANCE, Engine, EnginePool
 from sigmad.errors import EngineError, SigmaError
 from sigmad.events import EventLog
 from sigmad.models import (
+    FAILED_TO_START,
     PENDING,
     RUNNING,
+    SCHEDULED,
+    STARTING,
     TERMINATING,
     AppRecord,
     Instance,
@@ -34,6 +37,7 @@ from sigmad.store import Guard, Op, Store, Versioned, WatchCompacted
 log = logging.getLogger(__name__)
 BATCH = 64
 RESYNC = 30.0  # seconds between passes that check every instance's containers, events or not
+STEP_AGAIN = 0.5  # seconds before the next step of a starting instance (readiness probes)
 
 
 @dataclass
@@ -315,8 +319,17 @@ class Controller:
             inst.updated = now()
             if not await self.store.update(rec.key, inst, rec.mod_revision):
                 log.info("%s: record changed meanwhile; next pass retries", inst.key)
-        if inst.state != RUNNING or inst.next_start > now():
-            self.wake.set()
+        self._revisit(inst, hold)
+
+    def _revisit(self, inst: Instance, hold: str) -> None:
+        """Ask for a pass when this instance needs another step: when its restart back-off
+        ends, or soon while it starts (readiness probes). Other changes arrive as etcd or
+        engine events."""
+        if inst.state == RUNNING or (hold and not inst.containers):
+            return
+        delay = max(inst.next_start - now(), 0.0) or STEP_AGAIN
+        if inst.state in (STARTING, SCHEDULED, FAILED_TO_START) or inst.next_start:
+            asyncio.get_running_loop().call_later(delay, self.wake.set)
 
     async def _terminate(self, rec: Versioned[Instance], engine: Engine | None,
                          app: AppRecord | None, report: Runner.Report) -> None:

@@ -156,7 +156,7 @@ def test_node_registers_capacity_and_goes_not_ready(cluster: Cluster, engine: En
     started = time.monotonic()
     wait_for(lambda: cluster.api("GET", f"/v1/nodes/{cluster.node_name}")[1]["status"]
              == "NotReady", 10, "node NotReady after its agent stopped")
-    assert time.monotonic() - started < 2 + 2, "NotReady within the heartbeat TTL (2 s)"
+    assert time.monotonic() - started < 2 + 3, "NotReady within the heartbeat TTL (2 s)"
 
 
 def test_exit_code_is_recorded_as_the_reason(cluster: Cluster) -> None:
