@@ -158,14 +158,18 @@ class Runner:
         """Whether a running container is ready; a probe past its timeout fails the start."""
         if spec.ready is None:
             return True
-        code = await self.engine.exec(c.id, probe_command(spec.ready), PROBE_TIMEOUT)
+        why = ""
+        try:
+            code = await self.engine.exec(c.id, probe_command(spec.ready), PROBE_TIMEOUT)
+        except EngineError as exc:  # e.g. the image has no shell for a tcp/http probe
+            code, why = -1, f": {exc.message}"
         if code == 0:
             self.report(f"container {spec.name} ready", False)
             return True
         started = parse_time(c.started_at)
         if started and now() - started > spec.ready.timeout:
             reason = f"FailedToStart(container {spec.name} not ready after " \
-                     f"{spec.ready.timeout:g}s)"
+                     f"{spec.ready.timeout:g}s{why})"
             await self._failed(reason)
         return False
 

@@ -264,3 +264,22 @@ def test_pool_why_and_event_stream(cluster: Cluster) -> None:
     assert pool["by_label"]["zone"]["room-a"]["requested"] == pool["requested"]
     table = cluster.ctl("pool")
     assert table.returncode == 0 and "zone=room-a" in table.stdout
+
+
+def test_start_failures_are_clear_and_retried(cluster: Cluster) -> None:
+    """A readiness probe past its timeout, and an image no registry has, each end the start
+    with a FailedToStart reason, and are retried with back-off."""
+    spec = yaml.safe_load(web_spec(1, app="deaf", script="exec sleep 600"))
+    spec["containers"][0]["ready"] = {"tcp": 9999, "timeout": 2}
+    cluster.apply(yaml.safe_dump(spec))
+    inst = wait_for(lambda: next((i for i in cluster.instances("deaf")
+                                  if i["restarts"] >= 2), None), 40, "deaf retried twice")
+    assert [t["reason"] for t in inst["terminations"]][:2] == \
+        ["FailedToStart(container main not ready after 2s)"] * 2
+
+    spec = yaml.safe_load(web_spec(1, app="ghost"))
+    spec["containers"][0]["image"] = "127.0.0.1:1/sigma/none:1"
+    cluster.apply(yaml.safe_dump(spec))
+    inst = one(cluster, "ghost", "FailedToStart")
+    assert inst["reason"].startswith("FailedToStart(pull 127.0.0.1:1/sigma/none:1")
+    assert inst["next_start"] > 0
