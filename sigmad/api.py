@@ -77,7 +77,7 @@ class Api:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.keys = store.keys
-        self.engines = EnginePool()
+        self.engines = EnginePool(store.keys.prefix)
 
     async def healthz(self, request: web.Request) -> web.Response:
         return _json({"ok": True, "version": __version__})

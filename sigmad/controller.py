@@ -76,7 +76,7 @@ class Controller:
         self.store = store
         self.keys = store.keys
         self.interval = interval
-        self.engines = EnginePool()
+        self.engines = EnginePool(store.keys.prefix)
         self.events = EventLog(store)
         self.workers: dict[str, asyncio.Task[None]] = {}
         self.listeners: dict[str, asyncio.Task[None]] = {}

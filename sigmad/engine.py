@@ -29,6 +29,7 @@ LABEL_NAMESPACE = "sigma.namespace"
 LABEL_CONTAINER = "sigma.container"
 LABEL_GENERATION = "sigma.generation"
 LABEL_INDEX = "sigma.index"
+LABEL_CLUSTER = "sigma.cluster"  # the cluster's etcd prefix: engines may be shared
 DEFAULT_PIDS_LIMIT = 4096  # no fork bomb takes a host down
 CONNECT_FAILED = 900  # aiodocker's status for a connection that could not be made
 CPU_PERIOD_NS = 1_000_000_000 // 1000  # NanoCpus per millicore
@@ -162,10 +163,15 @@ class ContainerState:
 
 
 class Engine:
-    """A client for one host's Docker engine (`unix:///path.sock` or `tcp://host:port`)."""
+    """A client for one host's Docker engine (`unix:///path.sock` or `tcp://host:port`).
 
-    def __init__(self, url: str, request_timeout: float = 60.0) -> None:
+    With a `cluster` (its etcd prefix), the containers it creates carry it as a label and
+    `find`/`events` see only that cluster's containers, so clusters sharing an engine never
+    touch each other's."""
+
+    def __init__(self, url: str, request_timeout: float = 60.0, cluster: str = "") -> None:
         self.url = url
+        self.cluster = cluster
         self._docker = aiodocker.Docker(
             url=url, timeout=aiohttp.ClientTimeout(total=request_timeout, connect=5)
         )
@@ -183,6 +189,10 @@ class Engine:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise EngineError(f"engine {self.url} is unreachable: {exc or type(exc).__name__}")\
                 from None
+
+    def _label_filter(self, labels: dict[str, str] | None) -> list[str]:
+        both = {**(labels or {}), **({LABEL_CLUSTER: self.cluster} if self.cluster else {})}
+        return [f"{k}={v}" if v else k for k, v in both.items()]
 
     async def info(self) -> dict[str, Any]:
         """`docker info`: NCPU, MemTotal, ServerVersion, cgroup facts."""
@@ -225,6 +235,9 @@ class Engine:
 
     async def create(self, name: str, config: dict[str, Any]) -> str:
         """Create a container; its id. EngineError with engine_status 409 if the name is taken."""
+        if self.cluster:
+            config = {**config, "Labels": {**config.get("Labels", {}),
+                                           LABEL_CLUSTER: self.cluster}}
         data = await self._json(
             "containers/create", "POST", params={"name": name},
             data=json.dumps(config).encode(), headers={"Content-Type": "application/json"},
@@ -265,7 +278,7 @@ class Engine:
 
     async def find(self, labels: dict[str, str] | None = None) -> list[ContainerState]:
         """Every container (running or not) carrying all `labels` (value "" = any value)."""
-        wanted = [f"{k}={v}" if v else k for k, v in (labels or {}).items()]
+        wanted = self._label_filter(labels)
         summaries = await self._json(
             "containers/json", params={"all": "true", "filters": json.dumps({"label": wanted})}
         )
@@ -314,8 +327,9 @@ class Engine:
     async def events(self, labels: dict[str, str] | None = None) -> AsyncIterator[dict[str, Any]]:
         """Container events as they happen (until the connection ends)."""
         filters: dict[str, list[str]] = {"type": ["container"]}
-        if labels:
-            filters["label"] = [f"{k}={v}" if v else k for k, v in labels.items()]
+        wanted = self._label_filter(labels)
+        if wanted:
+            filters["label"] = wanted
         try:
             async with self._docker._query(
                 "events", params={"filters": json.dumps(filters)},
@@ -331,7 +345,8 @@ class Engine:
 class EnginePool:
     """One client per node engine URL, made on first use and replaced if the URL changes."""
 
-    def __init__(self) -> None:
+    def __init__(self, cluster: str = "") -> None:
+        self.cluster = cluster
         self.engines: dict[str, Engine] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -344,7 +359,7 @@ class EnginePool:
             task = asyncio.ensure_future(engine.close())
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
-        engine = self.engines[node] = Engine(url)
+        engine = self.engines[node] = Engine(url, cluster=self.cluster)
         return engine, True
 
     async def close(self) -> None:

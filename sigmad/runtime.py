@@ -11,7 +11,14 @@ import logging
 from collections.abc import Callable
 from datetime import datetime
 
-from sigmad.engine import LABEL_CONTAINER, ContainerState, Engine, container_config, container_name
+from sigmad.engine import (
+    LABEL_CONTAINER,
+    LABEL_INSTANCE,
+    ContainerState,
+    Engine,
+    container_config,
+    container_name,
+)
 from sigmad.errors import EngineError
 from sigmad.models import (
     EXITED,
@@ -94,7 +101,7 @@ class Runner:
         """One step. `hold` (e.g. unmet depends_on) keeps an instance that has no containers
         yet from starting."""
         inst = self.inst
-        found = await self.engine.find({"sigma.instance": inst.key})
+        found = await self.engine.find({LABEL_INSTANCE: inst.key})
         if inst.generation != self.app.template_generation:
             await self.remove_all(found, "KilledBySigma(updated)")
             self._reset(SCHEDULED, f"replacing containers for generation "
@@ -207,7 +214,7 @@ class Runner:
 
     async def _failed(self, reason: str) -> None:
         """A start failed: remove what was made, then retry after the backoff."""
-        await self.remove_all(await self.engine.find({"sigma.instance": self.inst.key}),
+        await self.remove_all(await self.engine.find({LABEL_INSTANCE: self.inst.key}),
                               reason)
         self.inst.restarts += 1
         self.inst.streak += 1

@@ -7,7 +7,14 @@ import signal
 import time
 from pathlib import Path
 
-from tests.integration.conftest import Cluster, EngineHost, start_etcd, wait_for, web_spec
+from tests.integration.conftest import (
+    IMAGE,
+    Cluster,
+    EngineHost,
+    start_etcd,
+    wait_for,
+    web_spec,
+)
 
 MiB = 1 << 20
 
@@ -36,6 +43,7 @@ def test_apply_runs_containers_with_caps(cluster: Cluster, engine: EngineHost) -
         assert labels["sigma.instance"] == f"default/{item['name']}"
         assert labels["sigma.app"] == "web" and labels["sigma.namespace"] == "default"
         assert labels["sigma.container"] == "main" and labels["sigma.generation"] == "1"
+        assert labels["sigma.cluster"] == cluster.prefix
         pid = info["State"]["Pid"]
         assert int(cgroup_file(pid, "memory", "memory.limit_in_bytes")) == 128 * MiB
         assert int(cgroup_file(pid, "memory", "memory.memsw.limit_in_bytes")) == 128 * MiB
@@ -183,3 +191,23 @@ def test_delete_while_the_node_is_down(cluster: Cluster, engine: EngineHost) -> 
     assert len(engine.sigma_containers("web")) == 2  # unreachable for all sigma knows
     cluster.start_node()
     wait_for(lambda: not engine.sigma_containers("web"), 20, "orphans removed")
+
+
+def test_orphans_of_this_cluster_go_others_stay(cluster: Cluster, engine: EngineHost) -> None:
+    """The sweep (on a master's first pass) removes containers labelled with this cluster that
+    no instance owns, and never touches another cluster's on a shared engine."""
+    def plant(name: str, prefix: str) -> str:
+        return engine.docker(
+            "run", "-d", "--name", name, "--label", "sigma.instance=default/ghost-0",
+            "--label", f"sigma.cluster={prefix}", IMAGE, "sleep", "600",
+        ).stdout.strip()
+
+    ours = plant("sigma-test-ours", cluster.prefix)
+    theirs = plant("sigma-test-theirs", "/another/cluster")
+    try:
+        cluster.stop("master")
+        cluster.start_master()
+        wait_for(lambda: ours not in engine.sigma_containers(), 20, "our orphan removed")
+        assert theirs in engine.sigma_containers()
+    finally:
+        engine.docker("rm", "-f", ours, theirs, check=False)
