@@ -110,6 +110,7 @@ def test_etcd_restart_master_reconnects(tmp_path: Path, engine: EngineHost) -> N
         status, body = cluster.api("GET", "/v1/apps")
         assert status == 503 and body["error"]["code"] == "store_unavailable"
         etcd.start()
+        wait_for(lambda: cluster.api("GET", "/v1/apps")[0] == 200, 20, "the API back")
         cluster.apply(web_spec(2))
         cluster.wait_running("web", 2)
         status, body = cluster.api("GET", "/v1/nodes")
