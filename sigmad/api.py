@@ -91,19 +91,17 @@ class Api:
     async def _node_views(self) -> list[dict[str, Any]]:
         nodes, _ = await self.store.scan(self.keys.nodes(), Node)
         beats = {k.rsplit("/", 1)[-1] for k in await self.store.keys_under(self.keys.heartbeats())}
-        instances = await self._instances()
+        by_node: dict[str, list[Resources]] = {}
+        for inst in await self._instances():
+            by_node.setdefault(inst.node, []).append(inst.request)
         views = []
         for v in sorted(nodes, key=lambda v: v.value.name):
             node = v.value
-            mine = [i for i in instances if i.node == node.name]
             view = records.to_dict(node)
             view["status"] = DRAINING if node.draining else READY if node.name in beats \
                 else NOT_READY
-            view["requested"] = {
-                "cpu_m": sum(i.request.cpu_m for i in mine),
-                "memory": sum(i.request.memory for i in mine),
-            }
-            view["instances"] = len(mine)
+            view["requested"] = _sum(by_node.get(node.name, []))
+            view["instances"] = len(by_node.get(node.name, []))
             views.append(view)
         return views
 
@@ -255,8 +253,7 @@ class Api:
             by_node.setdefault(inst.node, []).append(inst)
 
         def summary(group: list[dict[str, Any]]) -> dict[str, Any]:
-            names = {n["name"] for n in group}
-            mine = [i for i in placed if i.node in names]
+            mine = [i for n in group for i in by_node.get(n["name"], [])]
             lims = [limits.get(f"{i.namespace}/{i.app}", Resources()) for i in mine]
             total = _sum([records.from_dict(Resources, n["allocatable"]) for n in group])
             requested = _sum([i.request for i in mine])
