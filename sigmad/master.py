@@ -24,7 +24,8 @@ async def serve_api(etcd: EtcdConfig, token: str, listen: str) -> web.AppRunner:
         await store.close()
 
     app.on_cleanup.append(close_store)
-    runner = web.AppRunner(app, access_log=None)
+    # Open event streams hold requests forever: give them 2 s on shutdown, then cancel them.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     host, _, port = listen.rpartition(":")
     await web.TCPSite(runner, host or "0.0.0.0", int(port)).start()
