@@ -12,6 +12,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from sigmad.engine import (
+    LABEL_CLUSTER,
     LABEL_CONTAINER,
     LABEL_INSTANCE,
     ContainerState,
@@ -256,8 +257,14 @@ class Runner:
             if exc.engine_status != 409:
                 await self._failed(f"FailedToStart({exc.message})")
                 return None
-            # The name is taken by a leftover (an older generation, or a crash between create
-            # and the record write): replace it.
+            # The name is taken: by a leftover of ours (an older generation, a crash between
+            # create and the record write), which is replaced, or by a container that is not
+            # this cluster's, which is left alone.
+            taken = await self.engine.inspect(name)
+            if taken is not None and taken.labels.get(LABEL_CLUSTER, "") != self.engine.cluster:
+                await self._failed(f"FailedToStart(container name {name} is taken by a "
+                                   "container this cluster does not own)")
+                return None
             await self.engine.remove(name)
             cid = await self.engine.create(name, config)
         inst.next_start = 0.0

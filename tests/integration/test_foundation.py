@@ -204,11 +204,19 @@ def test_orphans_of_this_cluster_go_others_stay(cluster: Cluster, engine: Engine
         ).stdout.strip()
 
     ours = plant("sigma-test-ours", cluster.prefix)
-    theirs = plant("sigma-test-theirs", "/another/cluster")
+    theirs = plant("sigma-default-web-0-main", "/another/cluster")  # the name web-0 would use
     try:
         cluster.stop("master")
         cluster.start_master()
         wait_for(lambda: ours not in engine.sigma_containers(), 20, "our orphan removed")
         assert theirs in engine.sigma_containers()
+        cluster.apply(web_spec(1))
+        inst = wait_for(lambda: next((i for i in cluster.instances("web")
+                                      if i["state"] == "FailedToStart"), None), 20,
+                        "web-0 refused the foreign name")
+        assert "taken by a container this cluster does not own" in inst["reason"]
+        assert theirs in engine.sigma_containers()
+        engine.docker("rm", "-f", theirs)
+        cluster.wait_running("web", 1)
     finally:
         engine.docker("rm", "-f", ours, theirs, check=False)
