@@ -32,6 +32,7 @@ from sigmad.models import (
     now,
 )
 from sigmad.runtime import Runner
+from sigmad.spec import Resources
 from sigmad.store import Guard, Op, Store, Versioned, WatchCompacted
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,7 @@ class Controller:
         state = await self.read()
         await self._sync_instances(state)
         await self._schedule(state)
+        await self._admit_updates()
         state = await self.read()
         self._node_events(state)
         self._refresh_engines(state)
@@ -192,6 +194,55 @@ class Controller:
                 continue
             for guard, op in chunk:
                 await self.store.commit([guard], [op])
+
+    async def _admit_updates(self) -> None:
+        """Book the new request of instances whose app changed its template, before their
+        containers are replaced on the same node: a bigger request must still fit there.
+        Node locks are read before the instances (as the scheduler does) and every booking
+        guards and bumps its node's lock, so it never races a placement into overbooking.
+        An update that does not fit waits, and the old containers keep running."""
+        locks = await self.store.revisions(self.keys.node_locks())
+        state = await self.read()
+        booked: dict[str, Resources] = {}
+        for v in state.instances.values():
+            room = booked.setdefault(v.value.node, Resources())
+            room.cpu_m += v.value.request.cpu_m
+            room.memory += v.value.request.memory
+        for v in state.instances.values():
+            inst = v.value
+            app = state.apps.get(f"{inst.namespace}/{inst.app}")
+            node = state.nodes.get(inst.node)
+            if app is None or node is None or inst.state in (PENDING, TERMINATING):
+                continue
+            new = app.value.spec.request()
+            if inst.generation == app.value.template_generation or inst.request == new:
+                continue
+            room = booked[inst.node]
+            after = Resources(room.cpu_m - inst.request.cpu_m + new.cpu_m,
+                              room.memory - inst.request.memory + new.memory)
+            short = [what for what, grown, total, cap in (
+                ("cpu", new.cpu_m > inst.request.cpu_m, after.cpu_m,
+                 node.allocatable.cpu_m * node.overcommit.cpu),
+                ("memory", new.memory > inst.request.memory, after.memory,
+                 node.allocatable.memory * node.overcommit.memory),
+            ) if grown and total > cap]
+            if short:
+                why = f"update waits: the new request does not fit on {inst.node} " \
+                      f"(insufficient {' and '.join(short)}); the old containers keep running"
+                if inst.reason != why:
+                    inst.reason = why
+                    await self.store.update(v.key, inst, v.mod_revision)
+                    self.events.emit("instance", inst.namespace, inst.name, inst.app, why,
+                                     warning=True)
+                continue
+            lock = self.keys.node_lock(inst.node)
+            inst.request, inst.updated = new, now()
+            if await self.store.commit(
+                [Guard(v.key, v.mod_revision), Guard(lock, locks.get(lock, 0))],
+                [Op(v.key, inst), Op(lock, {"by": f"update {inst.key}"})],
+            ):
+                booked[inst.node] = after
+                locks.pop(lock, None)  # bumped: a second booking there waits for a pass
 
     async def _sync_instances(self, state: ClusterState) -> None:
         """Create missing instances `APP-INDEX`, retire surplus and orphaned ones."""

@@ -103,12 +103,12 @@ class Runner:
         yet from starting."""
         inst = self.inst
         found = await self.engine.find({LABEL_INSTANCE: inst.key})
-        if inst.generation != self.app.template_generation:
+        if inst.generation != self.app.template_generation and inst.request == \
+                self.spec.request():  # the controller booked the new request on this node
             await self.remove_all(found, "KilledBySigma(updated)")
             self._reset(SCHEDULED, f"replacing containers for generation "
                         f"{self.app.template_generation}")
             inst.generation = self.app.template_generation
-            inst.request = self.spec.request()
             found = []
         wanted = {s.name for s in self.spec.containers}
         for stale in [c for c in found if c.labels.get(LABEL_CONTAINER) not in wanted]:

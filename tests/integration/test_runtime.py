@@ -283,3 +283,32 @@ def test_start_failures_are_clear_and_retried(cluster: Cluster) -> None:
     inst = one(cluster, "ghost", "FailedToStart")
     assert inst["reason"].startswith("FailedToStart(pull 127.0.0.1:1/sigma/none:1")
     assert inst["next_start"] > 0
+
+
+def test_template_update_books_the_new_request_first(cluster: Cluster, engine: EngineHost) -> None:
+    """Replacing containers for a new template books the new request on the node first; an
+    instance whose bigger request does not fit keeps its old containers and says why."""
+    cluster.apply(web_spec(2))
+    before = {i["name"]: i["containers"][0]["id"] for i in cluster.wait_running("web", 2)}
+    cpus = json.loads(engine.docker("info", "--format", "{{json .}}").stdout)["NCPU"]
+    spec = yaml.safe_load(web_spec(2))
+    spec["containers"][0]["env"] = {"RELEASE": "2"}
+    # The first instance fits with the bigger request, the second one no longer does.
+    request = cpus * 1000 - 300
+    spec["containers"][0]["resources"] = {"request": {"cpu": f"{request}m"},
+                                          "limit": {"cpu": f"{request}m"}}
+    cluster.apply(yaml.safe_dump(spec))
+
+    def split() -> list[dict[str, Any]] | None:
+        items = cluster.instances("web")
+        moved = [i for i in items if i["state"] == "Running"
+                 and i["containers"][0]["id"] not in before.values()]
+        waiting = [i for i in items if i["reason"].startswith("update waits")]
+        return items if len(moved) == 1 and len(waiting) == 1 else None
+
+    items = wait_for(split, 30, "one instance replaced, one waiting")
+    waiting = next(i for i in items if i["reason"].startswith("update waits"))
+    assert waiting["containers"][0]["id"] == before[waiting["name"]]
+    assert "insufficient cpu" in waiting["reason"]
+    node = cluster.api("GET", f"/v1/nodes/{cluster.node_name}")[1]
+    assert node["requested"]["cpu_m"] <= node["allocatable"]["cpu_m"]
