@@ -370,6 +370,7 @@ class Controller:
             inst.updated = now()
             if not await self.store.update(rec.key, inst, rec.mod_revision):
                 log.info("%s: record changed meanwhile; next pass retries", inst.key)
+                self.dirty.add(inst.key)
         self._revisit(inst, hold)
 
     def _revisit(self, inst: Instance, hold: str) -> None:

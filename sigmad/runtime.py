@@ -74,6 +74,14 @@ def parse_time(stamp: str) -> float:
     return datetime.fromisoformat(f"{head}.{(frac + '000000')[:6]}+00:00").timestamp()
 
 
+def _ours(c: ContainerState, instance: str, cluster: str) -> bool:
+    """Whether a container is this cluster's: it carries our cluster label, or (made before
+    containers carried one) no cluster label but this instance's label."""
+    if LABEL_CLUSTER in c.labels:
+        return c.labels[LABEL_CLUSTER] == cluster
+    return c.labels.get(LABEL_INSTANCE) == instance
+
+
 def _status(name: str, c: ContainerState, ready: bool) -> ContainerStatus:
     return ContainerStatus(
         name=name, id=c.id, state=c.status,
@@ -261,7 +269,7 @@ class Runner:
             # create and the record write), which is replaced, or by a container that is not
             # this cluster's, which is left alone.
             taken = await self.engine.inspect(name)
-            if taken is not None and taken.labels.get(LABEL_CLUSTER, "") != self.engine.cluster:
+            if taken is not None and not _ours(taken, inst.key, self.engine.cluster):
                 await self._failed(f"FailedToStart(container name {name} is taken by a "
                                    "container this cluster does not own)")
                 return None

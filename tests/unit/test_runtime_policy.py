@@ -62,3 +62,18 @@ def test_on_failure_restarts_only_failures(reason, restart):
 )
 def test_never_restarts_nothing(reason):
     assert should_restart("never", reason) is False
+
+
+def test_container_ownership_by_cluster_label():
+    from sigmad.engine import ContainerState
+    from sigmad.runtime import _ours
+
+    def c(**labels: str) -> ContainerState:
+        return ContainerState("id", "n", labels, False, "exited", 0, False, "", "", "", 0, "")
+
+    mine = "default/web-0"
+    assert _ours(c(**{"sigma.cluster": "/sigma/v1", "sigma.instance": mine}), mine, "/sigma/v1")
+    assert not _ours(c(**{"sigma.cluster": "/other", "sigma.instance": mine}), mine, "/sigma/v1")
+    # Made before containers carried a cluster label: ours only if it is this instance's.
+    assert _ours(c(**{"sigma.instance": mine}), mine, "/sigma/v1")
+    assert not _ours(c(), mine, "/sigma/v1")
