@@ -136,7 +136,12 @@ class Controller:
         state = await self.read()
         await self._sync_instances(state)
         await self._schedule(state)
-        await self._admit_updates()
+        if any(
+            (app := state.apps.get(f"{v.value.namespace}/{v.value.app}")) is not None
+            and v.value.generation != app.value.template_generation
+            for v in state.instances.values()
+        ):
+            await self._admit_updates()
         state = await self.read()
         self._node_events(state)
         self._refresh_engines(state)

@@ -28,24 +28,25 @@ class Refused(SigmaError):
     status = 409
 
 
+def _without_resources(spec: AppSpec) -> dict[str, object]:
+    containers = [replace(c, resources=replace(c.resources, request=Resources(),
+                                               limit=Resources())) for c in spec.containers]
+    result: dict[str, object] = records.to_dict(replace(spec, replicas=0, containers=containers))
+    return result
+
+
 def resources_only(old: AppSpec, new: AppSpec) -> bool:
     """Whether `new` differs from `old` in container resources (and replicas) only, in a way
     that running containers can take in place: a cap may change but not appear or vanish."""
     if len(old.containers) != len(new.containers):
         return False
-    stripped = [replace(c, resources=replace(c.resources, request=Resources(), limit=Resources()))
-                for c in new.containers]
-    old_stripped = [replace(c, resources=replace(c.resources, request=Resources(),
-                                                 limit=Resources())) for c in old.containers]
-    if records.to_dict(replace(new, replicas=0, containers=stripped)) != records.to_dict(
-        replace(old, replicas=0, containers=old_stripped)
-    ):
+    if _without_resources(old) != _without_resources(new):
         return False
-    for a, b in zip(old.containers, new.containers, strict=True):
-        for attr in ("cpu_m", "memory"):
-            if bool(getattr(a.resources.limit, attr)) != bool(getattr(b.resources.limit, attr)):
-                return False
-    return True
+    return all(
+        bool(getattr(a.resources.limit, attr)) == bool(getattr(b.resources.limit, attr))
+        for a, b in zip(old.containers, new.containers, strict=True)
+        for attr in ("cpu_m", "memory")
+    )
 
 
 @dataclass

@@ -212,12 +212,18 @@ class Runner:
         self._schedule_restart(reason)
         return True
 
-    def _schedule_restart(self, reason: str) -> None:
+    def _back_off(self) -> float:
+        """Count a restart and set when the next start may happen; the delay."""
         inst = self.inst
         inst.restarts += 1
         inst.streak += 1
         delay = restart_backoff(inst.streak)
         inst.next_start = now() + delay
+        return delay
+
+    def _schedule_restart(self, reason: str) -> None:
+        delay = self._back_off()
+        inst = self.inst
         inst.state, inst.reason = STARTING, f"{reason}; restart {inst.restarts} in {delay:g}s"
         self.report(f"restarting in {delay:g}s (restart {inst.restarts})", True)
 
@@ -225,9 +231,7 @@ class Runner:
         """A start failed: remove what was made, then retry after the backoff."""
         await self.remove_all(await self.engine.find({LABEL_INSTANCE: self.inst.key}),
                               reason)
-        self.inst.restarts += 1
-        self.inst.streak += 1
-        self.inst.next_start = now() + restart_backoff(self.inst.streak)
+        self._back_off()
         self.inst.state, self.inst.reason = FAILED_TO_START, reason
         self.report(reason, True)
 
