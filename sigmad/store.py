@@ -91,8 +91,6 @@ class Keys:
     def events(self) -> str:
         return self._k("events", "")
 
-    def leader(self) -> str:
-        return self._k("leader")
 
 
 @dataclass
@@ -318,9 +316,6 @@ class Store:
         """Refresh a lease; False if it has already expired."""
         reply = await self._call("lease keepalive", lambda c: c.refresh_lease(lease_id))
         return reply is not None and reply.TTL > 0
-
-    async def revoke(self, lease_id: int) -> None:
-        await self._call("lease revoke", lambda c: c.revoke_lease(lease_id))
 
 
 class WatchCompacted(Exception):
