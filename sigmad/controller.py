@@ -29,6 +29,7 @@ from sigmad.models import (
     AppRecord,
     Instance,
     Node,
+    NodeLock,
     now,
 )
 from sigmad.runtime import Runner
@@ -208,29 +209,21 @@ class Controller:
         An update that does not fit waits, and the old containers keep running."""
         locks = await self.store.revisions(self.keys.node_locks())
         state = await self.read()
-        booked: dict[str, Resources] = {}
-        for v in state.instances.values():
-            room = booked.setdefault(v.value.node, Resources())
-            room.cpu_m += v.value.request.cpu_m
-            room.memory += v.value.request.memory
+        snap = scheduler.build_snapshot(
+            list(state.nodes.values()), state.ready,
+            [v.value for v in state.instances.values()], state.revision,
+        )
         for v in state.instances.values():
             inst = v.value
             app = state.apps.get(f"{inst.namespace}/{inst.app}")
-            node = state.nodes.get(inst.node)
-            if app is None or node is None or inst.state in (PENDING, TERMINATING):
+            info = snap.nodes.get(inst.node)
+            if app is None or info is None or inst.state in (PENDING, TERMINATING):
                 continue
             new = app.value.spec.request()
             if inst.generation == app.value.template_generation or inst.request == new:
                 continue
-            room = booked[inst.node]
-            after = Resources(room.cpu_m - inst.request.cpu_m + new.cpu_m,
-                              room.memory - inst.request.memory + new.memory)
-            short = [what for what, grown, total, cap in (
-                ("cpu", new.cpu_m > inst.request.cpu_m, after.cpu_m,
-                 node.allocatable.cpu_m * node.overcommit.cpu),
-                ("memory", new.memory > inst.request.memory, after.memory,
-                 node.allocatable.memory * node.overcommit.memory),
-            ) if grown and total > cap]
+            grown = Resources(new.cpu_m - inst.request.cpu_m, new.memory - inst.request.memory)
+            short = info.lacks(grown)
             if short:
                 why = f"update waits: the new request does not fit on {inst.node} " \
                       f"(insufficient {' and '.join(short)}); the old containers keep running"
@@ -244,9 +237,10 @@ class Controller:
             inst.request, inst.updated = new, now()
             if await self.store.commit(
                 [Guard(v.key, v.mod_revision), Guard(lock, locks.get(lock, 0))],
-                [Op(v.key, inst), Op(lock, {"by": f"update {inst.key}"})],
+                [Op(v.key, inst), Op(lock, NodeLock(f"update {inst.key}"))],
             ):
-                booked[inst.node] = after
+                info.requested.cpu_m += grown.cpu_m
+                info.requested.memory += grown.memory
                 locks.pop(lock, None)  # bumped: a second booking there waits for a pass
 
     async def _sync_instances(self, state: ClusterState) -> None:

@@ -61,6 +61,22 @@ class Node:
 
 
 @dataclass
+class NodeLock:
+    """The value of `alloc/node/{node}`: who last placed there, and a token unique to that
+    transaction (so a scheduler can tell its own write from another's)."""
+
+    by: str = ""
+    token: str = ""
+
+
+@dataclass
+class PortOwner:
+    """The value of `alloc/port/{node}/{port}`: the owning instance (`ns/app-index`)."""
+
+    owner: str = ""
+
+
+@dataclass
 class AppRecord:
     """An app's desired state. `generation` grows on every change of the spec;
     `template_generation` only when what an instance runs changes (anything but `replicas`),

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field, replace
 from sigmad import records
 from sigmad.engine import LABEL_CONTAINER, LABEL_INSTANCE, EnginePool, cap_config
 from sigmad.errors import Conflict, EngineError, SigmaError, SpecError
-from sigmad.models import AppRecord, Instance, Node, now
+from sigmad.models import AppRecord, Instance, Node, NodeLock, now
+from sigmad.scheduler.snapshot import build_snapshot
 from sigmad.spec import AppSpec, Resources
 from sigmad.store import Guard, Op, Store, Versioned
 from sigmad.units import format_cpu, format_size
@@ -74,32 +75,27 @@ async def plan(store: Store, engines: EnginePool, current: Versioned[AppRecord],
     old = current.value.spec
     locks = {k.rsplit("/", 1)[-1]: r for k, r in (await store.revisions(keys.node_locks())).items()}
     nodes = {v.value.name: v.value for v in (await store.scan(keys.nodes(), Node))[0]}
-    everything, _ = await store.scan(keys.instances(), Instance)
+    everything, revision = await store.scan(keys.instances(), Instance)
     mine = [v for v in everything if v.value.namespace == old.namespace
             and v.value.app == old.app]
-    new_request = spec.request()
-    for name in sorted({v.value.node for v in mine if v.value.node}):
-        node = nodes.get(name)
-        if node is None:
-            continue
-        here = [v.value for v in everything if v.value.node == name]
-        count = sum(1 for i in here if i.namespace == old.namespace and i.app == old.app)
-        for attr, ratio, fmt, what in (
-            ("cpu_m", node.overcommit.cpu, format_cpu, "cpu"),
-            ("memory", node.overcommit.memory, format_size, "memory"),
-        ):
-            grown = getattr(new_request, attr) - getattr(old.request(), attr)
-            if grown <= 0:
-                continue
-            booked = sum(getattr(i.request, attr) for i in here)
-            room = int(getattr(node.allocatable, attr) * ratio)
-            if booked + grown * count > room:
-                raise Refused(
-                    f"request {what} {fmt(getattr(new_request, attr))} per instance does not "
-                    f"fit on node {name}: {fmt(booked)} of {fmt(room)} already booked there "
-                    f"({count} instance{'s' if count > 1 else ''} of {old.app}); nothing was "
-                    "changed"
-                )
+    snap = build_snapshot(list(nodes.values()), set(nodes), [v.value for v in everything],
+                          revision)
+    new_request, old_request = spec.request(), old.request()
+    for name in sorted({v.value.node for v in mine if v.value.node} & set(snap.nodes)):
+        info = snap.nodes[name]
+        count = info.apps.get(old.key, 0)
+        grown = Resources((new_request.cpu_m - old_request.cpu_m) * count,
+                          (new_request.memory - old_request.memory) * count)
+        short = info.lacks(grown)
+        if short:
+            fmt = format_cpu if short[0] == "cpu" else format_size
+            attr = "cpu_m" if short[0] == "cpu" else "memory"
+            raise Refused(
+                f"request {short[0]} {fmt(getattr(new_request, attr))} per instance does not "
+                f"fit on node {name}: {fmt(getattr(info.requested, attr))} of "
+                f"{fmt(getattr(info.capacity(), attr))} already booked there ({count} "
+                f"instance{'s' if count > 1 else ''} of {old.app}); nothing was changed"
+            )
     result = Plan(current, spec, mine, locks)
     limits = {c.name: c.resources.limit for c in spec.containers}
     old_limits = {c.name: c.resources.limit for c in old.containers}
@@ -169,7 +165,7 @@ async def _commit(store: Store, p: Plan) -> bool:
         ops.append(Op(v.key, inst))
     for node in sorted({v.value.node for v in p.instances if v.value.node}):
         guards.append(Guard(keys.node_lock(node), p.locks.get(node, 0)))
-        ops.append(Op(keys.node_lock(node), {"by": f"resize {p.spec.key}"}))
+        ops.append(Op(keys.node_lock(node), NodeLock(f"resize {p.spec.key}")))
     return await store.commit(guards, ops)
 
 

@@ -17,7 +17,7 @@ import random
 import secrets
 from dataclasses import dataclass, field
 
-from sigmad.models import PENDING, SCHEDULED, Instance, Node, now
+from sigmad.models import PENDING, SCHEDULED, Instance, Node, NodeLock, PortOwner, now
 from sigmad.scheduler.placer import Binding, Request, Unplaced, place
 from sigmad.scheduler.snapshot import Snapshot, build_snapshot
 from sigmad.spec import AppSpec
@@ -25,22 +25,6 @@ from sigmad.store import MAX_TXN_OPS, Guard, Op, Store, Versioned
 
 CONCURRENCY = 16  # transactions in flight at once
 UNPLACED_BATCH = MAX_TXN_OPS // 2  # (guard, put) pairs per reason-update transaction
-
-
-@dataclass
-class NodeLock:
-    """The value of `alloc/node/{node}`: who last placed there, and a token unique to that
-    transaction (so a scheduler can tell its own write from another's)."""
-
-    by: str = ""
-    token: str = ""
-
-
-@dataclass
-class PortOwner:
-    """The value of `alloc/port/{node}/{port}`: the owning instance (`ns/app-index`)."""
-
-    owner: str = ""
 
 
 @dataclass

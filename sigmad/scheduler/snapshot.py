@@ -36,6 +36,14 @@ class NodeInfo:
         cap = self.capacity()
         return Resources(cap.cpu_m - self.requested.cpu_m, cap.memory - self.requested.memory)
 
+    def lacks(self, more: Resources) -> list[str]:
+        """The resources ("cpu", "memory") that cannot grow by `more` here (only growth
+        counts: a shrinking or best-effort request always fits)."""
+        free = self.free()
+        return [what for what, grow, room in (("cpu", more.cpu_m, free.cpu_m),
+                                              ("memory", more.memory, free.memory))
+                if grow > 0 and grow > room]
+
     def free_ports(self) -> int:
         """How many host ports of the range are not in use."""
         lo, hi = self.port_range

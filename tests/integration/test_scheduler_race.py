@@ -8,10 +8,9 @@ import random
 import uuid
 from collections import Counter
 
-from sigmad.models import PENDING, SCHEDULED, Instance, Node, Overcommit
+from sigmad.models import PENDING, SCHEDULED, Instance, Node, NodeLock, Overcommit, PortOwner
 from sigmad.procs import EtcdProcess
 from sigmad.scheduler import BindResult, schedule_pending
-from sigmad.scheduler.binder import NodeLock, PortOwner
 from sigmad.spec import (
     AppSpec,
     ContainerSpec,

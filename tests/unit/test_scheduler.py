@@ -436,3 +436,11 @@ def test_build_snapshot_books_ports_replicas_and_locks() -> None:
     assert (a.lock, b.lock) == (17, 0)
     assert a.capacity() == Resources(8000, 12 * GI)
     assert b.free_ports() == 32767 - 31000 + 1
+
+
+def test_lacks_counts_only_growth_past_the_free_room():
+    n = node("a", cpu_m=1000, memory=GI, requested=Resources(800, GI // 2))
+    assert n.lacks(Resources(200, GI // 2)) == []
+    assert n.lacks(Resources(201, 0)) == ["cpu"]
+    assert n.lacks(Resources(300, GI)) == ["cpu", "memory"]
+    assert n.lacks(Resources(-500, -GI)) == []  # shrinking always fits
