@@ -214,24 +214,31 @@ class Engine:
             return
         repo, _, tag = ref.rpartition(":") if ":" in ref.rsplit("/", 1)[-1] else (ref, "", "")
         params = {"fromImage": repo, "tag": tag or "latest"}
+        async for message in self._lines("images/create", "POST", params, 300, f"pull {ref}"):
+            if "error" in message:
+                raise EngineError(f"pull {ref}: {message['error']}", 404)
+            # Steps only ("Pulling fs layer", "Pull complete"): byte-count updates would
+            # flood the event log.
+            if progress and message.get("status") and not message.get("progress"):
+                progress(f"pull {ref}: {message['status']} {message.get('id', '')}".strip())
+
+    async def _lines(
+        self, path: str, method: str, params: dict[str, str], sock_read: float | None,
+        what: str,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """A streamed answer's JSON lines; any failure becomes an EngineError naming `what`."""
         try:
             async with self._docker._query(
-                "images/create", method="POST", params=params,
-                timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_read=300),
+                path, method=method, params=params,
+                timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_read=sock_read),
             ) as response:
                 async for line in response.content:
-                    if not line.strip():
-                        continue
-                    message = json.loads(line)
-                    if "error" in message:
-                        raise EngineError(f"pull {ref}: {message['error']}", 404)
-                    if progress and message.get("status"):
-                        detail = message.get("progress") or message.get("id") or ""
-                        progress(f"pull {ref}: {message['status']} {detail}".strip())
+                    if line.strip():
+                        yield json.loads(line)
         except aiodocker.DockerError as exc:
-            raise EngineError(f"pull {ref}: {exc.message}", exc.status) from None
+            raise EngineError(f"{what}: {exc.message}", exc.status) from None
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise EngineError(f"pull {ref}: engine {self.url} failed: {exc}") from None
+            raise EngineError(f"{what}: engine {self.url} failed: {exc}") from None
 
     async def create(self, name: str, config: dict[str, Any]) -> str:
         """Create a container; its id. EngineError with engine_status 409 if the name is taken."""
@@ -330,16 +337,9 @@ class Engine:
         wanted = self._label_filter(labels)
         if wanted:
             filters["label"] = wanted
-        try:
-            async with self._docker._query(
-                "events", params={"filters": json.dumps(filters)},
-                timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_read=None),
-            ) as response:
-                async for line in response.content:
-                    if line.strip():
-                        yield json.loads(line)
-        except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
-            raise EngineError(f"event stream of {self.url} ended: {exc}") from None
+        async for event in self._lines("events", "GET", {"filters": json.dumps(filters)}, None,
+                                       "event stream"):
+            yield event
 
 
 class EnginePool:
