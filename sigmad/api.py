@@ -88,11 +88,13 @@ class Api:
         result = [v.value for v in items if not app or v.value.app == app]
         return sorted(result, key=lambda i: (i.namespace, i.app, i.index))
 
-    async def _node_views(self) -> list[dict[str, Any]]:
+    async def _node_views(self, instances: list[Instance] | None = None) -> list[dict[str, Any]]:
+        """Nodes with status, requests booked and instance counts (`instances` if already
+        read)."""
         nodes, _ = await self.store.scan(self.keys.nodes(), Node)
         beats = {k.rsplit("/", 1)[-1] for k in await self.store.keys_under(self.keys.heartbeats())}
         by_node: dict[str, list[Resources]] = {}
-        for inst in await self._instances():
+        for inst in instances if instances is not None else await self._instances():
             by_node.setdefault(inst.node, []).append(inst.request)
         views = []
         for v in sorted(nodes, key=lambda v: v.value.name):
@@ -244,10 +246,11 @@ class Api:
     async def pool(self, request: web.Request) -> web.Response:
         """The pool as one server: allocatable, requested, free and limits committed, overall
         and per node label value (Ready nodes only)."""
-        nodes = [v for v in await self._node_views() if v["status"] == READY]
+        instances = await self._instances()
+        nodes = [v for v in await self._node_views(instances) if v["status"] == READY]
         apps, _ = await self.store.scan(self.keys.apps(), AppRecord)
         limits = {v.value.spec.key: v.value.spec.limit() for v in apps}
-        placed = [i for i in await self._instances() if i.node]
+        placed = [i for i in instances if i.node]
         by_node: dict[str, list[Instance]] = {}
         for inst in placed:
             by_node.setdefault(inst.node, []).append(inst)
