@@ -247,7 +247,7 @@ async def committed(endpoint: str, nodes: list[Node], apps: list[tuple[AppSpec, 
             if len(instances) < count:
                 instances.append((keys.instance(spec.namespace, spec.app, i), Instance(
                     namespace=spec.namespace, app=spec.app, index=i, generation=1,
-                    request=spec.request())))
+                    ip="10.244.0.2", request=spec.request())))  # IPAM is not benchmarked
     await put_all(store, instances)
     specs = {spec.key: spec for spec, _ in apps}
     store.txns.clear()

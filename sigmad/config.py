@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ DEFAULT_ETCD = "http://127.0.0.1:2379"
 DEFAULT_PREFIX = "/sigma/v1"
 DEFAULT_LISTEN = "127.0.0.1:7475"
 DEFAULT_ENGINE = "unix:///var/run/docker.sock"
+DEFAULT_OVERLAY_CIDR = "10.244.0.0/16"
 
 
 @dataclass
@@ -31,6 +33,7 @@ class MasterConfig:
     listen: str = DEFAULT_LISTEN
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
     reconcile_interval: float = 5.0
+    overlay_cidr: str = DEFAULT_OVERLAY_CIDR
 
 
 @dataclass
@@ -43,6 +46,7 @@ class NodeConfig:
     overcommit: Overcommit = field(default_factory=Overcommit)
     port_range: list[int] = field(default_factory=lambda: list(DEFAULT_PORT_RANGE))
     heartbeat_ttl: int = 5
+    overlay_cidr: str = DEFAULT_OVERLAY_CIDR
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
 
 
@@ -65,6 +69,19 @@ def _number(fields: Fields, key: str, default: float, minimum: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
         raise SpecError(fields.at(key), f"must be a number of at least {minimum}")
     return float(value)
+
+
+def _cidr(fields: Fields) -> str:
+    """The overlay's cluster CIDR: an IPv4 network of /8 to /24 (masters and agents agree)."""
+    value = fields.take("overlay_cidr", DEFAULT_OVERLAY_CIDR)
+    try:
+        net = ipaddress.IPv4Network(value) if isinstance(value, str) else None
+    except ValueError:
+        net = None
+    if net is None or not 8 <= net.prefixlen <= 24:
+        raise SpecError("overlay_cidr", "must be an IPv4 network like 10.244.0.0/16 "
+                        "(prefix length 8 to 24)")
+    return str(net)
 
 
 def _read(path: str | Path) -> Fields:
@@ -99,6 +116,7 @@ def master_config(fields: Fields) -> MasterConfig:
     config = MasterConfig(
         token=token, listen=listen, etcd=_etcd(fields),
         reconcile_interval=_number(fields, "reconcile_interval", 5.0, 0.1),
+        overlay_cidr=_cidr(fields),
     )
     fields.done()
     return config
@@ -140,6 +158,7 @@ def node_config(fields: Fields) -> NodeConfig:
         overcommit=overcommit,
         port_range=list(port_range),
         heartbeat_ttl=int(_number(fields, "heartbeat_ttl", 5, 2)),
+        overlay_cidr=_cidr(fields),
         etcd=_etcd(fields),
     )
     fields.done()

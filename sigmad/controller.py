@@ -16,6 +16,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from sigmad import scheduler
+from sigmad.config import DEFAULT_OVERLAY_CIDR
 from sigmad.engine import LABEL_INSTANCE, Engine, EnginePool
 from sigmad.errors import EngineError, SigmaError
 from sigmad.events import EventLog
@@ -30,16 +31,21 @@ from sigmad.models import (
     Instance,
     Node,
     NodeLock,
+    Owner,
     now,
 )
+from sigmad.network import ipam
 from sigmad.runtime import Runner
-from sigmad.spec import Resources
+from sigmad.spec import AppSpec, Resources
 from sigmad.store import Guard, Op, Store, Versioned, WatchCompacted
 
 log = logging.getLogger(__name__)
 BATCH = 64
 RESYNC = 30.0  # seconds between passes that check every instance's containers, events or not
 STEP_AGAIN = 0.5  # seconds before the next step of a starting instance (readiness probes)
+
+
+Change = tuple[list[Guard], list[Op]]  # what one transaction guards and writes
 
 
 @dataclass
@@ -74,8 +80,10 @@ def unmet_dependencies(app: AppRecord, state: ClusterState) -> str:
 class Controller:
     """Drives the cluster toward the apps' specs."""
 
-    def __init__(self, store: Store, interval: float = 5.0) -> None:
+    def __init__(self, store: Store, interval: float = 5.0,
+                 overlay_cidr: str = DEFAULT_OVERLAY_CIDR) -> None:
         self.store = store
+        self.net = ipam.OverlayNet(overlay_cidr)
         self.keys = store.keys
         self.interval = interval
         self.engines = EnginePool(store.keys.prefix)
@@ -135,7 +143,8 @@ class Controller:
     async def reconcile(self) -> None:
         """One pass: instance records, placement, workers, orphan containers."""
         state = await self.read()
-        await self._sync_instances(state)
+        taken = await self._sync_instances(state)
+        await self._claim_ips(state, taken)
         await self._schedule(state)
         if any(
             (app := state.apps.get(f"{v.value.namespace}/{v.value.app}")) is not None
@@ -191,15 +200,16 @@ class Controller:
 
         self.workers[key] = asyncio.create_task(runner())
 
-    async def _commit(self, items: list[tuple[Guard, Op]]) -> None:
-        """Write (guard, op) pairs in bounded batches; a lost batch is retried one by one so
-        that only what really conflicted is skipped (the next pass re-reads it)."""
+    async def _commit(self, items: list[Change]) -> None:
+        """Write changes (guards, ops) in bounded batches; a lost batch is retried one change
+        at a time so that only what really conflicted is skipped (the next pass re-reads it)."""
         for start in range(0, len(items), BATCH):
             chunk = items[start:start + BATCH]
-            if await self.store.commit([g for g, _ in chunk], [o for _, o in chunk]):
+            if await self.store.commit([g for c in chunk for g in c[0]],
+                                       [o for c in chunk for o in c[1]]):
                 continue
-            for guard, op in chunk:
-                await self.store.commit([guard], [op])
+            for guards, ops in chunk:
+                await self.store.commit(guards, ops)
 
     async def _admit_updates(self) -> None:
         """Book the new request of instances whose app changed its template, before their
@@ -243,9 +253,12 @@ class Controller:
                 info.requested.memory += grown.memory
                 locks.pop(lock, None)  # bumped: a second booking there waits for a pass
 
-    async def _sync_instances(self, state: ClusterState) -> None:
-        """Create missing instances `APP-INDEX`, retire surplus and orphaned ones."""
-        items: list[tuple[Guard, Op]] = []
+    async def _sync_instances(self, state: ClusterState) -> set[str] | None:
+        """Create missing instances `APP-INDEX`, each with its overlay IP claimed in the same
+        transaction, and retire surplus and orphaned ones. The IPs known taken (None if
+        nothing needed them)."""
+        items: list[Change] = []
+        taken: set[str] | None = None
         by_app: dict[str, set[int]] = {}
         for inst in state.instances.values():
             i = inst.value
@@ -260,7 +273,7 @@ class Controller:
             else:
                 continue
             i.state, i.reason, i.updated = TERMINATING, why, now()
-            items.append((Guard(inst.key, inst.mod_revision), Op(inst.key, i)))
+            items.append(([Guard(inst.key, inst.mod_revision)], [Op(inst.key, i)]))
             self.events.emit("instance", i.namespace, i.name, i.app, f"terminating: {why}")
         for app_key, rec in state.apps.items():
             spec = rec.value.spec
@@ -274,8 +287,56 @@ class Controller:
                     created=now(), updated=now(),
                 )
                 key = self.keys.instance(spec.namespace, spec.app, index)
-                items.append((Guard(key, 0), Op(key, new)))
-                self.events.emit("instance", new.namespace, new.name, new.app, "created")
+                if taken is None:
+                    taken = await self._taken_ips()
+                guards, ops = self._ip_change(new, spec, taken)
+                items.append(([Guard(key, 0), *guards], [Op(key, new), *ops]))
+                self.events.emit("instance", new.namespace, new.name, new.app,
+                                 f"created with IP {new.ip}" if new.ip else "created")
+        await self._commit(items)
+        return taken
+
+    async def _taken_ips(self) -> set[str]:
+        return {k.rsplit("/", 1)[-1] for k in await self.store.keys_under(self.keys.ips())}
+
+    def _ip_change(self, inst: Instance, spec: AppSpec, taken: set[str]) -> Change:
+        """Give `inst` the overlay IP it should have: its fixed one (`network.ip`), the one
+        it holds, or a free one. The claim (create-if-absent) and the release of an IP it
+        gives up; if it can get none, the reason goes to `inst.reason`."""
+        ip, why = ipam.choose(self.net, spec.network.fixed_ip(inst.index), inst.ip, taken)
+        if why:
+            inst.reason = f"waiting for an overlay IP: {why}"
+            return [], []
+        if inst.reason.startswith("waiting for an overlay IP"):
+            inst.reason = ""
+        if ip == inst.ip:
+            return [], []
+        taken.add(ip)
+        guards, ops = [Guard(self.keys.ip(ip), 0)], [Op(self.keys.ip(ip), Owner(inst.key))]
+        if inst.ip and not self.net.usable(inst.ip):
+            ops.append(Op(self.keys.ip(inst.ip), delete=True))
+        inst.ip = ip
+        return guards, ops
+
+    async def _claim_ips(self, state: ClusterState, taken: set[str] | None) -> None:
+        """Instances without the overlay IP they should have (a fixed IP that was held, or
+        changed in the spec) claim it; each claim is guarded by the instance's revision."""
+        items: list[Change] = []
+        for v in state.instances.values():
+            inst = v.value
+            app = state.apps.get(f"{inst.namespace}/{inst.app}")
+            if app is None or inst.state == TERMINATING:
+                continue
+            fixed = app.value.spec.network.fixed_ip(inst.index)
+            if inst.ip and (fixed or inst.ip) == inst.ip and not self.net.usable(inst.ip):
+                continue
+            if taken is None:
+                taken = await self._taken_ips()
+            reason = inst.reason
+            guards, ops = self._ip_change(inst, app.value.spec, taken)
+            if ops or inst.reason != reason:
+                inst.updated = now()
+                items.append(([Guard(v.key, v.mod_revision), *guards], [Op(v.key, inst), *ops]))
         await self._commit(items)
 
     async def _schedule(self, state: ClusterState) -> None:
@@ -393,6 +454,10 @@ class Controller:
                 await engine.remove(c.id)
         ops = [Op(rec.key, delete=True)]
         ops += [Op(self.keys.port(inst.node, p), delete=True) for p in inst.host_ports.values()]
+        if inst.ip:
+            owner = await self.store.get(self.keys.ip(inst.ip), Owner)
+            if owner is not None and owner.value.owner == inst.key:
+                ops.append(Op(self.keys.ip(inst.ip), delete=True))
         if await self.store.commit([Guard(rec.key, rec.mod_revision)], ops):
             report(f"gone ({inst.reason})", False)
 

@@ -19,6 +19,7 @@ import aiohttp
 
 from sigmad.errors import EngineError
 from sigmad.models import Instance
+from sigmad.network.ipam import BRIDGE, MTU, NETWORK, mac_for
 from sigmad.spec import AppSpec, ContainerSpec, Resources
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,9 @@ def container_config(
     exposed: dict[str, dict[str, str]] = {}
     if network_of:
         host_config["NetworkMode"] = f"container:{network_of}"
-    elif instance.host_ports:
+    else:
+        host_config["NetworkMode"] = NETWORK
+    if not network_of and instance.host_ports:
         bindings = {
             f"{ports[n].container}/{ports[n].protocol}": [{"HostPort": str(hp)}]
             for n, hp in instance.host_ports.items()
@@ -100,6 +103,11 @@ def container_config(
     }
     if not network_of:
         config["Hostname"] = instance.name
+        # The instance's own overlay IP, and the MAC derived from it (DESIGN.md §5).
+        config["MacAddress"] = mac_for(instance.ip)
+        config["NetworkingConfig"] = {"EndpointsConfig": {
+            NETWORK: {"IPAMConfig": {"IPv4Address": instance.ip}},
+        }}
     if exposed:
         config["ExposedPorts"] = exposed
     if container.command:
@@ -198,6 +206,34 @@ class Engine:
         """`docker info`: NCPU, MemTotal, ServerVersion, cgroup facts."""
         result: dict[str, Any] = await self._json("info")
         return result
+
+    async def ensure_network(self, cidr: str, gateway: str) -> bool:
+        """Make the overlay's bridge network (`sigma`, bridge `sigma0`) unless it exists; True
+        if it was created. One with another subnet is an error: containers would get
+        addresses the cluster does not own."""
+        try:
+            found = await self._json(f"networks/{NETWORK}")
+        except EngineError as exc:
+            if exc.engine_status != 404:
+                raise
+        else:
+            subnets = [c.get("Subnet") for c in (found.get("IPAM") or {}).get("Config") or []]
+            if subnets != [cidr]:
+                raise EngineError(
+                    f"{self.url}: network {NETWORK} has subnet {subnets}, the cluster's is "
+                    f"{cidr}: remove it (docker network rm {NETWORK}) or fix overlay_cidr"
+                )
+            return False
+        body = {
+            "Name": NETWORK, "Driver": "bridge", "CheckDuplicate": True,
+            "IPAM": {"Driver": "default", "Config": [{"Subnet": cidr, "Gateway": gateway}]},
+            "Options": {"com.docker.network.bridge.name": BRIDGE,
+                        "com.docker.network.driver.mtu": str(MTU)},
+            "Labels": {LABEL_CLUSTER: self.cluster} if self.cluster else {},
+        }
+        await self._json("networks/create", "POST", data=json.dumps(body).encode(),
+                         headers={"Content-Type": "application/json"})
+        return True
 
     async def has_image(self, ref: str) -> bool:
         try:

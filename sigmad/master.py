@@ -38,7 +38,7 @@ async def run_master(config: MasterConfig) -> None:
     runner = await serve_api(config.etcd, config.token, config.listen)
     store = Store(config.etcd.endpoints, config.etcd.prefix)
     try:
-        await Controller(store, config.reconcile_interval).run()
+        await Controller(store, config.reconcile_interval, config.overlay_cidr).run()
     finally:
         await runner.cleanup()
         await store.close()

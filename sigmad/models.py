@@ -70,8 +70,9 @@ class NodeLock:
 
 
 @dataclass
-class PortOwner:
-    """The value of `alloc/port/{node}/{port}`: the owning instance (`ns/app-index`)."""
+class Owner:
+    """The value of `alloc/port/{node}/{port}` and `alloc/ip/{ip}`: the owning instance
+    (`ns/app-index`)."""
 
     owner: str = ""
 

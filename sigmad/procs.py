@@ -1,4 +1,5 @@
-"""Child processes sigma runs for itself: an etcd member for `sigmad dev` and the tests."""
+"""Child processes sigma runs for itself: etcd for `sigmad dev`, `sigmad lab` and the tests;
+dockerd for `sigmad lab` and the tests."""
 
 from __future__ import annotations
 
@@ -12,20 +13,28 @@ log = logging.getLogger(__name__)
 
 
 class EtcdProcess:
-    """A single-member etcd listening on 127.0.0.1, with its data under `data_dir`."""
+    """A single-member etcd listening on 127.0.0.1 (and on the extra `hosts` addresses, e.g.
+    a bridge address that other network namespaces reach), with its data under `data_dir`."""
 
     def __init__(
-        self, data_dir: Path, client_port: int, peer_port: int, name: str = "sigma"
+        self, data_dir: Path, client_port: int, peer_port: int, name: str = "sigma",
+        hosts: tuple[str, ...] = (),
     ) -> None:
         self.data_dir = data_dir
         self.client_port = client_port
         self.peer_port = peer_port
         self.name = name
+        self.hosts = ("127.0.0.1", *(h for h in hosts if h != "127.0.0.1"))
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.client_port}"
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Every client URL it listens on, 127.0.0.1 first."""
+        return [f"http://{host}:{self.client_port}" for host in self.hosts]
 
     def start(self) -> None:
         binary = shutil.which("etcd")
@@ -33,9 +42,10 @@ class EtcdProcess:
             raise RuntimeError("etcd is not installed: apt-get install etcd-server")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         peer = f"http://127.0.0.1:{self.peer_port}"
+        urls = ",".join(self.endpoints)
         args = [
             binary, "--name", self.name, "--data-dir", str(self.data_dir / "data"),
-            "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
+            "--listen-client-urls", urls, "--advertise-client-urls", urls,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", f"{self.name}={peer}",
         ]

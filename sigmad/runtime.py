@@ -111,6 +111,13 @@ class Runner:
         yet from starting."""
         inst = self.inst
         found = await self.engine.find({LABEL_INSTANCE: inst.key})
+        owner = next((c for c in found
+                      if c.labels.get(LABEL_CONTAINER) == self.spec.containers[0].name), None)
+        if owner is not None and owner.running and owner.ip != inst.ip:
+            # Made for another IP (the fixed IP changed, or before the overlay existed).
+            await self.remove_all(found, "KilledBySigma(updated)")
+            self._reset(SCHEDULED, f"replacing containers: the instance's IP is {inst.ip}")
+            found = []
         if inst.generation != self.app.template_generation and inst.request == \
                 self.spec.request():  # the controller booked the new request on this node
             await self.remove_all(found, "KilledBySigma(updated)")
@@ -122,8 +129,8 @@ class Runner:
         for stale in [c for c in found if c.labels.get(LABEL_CONTAINER) not in wanted]:
             await self.engine.remove(stale.id)
         by_name = {c.labels.get(LABEL_CONTAINER, ""): c for c in found}
-        if hold and not by_name:
-            inst.state, inst.reason = SCHEDULED, hold
+        if not by_name and (hold or not inst.ip):
+            inst.state, inst.reason = SCHEDULED, hold or "waiting for an overlay IP"
             return
         await self._walk(by_name)
 
@@ -165,8 +172,7 @@ class Runner:
         if len(statuses) == len(self.spec.containers) and all(s.ready for s in statuses):
             if inst.state != RUNNING:
                 self.report("all containers ready: Running", False)
-            first = await self.engine.inspect(first_id)
-            inst.state, inst.reason, inst.ip = RUNNING, "", first.ip if first else ""
+            inst.state, inst.reason = RUNNING, ""
         elif inst.state not in (EXITED, FAILED, FAILED_TO_START):
             inst.state = STARTING
 

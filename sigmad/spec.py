@@ -6,6 +6,7 @@ reason, e.g. `containers[0].resources.limit.memory: "8GG" is not a size`.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 MAX_READY_TIMEOUT = 3600
 # Fields of DESIGN.md's app shape that this version parses but cannot act on yet: rejected
 # with a clear message rather than silently ignored.
-NOT_YET = {"network.ip", "volumes", "configs", "migration"}
+NOT_YET = {"volumes", "configs", "migration"}
 
 
 @dataclass
@@ -117,6 +118,11 @@ class Port:
 class NetworkSpec:
     mode: str = "overlay"
     ports: list[Port] = field(default_factory=list)
+    ips: list[str] = field(default_factory=list)  # fixed overlay IPs: instance i gets ips[i]
+
+    def fixed_ip(self, index: int) -> str:
+        """The fixed overlay IP of instance `index` ("" for one the cluster picks)."""
+        return self.ips[index] if index < len(self.ips) else ""
 
 
 @dataclass
@@ -354,8 +360,28 @@ def _network(value: object) -> NetworkSpec:
         if any(p.name == port.name for p in ports):
             raise SpecError(pf.at("name"), f"{port.name!r} is used twice")
         ports.append(port)
+    ips = _fixed_ips(fields.take("ip"))
     fields.done()
-    return NetworkSpec(mode, ports)
+    return NetworkSpec(mode, ports, ips)
+
+
+def _fixed_ips(value: object) -> list[str]:
+    """`network.ip`: one IPv4 address (one replica) or a list, one per replica in order."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise SpecError("network.ip", "must be an IPv4 address, or a list of them (one per "
+                        "replica)")
+    for i, item in enumerate(items):
+        where = "network.ip" if isinstance(value, str) else f"network.ip[{i}]"
+        try:
+            ipaddress.IPv4Address(item if isinstance(item, str) else "")
+        except ValueError:
+            raise SpecError(where, f"{item!r} is not an IPv4 address") from None
+        if items.index(item) != i:
+            raise SpecError(where, f"{item} is listed twice")
+    return [str(ipaddress.IPv4Address(i)) for i in items]
 
 
 def _depends_on(value: object) -> list[str]:
@@ -394,6 +420,9 @@ def validate(doc: object) -> AppSpec:
     if app in depends_on:
         raise SpecError("depends_on", f"an app cannot depend on itself ({app})")
     fields.done()
+    if network.ips and len(network.ips) < replicas:
+        raise SpecError("network.ip", f"{len(network.ips)} fixed IP(s) for {replicas} replicas: "
+                        "give one per replica, or drop network.ip to let the cluster pick")
     return AppSpec(
         app=app, namespace=namespace, replicas=replicas, containers=containers,
         placement=placement, network=network, restart=restart, depends_on=depends_on,

@@ -88,6 +88,14 @@ class Keys:
     def ports(self, node: str | None = None) -> str:
         return self._k("alloc", "port", node, "") if node else self._k("alloc", "port", "")
 
+    def ip(self, address: str) -> str:
+        """Owner (instance key) of an overlay IP; created only if absent, deleted only with
+        the instance."""
+        return self._k("alloc", "ip", address)
+
+    def ips(self) -> str:
+        return self._k("alloc", "ip", "")
+
     def events(self) -> str:
         return self._k("events", "")
 

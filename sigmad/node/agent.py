@@ -12,6 +12,7 @@ from sigmad.config import NodeConfig
 from sigmad.engine import Engine
 from sigmad.errors import EngineError, SigmaError
 from sigmad.models import Node, now
+from sigmad.node.tunnels import TunnelKeeper
 from sigmad.spec import Resources
 from sigmad.store import Store
 
@@ -107,7 +108,9 @@ class Agent:
     async def run(self) -> None:
         try:
             await self.register()
-            await self.heartbeat()
+            await asyncio.gather(
+                self.heartbeat(), TunnelKeeper(self.config, self.store, self.engine).run()
+            )
         finally:
             await self.engine.close()
 

@@ -17,7 +17,7 @@ import random
 import secrets
 from dataclasses import dataclass, field
 
-from sigmad.models import PENDING, SCHEDULED, Instance, Node, NodeLock, PortOwner, now
+from sigmad.models import PENDING, SCHEDULED, Instance, Node, NodeLock, Owner, now
 from sigmad.scheduler.placer import Binding, Request, Unplaced, place
 from sigmad.scheduler.snapshot import Snapshot, build_snapshot
 from sigmad.spec import AppSpec
@@ -50,8 +50,9 @@ async def schedule_pending(
     store: Store, apps: dict[str, AppSpec], rng: random.Random | None = None,
     max_rounds: int = 5,
 ) -> BindResult:
-    """Place every Pending instance whose app (`ns/app` → spec) is known and commit the
-    placements; instances that fit nowhere get their reason and per-filter counts."""
+    """Place every Pending instance that has its overlay IP and whose app (`ns/app` → spec)
+    is known, and commit the placements; instances that fit nowhere get their reason and
+    per-filter counts."""
     result = BindResult()
     todo: set[str] | None = None  # None: every Pending instance
     while result.rounds < max_rounds:
@@ -59,7 +60,7 @@ async def schedule_pending(
         result.rounds += 1
         pending = [
             v for v in instances
-            if v.value.state == PENDING and _app(v.value) in apps
+            if v.value.state == PENDING and v.value.ip and _app(v.value) in apps
             and (todo is None or v.key in todo)
         ]
         if not pending:
@@ -220,7 +221,7 @@ async def _send(
             for port in binding.ports:
                 key = keys.port(binding.node, port)
                 guards.append(Guard(key, 0))
-                ops.append(Op(key, PortOwner(inst.key)))
+                ops.append(Op(key, Owner(inst.key)))
     async with gate:
         ok = await store.commit(guards, ops)
     if ok:

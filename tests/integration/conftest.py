@@ -55,14 +55,43 @@ def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float 
 
 
 def start_etcd(root: Path) -> EtcdProcess:
-    etcd = EtcdProcess(root, free_port(), free_port(), name="test")
+    """etcd on 127.0.0.1 and on the veth's address, where agents in the test host reach it
+    (the `underlay` fixture must be up)."""
+    etcd = EtcdProcess(root, free_port(), free_port(), name="test", hosts=(HOST_GATEWAY,))
     etcd.start()
     asyncio.run(etcd.wait_ready())
     return etcd
 
 
 @pytest.fixture(scope="session")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProcess]:
+def underlay() -> Iterator[str]:
+    """The test host's network namespace, joined to this one by a veth pair (a /30)."""
+    if os.geteuid() != 0:
+        pytest.skip("integration tests make network namespaces and need root")
+    netns = f"sigmat{os.getpid()}"
+    host_side = f"{netns}h"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    inside = ["nsenter", f"--net=/var/run/netns/{netns}"]
+    try:
+        for cmd in (
+            [*inside, "ip", "link", "set", "lo", "up"],
+            ["ip", "link", "add", host_side, "type", "veth", "peer", "name", "eth0", "netns",
+             netns],
+            ["ip", "addr", "add", f"{HOST_GATEWAY}/30", "dev", host_side],
+            ["ip", "link", "set", host_side, "up"],
+            [*inside, "ip", "addr", "add", f"{HOST_ADDRESS}/30", "dev", "eth0"],
+            [*inside, "ip", "link", "set", "eth0", "up"],
+            [*inside, "ip", "route", "add", "default", "via", HOST_GATEWAY],
+        ):
+            subprocess.run(cmd, check=True)
+        yield netns
+    finally:
+        subprocess.run(["ip", "link", "del", host_side], check=False)
+        subprocess.run(["ip", "netns", "del", netns], check=False)
+
+
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory: pytest.TempPathFactory, underlay: str) -> Iterator[EtcdProcess]:
     proc = start_etcd(tmp_path_factory.mktemp("etcd"))
     yield proc
     proc.stop()
@@ -107,23 +136,8 @@ class EngineHost:
 
 
 @pytest.fixture(scope="session")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineHost]:
-    if os.geteuid() != 0:
-        pytest.skip("integration tests start dockerd and need root")
-    netns = f"sigmat{os.getpid()}"
-    host_side, address = f"{netns}h", HOST_ADDRESS
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    inside = ["nsenter", f"--net=/var/run/netns/{netns}"]
-    for cmd in (
-        [*inside, "ip", "link", "set", "lo", "up"],
-        ["ip", "link", "add", host_side, "type", "veth", "peer", "name", "eth0", "netns", netns],
-        ["ip", "addr", "add", f"{HOST_GATEWAY}/30", "dev", host_side],
-        ["ip", "link", "set", host_side, "up"],
-        [*inside, "ip", "addr", "add", f"{address}/30", "dev", "eth0"],
-        [*inside, "ip", "link", "set", "eth0", "up"],
-        [*inside, "ip", "route", "add", "default", "via", HOST_GATEWAY],
-    ):
-        subprocess.run(cmd, check=True)
+def engine(tmp_path_factory: pytest.TempPathFactory, underlay: str) -> Iterator[EngineHost]:
+    netns = underlay
     exec_root = Path(f"/run/{netns}")
     proc = DockerdProcess(tmp_path_factory.mktemp("docker"), exec_root, netns=netns)
     proc.start()
@@ -131,13 +145,11 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineHost]:
         asyncio.run(proc.wait_ready())
         subprocess.run([str(REPO / "scripts" / "build-image.sh"), proc.url, IMAGE], check=True,
                        capture_output=True, timeout=120)
-        eng = EngineHost(proc, netns, address)
+        eng = EngineHost(proc, netns, HOST_ADDRESS)
         yield eng
         eng.clean()
     finally:
         proc.stop()
-        subprocess.run(["ip", "link", "del", host_side], check=False)
-        subprocess.run(["ip", "netns", "del", netns], check=False)
         shutil.rmtree(exec_root, ignore_errors=True)
 
 
@@ -166,6 +178,8 @@ class Cluster:
             "listen": f"127.0.0.1:{self.port}", "token": self.token, "etcd": etcd,
             "reconcile_interval": 1,
         }))
+        # The agent runs in the test host's namespace (its netlink work happens there).
+        etcd = {"endpoints": [self.etcd.endpoints[-1]], "prefix": self.prefix}
         (self.root / "node.yaml").write_text(yaml.safe_dump({
             "name": self.node_name, "engine": self.engine.url, "labels": {"zone": "room-a"},
             "address": self.engine.address, "port_range": [31000, 31009],
@@ -174,8 +188,11 @@ class Cluster:
 
     def _start(self, role: str) -> None:
         log = open(self.root / f"{role}.log", "ab")  # noqa: SIM115 - closed with the process
+        inside = ["nsenter", f"--net=/var/run/netns/{self.engine.netns}"] if role == "node" \
+            else []
         self.procs[role] = subprocess.Popen(
-            [sys.executable, "-m", "sigmad", role, "--config", str(self.root / f"{role}.yaml")],
+            [*inside, sys.executable, "-m", "sigmad", role, "--config",
+             str(self.root / f"{role}.yaml")],
             stdout=log, stderr=subprocess.STDOUT, env=self.env,
         )
         log.close()

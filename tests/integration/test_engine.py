@@ -32,8 +32,14 @@ async def client(engine: EngineHost) -> Engine:
 
 async def test_lifecycle_update_and_events(client: Engine, engine: EngineHost) -> None:
     (app,) = parse(SPEC)
-    inst = Instance(namespace=f"t{uuid.uuid4().hex[:6]}", app="probe", index=0, generation=1)
+    inst = Instance(namespace=f"t{uuid.uuid4().hex[:6]}", app="probe", index=0, generation=1,
+                    ip="10.244.200.9")
     config = container_config(inst, app, app.containers[0])
+    await client.ensure_network("10.244.0.0/16", "10.244.0.1")
+    assert not await client.ensure_network("10.244.0.0/16", "10.244.0.1")  # idempotent
+    with pytest.raises(EngineError) as other:
+        await client.ensure_network("10.9.0.0/16", "10.9.0.1")
+    assert "remove it (docker network rm sigma) or fix overlay_cidr" in other.value.message
     events: list[dict[str, object]] = []
 
     async def collect() -> None:
@@ -50,6 +56,9 @@ async def test_lifecycle_update_and_events(client: Engine, engine: EngineHost) -
     await client.start(cid)
     state = await client.inspect(cid)
     assert state is not None and state.running and state.labels[LABEL_INSTANCE] == inst.key
+    assert state.ip == "10.244.200.9"
+    assert engine.inspect(cid)["NetworkSettings"]["Networks"]["sigma"]["MacAddress"] == \
+        "0a:58:0a:f4:c8:09"
     assert [c.id for c in await client.find({LABEL_INSTANCE: inst.key})] == [cid]
 
     await client.update(cid, {"NanoCpus": 1_000_000_000, "Memory": 96 << 20,

@@ -8,7 +8,7 @@ import random
 import uuid
 from collections import Counter
 
-from sigmad.models import PENDING, SCHEDULED, Instance, Node, NodeLock, Overcommit, PortOwner
+from sigmad.models import PENDING, SCHEDULED, Instance, Node, NodeLock, Overcommit, Owner
 from sigmad.procs import EtcdProcess
 from sigmad.scheduler import BindResult, schedule_pending
 from sigmad.spec import (
@@ -52,7 +52,7 @@ async def add_node(s: Store, name: str, cpu_m: int, memory: int, zone: str,
 async def add_instances(s: Store, spec: AppSpec, start: int, count: int) -> None:
     for index in range(start, start + count):
         inst = Instance(namespace=spec.namespace, app=spec.app, index=index, generation=1,
-                        request=spec.request())
+                        ip=f"10.244.1.{index}", request=spec.request())
         assert await s.create(s.keys.instance(spec.namespace, spec.app, index), inst)
 
 
@@ -60,7 +60,7 @@ async def check_no_double_booking(s: Store) -> list[Instance]:
     """Assert the invariants from what etcd holds; the Scheduled instances."""
     nodes = {v.value.name: v.value for v in (await s.scan(s.keys.nodes(), Node))[0]}
     instances = [v.value for v in (await s.scan(s.keys.instances(), Instance))[0]]
-    owners = {v.key: v.value.owner for v in (await s.scan(s.keys.ports(), PortOwner))[0]}
+    owners = {v.key: v.value.owner for v in (await s.scan(s.keys.ports(), Owner))[0]}
     scheduled = [i for i in instances if i.state == SCHEDULED]
     for name, node in nodes.items():
         mine = [i for i in scheduled if i.node == name]

@@ -35,7 +35,7 @@ def make(
         resources=ResourceSpec(request=Resources(100, 2**20), limit=limit or Resources()),
     )
     app = AppSpec(app="web", namespace="prod", containers=[container])
-    inst = Instance(namespace="prod", app="web", index=3, generation=9)
+    inst = Instance(namespace="prod", app="web", index=3, generation=9, ip="10.244.1.7")
     return inst, app, container
 
 
@@ -84,7 +84,7 @@ def test_memory_limit_without_swap():
 
 def test_zero_limit_sets_no_caps():
     cfg = container_config(*make(limit=Resources(0, 0)))
-    assert cfg["HostConfig"] == {"PidsLimit": DEFAULT_PIDS_LIMIT}
+    assert cfg["HostConfig"] == {"PidsLimit": DEFAULT_PIDS_LIMIT, "NetworkMode": "sigma"}
 
 
 def test_request_does_not_become_a_cap():
@@ -99,11 +99,11 @@ def test_limits_from_a_parsed_spec():
         "name": "main", "image": "busybox",
         "resources": {"limit": {"cpu": "500m", "memory": "128Mi"}},
     }]})
-    inst = Instance(namespace="default", app="web", index=0, generation=1)
+    inst = Instance(namespace="default", app="web", index=0, generation=1, ip="10.244.0.9")
     cfg = container_config(inst, app, app.containers[0])
     assert cfg["HostConfig"] == {
         "NanoCpus": 500_000_000, "Memory": 134217728, "MemorySwap": 134217728,
-        "MemorySwappiness": 0, "PidsLimit": DEFAULT_PIDS_LIMIT,
+        "MemorySwappiness": 0, "PidsLimit": DEFAULT_PIDS_LIMIT, "NetworkMode": "sigma",
     }
 
 
@@ -149,7 +149,7 @@ def test_container_name_is_deterministic():
     inst, _, _ = make()
     assert container_name(inst, "main") == "sigma-prod-web-3-main"
     assert container_name(inst, "side") != container_name(inst, "main")
-    other = Instance(namespace="dev", app="web", index=3, generation=9)
+    other = Instance(namespace="dev", app="web", index=3, generation=9, ip="10.244.1.8")
     assert container_name(other, "main") != container_name(inst, "main")
 
 
@@ -225,3 +225,15 @@ def test_from_inspect_tolerates_missing_sections():
 )
 def test_end_reason(state, reason):
     assert ContainerState.from_inspect(inspect_data(**state)).end_reason() == reason
+
+
+def test_the_network_owner_joins_the_overlay_with_its_ip_and_derived_mac() -> None:
+    inst, app, container = make()
+    config = container_config(inst, app, container)
+    assert config["HostConfig"]["NetworkMode"] == "sigma"
+    assert config["MacAddress"] == "0a:58:0a:f4:01:07"
+    endpoint = config["NetworkingConfig"]["EndpointsConfig"]["sigma"]
+    assert endpoint == {"IPAMConfig": {"IPv4Address": "10.244.1.7"}}
+    joined = container_config(inst, app, container, network_of="abc")
+    assert joined["HostConfig"]["NetworkMode"] == "container:abc"
+    assert "NetworkingConfig" not in joined and "MacAddress" not in joined

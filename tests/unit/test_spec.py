@@ -241,7 +241,6 @@ def test_unknown_placement_field():
 @pytest.mark.parametrize(
     ("overrides", "path"),
     [
-        ({"network": {"ip": "10.244.0.9"}}, "network.ip"),
         ({"volumes": [{"name": "data", "ssd": 1, "mount": "/data"}]}, "volumes"),
         ({"configs": [{"name": "c", "mount": "/etc/c"}]}, "configs"),
         ({"migration": "auto"}, "migration"),
