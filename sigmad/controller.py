@@ -37,10 +37,9 @@ from sigmad.models import (
 from sigmad.network import ipam
 from sigmad.runtime import Runner
 from sigmad.spec import AppSpec, Resources
-from sigmad.store import Guard, Op, Store, Versioned, WatchCompacted
+from sigmad.store import Guard, Op, Store, Versioned, WatchCompacted, batches
 
 log = logging.getLogger(__name__)
-BATCH = 64
 RESYNC = 30.0  # seconds between passes that check every instance's containers, events or not
 STEP_AGAIN = 0.5  # seconds before the next step of a starting instance (readiness probes)
 
@@ -201,10 +200,10 @@ class Controller:
         self.workers[key] = asyncio.create_task(runner())
 
     async def _commit(self, items: list[Change]) -> None:
-        """Write changes (guards, ops) in bounded batches; a lost batch is retried one change
-        at a time so that only what really conflicted is skipped (the next pass re-reads it)."""
-        for start in range(0, len(items), BATCH):
-            chunk = items[start:start + BATCH]
+        """Write changes (guards, ops) in transactions of bounded size; a lost transaction is
+        retried one change at a time so that only what really conflicted is skipped (the next
+        pass re-reads it)."""
+        for chunk in batches(items, lambda c: len(c[0]) + len(c[1])):
             if await self.store.commit([g for c in chunk for g in c[0]],
                                        [o for c in chunk for o in c[1]]):
                 continue

@@ -135,6 +135,20 @@ class WatchEvent:
     mod_revision: int
 
 
+def batches(items: list[T], cost: Callable[[T], int]) -> list[list[T]]:
+    """`items` packed, in order, into transactions of at most MAX_TXN_OPS guards and ops
+    (`cost` of an item: how many it needs)."""
+    out: list[list[T]] = []
+    size = MAX_TXN_OPS
+    for item in items:
+        if size + cost(item) > MAX_TXN_OPS:
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += cost(item)
+    return out
+
+
 class Store:
     """An etcd client for one cluster (a list of endpoints, tried in turn)."""
 

@@ -21,7 +21,7 @@ from sigmad.models import PENDING, SCHEDULED, Instance, Node, NodeLock, Owner, n
 from sigmad.scheduler.placer import Binding, Request, Unplaced, place
 from sigmad.scheduler.snapshot import Snapshot, build_snapshot
 from sigmad.spec import AppSpec
-from sigmad.store import MAX_TXN_OPS, Guard, Op, Store, Versioned
+from sigmad.store import MAX_TXN_OPS, Guard, Op, Store, Versioned, batches
 
 CONCURRENCY = 16  # transactions in flight at once
 UNPLACED_BATCH = MAX_TXN_OPS // 2  # (guard, put) pairs per reason-update transaction
@@ -137,15 +137,7 @@ def _add(waves: list[list[_Piece]], wave: int, piece: _Piece) -> None:
 
 def transactions(wave: list[_Piece]) -> list[list[_Piece]]:
     """Pieces packed, in order, into transactions of at most MAX_TXN_OPS guards and ops."""
-    out: list[list[_Piece]] = []
-    size = MAX_TXN_OPS
-    for piece in wave:
-        if size + piece.ops > MAX_TXN_OPS:
-            out.append([])
-            size = 0
-        out[-1].append(piece)
-        size += piece.ops
-    return out
+    return batches(wave, lambda piece: piece.ops)
 
 
 async def _commit(
