@@ -41,6 +41,15 @@ def container_name(instance: Instance, container: str) -> str:
     return f"sigma-{instance.namespace}-{instance.name}-{container}"
 
 
+def pull_failure(ref: str, error: str) -> str:
+    """What a failed pull means for people: an image its registry does not have, or a
+    registry that cannot be reached (the engine's words follow)."""
+    lowered = error.lower()
+    if any(s in lowered for s in ("not found", "manifest unknown", "does not exist")):
+        return f"image {ref} not found: {error}"
+    return f"image {ref} cannot be pulled: {error}"
+
+
 def cap_config(limit: Resources) -> dict[str, Any]:
     """cgroup caps for a limit (create and live update alike); 0 means no cap.
 
@@ -250,13 +259,19 @@ class Engine:
             return
         repo, _, tag = ref.rpartition(":") if ":" in ref.rsplit("/", 1)[-1] else (ref, "", "")
         params = {"fromImage": repo, "tag": tag or "latest"}
-        async for message in self._lines("images/create", "POST", params, 300, f"pull {ref}"):
-            if "error" in message:
-                raise EngineError(f"pull {ref}: {message['error']}", 404)
+        try:
+            async for message in self._lines("images/create", "POST", params, 300,
+                                             f"pull {ref}"):
+                if "error" in message:
+                    raise EngineError(pull_failure(ref, str(message["error"])), 404)
             # Steps only ("Pulling fs layer", "Pull complete"): byte-count updates would
             # flood the event log.
-            if progress and message.get("status") and not message.get("progress"):
-                progress(f"pull {ref}: {message['status']} {message.get('id', '')}".strip())
+                if progress and message.get("status") and not message.get("progress"):
+                    progress(f"pull {ref}: {message['status']} {message.get('id', '')}".strip())
+        except EngineError as exc:
+            if exc.message.startswith("image "):
+                raise
+            raise EngineError(pull_failure(ref, exc.message), exc.engine_status) from None
 
     async def _lines(
         self, path: str, method: str, params: dict[str, str], sock_read: float | None,

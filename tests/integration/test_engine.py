@@ -84,7 +84,8 @@ async def test_lifecycle_update_and_events(client: Engine, engine: EngineHost) -
 async def test_missing_image_is_a_clear_error(client: Engine) -> None:
     with pytest.raises(EngineError) as missing:
         await client.ensure_image("127.0.0.1:1/sigma/nothing:here")
-    assert "nothing" in missing.value.message
+    assert missing.value.message.startswith(
+        "image 127.0.0.1:1/sigma/nothing:here cannot be pulled: "), missing.value.message
 
 
 async def test_unreachable_engine_is_an_engine_error() -> None:
