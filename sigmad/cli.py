@@ -1,21 +1,28 @@
-"""`sigmad master | node | dev`."""
+"""`sigmad master | node | dev | lab`."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import signal
 import socket
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from sigmad import __version__
 from sigmad.config import DEFAULT_ENGINE, DEFAULT_LISTEN, load_master, load_node
 from sigmad.errors import SigmaError
+
+if TYPE_CHECKING:
+    from sigmad.lab import Lab
+
+T = TypeVar("T")
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:
@@ -87,6 +94,141 @@ def dev(data_dir: Path, listen: str, engine: str, etcd_port: int, name: str) -> 
     from sigmad.dev import run_dev
 
     _run(run_dev(data_dir, listen, engine, etcd_port, name))
+
+
+@cli.group()
+def lab() -> None:
+    """Several test hosts on one Linux machine (root only): netns + dockerd + agent each, an
+    underlay bridge, etcd, a registry and a master."""
+
+
+def _lab_options(func: Any) -> Any:
+    func = click.option("--dir", "directory", type=click.Path(path_type=Path), default=None,
+                        help="lab directory [default: /var/lib/sigma-lab/NAME]")(func)
+    return click.option("--name", default="sigma", show_default=True, help="lab name")(func)
+
+
+def _lab_call(action: Callable[[], T]) -> T:
+    """Run `action()` as root; a LabError is printed and exits 1."""
+    from sigmad.lab import LabError
+
+    if os.geteuid() != 0:
+        click.echo("error: sigmad lab needs root (it creates namespaces, links and dockerds)",
+                   err=True)
+        sys.exit(1)
+    try:
+        return action()
+    except LabError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+def _open_lab(name: str, directory: Path | None) -> Lab:
+    from sigmad.lab import Lab
+
+    return Lab.open(name, directory, out=click.echo)
+
+
+@lab.command("up")
+@click.option("--hosts", default=3, show_default=True, type=int, help="number of hosts")
+@_lab_options
+@click.option("--subnet", default="10.77.0.0/24", show_default=True,
+              help="underlay: the bridge takes .1, host hI takes .(10+I)")
+@click.option("--overlay-cidr", default="10.244.0.0/16", show_default=True)
+@click.option("--etcd-port", default=12479, show_default=True, type=int,
+              help="etcd client port (the peer port is the next one)")
+@click.option("--registry-port", default=5000, show_default=True, type=int)
+@click.option("--listen", default="127.0.0.1:7575", show_default=True, help="master API")
+@click.option("--heartbeat-ttl", default=5, show_default=True, type=int)
+@click.option("--port-range", default="31000-31099", show_default=True,
+              help="host ports of each node")
+def lab_up(hosts: int, name: str, directory: Path | None, subnet: str, overlay_cidr: str,
+           etcd_port: int, registry_port: int, listen: str, heartbeat_ttl: int,
+           port_range: str) -> None:
+    """Build a lab: bridge, hosts h1..hN, etcd, registry, image, master, agents."""
+    from sigmad.lab import Lab, LabConfig, LabError
+    from sigmad.lab.config import parse_port_range
+    from sigmad.lab.report import summary
+
+    def up() -> None:
+        config = LabConfig(hosts=hosts, name=name, dir=directory, subnet=subnet,
+                           overlay_cidr=overlay_cidr, etcd_port=etcd_port,
+                           registry_port=registry_port, listen=listen,
+                           heartbeat_ttl=heartbeat_ttl, port_range=parse_port_range(port_range))
+        the_lab = Lab(config, out=click.echo)
+        fresh = the_lab.state is None  # else `up` refuses: the lab exists
+        try:
+            the_lab.up()
+        except (Exception, KeyboardInterrupt) as exc:
+            why = str(exc) if isinstance(exc, LabError) else \
+                "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{exc!r}"
+            if not fresh or the_lab.state is None:  # nothing was made
+                raise LabError(why) from None
+            raise LabError(f"{why}\nthe lab is half built; its logs are in "
+                           f"{config.root}. Remove it with: sigmad lab down --name {name}"
+                           + (f" --dir {directory}" if directory else "")) from None
+        click.echo(summary(the_lab, the_lab.state.credentials if the_lab.state else ""))
+
+    _lab_call(up)
+
+
+@lab.command("status")
+@_lab_options
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)
+def lab_status(name: str, directory: Path | None, output: str) -> None:
+    """Hosts (engine answers? agent running? up/killed/partitioned), etcd, registry, master."""
+    from sigmad.lab.report import status_table
+
+    def status() -> None:
+        report = _open_lab(name, directory).status()
+        click.echo(json.dumps(report, indent=2) if output == "json" else status_table(report))
+
+    _lab_call(status)
+
+
+@lab.command("kill-host")
+@click.argument("host")
+@_lab_options
+def lab_kill_host(host: str, name: str, directory: Path | None) -> None:
+    """Power loss of HOST: SIGKILL its agent, dockerd, containerd, shims and containers."""
+    _lab_call(lambda: _open_lab(name, directory).kill_host(host))
+
+
+@lab.command("partition")
+@click.argument("host")
+@_lab_options
+def lab_partition(host: str, name: str, directory: Path | None) -> None:
+    """Cut HOST's underlay link."""
+    _lab_call(lambda: _open_lab(name, directory).partition(host))
+
+
+@lab.command("heal")
+@click.argument("host")
+@_lab_options
+def lab_heal(host: str, name: str, directory: Path | None) -> None:
+    """Undo partition / kill-host of HOST (restarts its dockerd and agent after a kill)."""
+    if not _lab_call(lambda: _open_lab(name, directory).heal(host)):
+        click.echo(f"{host} is healthy: nothing to heal")
+
+
+@lab.command("restart-agent")
+@click.argument("host")
+@_lab_options
+def lab_restart_agent(host: str, name: str, directory: Path | None) -> None:
+    """Restart HOST's node agent (its overlay set-up is idempotent: traffic keeps flowing)."""
+    _lab_call(lambda: _open_lab(name, directory).restart_agent(host))
+
+
+@lab.command("down")
+@_lab_options
+def lab_down(name: str, directory: Path | None) -> None:
+    """Remove everything `up` made (also of a half-built lab)."""
+    from sigmad.lab.state import resolve_dir
+
+    if not _lab_call(lambda: _open_lab(name, directory).down()):
+        click.echo(f"there is no lab named {name} ({resolve_dir(name, directory)}): "
+                   "nothing to do")
 
 
 def main() -> None:

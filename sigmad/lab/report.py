@@ -1,0 +1,51 @@
+"""What `sigmad lab` prints for people: the status table and the summary after `up`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sigmad.lab.core import Lab
+
+
+def _yes(value: Any) -> str:
+    return "yes" if value else "no"
+
+
+def status_table(status: dict[str, Any]) -> str:
+    rows = [("HOST", "ADDRESS", "NETNS", "ENGINE", "AGENT", "STATE")]
+    rows += [(h["name"], h["address"], h["netns"], _yes(h["engine"]), _yes(h["agent"]),
+              h["state"]) for h in status["hosts"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in rows]
+    lines.append("")
+    lines.append(f"lab {status['name']} in {status['dir']}"
+                 + ("" if status["ready"] else " (not fully up)"))
+    etcd = status["etcd"]
+    if etcd:
+        lines.append(f"etcd:     {', '.join(etcd['endpoints'])}  pid {etcd['pid']}  "
+                     f"running {_yes(etcd['alive'])}")
+    reg = status["registry"]
+    if reg:
+        lines.append(f"registry: http://{reg['addr']}  pid {reg['pid']}  "
+                     f"answers {_yes(reg['answers'])}")
+    for m in status["masters"]:
+        lines.append(f"master:   http://{m['listen']}  pid {m['pid']}  "
+                     f"healthy {_yes(m['healthy'])}")
+    if status["image"]:
+        lines.append(f"image:    {status['image']}")
+    return "\n".join(lines)
+
+
+def summary(lab: Lab, credentials: str) -> str:
+    hosts = "\n".join(f"    {h.name}  {h.address}  netns {h.netns}  engine {h.engine}"
+                      for h in lab.hosts)
+    return (
+        f"  server:      {lab.server}\n"
+        f"  token:       {lab.token}\n"
+        f"  image:       {lab.image}   (use this ref in app specs)\n"
+        f"  credentials: {credentials}   (sigmactl reads them: try `sigmactl get nodes`)\n"
+        f"  hosts:\n{hosts}\n"
+        f"  remove it:   sigmad lab down --name {lab.name}"
+    )

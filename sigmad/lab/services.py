@@ -1,0 +1,190 @@
+"""The lab's processes: etcd, the registry, a dockerd and an agent per host, the masters;
+and the image every host pulls."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+import sigmad
+from sigmad.lab.config import LabConfig, LabError
+from sigmad.lab.net import inside
+from sigmad.lab.state import EtcdState, HostState, MasterState, RegistryState
+from sigmad.lab.system import alive, engine_ping, http_get, run, spawn, tail
+from sigmad.procs import DockerdProcess, EtcdProcess
+
+PREFIX = "/sigma/v1"
+DOCKERFILE = ('FROM scratch\nCOPY busybox /bin/busybox\n'
+              'RUN ["/bin/busybox","--install","-s","/bin"]\n')
+BUSYBOX = Path("/bin/busybox")
+
+
+def sigma_env() -> dict[str, str]:
+    """The environment of sigmad children: this sigmad importable whatever their cwd."""
+    source = str(Path(sigmad.__file__).resolve().parents[1])
+    paths = [source, *(p for p in os.environ.get("PYTHONPATH", "").split(":") if p)]
+    return {**os.environ, "PYTHONPATH": ":".join(dict.fromkeys(paths))}
+
+
+def write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def start_etcd(config: LabConfig) -> tuple[EtcdProcess, EtcdState]:
+    etcd = EtcdProcess(config.root / "etcd", config.etcd_port, config.etcd_port + 1,
+                       name=f"lab-{config.name}", hosts=(config.bridge_ip,))
+    etcd.start()
+    assert etcd.proc is not None
+    state = EtcdState(etcd.proc.pid, etcd.client_port, etcd.peer_port, etcd.endpoints,
+                      str(etcd.data_dir))
+    return etcd, state
+
+
+def start_registry(config: LabConfig) -> RegistryState:
+    if shutil.which("docker-registry") is None:
+        raise LabError("docker-registry is not installed: apt-get install docker-registry")
+    root = config.root
+    path = root / "registry.yml"
+    path.write_text(yaml.safe_dump({
+        "version": 0.1,
+        "log": {"level": "warn"},
+        "storage": {"filesystem": {"rootdirectory": str(root / "registry" / "data")}},
+        "http": {"addr": config.registry_addr},
+    }))
+    pid = spawn(["docker-registry", "serve", str(path)], root / "registry.log")
+    return RegistryState(pid, config.registry_addr, str(path))
+
+
+def wait_registry(reg: RegistryState, log: Path, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(reg.pid):
+            raise LabError(f"the registry exited: {tail(log, 3)} (log: {log})")
+        answer = http_get(f"http://{reg.addr}/v2/", timeout=2)
+        if answer is not None and answer[0] == 200:
+            return
+        time.sleep(0.2)
+    raise LabError(f"the registry did not answer on http://{reg.addr}/v2/ in {timeout:.0f}s "
+                   f"(log: {log})")
+
+
+def dockerd(host: HostState, registry: str) -> DockerdProcess:
+    return DockerdProcess(
+        Path(host.root), Path(host.exec_root), netns=host.netns,
+        extra_args=("--cgroup-parent", host.cgroup_parent, "--userland-proxy=false",
+                    "--insecure-registry", registry),
+    )
+
+
+def wait_dockerds(procs: list[DockerdProcess], timeout: float = 60.0) -> None:
+    async def all_ready() -> None:
+        await asyncio.gather(*(p.wait_ready(timeout) for p in procs))
+
+    try:
+        asyncio.run(all_ready())
+    except RuntimeError as exc:
+        raise LabError(str(exc)) from None
+
+
+def docker(engine: str, *args: str, timeout: float = 120.0) -> str:
+    env = {**os.environ, "DOCKER_BUILDKIT": "0"}
+    return run(["docker", "-H", engine, *args], timeout=timeout, env=env).stdout
+
+
+def build_and_push(engine: str, image: str, workdir: Path) -> None:
+    """Build the busybox image (FROM scratch + the static busybox) on `engine`, push it."""
+    if not BUSYBOX.exists():
+        raise LabError(f"{BUSYBOX} is missing: apt-get install busybox-static")
+    if shutil.which("docker") is None:
+        raise LabError("the docker client is missing: apt-get install docker.io")
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="image-") as context:
+        (Path(context) / "Dockerfile").write_text(DOCKERFILE)
+        shutil.copy(BUSYBOX, Path(context) / "busybox")
+        docker(engine, "build", "-q", "-t", image, context)
+    docker(engine, "push", image)
+
+
+def write_master_config(config: LabConfig, token: str, listen: str, path: Path) -> None:
+    write_private(path, yaml.safe_dump({
+        "listen": listen,
+        "token": token,
+        "etcd": {"endpoints": [f"http://127.0.0.1:{config.etcd_port}"], "prefix": PREFIX},
+        "reconcile_interval": 1,
+        "overlay_cidr": config.overlay_cidr,
+    }))
+
+
+def start_master(config: LabConfig, token: str, listen: str, path: Path) -> MasterState:
+    write_master_config(config, token, listen, path)
+    log = path.with_suffix(".log")
+    pid = spawn([sys.executable, "-m", "sigmad", "master", "--config", str(path)], log,
+                env=sigma_env())
+    return MasterState(pid, listen, str(path))
+
+
+def write_node_config(config: LabConfig, host: HostState, index: int) -> None:
+    Path(host.node_config).write_text(yaml.safe_dump({
+        "name": host.name,
+        "engine": host.engine,
+        "address": host.address,
+        "labels": {"zone": "room-a" if index % 2 else "room-b", "host": host.name},
+        "port_range": list(config.port_range),
+        "heartbeat_ttl": config.heartbeat_ttl,
+        "overlay_cidr": config.overlay_cidr,
+        "etcd": {"endpoints": [f"http://{config.bridge_ip}:{config.etcd_port}"],
+                 "prefix": PREFIX},
+    }))
+
+
+def start_agent(host: HostState) -> int:
+    """The node agent, inside the host's namespace (it programs netlink devices there)."""
+    args = [*inside(host.netns), sys.executable, "-m", "sigmad", "node",
+            "--config", host.node_config]
+    return spawn(args, Path(host.root) / "node.log", env=sigma_env())
+
+
+def ready_nodes(server: str, token: str) -> set[str] | None:
+    """Names of the Ready nodes the master lists, or None when it does not answer."""
+    answer = http_get(f"{server}/v1/nodes", {"Authorization": f"Bearer {token}"}, timeout=3)
+    if answer is None or answer[0] != 200:
+        return None
+    items = json.loads(answer[1]).get("items", [])
+    return {n["name"] for n in items if n.get("status") == "Ready"}
+
+
+def wait_nodes(server: str, token: str, masters: list[MasterState], hosts: list[HostState],
+               timeout: float = 60.0) -> None:
+    """Until the master is healthy and lists every host's node Ready (bounded)."""
+    want = {h.name for h in hosts}
+    deadline = time.monotonic() + timeout
+    seen: set[str] | None = None
+    while time.monotonic() < deadline:
+        if masters and not any(alive(m.pid) for m in masters):
+            log = Path(masters[0].config).with_suffix(".log")
+            raise LabError(f"the master exited: {tail(log, 3)} (log: {log})")
+        for h in hosts:
+            if not alive(h.agent_pid):
+                log = Path(h.root) / "node.log"
+                raise LabError(f"the agent of {h.name} exited: {tail(log, 3)} (log: {log})")
+        seen = ready_nodes(server, token)
+        if seen is not None and want <= seen:
+            return
+        time.sleep(0.5)
+    missing = ", ".join(sorted(want - (seen or set())))
+    logs = ", ".join(str(Path(h.root) / "node.log") for h in hosts)
+    raise LabError(f"nodes not Ready after {timeout:.0f}s: {missing or 'master not answering'}"
+                   f" (logs: {logs})")
+
+
+def engine_ready(host: HostState) -> bool:
+    return engine_ping(host.socket)
