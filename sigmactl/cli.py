@@ -143,7 +143,8 @@ def _wait_gone(client: Client, namespace: str, app: str, timeout: float) -> None
         progress.clear()
 
 
-for command in (commands.update, commands.events, commands.pool, commands.why):
+for command in (commands.update, commands.events, commands.pool, commands.why,
+                commands.migrate):
     cli.add_command(command)
 
 

@@ -156,3 +156,23 @@ def why(settings: Settings, instance: str, namespace: str, fmt: str | None) -> N
         emit(views.why_data(answer), fmt)
     else:
         click.echo(views.why_text(answer))
+
+
+@click.command()
+@click.argument("instance")
+@click.option("--to", "to", default="", help="The node to move it to (default: any that fits).")
+@namespace_option
+@output_option("json")
+@click.pass_obj
+def migrate(settings: Settings, instance: str, to: str, namespace: str,
+            fmt: str | None) -> None:
+    """Move INSTANCE (APP-INDEX), NeedMigration because its node is lost, to a node that fits
+    (or to --to NODE). It keeps its name, overlay IP and request."""
+    answer = obj(settings.client().post_json(api_path("instances", namespace, instance, "migrate"),
+                                        {"to": to}), "an instance")
+    if fmt:
+        emit(answer, fmt)
+    else:
+        click.echo(f"{answer.get('namespace')}/{instance} is migrating "
+                   f"{'to ' + to if to else 'to a node that fits'} (IP {answer.get('ip')}); "
+                   f"follow it with 'sigmactl get instances -o wide'")

@@ -15,9 +15,19 @@ from sigmad import __version__, records, resize, spec
 from sigmad.engine import EnginePool
 from sigmad.errors import Conflict, NotFound, SigmaError, SpecError, Unauthorized
 from sigmad.events import Event
-from sigmad.models import DRAINING, NOT_READY, READY, RUNNING, AppRecord, Instance, Node, now
+from sigmad.models import (
+    DRAINING,
+    NEED_MIGRATION,
+    NOT_READY,
+    READY,
+    RUNNING,
+    AppRecord,
+    Instance,
+    Node,
+    now,
+)
 from sigmad.spec import AppSpec, Fields, Resources, quantity
-from sigmad.store import Guard, Op, Store
+from sigmad.store import Guard, Op, Store, Versioned
 from sigmad.units import parse_cpu, parse_size
 
 log = logging.getLogger(__name__)
@@ -68,6 +78,7 @@ def make_app(store: Store, token: str) -> web.Application:
     app.router.add_get("/v1/events", api.events)
     app.router.add_get("/v1/pool", api.pool)
     app.router.add_get("/v1/instances/{ns}/{name}", api.get_instance)
+    app.router.add_post("/v1/instances/{ns}/{name}/migrate", api.migrate)
     return app
 
 
@@ -283,7 +294,7 @@ class Api:
         app = request.query.get("app", "")
         return _json({"items": [_instance_view(i) for i in await self._instances(namespace, app)]})
 
-    async def get_instance(self, request: web.Request) -> web.Response:
+    async def _instance(self, request: web.Request) -> Versioned[Instance]:
         ns, name = request.match_info["ns"], request.match_info["name"]
         app, _, index = name.rpartition("-")
         if not app or not index.isdigit():
@@ -291,7 +302,32 @@ class Api:
         rec = await self.store.get(self.keys.instance(ns, app, int(index)), Instance)
         if rec is None:
             raise NotFound(f"instance {ns}/{name} not found")
-        return _json(_instance_view(rec.value))
+        return rec
+
+    async def get_instance(self, request: web.Request) -> web.Response:
+        return _json(_instance_view((await self._instance(request)).value))
+
+    async def migrate(self, request: web.Request) -> web.Response:
+        """Move a NeedMigration instance (its node is lost) to a node that fits, or to the
+        node `to`; it keeps its name, IP and request."""
+        rec = await self._instance(request)
+        inst = rec.value
+        to = (await _body(request)).get("to") or ""
+        if not isinstance(to, str):
+            raise SpecError("to", "must be a node name")
+        if to and await self.store.get(self.keys.node(to), Node) is None:
+            raise NotFound(f"node {to} not found: see 'sigmactl get nodes'")
+        if inst.state != NEED_MIGRATION:
+            raise Conflict(f"instance {inst.key} is {inst.state}, not NeedMigration: only an "
+                           "instance whose node is lost is migrated")
+        inst.unbind(f"migrating{' to ' + to if to else ''}: {inst.reason} (sigmactl migrate)")
+        inst.target = to
+        ops = [Op(rec.key, inst)]
+        ops += [Op(self.keys.port(rec.value.node, p), delete=True)
+                for p in rec.value.host_ports.values()]
+        if not await self.store.commit([Guard(rec.key, rec.mod_revision)], ops):
+            raise Conflict(f"instance {inst.key} changed meanwhile: try again")
+        return _json(_instance_view(inst))
 
 
 def _event_filter(request: web.Request) -> Callable[[Event], bool]:
@@ -313,7 +349,10 @@ def _flag(request: web.Request, name: str) -> bool:
 
 
 def _only_replicas(old: AppSpec, new: AppSpec) -> bool:
-    return records.to_dict(replace(old, replicas=0)) == records.to_dict(replace(new, replicas=0))
+    """Whether only what running containers do not depend on changed (replica count,
+    migration policy): no container is replaced for it."""
+    return records.to_dict(replace(old, replicas=0, migration="")) == \
+        records.to_dict(replace(new, replicas=0, migration=""))
 
 
 async def _body(request: web.Request) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from sigmad.errors import EngineError, SigmaError
 from sigmad.events import EventLog
 from sigmad.models import (
     FAILED_TO_START,
+    NEED_MIGRATION,
     PENDING,
     RUNNING,
     SCHEDULED,
@@ -144,6 +145,7 @@ class Controller:
         state = await self.read()
         taken = await self._sync_instances(state)
         await self._claim_ips(state, taken)
+        await self._commit(self._node_losses(state))
         await self._schedule(state)
         if any(
             (app := state.apps.get(f"{v.value.namespace}/{v.value.app}")) is not None
@@ -161,7 +163,7 @@ class Controller:
         holds = {key: unmet_dependencies(rec.value, state)
                  for key, rec in state.apps.items() if rec.value.spec.depends_on}
         for key, inst in state.instances.items():
-            if inst.value.state == PENDING or key in self.workers:
+            if inst.value.state in (PENDING, NEED_MIGRATION) or key in self.workers:
                 continue
             app = state.apps.get(f"{inst.value.namespace}/{inst.value.app}")
             settled = (
@@ -175,6 +177,40 @@ class Controller:
             self._spawn(key, self._drive(inst.key, hold, inst.value.node in state.ready))
         if full:
             await self._sweep_orphans(state)
+
+    def _node_losses(self, state: ClusterState) -> list[Change]:
+        """Instances on a NotReady node become NeedMigration (NodeLost); by their app's
+        `migration: auto` they go straight back to Pending to be placed elsewhere, keeping
+        name, IP and request. A manual one whose node comes back resumes there."""
+        items: list[Change] = []
+        for v in state.instances.values():
+            inst = v.value
+            app = state.apps.get(f"{inst.namespace}/{inst.app}")
+            lost = bool(inst.node) and inst.node not in state.ready
+            if inst.state == NEED_MIGRATION and not lost and inst.node:
+                inst.state, inst.reason = SCHEDULED, f"node {inst.node} is back"
+            elif lost and inst.state not in (PENDING, TERMINATING, NEED_MIGRATION):
+                for c in inst.containers:
+                    if c.id and not c.finished_at:
+                        inst.terminated(c.name, "NodeLost", c.id)
+                inst.state = NEED_MIGRATION
+                inst.reason = f"NodeLost: node {inst.node} is NotReady"
+                self.events.emit("instance", inst.namespace, inst.name, inst.app,
+                                 f"NeedMigration: {inst.reason}", warning=True)
+            else:
+                continue
+            ops = [Op(v.key, inst)]
+            if inst.state == NEED_MIGRATION and app and app.value.spec.migration == "auto":
+                ops += self._release_ports(inst)
+                inst.unbind(f"migrating: {inst.reason}")
+                self.events.emit("instance", inst.namespace, inst.name, inst.app,
+                                 "migrating (migration: auto)")
+            inst.updated = now()
+            items.append(([Guard(v.key, v.mod_revision)], ops))
+        return items
+
+    def _release_ports(self, inst: Instance) -> list[Op]:
+        return [Op(self.keys.port(inst.node, p), delete=True) for p in inst.host_ports.values()]
 
     def _node_events(self, state: ClusterState) -> None:
         if self.last_ready is not None:
@@ -451,8 +487,7 @@ class Controller:
         elif engine is not None:
             for c in await engine.find({LABEL_INSTANCE: inst.key}):
                 await engine.remove(c.id)
-        ops = [Op(rec.key, delete=True)]
-        ops += [Op(self.keys.port(inst.node, p), delete=True) for p in inst.host_ports.values()]
+        ops = [Op(rec.key, delete=True), *self._release_ports(inst)]
         if inst.ip:
             owner = await self.store.get(self.keys.ip(inst.ip), Owner)
             if owner is not None and owner.value.owner == inst.key:

@@ -216,6 +216,16 @@ class Engine:
         result: dict[str, Any] = await self._json("info")
         return result
 
+    async def ping(self) -> None:
+        """Whether the engine answers at all (`/_ping`); EngineError if not."""
+        try:
+            async with self._docker._query("_ping", timeout=aiohttp.ClientTimeout(total=5)):
+                pass
+        except aiodocker.DockerError as exc:
+            raise EngineError(f"engine {self.url} is unreachable: {exc.message}") from None
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise EngineError(f"engine {self.url} is unreachable: {exc}") from None
+
     async def ensure_network(self, cidr: str, gateway: str) -> bool:
         """Make the overlay's bridge network (`sigma`, bridge `sigma0`) unless it exists; True
         if it was created. One with another subnet is an error: containers would get

@@ -125,6 +125,7 @@ class Instance:
     node: str = ""
     ip: str = ""
     host_ports: dict[str, int] = field(default_factory=dict)  # port name → host port
+    target: str = ""  # the node a `migrate --to` asked for ("" = wherever it fits)
     request: Resources = field(default_factory=Resources)
     containers: list[ContainerStatus] = field(default_factory=list)
     restarts: int = 0
@@ -143,6 +144,13 @@ class Instance:
     def key(self) -> str:
         """`namespace/APP-INDEX`, the value of the `sigma.instance` container label."""
         return f"{self.namespace}/{self.name}"
+
+    def unbind(self, reason: str) -> None:
+        """Back to Pending, to be placed anew: it keeps its name, IP and request; its node,
+        host ports and containers stay behind (the caller releases the port keys)."""
+        self.state, self.reason = PENDING, reason
+        self.node, self.host_ports, self.containers = "", {}, []
+        self.next_start, self.streak, self.updated = 0.0, 0, now()
 
     def terminated(self, container: str, reason: str, container_id: str = "") -> None:
         """Record a container end, keeping the last few."""

@@ -29,7 +29,8 @@ OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 MAX_READY_TIMEOUT = 3600
 # Fields of DESIGN.md's app shape that this version parses but cannot act on yet: rejected
 # with a clear message rather than silently ignored.
-NOT_YET = {"volumes", "configs", "migration"}
+NOT_YET = {"volumes", "configs"}
+MIGRATION_POLICIES = ("auto", "manual")
 
 
 @dataclass
@@ -135,6 +136,7 @@ class AppSpec:
     network: NetworkSpec = field(default_factory=NetworkSpec)
     restart: str = "always"
     depends_on: list[str] = field(default_factory=list)
+    migration: str = "auto"  # when its node is lost: move at once, or wait for `migrate`
 
     @property
     def key(self) -> str:
@@ -417,6 +419,7 @@ def validate(doc: object) -> AppSpec:
     network = _network(fields.take("network"))
     restart = _choice("restart", fields.take("restart", "always"), RESTART_POLICIES)
     depends_on = _depends_on(fields.take("depends_on"))
+    migration = _choice("migration", fields.take("migration", "auto"), MIGRATION_POLICIES)
     if app in depends_on:
         raise SpecError("depends_on", f"an app cannot depend on itself ({app})")
     fields.done()
@@ -426,6 +429,7 @@ def validate(doc: object) -> AppSpec:
     return AppSpec(
         app=app, namespace=namespace, replicas=replicas, containers=containers,
         placement=placement, network=network, restart=restart, depends_on=depends_on,
+        migration=migration,
     )
 
 

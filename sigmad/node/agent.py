@@ -9,9 +9,11 @@ import asyncio
 import logging
 
 from sigmad.config import NodeConfig
-from sigmad.engine import Engine
+from sigmad.engine import LABEL_INSTANCE, Engine
 from sigmad.errors import EngineError, SigmaError
-from sigmad.models import Node, now
+from sigmad.events import EventLog
+from sigmad.models import Instance, Node, now
+from sigmad.network.overlay import OverlayError
 from sigmad.node.tunnels import TunnelKeeper
 from sigmad.spec import Resources
 from sigmad.store import Store
@@ -56,7 +58,10 @@ class Agent:
     def __init__(self, config: NodeConfig, store: Store) -> None:
         self.config = config
         self.store = store
-        self.engine = Engine(config.engine)
+        # Only this cluster's containers: an engine may be shared.
+        self.engine = Engine(config.engine, cluster=config.etcd.prefix)
+        self.tunnels = TunnelKeeper(config, store, self.engine)
+        self.events = EventLog(store)
         self.lease = 0
 
     async def _engine_info(self) -> dict[str, object]:
@@ -90,12 +95,21 @@ class Agent:
         return node
 
     async def heartbeat(self) -> None:
-        """Hold a leased heartbeat key; re-grant the lease if it lapsed (e.g. etcd outage)."""
+        """Hold a leased heartbeat key while the engine answers; re-grant the lease if it
+        lapsed (e.g. an etcd outage or a network partition), but only after the host is
+        made safe to rejoin (see `before_ready`). An engine that stops answering makes the
+        node NotReady: its instances are then moved elsewhere."""
         ttl = self.config.heartbeat_ttl
         key = self.store.keys.heartbeat(self.config.name)
         while True:
             try:
-                if not self.lease or not await self.store.keepalive(self.lease):
+                if not await self._engine_answers():
+                    if self.lease:
+                        log.warning("the engine stopped answering: withdrawing the heartbeat")
+                        await self.store.delete(key)
+                        self.lease = 0
+                elif not self.lease or not await self.store.keepalive(self.lease):
+                    await self.before_ready()
                     self.lease = await self.store.grant(ttl)
                     await self.store.put(key, {"node": self.config.name, "since": now()},
                                          lease=self.lease)
@@ -105,13 +119,51 @@ class Agent:
                 self.lease = 0
             await asyncio.sleep(ttl / 3)
 
+    async def _engine_answers(self) -> bool:
+        try:
+            await asyncio.wait_for(self.engine.ping(), self.config.heartbeat_ttl / 3)
+        except (EngineError, TimeoutError):
+            return False
+        return True
+
+    async def before_ready(self) -> None:
+        """Before the node (re)joins: remove containers of instances that moved away (or were
+        deleted) while it was gone, and bring the tunnel's FDB in line with etcd, so the
+        overlay never has two holders of one IP."""
+        await self.remove_stale()
+        try:
+            await self.tunnels.setup()
+            await self.tunnels.sync()
+        except (SigmaError, OverlayError) as exc:
+            log.warning("overlay not ready yet: %s", exc)
+
+    async def remove_stale(self) -> None:
+        me = self.config.name
+        for c in await self.engine.find({LABEL_INSTANCE: ""}):
+            owner = c.labels.get(LABEL_INSTANCE, "")
+            ns, _, name = owner.partition("/")
+            app, _, index = name.rpartition("-")
+            rec = await self.store.get(self.store.keys.instance(ns, app, int(index)), Instance)\
+                if index.isdigit() else None
+            if rec is not None and rec.value.node == me:
+                continue
+            reason = "KilledBySigma(migrated)" if rec and rec.value.node else \
+                "KilledBySigma(deleted)"
+            if c.running:
+                await self.engine.stop(c.id, timeout=2)
+            await self.engine.remove(c.id)
+            message = f"stale container {c.name} ({c.id[:12]}) removed on {me}: {reason}"
+            log.info("%s", message)
+            self.events.emit("instance", ns, name, app, message, warning=True)
+
     async def run(self) -> None:
+        events = asyncio.create_task(self.events.run())
         try:
             await self.register()
-            await asyncio.gather(
-                self.heartbeat(), TunnelKeeper(self.config, self.store, self.engine).run()
-            )
+            await asyncio.gather(self.heartbeat(), self.tunnels.run())
         finally:
+            events.cancel()
+            await asyncio.gather(events, return_exceptions=True)
             await self.engine.close()
 
 

@@ -18,7 +18,7 @@ import secrets
 from dataclasses import dataclass, field
 
 from sigmad.models import PENDING, SCHEDULED, Instance, Node, NodeLock, Owner, now
-from sigmad.scheduler.placer import Binding, Request, Unplaced, place
+from sigmad.scheduler.placer import Binding, Decision, Request, Unplaced, place
 from sigmad.scheduler.snapshot import Snapshot, build_snapshot
 from sigmad.spec import AppSpec
 from sigmad.store import MAX_TXN_OPS, Guard, Op, Store, Versioned, batches
@@ -65,8 +65,7 @@ async def schedule_pending(
         ]
         if not pending:
             break
-        requests = [_request(v, apps[_app(v.value)]) for v in pending]
-        decision = place(snapshot, requests, rng)
+        decision = place_all(snapshot, pending, apps, rng)
         by_key = {v.key: v for v in pending}
         placed = [(by_key[k], b) for k, b in decision.placed.items()]
         failed, conflicts = await _commit(store, snapshot, apps, placed)
@@ -96,6 +95,32 @@ async def read(store: Store) -> tuple[Snapshot, list[Versioned[Instance]]]:
         {v.key.rsplit("/", 1)[-1]: v.mod_revision for v in locks},
     )
     return snapshot, instances
+
+
+def place_all(snapshot: Snapshot, pending: list[Versioned[Instance]], apps: dict[str, AppSpec],
+              rng: random.Random | None) -> Decision:
+    """Place instances that must go to one node (`sigmactl migrate --to`) on that node alone,
+    booking them into the snapshot, then everything else."""
+    decision = Decision()
+    by_target: dict[str, list[Request]] = {}
+    free: list[Request] = []
+    for v in pending:
+        request = _request(v, apps[_app(v.value)])
+        (by_target.setdefault(v.value.target, []) if v.value.target else free).append(request)
+    for node, requests in sorted(by_target.items()):
+        info = snapshot.nodes.get(node)
+        one = place(Snapshot(snapshot.revision, {node: info} if info else {}), requests, rng)
+        decision.unplaced.update(one.unplaced)
+        decision.placed.update(one.placed)
+        for r in requests:
+            if info is not None and r.key in one.placed:
+                info.requested.cpu_m += r.request.cpu_m
+                info.requested.memory += r.request.memory
+                info.ports.update(one.placed[r.key].ports)
+    rest = place(snapshot, free, rng)
+    decision.placed.update(rest.placed)
+    decision.unplaced.update(rest.unplaced)
+    return decision
 
 
 def _app(inst: Instance) -> str:
@@ -207,7 +232,7 @@ async def _send(
             names = [p.name for p in apps[_app(inst)].network.ports]
             guards.append(Guard(v.key, v.mod_revision))
             ops.append(Op(v.key, dataclasses.replace(
-                inst, state=SCHEDULED, node=binding.node, reason="", unschedulable={},
+                inst, state=SCHEDULED, node=binding.node, reason="", unschedulable={}, target="",
                 host_ports=dict(zip(names, binding.ports, strict=True)), updated=now(),
             )))
             for port in binding.ports:

@@ -292,3 +292,22 @@ def web_spec(replicas: int = 2, app: str = "web", script: str = HTTPD, **extra: 
     }
     spec.update(extra)
     return yaml.safe_dump(spec)
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One 3-host lab (tests.integration.labkit) for every lab test of the session; each
+    test removes its apps and heals what it broke."""
+    if os.geteuid() != 0:
+        pytest.skip("the lab needs root")
+    from tests.integration.labkit import LabCluster, build_lab  # it imports this module
+
+    root = tmp_path_factory.mktemp("lab")
+    built = build_lab(root)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SIGMA_CREDENTIALS", str(root / "credentials.json"))  # not the user's
+        try:
+            built.up()
+            yield LabCluster(built, root)
+        finally:
+            built.down()

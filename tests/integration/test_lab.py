@@ -1,143 +1,26 @@
 """The overlay on a 3-host lab: real dockerd per host in its own namespace, real VXLAN.
 
-One lab serves the whole module (building it takes ~20 s); every test cleans its apps up.
+One lab (the session's `lab` fixture) serves every lab test; each cleans its apps up.
 """
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from sigmad.lab import Lab, LabConfig
-from tests.integration.conftest import REPO, wait_for
+from tests.integration.conftest import wait_for
+from tests.integration.labkit import LabCluster, web
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
-HTTPD = ("mkdir -p /www && echo hello from $SIGMA_INSTANCE > /www/index.html && "
-         "exec httpd -f -p 8080 -h /www")
 GATEWAY = "10.244.0.1"
 
 
-def free_port(pair: bool = False) -> int:
-    """A free TCP port (with the next one free too when `pair`: etcd's peer port)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("0.0.0.0", 0))
-            port = int(s.getsockname()[1])
-        if not pair:
-            return port
-        with socket.socket() as s:
-            try:
-                s.bind(("0.0.0.0", port + 1))
-                return port
-            except OSError:
-                continue
-    raise AssertionError("no free port pair")
-
-
-class LabCluster:
-    """The lab, with sigmactl and engine helpers for the tests."""
-
-    def __init__(self, lab: Lab, root: Path) -> None:
-        self.lab = lab
-        self.env = {**os.environ, "SIGMA_SERVER": lab.server, "SIGMA_TOKEN": lab.token,
-                    "SIGMA_CREDENTIALS": str(root / "none.json"), "PYTHONPATH": str(REPO)}
-
-    def ctl(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "sigmactl", *args], capture_output=True,
-                              text=True, env=self.env, input=stdin, timeout=120)
-
-    def apply(self, spec: dict[str, Any]) -> None:
-        result = self.ctl("apply", "-f", "-", stdin=yaml.safe_dump(spec))
-        assert result.returncode == 0, result.stderr
-
-    def delete(self, app: str) -> None:
-        result = self.ctl("delete", "app", app, "--wait")
-        assert result.returncode == 0, result.stderr
-
-    def instances(self, app: str) -> list[dict[str, Any]]:
-        result = self.ctl("get", "instances", "--app", app, "-o", "json")
-        assert result.returncode == 0, result.stderr
-        return yaml.safe_load(result.stdout)  # type: ignore[no-any-return]
-
-    def running(self, app: str, count: int, timeout: float = 90) -> list[dict[str, Any]]:
-        def check() -> list[dict[str, Any]] | None:
-            items = self.instances(app)
-            ok = len(items) == count and all(i["state"] == "Running" for i in items)
-            return items if ok else None
-
-        return wait_for(check, timeout, f"{count} Running instances of {app}", 0.1)
-
-    def docker(self, node: str, *args: str, check: bool = True
-               ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["docker", "-H", self.lab.engines[node], *args],
-                              capture_output=True, text=True, check=check, timeout=60)
-
-    def in_instance(self, inst: dict[str, Any], *command: str
-                    ) -> subprocess.CompletedProcess[str]:
-        """Run `command` in the instance's first container."""
-        cid = inst["containers"][0]["id"]
-        return self.docker(inst["node"], "exec", cid, *command, check=False)
-
-    def fetch(self, inst: dict[str, Any], ip: str) -> str:
-        """HTTP GET of IP:8080 from inside `inst` (over the overlay)."""
-        return self.in_instance(inst, "timeout", "3", "wget", "-qO-", f"http://{ip}:8080").stdout
-
-    def in_host(self, node: str, *command: str) -> str:
-        return subprocess.run(
-            ["nsenter", f"--net=/var/run/netns/{self.lab.netns[node]}", *command],
-            capture_output=True, text=True, timeout=30, check=True,
-        ).stdout
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabCluster]:
-    if os.geteuid() != 0:
-        pytest.skip("the lab needs root")
-    root = tmp_path_factory.mktemp("lab")
-    config = LabConfig(
-        hosts=3, name=f"o{os.getpid() % 100000}", dir=root / "lab",
-        subnet=f"10.79.{os.getpid() % 250}.0/24", etcd_port=free_port(pair=True),
-        registry_port=free_port(), listen=f"127.0.0.1:{free_port()}", heartbeat_ttl=2,
-    )
-    built = Lab(config)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("SIGMA_CREDENTIALS", str(root / "credentials.json"))  # not the user's
-        try:
-            built.up()
-            yield LabCluster(built, root)
-        finally:
-            built.down()
-
-
-def web(app: str, replicas: int, **extra: Any) -> dict[str, Any]:
-    return {"app": app, "replicas": replicas, "containers": [{
-        "name": "main", "image": IMAGE_PLACEHOLDER, "command": ["sh", "-c", HTTPD],
-        "ready": {"tcp": 8080, "timeout": 20},
-        "resources": {"request": {"cpu": "10m", "memory": "8Mi"},
-                      "limit": {"memory": "64Mi"}},
-    }], **extra}
-
-
-IMAGE_PLACEHOLDER = "<lab image>"
-
-
-def with_image(spec: dict[str, Any], lab: LabCluster) -> dict[str, Any]:
-    for c in spec["containers"]:
-        c["image"] = lab.lab.image
-    return spec
-
-
 def test_six_replicas_spread_over_three_hosts_reach_each_other(lab: LabCluster) -> None:
-    lab.apply(with_image(web("mesh", 6), lab))
+    lab.apply(web(lab, "mesh", 6))
     items = lab.running("mesh", 6)
     try:
         assert {i["node"] for i in items} == {"h1", "h2", "h3"}
@@ -160,7 +43,7 @@ def test_six_replicas_spread_over_three_hosts_reach_each_other(lab: LabCluster) 
 
 
 def test_replaced_containers_keep_the_ip_and_deletion_releases_it(lab: LabCluster) -> None:
-    spec = with_image(web("keep", 2), lab)
+    spec = web(lab, "keep", 2)
     lab.apply(spec)
     before = {i["index"]: (i["ip"], i["containers"][0]["id"]) for i in lab.running("keep", 2)}
     spec["containers"][0]["env"] = {"RELEASE": "2"}  # a new template: containers replaced
@@ -182,8 +65,8 @@ def test_replaced_containers_keep_the_ip_and_deletion_releases_it(lab: LabCluste
 
 def test_recreated_elsewhere_with_the_same_ip_is_reachable_within_2s(lab: LabCluster) -> None:
     ip = "10.244.77.7"
-    client = with_image(web("client", 1, placement={"labels": {"host": "h3"}}), lab)
-    db = with_image(web("db", 1, network={"ip": ip}, placement={"labels": {"host": "h1"}}), lab)
+    client = web(lab, "client", 1, placement={"labels": {"host": "h3"}})
+    db = web(lab, "db", 1, network={"ip": ip}, placement={"labels": {"host": "h1"}})
     lab.apply(client)
     lab.apply(db)
     (peer,) = lab.running("client", 1)
@@ -206,7 +89,7 @@ def test_recreated_elsewhere_with_the_same_ip_is_reachable_within_2s(lab: LabClu
 
 
 def test_agent_restart_keeps_traffic_flowing(lab: LabCluster) -> None:
-    lab.apply(with_image(web("flow", 2, placement={"spread": "host"}), lab))
+    lab.apply(web(lab, "flow", 2, placement={"spread": "host"}))
     items = lab.running("flow", 2)
     try:
         src, dst = items
@@ -229,7 +112,7 @@ def test_agent_restart_keeps_traffic_flowing(lab: LabCluster) -> None:
 
 
 def test_the_gateway_answers_on_each_host_even_cut_off(lab: LabCluster) -> None:
-    lab.apply(with_image(web("gw", 3, placement={"spread": "host"}), lab))
+    lab.apply(web(lab, "gw", 3, placement={"spread": "host"}))
     items = lab.running("gw", 3)
     try:
         assert {i["node"] for i in items} == {"h1", "h2", "h3"}
@@ -250,7 +133,7 @@ def test_the_gateway_answers_on_each_host_even_cut_off(lab: LabCluster) -> None:
 
 
 def test_an_image_the_registry_lacks_is_a_clear_failure_retried(lab: LabCluster) -> None:
-    spec = with_image(web("ghost", 1), lab)
+    spec = web(lab, "ghost", 1)
     missing = lab.lab.image.replace("busybox", "nothing")
     spec["containers"][0]["image"] = missing
     lab.apply(spec)

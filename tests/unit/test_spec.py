@@ -243,7 +243,6 @@ def test_unknown_placement_field():
     [
         ({"volumes": [{"name": "data", "ssd": 1, "mount": "/data"}]}, "volumes"),
         ({"configs": [{"name": "c", "mount": "/etc/c"}]}, "configs"),
-        ({"migration": "auto"}, "migration"),
     ],
 )
 def test_design_fields_not_yet_supported(overrides, path):

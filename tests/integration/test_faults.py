@@ -1,0 +1,136 @@
+"""Broken hosts on the lab: a host that dies or is cut off loses its instances to healthy
+hosts, with the same names and IPs, reachable from a peer within 15 s; when it comes back it
+removes its stale copies before it is Ready, so no IP ever has two live holders."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import wait_for
+from tests.integration.labkit import LabCluster, web
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+MOVE_BOUND = 15.0  # seconds from the fault until a peer reaches the moved instance
+
+
+def one_per_host(lab: LabCluster) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """A client on h1 and an app `svc` with one instance on each host."""
+    lab.apply(web(lab, "client", 1, placement={"labels": {"host": "h1"}}))
+    lab.apply(web(lab, "svc", 3, placement={"spread": "host"}))
+    (client,) = lab.running("client", 1)
+    by_node = {i["node"]: i for i in lab.running("svc", 3)}
+    assert set(by_node) == {"h1", "h2", "h3"}
+    return client, by_node
+
+
+def node_ready(lab: LabCluster, name: str) -> bool:
+    nodes = lab.ctl("get", "nodes", "-o", "json").stdout
+    return any(n["name"] == name and n["status"] == "Ready" for n in _json(nodes))
+
+
+def _json(text: str) -> list[dict[str, Any]]:
+    import json
+
+    return json.loads(text)  # type: ignore[no-any-return]
+
+
+def live_ips(lab: LabCluster) -> Counter[str]:
+    """How many running sigma containers hold each overlay IP, over every host."""
+    held: Counter[str] = Counter()
+    for node in lab.lab.engines:
+        ids = lab.docker(node, "ps", "-q", "--filter", "label=sigma.instance").stdout.split()
+        for cid in ids:
+            ip = lab.docker(node, "inspect", "--format",
+                            "{{.NetworkSettings.Networks.sigma.IPAddress}}", cid).stdout.strip()
+            held[ip] += 1
+    return held
+
+
+def moved_and_reachable(lab: LabCluster, client: dict[str, Any], lost: dict[str, Any],
+                        since: float) -> float:
+    """Wait until the instance `lost` (on the broken host) runs on another host with its IP
+    and the client reaches it; seconds from `since`."""
+    def check() -> bool:
+        now = next(i for i in lab.instances("svc") if i["index"] == lost["index"])
+        return (now["state"] == "Running" and now["node"] != lost["node"]
+                and now["ip"] == lost["ip"]
+                and lab.fetch(client, lost["ip"]).strip() == f"hello from svc-{lost['index']}")
+
+    wait_for(check, MOVE_BOUND - (time.monotonic() - since), "the lost instance moved and "
+             "reachable again", 0.1)
+    return time.monotonic() - since
+
+
+def test_a_killed_host_loses_its_instances_to_healthy_hosts(lab: LabCluster) -> None:
+    client, by_node = one_per_host(lab)
+    lost = by_node["h3"]
+    try:
+        start = time.monotonic()
+        lab.lab.kill_host("h3")
+        took = moved_and_reachable(lab, client, lost, start)
+        print(f"kill-host: svc-{lost['index']} reachable on its IP again after {took:.1f}s")
+        events = lab.ctl("events", "--app", "svc").stdout
+        assert "NeedMigration: NodeLost: node h3 is NotReady" in events, events
+        lab.lab.heal("h3")
+        wait_for(lambda: node_ready(lab, "h3"), 30, "h3 Ready again")
+        assert lab.docker("h3", "ps", "-aq", "--filter", "label=sigma.app=svc").stdout == ""
+        assert max(live_ips(lab).values()) == 1
+        events = lab.ctl("events", "--app", "svc").stdout
+        assert "removed on h3: KilledBySigma(migrated)" in events, events
+    finally:
+        lab.lab.heal("h3")
+        lab.delete("svc")
+        lab.delete("client")
+
+
+def test_a_cut_off_host_rejoins_without_a_second_holder_of_any_ip(lab: LabCluster) -> None:
+    client, by_node = one_per_host(lab)
+    lost = by_node["h2"]
+    try:
+        start = time.monotonic()
+        lab.lab.partition("h2")
+        took = moved_and_reachable(lab, client, lost, start)
+        print(f"partition: svc-{lost['index']} reachable on its IP again after {took:.1f}s")
+        # The old copy still runs on the cut-off host: nobody can reach it there.
+        assert lab.docker("h2", "ps", "-q", "--filter", "label=sigma.app=svc").stdout.strip()
+        lab.lab.heal("h2")
+        wait_for(lambda: node_ready(lab, "h2"), 30, "h2 Ready again")
+        assert lab.docker("h2", "ps", "-aq", "--filter", "label=sigma.app=svc").stdout == ""
+        assert max(live_ips(lab).values()) == 1
+        assert lab.fetch(client, lost["ip"]).strip() == f"hello from svc-{lost['index']}"
+        events = lab.ctl("events", "--app", "svc").stdout
+        assert "removed on h2: KilledBySigma(migrated)" in events, events
+    finally:
+        lab.lab.heal("h2")
+        lab.delete("svc")
+        lab.delete("client")
+
+
+def test_manual_migration_waits_for_migrate(lab: LabCluster) -> None:
+    lab.apply(web(lab, "pinned", 1, migration="manual", placement={"labels": {"zone": "room-a"}}))
+    (inst,) = lab.running("pinned", 1)
+    first = inst["node"]
+    try:
+        lab.lab.kill_host(first)
+
+        def waiting() -> dict[str, Any] | None:
+            (now,) = lab.instances("pinned")
+            return now if now["state"] == "NeedMigration" else None
+
+        wait_for(waiting, 15, "NeedMigration")
+        time.sleep(2)
+        assert lab.instances("pinned")[0]["state"] == "NeedMigration"  # nothing moves it
+        other = "h3" if first == "h1" else "h1"  # room-a holds h1 and h3
+        result = lab.ctl("migrate", "pinned-0", "--to", other)
+        assert result.returncode == 0, result.stderr
+        (moved,) = lab.running("pinned", 1, timeout=30)
+        assert moved["node"] == other and moved["ip"] == inst["ip"]
+        refused = lab.ctl("migrate", "pinned-0")
+        assert refused.returncode == 1 and "not NeedMigration" in refused.stderr
+    finally:
+        lab.lab.heal(first)
+        lab.delete("pinned")
