@@ -17,7 +17,9 @@ KINDS = {
     "node": "nodes", "nodes": "nodes",
     "app": "apps", "apps": "apps",
     "instance": "instances", "instances": "instances",
+    "master": "masters", "masters": "masters",
 }
+UNSCOPED = ("nodes", "masters")  # kinds without namespace or app
 POLL_INTERVAL = 0.5
 
 
@@ -67,10 +69,10 @@ def apply(settings: Settings, file: IO[str], dry_run: bool) -> None:
 @click.pass_obj
 def get(settings: Settings, kind: str, namespace: str | None, app: str | None,
         fmt: str) -> None:
-    """List nodes, apps or instances."""
+    """List nodes, apps, instances or masters (the leader and the standbys)."""
     kind = KINDS[kind.lower()]
-    if kind == "nodes" and (namespace or app):
-        raise click.UsageError("nodes have no namespace or app: drop -n/--app")
+    if kind in UNSCOPED and (namespace or app):
+        raise click.UsageError(f"{kind} have no namespace or app: drop -n/--app")
     params = {k: v for k, v in (("namespace", namespace), ("app", app)) if v}
     if kind == "apps":
         params.pop("app", None)
@@ -144,7 +146,7 @@ def _wait_gone(client: Client, namespace: str, app: str, timeout: float) -> None
 
 
 for command in (commands.update, commands.events, commands.pool, commands.why,
-                commands.migrate):
+                commands.migrate, commands.drain, commands.uncordon):
     cli.add_command(command)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -176,3 +177,44 @@ def migrate(settings: Settings, instance: str, to: str, namespace: str,
         click.echo(f"{answer.get('namespace')}/{instance} is migrating "
                    f"{'to ' + to if to else 'to a node that fits'} (IP {answer.get('ip')}); "
                    f"follow it with 'sigmactl get instances -o wide'")
+
+
+@click.command()
+@click.argument("node")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Follow the moves until the node holds no instance.")
+@click.option("--timeout", default=600, show_default=True, help="Seconds to wait at most.")
+@click.pass_obj
+def drain(settings: Settings, node: str, wait: bool, timeout: int) -> None:
+    """Move every instance off NODE, one at a time (each new copy ready before the old one
+    stops, with the same IP), and keep new ones away (Draining). Undo with uncordon."""
+    client = settings.client()
+    client.post_json(api_path("nodes", node, "drain"), {})
+    click.echo(f"node {node} is Draining: nothing new lands there")
+    if not wait:
+        return
+    deadline, last = time.monotonic() + timeout, None
+    while True:
+        left = [i for i in items(client.get(api_path("instances"))) if i.get("node") == node]
+        if not left:
+            click.echo(f"node {node} is drained")
+            return
+        moving = ", ".join(f"{i['name']} → {i['next_node']}" for i in left if i.get("next_node"))
+        line = f"{len(left)} instance(s) left on {node}" + (f"; moving {moving}" if moving else "")
+        if line != last:
+            click.echo(line)
+            last = line
+        if time.monotonic() > deadline:
+            raise click.ClickException(
+                f"{len(left)} instance(s) still on {node} after {timeout}s; see "
+                f"'sigmactl get instances -o wide' and 'sigmactl why' for the reason")
+        time.sleep(1)
+
+
+@click.command()
+@click.argument("node")
+@click.pass_obj
+def uncordon(settings: Settings, node: str) -> None:
+    """Let NODE take new instances again (undoes drain)."""
+    settings.client().post_json(api_path("nodes", node, "uncordon"), {})
+    click.echo(f"node {node} takes new instances again")

@@ -15,6 +15,7 @@ from sigmad import __version__, records, resize, spec
 from sigmad.engine import EnginePool
 from sigmad.errors import Conflict, NotFound, SigmaError, SpecError, Unauthorized
 from sigmad.events import Event
+from sigmad.leader import LeaderRecord, MasterRecord, masters_view
 from sigmad.models import (
     DRAINING,
     NEED_MIGRATION,
@@ -69,6 +70,8 @@ def make_app(store: Store, token: str) -> web.Application:
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/v1/nodes", api.list_nodes)
     app.router.add_get("/v1/nodes/{name}", api.get_node)
+    app.router.add_post("/v1/nodes/{name}/drain", api.drain)
+    app.router.add_post("/v1/nodes/{name}/uncordon", api.uncordon)
     app.router.add_get("/v1/apps", api.list_apps)
     app.router.add_put("/v1/apps", api.apply)
     app.router.add_get("/v1/apps/{ns}/{app}", api.get_app)
@@ -79,6 +82,7 @@ def make_app(store: Store, token: str) -> web.Application:
     app.router.add_get("/v1/pool", api.pool)
     app.router.add_get("/v1/instances/{ns}/{name}", api.get_instance)
     app.router.add_post("/v1/instances/{ns}/{name}/migrate", api.migrate)
+    app.router.add_get("/v1/masters", api.masters)
     return app
 
 
@@ -127,6 +131,27 @@ class Api:
             if view["name"] == name:
                 return _json(view)
         raise NotFound(f"node {name} not found")
+
+    async def _set_draining(self, request: web.Request, draining: bool) -> web.Response:
+        name = request.match_info["name"]
+        key = self.keys.node(name)
+        for _ in range(5):  # the agent may rewrite its record meanwhile: CAS again
+            rec = await self.store.get(key, Node)
+            if rec is None:
+                raise NotFound(f"node {name} not found: see 'sigmactl get nodes'")
+            rec.value.draining = draining
+            if await self.store.update(key, rec.value, rec.mod_revision):
+                return await self.get_node(request)
+        raise Conflict(f"node {name} kept changing: try again")
+
+    async def drain(self, request: web.Request) -> web.Response:
+        """Mark a node Draining: nothing new lands there, and its instances move off one at a
+        time, each new copy ready before the old one stops."""
+        return await self._set_draining(request, True)
+
+    async def uncordon(self, request: web.Request) -> web.Response:
+        """Undo drain: the node takes new instances again."""
+        return await self._set_draining(request, False)
 
     def _app_view(self, rec: AppRecord, instances: list[Instance]) -> dict[str, Any]:
         s = rec.spec
@@ -328,6 +353,12 @@ class Api:
         if not await self.store.commit([Guard(rec.key, rec.mod_revision)], ops):
             raise Conflict(f"instance {inst.key} changed meanwhile: try again")
         return _json(_instance_view(inst))
+
+    async def masters(self, request: web.Request) -> web.Response:
+        """The leader record and every running master with its role (sigmad.leader)."""
+        leader = await self.store.get(self.keys.leader(), LeaderRecord)
+        seen, _ = await self.store.scan(self.keys.masters(), MasterRecord)
+        return _json(masters_view(leader.value if leader else None, [v.value for v in seen]))
 
 
 def _event_filter(request: web.Request) -> Callable[[Event], bool]:

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass
 
-from sigmad import scheduler
+from sigmad import moves, scheduler
 from sigmad.config import DEFAULT_OVERLAY_CIDR
 from sigmad.engine import LABEL_INSTANCE, Engine, EnginePool
 from sigmad.errors import EngineError, SigmaError
@@ -145,7 +145,7 @@ class Controller:
         state = await self.read()
         taken = await self._sync_instances(state)
         await self._claim_ips(state, taken)
-        await self._commit(self._node_losses(state))
+        await self._commit(self._node_losses(state) + self._drains(state))
         await self._schedule(state)
         if any(
             (app := state.apps.get(f"{v.value.namespace}/{v.value.app}")) is not None
@@ -167,7 +167,7 @@ class Controller:
                 continue
             app = state.apps.get(f"{inst.value.namespace}/{inst.value.app}")
             settled = (
-                inst.value.state == RUNNING and app is not None
+                inst.value.state == RUNNING and app is not None and not inst.value.next_node
                 and inst.value.generation == app.value.template_generation
             )
             if settled and not full and key not in self.dirty:
@@ -187,6 +187,12 @@ class Controller:
             inst = v.value
             app = state.apps.get(f"{inst.namespace}/{inst.app}")
             lost = bool(inst.node) and inst.node not in state.ready
+            if inst.next_node and inst.next_node not in state.ready and not lost:
+                ops = [Op(self.keys.port(inst.next_node, p), delete=True)
+                       for p in inst.next_ports.values()]
+                inst.move, inst.next_node, inst.next_ports = "", "", {}
+                items.append(([Guard(v.key, v.mod_revision)], [Op(v.key, inst), *ops]))
+                continue
             if inst.state == NEED_MIGRATION and not lost and inst.node:
                 inst.state, inst.reason = SCHEDULED, f"node {inst.node} is back"
             elif lost and inst.state not in (PENDING, TERMINATING, NEED_MIGRATION):
@@ -207,6 +213,22 @@ class Controller:
                                  "migrating (migration: auto)")
             inst.updated = now()
             items.append(([Guard(v.key, v.mod_revision)], ops))
+        return items
+
+    def _drains(self, state: ClusterState) -> list[Change]:
+        """Ask for a live move of one instance at a time off each draining node (the
+        scheduler books where it goes; sigmad.moves moves it)."""
+        items: list[Change] = []
+        for name in sorted(n for n, node in state.nodes.items() if node.draining):
+            on = sorted((v for v in state.instances.values() if v.value.node == name),
+                        key=lambda v: v.key)
+            if any(v.value.move for v in on):
+                continue  # one at a time: each new copy ready before the next move starts
+            v = next((v for v in on if v.value.state not in (PENDING, TERMINATING,
+                                                               NEED_MIGRATION)), None)
+            if v is not None:
+                v.value.move, v.value.updated = f"drain {name}", now()
+                items.append(([Guard(v.key, v.mod_revision)], [Op(v.key, v.value)]))
         return items
 
     def _release_ports(self, inst: Instance) -> list[Op]:
@@ -414,7 +436,8 @@ class Controller:
 
     async def _sweep_orphans(self, state: ClusterState) -> None:
         """Remove sigma containers on Ready nodes that no instance record places there."""
-        wanted = {(i.value.key, i.value.node) for i in state.instances.values()}
+        wanted = {(i.value.key, node) for i in state.instances.values()
+                  for node in (i.value.node, i.value.next_node) if node}
         for name in sorted(state.ready & set(state.nodes)):
             engine, _ = self.engines.get(name, state.nodes[name].engine)
             try:
@@ -452,6 +475,13 @@ class Controller:
             return
         if engine is None or node is None or app is None:
             return  # no node to run on yet, or the next pass marks it Terminating
+        if inst.next_node:
+            target = await self.store.get(self.keys.node(inst.next_node), Node)
+            if target is not None:
+                new = self.engines.get(inst.next_node, target.value.engine)[0]
+                await moves.move_step(self.store, rec, app.value, engine, new,
+                                      target.value.address, report, self._again)
+            return
         before = _fingerprint(inst)
         state = inst.state
         try:
@@ -467,6 +497,10 @@ class Controller:
                 log.info("%s: record changed meanwhile; next pass retries", inst.key)
                 self.dirty.add(inst.key)
         self._revisit(inst, hold)
+
+    def _again(self) -> None:
+        """Ask for a pass soon (a step in progress, e.g. a live move's readiness probes)."""
+        asyncio.get_running_loop().call_later(STEP_AGAIN, self.wake.set)
 
     def _revisit(self, inst: Instance, hold: str) -> None:
         """Ask for a pass when this instance needs another step: when its restart back-off

@@ -126,6 +126,9 @@ class Instance:
     ip: str = ""
     host_ports: dict[str, int] = field(default_factory=dict)  # port name → host port
     target: str = ""  # the node a `migrate --to` asked for ("" = wherever it fits)
+    move: str = ""  # why a live move was asked for (e.g. "drain h2"); the scheduler books it
+    next_node: str = ""  # a live move in progress: booked there too, started there first
+    next_ports: dict[str, int] = field(default_factory=dict)  # host ports booked on it
     request: Resources = field(default_factory=Resources)
     containers: list[ContainerStatus] = field(default_factory=list)
     restarts: int = 0
@@ -150,6 +153,7 @@ class Instance:
         host ports and containers stay behind (the caller releases the port keys)."""
         self.state, self.reason = PENDING, reason
         self.node, self.host_ports, self.containers = "", {}, []
+        self.move, self.next_node, self.next_ports = "", "", {}
         self.next_start, self.streak, self.updated = 0.0, 0, now()
 
     def terminated(self, container: str, reason: str, container_id: str = "") -> None:

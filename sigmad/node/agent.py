@@ -145,7 +145,7 @@ class Agent:
             app, _, index = name.rpartition("-")
             rec = await self.store.get(self.store.keys.instance(ns, app, int(index)), Instance)\
                 if index.isdigit() else None
-            if rec is not None and rec.value.node == me:
+            if rec is not None and me in (rec.value.node, rec.value.next_node):
                 continue
             reason = "KilledBySigma(migrated)" if rec and rec.value.node else \
                 "KilledBySigma(deleted)"

@@ -60,7 +60,7 @@ async def schedule_pending(
         result.rounds += 1
         pending = [
             v for v in instances
-            if v.value.state == PENDING and v.value.ip and _app(v.value) in apps
+            if _wants_a_node(v.value) and _app(v.value) in apps
             and (todo is None or v.key in todo)
         ]
         if not pending:
@@ -121,6 +121,11 @@ def place_all(snapshot: Snapshot, pending: list[Versioned[Instance]], apps: dict
     decision.placed.update(rest.placed)
     decision.unplaced.update(rest.unplaced)
     return decision
+
+
+def _wants_a_node(inst: Instance) -> bool:
+    """Pending with its overlay IP, or asked to move live and not booked elsewhere yet."""
+    return (inst.state == PENDING and bool(inst.ip)) or (bool(inst.move) and not inst.next_node)
 
 
 def _app(inst: Instance) -> str:
@@ -231,10 +236,18 @@ async def _send(
             inst = v.value
             names = [p.name for p in apps[_app(inst)].network.ports]
             guards.append(Guard(v.key, v.mod_revision))
-            ops.append(Op(v.key, dataclasses.replace(
-                inst, state=SCHEDULED, node=binding.node, reason="", unschedulable={}, target="",
-                host_ports=dict(zip(names, binding.ports, strict=True)), updated=now(),
-            )))
+            ports = dict(zip(names, binding.ports, strict=True))
+            if inst.state == PENDING:
+                placed = dataclasses.replace(
+                    inst, state=SCHEDULED, node=binding.node, reason="", unschedulable={},
+                    target="", host_ports=ports, updated=now(),
+                )
+            else:  # a live move: started there first, the old copy keeps running meanwhile
+                placed = dataclasses.replace(
+                    inst, next_node=binding.node, next_ports=ports, unschedulable={},
+                    reason=f"moving to {binding.node} ({inst.move})", updated=now(),
+                )
+            ops.append(Op(v.key, placed))
             for port in binding.ports:
                 key = keys.port(binding.node, port)
                 guards.append(Guard(key, 0))

@@ -76,14 +76,16 @@ def build_snapshot(
         for n in sorted(nodes, key=lambda n: n.name)
     }
     for inst in instances:
-        info = infos.get(inst.node)
-        if info is None:
-            continue
-        info.requested.cpu_m += inst.request.cpu_m
-        info.requested.memory += inst.request.memory
-        info.ports.update(inst.host_ports.values())
-        app = f"{inst.namespace}/{inst.app}"
-        info.apps[app] = info.apps.get(app, 0) + 1
+        # A moving instance books its node and the node it moves to.
+        for node, ports in ((inst.node, inst.host_ports), (inst.next_node, inst.next_ports)):
+            info = infos.get(node)
+            if info is None:
+                continue
+            info.requested.cpu_m += inst.request.cpu_m
+            info.requested.memory += inst.request.memory
+            info.ports.update(ports.values())
+            app = f"{inst.namespace}/{inst.app}"
+            info.apps[app] = info.apps.get(app, 0) + 1
     return Snapshot(revision, infos)
 
 

@@ -4,6 +4,7 @@ removes its stale copies before it is Ready, so no IP ever has two live holders.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections import Counter
 from typing import Any
@@ -134,3 +135,39 @@ def test_manual_migration_waits_for_migrate(lab: LabCluster) -> None:
     finally:
         lab.lab.heal(first)
         lab.delete("pinned")
+
+
+def test_drain_under_traffic_fails_no_request(lab: LabCluster) -> None:
+    client, by_node = one_per_host(lab)
+    moving = by_node["h2"]
+    ips = " ".join(i["ip"] for i in by_node.values())
+    # The client asks every instance in turn, 5 requests a second, for ~12 s.
+    loop = (f"for n in $(seq 1 20); do for ip in {ips}; do "
+            "timeout 3 wget -qO- http://$ip:8080 >/dev/null && echo ok || echo FAIL $ip; "
+            "sleep 0.2; done; done")
+    traffic = subprocess.Popen(
+        ["docker", "-H", lab.lab.engines["h1"], "exec", client["containers"][0]["id"],
+         "sh", "-c", loop], stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        time.sleep(1)
+        drained = lab.ctl("drain", "h2", "--timeout", "60")
+        assert drained.returncode == 0, drained.stderr
+        assert "node h2 is drained" in drained.stdout
+        out, _ = traffic.communicate(timeout=60)
+        assert out.count("ok") == 60 and "FAIL" not in out, out
+        (now,) = [i for i in lab.instances("svc") if i["index"] == moving["index"]]
+        assert now["node"] != "h2" and now["ip"] == moving["ip"] and now["state"] == "Running"
+        assert now["terminations"][-1]["reason"] == "KilledBySigma(migrated)"
+        wait_for(lambda: lab.docker("h2", "ps", "-aq", "--filter",  # stopped after the flip
+                                    "label=sigma.app=svc").stdout == "", 20, "old copy gone")
+        nodes = {n["name"]: n["status"] for n in _json(lab.ctl("get", "nodes", "-o",
+                                                               "json").stdout)}
+        assert nodes["h2"] == "Draining"
+    finally:
+        traffic.kill()
+        lab.ctl("uncordon", "h2")
+        lab.delete("svc")
+        lab.delete("client")
+    nodes = {n["name"]: n["status"] for n in _json(lab.ctl("get", "nodes", "-o", "json").stdout)}
+    assert nodes["h2"] == "Ready"
