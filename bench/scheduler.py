@@ -16,7 +16,6 @@ import os
 import platform
 import pstats
 import random
-import re
 import resource
 import socket
 import subprocess
@@ -31,6 +30,7 @@ from typing import TypeVar
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.docs import write_section  # noqa: E402
 from sigmad.models import Instance, Node, Overcommit  # noqa: E402
 from sigmad.procs import EtcdProcess  # noqa: E402
 from sigmad.scheduler import (  # noqa: E402
@@ -387,16 +387,6 @@ Python {platform.python_version()}, {etcd_version}, one local etcd member on ext
                 f"--etcd-instances {a.etcd_instances} --seed {a.seed}")
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace (or add) the "## Scheduler" section of `path`."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(r"^## Scheduler\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else (
-        text.rstrip("\n") + "\n\n" + section
-    )
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=5000)
@@ -422,7 +412,7 @@ def main() -> None:
     report = Report(args, result, spread, binpack, etcd, rss)
     section = report.markdown()
     print(section)
-    write_section(args.out, section)
+    write_section(args.out, "Scheduler", section)
 
 
 if __name__ == "__main__":
