@@ -444,3 +444,30 @@ def test_lacks_counts_only_growth_past_the_free_room():
     assert n.lacks(Resources(201, 0)) == ["cpu"]
     assert n.lacks(Resources(300, GI)) == ["cpu", "memory"]
     assert n.lacks(Resources(-500, -GI)) == []  # shrinking always fits
+
+
+def test_a_moving_instance_books_both_nodes() -> None:
+    moving = an_instance(0, "a", 1000, GI)
+    moving.next_node, moving.next_ports = "b", {"http": 31005}
+    s = build_snapshot([a_node("a"), a_node("b")], {"a", "b"}, [moving], revision=1)
+    assert s.nodes["a"].requested == s.nodes["b"].requested == Resources(1000, GI)
+    assert s.nodes["b"].ports == {31005}
+
+
+def test_migrate_to_a_node_places_only_there() -> None:
+    from sigmad.scheduler.binder import place_all
+    from sigmad.spec import validate
+    from sigmad.store import Versioned
+
+    spec = validate({"app": "web", "namespace": "ns",
+                     "containers": [{"name": "main", "image": "busybox"}]})
+    pinned = an_instance(0, "", 100, 0)
+    pinned.ip, pinned.target, pinned.state = "10.244.0.5", "c", "Pending"
+    nodes = [a_node("a"), a_node("b"), a_node("c", cpu_m=50)]
+    s = build_snapshot(nodes, {"a", "b", "c"}, [], revision=1)
+    decision = place_all(s, [Versioned("/k/0", pinned, 1)], {"ns/web": spec}, None)
+    assert "/k/0" in decision.unplaced  # c is too small, and no other node may take it
+    assert "insufficient cpu" in decision.unplaced["/k/0"].reason
+    pinned.target = "b"
+    decision = place_all(s, [Versioned("/k/0", pinned, 1)], {"ns/web": spec}, None)
+    assert decision.placed["/k/0"].node == "b"
