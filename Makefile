@@ -11,8 +11,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 # Debian packages sigma needs at run and test time: the engine, etcd, the static busybox the
-# demo image is built from, a local registry, `ip`, curl (demo), and venv support for python3.
-APT_PACKAGES := docker.io etcd-server busybox-static docker-registry iproute2 curl python3-venv
+# images are built from, the lab's registry, `ip` and `bridge`, iptables (the lab's underlay
+# bridge needs a FORWARD rule), curl, and venv support for python3.
+APT_PACKAGES := docker.io etcd-server busybox-static docker-registry iproute2 iptables curl python3-venv
 
 # Only the source directories that exist (bench/ may not yet).
 LINT_DIRS := $(wildcard sigmad sigmactl tests bench)
@@ -20,8 +21,10 @@ LINT_DIRS := $(wildcard sigmad sigmactl tests bench)
 .PHONY: help deps system-deps venv lint test demo demo-stop clean
 
 help:
-	@echo "make demo       start dockerd (if none), sigmad dev and the example app web"
-	@echo "make demo-stop  stop what 'make demo' started"
+	@echo "make demo       (root) build a 3-host lab here, or reuse it (sigmad lab up: netns + dockerd"
+	@echo "                + agent per host, registry, etcd, master), run 6 replicas of the example app"
+	@echo "                web across the hosts and fetch the others from inside web-0 over the overlay"
+	@echo "make demo-stop  delete web and remove the lab (sigmad lab down); check nothing is left"
 	@echo "make test       lint (ruff, mypy) and run unit + integration tests (root)"
 	@echo "make lint       ruff and mypy only"
 	@echo "make deps       install missing system packages and the .venv"
@@ -39,7 +42,8 @@ system-deps:
 	    docker.io)       command -v dockerd >/dev/null 2>&1 && command -v docker >/dev/null 2>&1 && continue ;; \
 	    etcd-server)     command -v etcd >/dev/null 2>&1 && continue ;; \
 	    docker-registry) command -v docker-registry >/dev/null 2>&1 && continue ;; \
-	    iproute2)        command -v ip >/dev/null 2>&1 && continue ;; \
+	    iproute2)        command -v ip >/dev/null 2>&1 && command -v bridge >/dev/null 2>&1 && continue ;; \
+	    iptables)        command -v iptables >/dev/null 2>&1 && continue ;; \
 	    curl)            command -v curl >/dev/null 2>&1 && continue ;; \
 	    python3-venv)    $(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 && continue ;; \
 	  esac; \
