@@ -158,6 +158,7 @@ class Api:
         mine = [i for i in instances if i.namespace == s.namespace and i.app == s.app]
         return {
             "namespace": s.namespace, "app": s.app, "generation": rec.generation,
+            "template_generation": rec.template_generation,
             "replicas": s.replicas, "running": sum(i.state == RUNNING for i in mine),
             "spec": records.to_dict(s), "created": rec.created, "updated": rec.updated,
         }
