@@ -134,11 +134,25 @@ def _instance_cells(i: Item, now: float) -> list[Cell]:
     ]
 
 
-CELLS = {"nodes": _node_cells, "apps": _app_cells, "instances": _instance_cells}
+def _master_cells(m: Item, now: float) -> list[Cell]:
+    since = m.get("since")
+    return [
+        ("ID", m["id"], False),
+        ("API", m.get("api", ""), False),
+        ("ROLE", m.get("role", ""), False),
+        ("AGE", age(since, now), False),  # how long it has had its role
+        ("SINCE", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else NONE,
+         True),
+    ]
+
+
+CELLS = {"nodes": _node_cells, "apps": _app_cells, "instances": _instance_cells,
+         "masters": _master_cells}
 
 
 def list_table(kind: str, items: Sequence[Item], wide: bool, now: float) -> str:
-    """The table of `get KIND` (`nodes`, `apps`, `instances`) for non-empty `items`."""
+    """The table of `get KIND` (`nodes`, `apps`, `instances`, `masters`) for non-empty
+    `items`."""
     rows = [[c for c in CELLS[kind](item, now) if wide or not c[2]] for item in items]
     return table([c[0] for c in rows[0]], [[c[1] for c in row] for row in rows])
 

@@ -138,14 +138,17 @@ def _open_lab(name: str, directory: Path | None) -> Lab:
 @click.option("--etcd-port", default=12479, show_default=True, type=int,
               help="etcd client port (the peer port is the next one)")
 @click.option("--registry-port", default=5000, show_default=True, type=int)
-@click.option("--listen", default="127.0.0.1:7575", show_default=True, help="master API")
+@click.option("--listen", default="127.0.0.1:7575", show_default=True,
+              help="master API (more masters take the next ports)")
+@click.option("--masters", default=1, show_default=True, type=int,
+              help="number of masters (2: an HA pair, one leader and one standby)")
 @click.option("--heartbeat-ttl", default=5, show_default=True, type=int)
 @click.option("--port-range", default="31000-31099", show_default=True,
               help="host ports of each node")
 def lab_up(hosts: int, name: str, directory: Path | None, subnet: str, overlay_cidr: str,
-           etcd_port: int, registry_port: int, listen: str, heartbeat_ttl: int,
+           etcd_port: int, registry_port: int, listen: str, masters: int, heartbeat_ttl: int,
            port_range: str) -> None:
-    """Build a lab: bridge, hosts h1..hN, etcd, registry, image, master, agents."""
+    """Build a lab: bridge, hosts h1..hN, etcd, registry, image, master(s), agents."""
     from sigmad.lab import Lab, LabConfig, LabError
     from sigmad.lab.config import parse_port_range
     from sigmad.lab.report import summary
@@ -153,7 +156,7 @@ def lab_up(hosts: int, name: str, directory: Path | None, subnet: str, overlay_c
     def up() -> None:
         config = LabConfig(hosts=hosts, name=name, dir=directory, subnet=subnet,
                            overlay_cidr=overlay_cidr, etcd_port=etcd_port,
-                           registry_port=registry_port, listen=listen,
+                           registry_port=registry_port, listen=listen, masters=masters,
                            heartbeat_ttl=heartbeat_ttl, port_range=parse_port_range(port_range))
         the_lab = Lab(config, out=click.echo)
         fresh = the_lab.state is None  # else `up` refuses: the lab exists

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ DEFAULT_PREFIX = "/sigma/v1"
 DEFAULT_LISTEN = "127.0.0.1:7475"
 DEFAULT_ENGINE = "unix:///var/run/docker.sock"
 DEFAULT_OVERLAY_CIDR = "10.244.0.0/16"
+DEFAULT_LEADER_TTL = 5
+MASTER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,62}$")
 
 
 @dataclass
@@ -34,6 +37,23 @@ class MasterConfig:
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
     reconcile_interval: float = 5.0
     overlay_cidr: str = DEFAULT_OVERLAY_CIDR
+    id: str = ""  # "" = HOSTNAME:PORT (see master_id)
+    advertise: str = ""  # the API's URL for others; "" = http://LISTEN (see api_url)
+    leader_ttl: int = DEFAULT_LEADER_TTL
+
+    def master_id(self) -> str:
+        """This master's id: `id`, else this host's name and the listen port."""
+        return self.id or f"{socket.gethostname()}:{self.listen.rpartition(':')[2]}"
+
+    def api_url(self) -> str:
+        """The URL others reach this master's API at: `advertise`, else http://LISTEN (with
+        this host's name for a wildcard listen address)."""
+        if self.advertise:
+            return self.advertise.rstrip("/")
+        host, _, port = self.listen.rpartition(":")
+        if host in ("", "0.0.0.0", "::", "[::]"):
+            host = socket.gethostname()
+        return f"http://{host}:{port}"
 
 
 @dataclass
@@ -113,10 +133,22 @@ def master_config(fields: Fields) -> MasterConfig:
     listen = fields.take("listen", DEFAULT_LISTEN)
     if not isinstance(listen, str) or ":" not in listen:
         raise SpecError("listen", "must be HOST:PORT")
+    master_id = fields.take("id", "")
+    if not isinstance(master_id, str) or (master_id and not MASTER_ID_RE.match(master_id)):
+        raise SpecError("id", "must be 1 to 63 letters, digits, '.', '_', ':' or '-' "
+                        "(default: HOSTNAME:PORT)")
+    advertise = fields.take("advertise", "")
+    if not isinstance(advertise, str) or (
+        advertise and not advertise.startswith(("http://", "https://"))
+    ):
+        raise SpecError("advertise", "must be a URL like http://10.0.0.1:7475")
+    ttl = fields.take("leader_ttl", DEFAULT_LEADER_TTL)
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 2:
+        raise SpecError("leader_ttl", "must be a whole number of seconds, at least 2")
     config = MasterConfig(
         token=token, listen=listen, etcd=_etcd(fields),
         reconcile_interval=_number(fields, "reconcile_interval", 5.0, 0.1),
-        overlay_cidr=_cidr(fields),
+        overlay_cidr=_cidr(fields), id=master_id, advertise=advertise, leader_ttl=ttl,
     )
     fields.done()
     return config

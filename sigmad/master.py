@@ -9,6 +9,7 @@ from aiohttp import web
 from sigmad.api import make_app
 from sigmad.config import EtcdConfig, MasterConfig
 from sigmad.controller import Controller
+from sigmad.leader import Elector
 from sigmad.store import Store
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,26 @@ async def serve_api(etcd: EtcdConfig, token: str, listen: str) -> web.AppRunner:
 
 
 async def run_master(config: MasterConfig) -> None:
-    """Serve the API and run the controller until cancelled."""
+    """Serve the API, and run the controller while this master leads, until cancelled.
+
+    The controller gets a store of its own, fenced by the leader key while this master leads
+    (sigmad.leader); the election has a store with short timeouts, so that a lost etcd is
+    noticed within the lease's TTL."""
     runner = await serve_api(config.etcd, config.token, config.listen)
+    ttl = config.leader_ttl
+    election = Store(config.etcd.endpoints, config.etcd.prefix, retry_for=ttl / 3,
+                     rpc_timeout=max(1.0, ttl / 3))
     store = Store(config.etcd.endpoints, config.etcd.prefix)
-    try:
+    elector = Elector(election, store, config.master_id(), config.api_url(), ttl)
+
+    async def lead() -> None:
         await Controller(store, config.reconcile_interval, config.overlay_cidr).run()
+
+    log.info("master %s (API %s) campaigns for leadership (lease TTL %ds)",
+             elector.id, elector.api, ttl)
+    try:
+        await elector.run(lead)
     finally:
         await runner.cleanup()
         await store.close()
+        await election.close()

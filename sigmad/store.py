@@ -10,7 +10,7 @@ import asyncio
 import functools
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
@@ -21,7 +21,7 @@ import aetcd.rpc
 import aetcd.utils
 
 from sigmad import records
-from sigmad.errors import StoreUnavailable
+from sigmad.errors import SigmaError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -99,6 +99,16 @@ class Keys:
     def events(self) -> str:
         return self._k("events", "")
 
+    def leader(self) -> str:
+        """The leader record, leased by its holder; every controller write compares it."""
+        return self._k("leader")
+
+    def masters(self) -> str:
+        return self._k("masters", "")
+
+    def master(self, master_id: str) -> str:
+        """A master's presence record, leased by it."""
+        return self._k("masters", master_id)
 
 
 @dataclass
@@ -112,10 +122,28 @@ class Versioned(Generic[T]):
 
 @dataclass
 class Guard:
-    """A transaction precondition: `key` is at `mod_revision` (0: the key is absent)."""
+    """A transaction precondition: `key` is at `mod_revision` (0: the key is absent; below 0:
+    never holds)."""
 
     key: str
     mod_revision: int
+
+
+@dataclass
+class Claim:
+    """The answer of a leased create-if-absent: the key's mod_revision if it is ours (0 if
+    another holds it), and the store revision the answer was read at."""
+
+    mod_revision: int
+    revision: int
+
+
+class Deposed(SigmaError):
+    """A fenced write failed because its fence (the leader key as won) no longer holds: this
+    process is not the leader any more and must stop writing."""
+
+    code = "deposed"
+    status = 503
 
 
 @dataclass
@@ -150,7 +178,12 @@ def batches(items: list[T], cost: Callable[[T], int]) -> list[list[T]]:
 
 
 class Store:
-    """An etcd client for one cluster (a list of endpoints, tried in turn)."""
+    """An etcd client for one cluster (a list of endpoints, tried in turn: a connection
+    failure moves to the next one).
+
+    `fence`, when set, is compared by every write of this instance (commit, create, update,
+    put, delete): the leader's controller store carries the leader key as won, so a deposed
+    leader writes nothing and sees `Deposed`; `on_deposed` is then called too."""
 
     def __init__(
         self, endpoints: list[str], prefix: str = "/sigma/v1", retry_for: float = 30.0,
@@ -165,6 +198,8 @@ class Store:
         self._current = 0
         self._client = self._new_client()
         self._outage = False
+        self.fence: Guard | None = None
+        self.on_deposed: Callable[[], None] | None = None
 
     def _new_client(self) -> aetcd.Client:
         url = urlsplit(self.endpoints[self._current])
@@ -265,6 +300,9 @@ class Store:
         return {kv.key.decode(): kv.mod_revision for kv in kvs}
 
     async def put(self, key: str, record: Any, lease: int = 0) -> None:
+        if self.fence is not None:  # a transaction with just the fence
+            await self.commit([], [Op(key, record, lease=lease)])
+            return
         data = records.dumps(record)
         await self._call("put", lambda c: c.put(key.encode(), data, lease=lease or None))
 
@@ -282,44 +320,83 @@ class Store:
         return await self.commit(guards, [Op(key, delete=True)])
 
     async def commit(self, guards: list[Guard], ops: list[Op]) -> bool:
-        """One transaction: all `ops` if every guard holds, else nothing. False on conflict."""
+        """One transaction: all `ops` if every guard (and the fence) holds, else nothing.
+        False on conflict; `Deposed` if the fence failed."""
         if len(guards) + len(ops) > MAX_TXN_OPS:
             raise ValueError(f"a transaction holds at most {MAX_TXN_OPS} guards and ops")
         tx = aetcd.transactions
-        compare = [
-            tx.Mod(g.key.encode()) == g.mod_revision if g.mod_revision
-            else tx.Version(g.key.encode()) == 0
-            for g in guards
-        ]
+        fence = self.fence
+        compare = [_compare(g) for g in (*guards, *([fence] if fence else []))]
         success = [
             tx.Delete(op.key.encode()) if op.delete
             else tx.Put(op.key.encode(), records.dumps(op.record), lease=op.lease or None)
             for op in ops
         ]
-        succeeded, _ = await self._call(
-            "transaction", lambda c: c.transaction(compare=compare, success=success, failure=[])
+        failure = [tx.Get(fence.key.encode())] if fence else []
+        succeeded, responses = await self._call(
+            "transaction",
+            lambda c: c.transaction(compare=compare, success=success, failure=failure),
         )
+        if not succeeded and fence is not None and not _holds(fence, responses):
+            if self.on_deposed is not None:
+                self.on_deposed()
+            raise Deposed(f"not the leader any more ({fence.key} is not as won): "
+                          "write refused")
         return bool(succeeded)
+
+    async def claim(self, key: str, record: Any, lease: int) -> Claim:
+        """Create `key` under `lease` if it is absent (leader election). A key already held by
+        the same lease counts as ours: a retried create whose first answer was lost."""
+        tx = aetcd.transactions
+        data = records.dumps(record)
+        succeeded, responses = await self._call("claim", lambda c: c.transaction(
+            compare=[tx.Version(key.encode()) == 0], success=[tx.Put(key.encode(), data,
+                                                                     lease=lease)],
+            failure=[tx.Get(key.encode())],
+        ))
+        if succeeded:
+            revision = int(responses[0].response_put.header.revision)
+            return Claim(revision, revision)
+        found = responses[0] if responses else []
+        if not found:  # deleted since: not possible inside one transaction, but be safe
+            return Claim(0, 0)
+        kv = found[0][1]
+        return Claim(int(kv.mod_revision) if kv.lease == lease else 0, int(kv.header.revision))
 
     async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
         """Changes under `prefix` from `start_revision` on; reconnects and resumes after an
         outage. Raises `aetcd.exceptions.RevisionCompactedError` if history is gone; callers
         then relist (see `WatchCompacted`)."""
+        end = aetcd.utils.prefix_range_end(prefix.encode())
+        async for event in self._watch(prefix, end, start_revision):
+            yield event
+
+    async def watch_key(self, key: str, start_revision: int) -> AsyncGenerator[WatchEvent, None]:
+        """Changes of the single key `key` from `start_revision` on (as `watch`)."""
+        async for event in self._watch(key, None, start_revision):
+            yield event
+
+    async def _watch(
+        self, prefix: str, end: bytes | None, start_revision: int
+    ) -> AsyncGenerator[WatchEvent, None]:
         revision = start_revision
         delay = 0.1
         while True:
             try:
-                stream = await self._client.watch_prefix(
-                    prefix.encode(), start_revision=revision
+                stream = await self._client.watch(
+                    prefix.encode(), range_end=end, start_revision=revision
                 )
-                async for event in stream:
-                    delay = 0.1
-                    revision = event.kv.mod_revision + 1
-                    deleted = event.kind == "DELETE"
-                    yield WatchEvent(
-                        event.kv.key.decode(), None if deleted else event.kv.value,
-                        event.kv.mod_revision,
-                    )
+                try:
+                    async for event in stream:
+                        delay = 0.1
+                        revision = event.kv.mod_revision + 1
+                        deleted = event.kind == "DELETE"
+                        yield WatchEvent(
+                            event.kv.key.decode(), None if deleted else event.kv.value,
+                            event.kv.mod_revision,
+                        )
+                finally:  # the caller stopped (or the stream broke): end the server's watch
+                    await _cancel_watch(stream)
             except aetcd.exceptions.RevisionCompactedError:
                 raise WatchCompacted(prefix) from None
             except (*_TRANSIENT, aetcd.exceptions.ClientError) as exc:
@@ -338,6 +415,40 @@ class Store:
         """Refresh a lease; False if it has already expired."""
         reply = await self._call("lease keepalive", lambda c: c.refresh_lease(lease_id))
         return reply is not None and reply.TTL > 0
+
+    async def revoke(self, lease_id: int) -> None:
+        """End a lease now: its keys are deleted. A lease already gone is fine."""
+        try:
+            await self._call("lease revoke", lambda c: c.revoke_lease(lease_id))
+        except aetcd.exceptions.ClientError as exc:
+            if "not found" not in str(exc):
+                raise
+
+
+async def _cancel_watch(stream: Any) -> None:
+    try:
+        await asyncio.wait_for(stream.cancel(), 1.0)
+    except Exception:  # the channel may be gone already; the watch then died with it
+        log.debug("cancelling a watch failed", exc_info=True)
+
+
+def _compare(g: Guard) -> Any:
+    tx = aetcd.transactions
+    if g.mod_revision > 0:
+        return tx.Mod(g.key.encode()) == g.mod_revision
+    if g.mod_revision == 0:
+        return tx.Version(g.key.encode()) == 0
+    return tx.Mod(g.key.encode()) == -1  # never true
+
+
+def _holds(fence: Guard, responses: list[Any]) -> bool:
+    """Whether the fence still held in a failed transaction (its failure branch read it)."""
+    found = responses[0] if responses else []
+    if fence.mod_revision < 0:
+        return False
+    if fence.mod_revision == 0:
+        return not found
+    return bool(found) and int(found[0][1].mod_revision) == fence.mod_revision
 
 
 class WatchCompacted(Exception):

@@ -16,6 +16,7 @@ LAB_ROOT = Path("/var/lib/sigma-lab")
 # Exec roots of the labs' dockerds: short, containerd's socket paths must fit 108 bytes.
 RUN_ROOT = Path("/run/sigma-lab")
 MAX_HOSTS = 40
+MAX_MASTERS = 5
 
 
 class LabError(Exception):
@@ -40,6 +41,7 @@ class LabConfig:
     listen: str = "127.0.0.1:7575"
     heartbeat_ttl: int = 5
     port_range: tuple[int, int] = (31000, 31099)
+    masters: int = 1  # 2 for an HA pair: they listen on consecutive ports from --listen's
 
     @property
     def root(self) -> Path:
@@ -65,6 +67,12 @@ class LabConfig:
     @property
     def image(self) -> str:
         return f"{self.registry_addr}/sigma/busybox:latest"
+
+    @property
+    def master_listens(self) -> list[str]:
+        """HOST:PORT of each master: --listen's port, then the next ones."""
+        host, _, port = self.listen.rpartition(":")
+        return [f"{host}:{int(port) + i}" for i in range(self.masters)]
 
     def host_address(self, index: int) -> str:
         """The underlay address of host `index` (1-based): .11, .12, ..."""
@@ -97,6 +105,11 @@ class LabConfig:
         host, _, port_text = self.listen.rpartition(":")
         if not host or not port_text.isdigit():
             raise LabError(f"--listen {self.listen!r}: use HOST:PORT")
+        if not 1 <= self.masters <= MAX_MASTERS:
+            raise LabError(f"--masters {self.masters}: use 1 to {MAX_MASTERS}")
+        if not 1 <= int(port_text) <= 65536 - self.masters:
+            raise LabError(f"--listen {self.listen!r}: the masters need ports {port_text} and "
+                           f"the {self.masters - 1} next ones")
         if self.heartbeat_ttl < 2:
             raise LabError("--heartbeat-ttl: at least 2 seconds")
         first, last = self.port_range

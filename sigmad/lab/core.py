@@ -20,7 +20,8 @@ Say = Callable[[str], None]
 
 class Lab:
     """N test hosts (netns + dockerd + agent each) on an underlay bridge, with etcd, a
-    registry and a master. Methods block; the state lives in DIR/lab.json."""
+    registry and one master (or more: an HA pair). Methods block; the state lives in
+    DIR/lab.json."""
 
     def __init__(self, config: LabConfig | None = None, out: Say | None = None) -> None:
         self.config = config or LabConfig()
@@ -175,10 +176,15 @@ class Lab:
         cfg = self.config
         state.token = secrets.token_hex(24)
         services.write_private(cfg.root / "token", state.token + "\n")
-        self.say(f"starting master on {cfg.listen}")
-        state.masters.append(services.start_master(cfg, state.token, cfg.listen,
-                                                   cfg.root / "master.yaml"))
-        state.server = f"http://{cfg.listen}"
+        listens = cfg.master_listens
+        self.say(f"starting {'master' if len(listens) == 1 else 'masters'} on "
+                 f"{', '.join(listens)}")
+        for i, listen in enumerate(listens, 1):
+            state.masters.append(services.start_master(
+                cfg, state.token, listen, services.master_config_path(cfg, i),
+                f"m{i}" if len(listens) > 1 else ""))
+            state.save()
+        state.server = f"http://{listens[0]}"
         state.save()
         self.say(f"starting agents on {span(state.hosts)}")
         for i, host in enumerate(state.hosts, 1):
@@ -213,11 +219,14 @@ class Lab:
                    "alive": system.owned(s.registry.pid, s.registry.config),
                    "answers": answer is not None and answer[0] == 200}
         masters = []
+        roles = services.master_roles(s.masters, s.token) if s.token else {}
         for m in s.masters:
             answer = system.http_get(f"http://{m.listen}/healthz", timeout=2)
+            alive = system.owned(m.pid, m.config)
             masters.append({"pid": m.pid, "listen": m.listen, "config": m.config,
-                            "alive": system.owned(m.pid, m.config),
-                            "healthy": answer is not None and answer[0] == 200})
+                            "alive": alive,
+                            "healthy": answer is not None and answer[0] == 200,
+                            "role": roles.get(m.listen, "") if alive else ""})
         return {"name": s.name, "dir": s.dir, "ready": s.ready, "server": s.server,
                 "image": s.image, "bridge": s.bridge, "bridge_ip": s.bridge_ip,
                 "hosts": hosts, "etcd": etcd, "registry": reg, "masters": masters}

@@ -33,11 +33,13 @@ def check(cfg: LabConfig) -> None:
     used = net.addresses_in(cfg.subnet)
     if used:
         raise LabError(f"--subnet {cfg.subnet} is in use here ({'; '.join(used)})")
-    host, _, port = cfg.listen.rpartition(":")
+    masters = [("--listen" if i == 0 else f"--listen (master {i + 1} takes the next port)",
+                (listen.rpartition(":")[0], int(listen.rpartition(":")[2])))
+               for i, listen in enumerate(cfg.master_listens)]
     for option, addr in (("--etcd-port", ("127.0.0.1", cfg.etcd_port)),
                          ("--etcd-port (its peer port is the next one)",
                           ("127.0.0.1", cfg.etcd_port + 1)),
                          ("--registry-port", ("0.0.0.0", cfg.registry_port)),
-                         ("--listen", (host, int(port)))):
+                         *masters):
         if not system.port_free(*addr):
             raise LabError(f"{option}: port {addr[1]} is in use here")

@@ -31,8 +31,9 @@ def status_table(status: dict[str, Any]) -> str:
         lines.append(f"registry: http://{reg['addr']}  pid {reg['pid']}  "
                      f"answers {_yes(reg['answers'])}")
     for m in status["masters"]:
+        role = f"  {m['role']}" if m.get("role") else ""
         lines.append(f"master:   http://{m['listen']}  pid {m['pid']}  "
-                     f"healthy {_yes(m['healthy'])}")
+                     f"running {_yes(m.get('alive'))}  healthy {_yes(m['healthy'])}{role}")
     if status["image"]:
         lines.append(f"image:    {status['image']}")
     return "\n".join(lines)

@@ -114,8 +114,15 @@ def build_and_push(engine: str, image: str, workdir: Path) -> None:
     docker(engine, "push", image)
 
 
-def write_master_config(config: LabConfig, token: str, listen: str, path: Path) -> None:
+def master_config_path(config: LabConfig, index: int) -> Path:
+    """DIR/master.yaml for the first master, DIR/masterN.yaml for master N."""
+    return config.root / ("master.yaml" if index == 1 else f"master{index}.yaml")
+
+
+def write_master_config(config: LabConfig, token: str, listen: str, path: Path,
+                        master_id: str = "") -> None:
     write_private(path, yaml.safe_dump({
+        **({"id": master_id} if master_id else {}),
         "listen": listen,
         "token": token,
         "etcd": {"endpoints": [f"http://127.0.0.1:{config.etcd_port}"], "prefix": PREFIX},
@@ -124,12 +131,27 @@ def write_master_config(config: LabConfig, token: str, listen: str, path: Path) 
     }))
 
 
-def start_master(config: LabConfig, token: str, listen: str, path: Path) -> MasterState:
-    write_master_config(config, token, listen, path)
+def start_master(config: LabConfig, token: str, listen: str, path: Path,
+                 master_id: str = "") -> MasterState:
+    write_master_config(config, token, listen, path, master_id)
     log = path.with_suffix(".log")
     pid = spawn([sys.executable, "-m", "sigmad", "master", "--config", str(path)], log,
                 env=sigma_env())
     return MasterState(pid, listen, str(path))
+
+
+def master_roles(masters: list[MasterState], token: str) -> dict[str, str]:
+    """listen → role ("leader" or "standby") as the first master that answers tells
+    (GET /v1/masters); empty when none answers."""
+    for m in masters:
+        answer = http_get(f"http://{m.listen}/v1/masters",
+                          {"Authorization": f"Bearer {token}"}, timeout=2)
+        if answer is None or answer[0] != 200:
+            continue
+        items = json.loads(answer[1]).get("items", [])
+        return {api.removeprefix("http://"): str(i.get("role", ""))
+                for i in items if isinstance(api := i.get("api"), str)}
+    return {}
 
 
 def write_node_config(config: LabConfig, host: HostState, index: int) -> None:
