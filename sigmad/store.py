@@ -211,13 +211,17 @@ class Store:
     async def close(self) -> None:
         await self._client.close()
 
-    async def _reconnect(self) -> None:
-        try:
-            await self._client.close()
-        except Exception:  # a broken channel may fail to close; it is dropped anyway
-            log.debug("closing the etcd client failed", exc_info=True)
+    async def _reconnect(self, used: aetcd.Client) -> None:
+        """Replace the client `used` by one on the next endpoint, unless another call already
+        did. Closing it ends the calls still running on it: they retry (see `_interrupted`)."""
+        if self._client is not used:
+            return
         self._current = (self._current + 1) % len(self.endpoints)
         self._client = self._new_client()
+        try:
+            await used.close()
+        except Exception:  # a broken channel may fail to close; it is dropped anyway
+            log.debug("closing the etcd client failed", exc_info=True)
 
     async def _call(self, what: str, fn: Callable[[aetcd.Client], Awaitable[R]]) -> R:
         """Run `fn(client)`, retrying transient failures with jittered backoff."""
@@ -225,9 +229,12 @@ class Store:
         deadline = loop.time() + self.retry_for
         delay = 0.1
         while True:
+            client = self._client
             try:
-                result = await fn(self._client)
-            except _TRANSIENT as exc:
+                result = await fn(client)
+            except (*_TRANSIENT, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and not _interrupted():
+                    raise
                 if not self._outage:
                     log.warning("etcd %s failed (%s); retrying", what, _short(exc))
                     self._outage = True
@@ -237,7 +244,7 @@ class Store:
                     ) from None
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 2.0)
-                await self._reconnect()
+                await self._reconnect(client)
                 continue
             if self._outage:
                 log.warning("etcd reachable again")
@@ -382,8 +389,9 @@ class Store:
         revision = start_revision
         delay = 0.1
         while True:
+            client = self._client
             try:
-                stream = await self._client.watch(
+                stream = await client.watch(
                     prefix.encode(), range_end=end, start_revision=revision
                 )
                 try:
@@ -399,12 +407,14 @@ class Store:
                     await _cancel_watch(stream)
             except aetcd.exceptions.RevisionCompactedError:
                 raise WatchCompacted(prefix) from None
-            except (*_TRANSIENT, aetcd.exceptions.ClientError) as exc:
+            except (*_TRANSIENT, aetcd.exceptions.ClientError, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and not _interrupted():
+                    raise
                 log.warning("watch on %s broke (%s); resuming from %d", prefix, _short(exc),
                             revision)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
-            await self._reconnect()
+            await self._reconnect(client)
 
     async def grant(self, ttl: int) -> int:
         """A new lease of `ttl` seconds; its id."""
@@ -423,6 +433,13 @@ class Store:
         except aetcd.exceptions.ClientError as exc:
             if "not found" not in str(exc):
                 raise
+
+
+def _interrupted() -> bool:
+    """Whether a CancelledError out of an etcd call means its channel was closed under it
+    (another call reconnected: retry) rather than this task being cancelled (stop)."""
+    task = asyncio.current_task()
+    return task is not None and not task.cancelling()
 
 
 async def _cancel_watch(stream: Any) -> None:

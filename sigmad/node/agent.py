@@ -9,7 +9,7 @@ import asyncio
 import logging
 
 from sigmad.config import NodeConfig
-from sigmad.engine import LABEL_INSTANCE, Engine
+from sigmad.engine import LABEL_INSTANCE, ContainerState, Engine
 from sigmad.errors import EngineError, SigmaError
 from sigmad.events import EventLog
 from sigmad.models import Instance, Node, now
@@ -138,23 +138,28 @@ class Agent:
             log.warning("overlay not ready yet: %s", exc)
 
     async def remove_stale(self) -> None:
+        """Stop and remove, all at once, the containers no instance record places here."""
         me = self.config.name
+        stale = []
         for c in await self.engine.find({LABEL_INSTANCE: ""}):
-            owner = c.labels.get(LABEL_INSTANCE, "")
-            ns, _, name = owner.partition("/")
+            ns, _, name = c.labels.get(LABEL_INSTANCE, "").partition("/")
             app, _, index = name.rpartition("-")
             rec = await self.store.get(self.store.keys.instance(ns, app, int(index)), Instance)\
                 if index.isdigit() else None
-            if rec is not None and me in (rec.value.node, rec.value.next_node):
-                continue
-            reason = "KilledBySigma(migrated)" if rec and rec.value.node else \
-                "KilledBySigma(deleted)"
+            if rec is None or me not in (rec.value.node, rec.value.next_node):
+                moved = rec is not None and bool(rec.value.node)
+                stale.append((c, ns, name, app, "KilledBySigma(migrated)" if moved else
+                              "KilledBySigma(deleted)"))
+
+        async def remove(c: ContainerState, ns: str, name: str, app: str, reason: str) -> None:
             if c.running:
                 await self.engine.stop(c.id, timeout=2)
             await self.engine.remove(c.id)
             message = f"stale container {c.name} ({c.id[:12]}) removed on {me}: {reason}"
             log.info("%s", message)
             self.events.emit("instance", ns, name, app, message, warning=True)
+
+        await asyncio.gather(*(remove(*item) for item in stale))
 
     async def run(self) -> None:
         events = asyncio.create_task(self.events.run())
