@@ -140,8 +140,8 @@ class Bench:
 
     def failover_run(self) -> float | None:
         """SIGKILL the leading master; seconds until another one leads (None: no HA pair)."""
-        masters = getattr(self.lab, "masters", None)
-        if not masters or len(masters) < 2:
+        masters = self.lab.masters
+        if len(masters) < 2:
             return None
         view = self.api("GET", "/v1/masters")["items"]
         leader = next(m for m in view if m["role"] == "leader")
@@ -179,10 +179,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="sigma-bench-"))
     os.environ["SIGMA_CREDENTIALS"] = str(root / "credentials.json")
     config = LabConfig(hosts=3, name="bf", dir=root / "lab", subnet="10.82.0.0/24",
-                       etcd_port=free_port(), registry_port=free_port(),
-                       listen=f"127.0.0.1:{free_port()}", heartbeat_ttl=args.ttl)
-    if "masters" in LabConfig.__dataclass_fields__:
-        config.masters = 2  # type: ignore[attr-defined]
+                       etcd_port=22679, registry_port=free_port(), listen="127.0.0.1:7795",
+                       heartbeat_ttl=args.ttl, masters=2)
     lab = Lab(config)
     results: dict[str, list[float]] = {}
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,15 @@ from typing import Any
 
 from sigmad.lab import net, preflight, services, system, teardown
 from sigmad.lab.config import RUN_ROOT, LabConfig, LabError
-from sigmad.lab.state import STATE_FILE, HostState, LabState, pointer, resolve_dir, span
+from sigmad.lab.state import (
+    STATE_FILE,
+    HostState,
+    LabState,
+    MasterState,
+    pointer,
+    resolve_dir,
+    span,
+)
 
 log = logging.getLogger(__name__)
 Say = Callable[[str], None]
@@ -93,6 +102,23 @@ class Lab:
     @property
     def image(self) -> str:
         return self._state().image
+
+    @property
+    def masters(self) -> list[MasterState]:
+        return list(self._state().masters)
+
+    def restart_master(self, listen: str) -> None:
+        """Start the master listening on `listen` again (after a crash) with its config."""
+        s = self._state()
+        m = next((m for m in s.masters if m.listen == listen), None)
+        if m is None:
+            raise LabError(f"no master of lab {s.name} listens on {listen}")
+        if system.owned(m.pid, m.config):
+            system.stop([m.pid], timeout=20)
+        m.pid = system.spawn([sys.executable, "-m", "sigmad", "master", "--config", m.config],
+                             Path(m.config).with_suffix(".log"), env=services.sigma_env())
+        s.save()
+        self.say(f"master on {listen} restarted (pid {m.pid})")
 
     # -- up ---------------------------------------------------------------------------------
 
