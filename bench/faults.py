@@ -138,25 +138,30 @@ class Bench:
         self.delete("svc")
         return marks
 
+    def masters_view(self) -> list[dict[str, Any]] | None:
+        """GET /v1/masters from the first master that answers."""
+        for m in self.lab.masters:
+            try:
+                return self.api("GET", "/v1/masters", server=f"http://{m.listen}")["items"]
+            except OSError:
+                continue
+        return None
+
     def failover_run(self) -> float | None:
         """SIGKILL the leading master; seconds until another one leads (None: no HA pair)."""
         masters = self.lab.masters
         if len(masters) < 2:
             return None
-        view = self.api("GET", "/v1/masters")["items"]
+        view = until(lambda: (v := self.masters_view()) and len(v) == len(masters)
+                     and any(m["role"] == "leader" for m in v) and v, 60, "both masters")
         leader = next(m for m in view if m["role"] == "leader")
         victim = next(m for m in masters if leader["api"].endswith(m.listen))
-        others = [m for m in masters if m is not victim]
         start = time.monotonic()
         os.kill(victim.pid, signal.SIGKILL)
 
         def led() -> bool:
-            try:
-                items = self.api("GET", "/v1/masters", server=f"http://{others[0].listen}")
-            except OSError:
-                return False
-            return any(m["role"] == "leader" and m["id"] != leader["id"]
-                       for m in items["items"])
+            now = self.masters_view() or []
+            return any(m["role"] == "leader" and m["id"] != leader["id"] for m in now)
 
         until(led, 30, "a new leader")
         took = time.monotonic() - start

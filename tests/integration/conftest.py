@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,12 +35,33 @@ HOST_GATEWAY, HOST_ADDRESS = "10.199.0.1", "10.199.0.2"
 T = TypeVar("T")
 
 
-def free_port() -> int:
-    import socket
+def free_port(pair: bool = False) -> int:
+    """A free TCP port (with the next one free too when `pair`: etcd's peer port)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("0.0.0.0", 0))
+            port = int(s.getsockname()[1])
+        if not pair:
+            return port
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port + 1))
+                return port
+            except OSError:
+                continue
+    raise AssertionError("no free port pair")
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+
+def stop_process(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
+    """Send `sig` to a process we started and reap it (SIGKILL after 20 s)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
@@ -205,15 +227,7 @@ class Cluster:
         self._start("node")
 
     def stop(self, role: str, sig: int = signal.SIGTERM) -> None:
-        proc = self.procs.pop(role, None)
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(sig)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(self.procs.pop(role, None), sig)
 
     def _healthy(self) -> bool:
         try:

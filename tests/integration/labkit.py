@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,27 +11,10 @@ from typing import Any
 import yaml
 
 from sigmad.lab import Lab, LabConfig
-from tests.integration.conftest import REPO, wait_for
+from tests.integration.conftest import REPO, free_port, wait_for
 
 HTTPD = ("mkdir -p /www && echo hello from $SIGMA_INSTANCE > /www/index.html && "
          "exec httpd -f -p 8080 -h /www")
-
-
-def free_port(pair: bool = False) -> int:
-    """A free TCP port (with the next one free too when `pair`: etcd's peer port)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("0.0.0.0", 0))
-            port = int(s.getsockname()[1])
-        if not pair:
-            return port
-        with socket.socket() as s:
-            try:
-                s.bind(("0.0.0.0", port + 1))
-                return port
-            except OSError:
-                continue
-    raise AssertionError("no free port pair")
 
 
 class LabCluster:

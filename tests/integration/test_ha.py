@@ -27,7 +27,7 @@ import yaml
 from sigmad.leader import Elector, LeaderRecord
 from sigmad.procs import EtcdProcess
 from sigmad.store import Deposed, Guard, Op, Store
-from tests.integration.conftest import IMAGE, EngineHost, free_port, wait_for
+from tests.integration.conftest import IMAGE, EngineHost, free_port, stop_process, wait_for
 
 TTL = 3  # seconds: the masters' leader_ttl in these tests
 SCALE_KILL_AFTER = float(os.environ.get("SIGMA_HA_KILL_AFTER", "0.3"))  # leader mid-scale-up
@@ -72,15 +72,7 @@ class Masters:
         wait_for(lambda: self.api(i, "GET", "/healthz")[0] == 200, 20, f"{self.id(i)}'s API")
 
     def stop(self, i: int, sig: int = signal.SIGTERM) -> None:
-        proc = self.procs.pop(i, None)
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(sig)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(self.procs.pop(i, None), sig)
 
     def close(self) -> None:
         for i in list(self.procs):

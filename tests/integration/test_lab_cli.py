@@ -6,7 +6,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,31 +14,9 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import REPO, wait_for
+from tests.integration.conftest import REPO, free_port, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
-
-
-def _free_pair() -> int:
-    """A port that is free together with the next one (etcd's peer port)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port < 65535:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port + 1))
-                    return port
-                except OSError:
-                    continue
-    raise AssertionError("no two free ports in a row")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        return int(s.getsockname()[1])
 
 
 class LabRun:
@@ -117,8 +94,8 @@ def _leftovers(run: LabRun) -> list[str]:
 
 def test_lab_up_break_heal_down(lab: LabRun) -> None:
     up = lab.run("up", "--hosts", "2", "--subnet", lab.subnet,
-                 "--etcd-port", str(_free_pair()), "--registry-port", str(_free_port()),
-                 "--listen", f"127.0.0.1:{_free_port()}", "--heartbeat-ttl", "2", timeout=180)
+                 "--etcd-port", str(free_port(pair=True)), "--registry-port", str(free_port()),
+                 "--listen", f"127.0.0.1:{free_port()}", "--heartbeat-ttl", "2", timeout=180)
     assert up.returncode == 0, up.stdout + up.stderr
     assert "starting dockerd on h1..h2" in up.stdout and "token:" in up.stdout
 
