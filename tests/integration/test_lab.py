@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -20,12 +21,18 @@ GATEWAY = "10.244.0.1"
 
 
 def test_six_replicas_spread_over_three_hosts_reach_each_other(lab: LabCluster) -> None:
-    lab.apply(web(lab, "mesh", 6))
+    # A tag no host has yet: the engines of h2 and h3 pull it, with progress in the events.
+    image = f"{lab.lab.image.rsplit(':', 1)[0]}:mesh-{uuid.uuid4().hex[:8]}"
+    lab.docker("h1", "tag", lab.lab.image, image)
+    lab.docker("h1", "push", image)
+    spec = web(lab, "mesh", 6)
+    spec["containers"][0]["image"] = image
+    lab.apply(spec)
     items = lab.running("mesh", 6)
     try:
         assert {i["node"] for i in items} == {"h1", "h2", "h3"}
         events = lab.ctl("events", "--app", "mesh").stdout
-        assert f"pull {lab.lab.image}: Pull complete" in events, events  # h2, h3 pulled it
+        assert f"pull {image}: Pull complete" in events, events
         ips = [i["ip"] for i in items]
         assert len(set(ips)) == 6 and all(ip.startswith("10.244.") for ip in ips)
         wide = lab.ctl("get", "instances", "--app", "mesh", "-o", "wide")

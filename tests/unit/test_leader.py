@@ -159,20 +159,23 @@ def test_the_fence_holds_only_while_the_leader_key_is_as_won(
 # sigmactl get masters
 
 
-MASTERS = {"leader": {"id": "m1", "api": "http://a:7475", "since": 100.0}, "items": [
-    {"id": "m1", "api": "http://a:7475", "role": "leader", "since": time.time() - 125},
-    {"id": "m2", "api": "http://b:7475", "role": "standby", "since": time.time() - 30},
-]}
+def masters_answer() -> dict[str, Any]:
+    """What GET /v1/masters answers: a leader for 125 s, a standby for 30 s (from now)."""
+    return {"leader": {"id": "m1", "api": "http://a:7475", "since": 100.0}, "items": [
+        {"id": "m1", "api": "http://a:7475", "role": "leader", "since": time.time() - 125},
+        {"id": "m2", "api": "http://b:7475", "role": "standby", "since": time.time() - 30},
+    ]}
 
 
 def test_get_masters_prints_a_table_and_json(fake: Fake) -> None:
-    fake.answer("GET", "/v1/masters", (200, MASTERS))
+    answer = masters_answer()
+    fake.answer("GET", "/v1/masters", (200, answer))
     lines = run(fake, "get", "masters").stdout.splitlines()
     assert lines[0].split() == ["ID", "API", "ROLE", "AGE"]
     assert lines[1].split() == ["m1", "http://a:7475", "leader", "2m"]
     assert lines[2].split()[:3] == ["m2", "http://b:7475", "standby"]
     assert "SINCE" in run(fake, "get", "master", "-o", "wide").stdout
-    assert json.loads(run(fake, "get", "masters", "-o", "json").stdout) == MASTERS["items"]
+    assert json.loads(run(fake, "get", "masters", "-o", "json").stdout) == answer["items"]
     refused = run(fake, "get", "masters", "-n", "default")
     assert refused.exit_code == 2 and "masters have no namespace" in refused.output
 
