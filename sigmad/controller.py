@@ -15,11 +15,12 @@ import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass
 
-from sigmad import moves, scheduler
+from sigmad import migration, moves, scheduler
 from sigmad.config import DEFAULT_OVERLAY_CIDR
 from sigmad.engine import LABEL_INSTANCE, Engine, EnginePool
 from sigmad.errors import EngineError, SigmaError
 from sigmad.events import EventLog
+from sigmad.migration import Change
 from sigmad.models import (
     FAILED_TO_START,
     NEED_MIGRATION,
@@ -43,9 +44,6 @@ from sigmad.store import Guard, Op, Store, Versioned, WatchCompacted, batches
 log = logging.getLogger(__name__)
 RESYNC = 30.0  # seconds between passes that check every instance's containers, events or not
 STEP_AGAIN = 0.5  # seconds before the next step of a starting instance (readiness probes)
-
-
-Change = tuple[list[Guard], list[Op]]  # what one transaction guards and writes
 
 
 @dataclass
@@ -145,7 +143,7 @@ class Controller:
         state = await self.read()
         taken = await self._sync_instances(state)
         await self._claim_ips(state, taken)
-        await self._commit(self._node_losses(state) + self._drains(state))
+        await self._commit(self._losses_and_drains(state))
         await self._schedule(state)
         if any(
             (app := state.apps.get(f"{v.value.namespace}/{v.value.app}")) is not None
@@ -178,61 +176,20 @@ class Controller:
         if full:
             await self._sweep_orphans(state)
 
-    def _node_losses(self, state: ClusterState) -> list[Change]:
-        """Instances on a NotReady node become NeedMigration (NodeLost); by their app's
-        `migration: auto` they go straight back to Pending to be placed elsewhere, keeping
-        name, IP and request. A manual one whose node comes back resumes there."""
-        items: list[Change] = []
-        for v in state.instances.values():
-            inst = v.value
-            app = state.apps.get(f"{inst.namespace}/{inst.app}")
-            lost = bool(inst.node) and inst.node not in state.ready
-            if inst.next_node and inst.next_node not in state.ready and not lost:
-                ops = [Op(self.keys.port(inst.next_node, p), delete=True)
-                       for p in inst.next_ports.values()]
-                inst.move, inst.next_node, inst.next_ports = "", "", {}
-                items.append(([Guard(v.key, v.mod_revision)], [Op(v.key, inst), *ops]))
-                continue
-            if inst.state == NEED_MIGRATION and not lost and inst.node:
-                inst.state, inst.reason = SCHEDULED, f"node {inst.node} is back"
-            elif lost and inst.state not in (PENDING, TERMINATING, NEED_MIGRATION):
-                for c in inst.containers:
-                    if c.id and not c.finished_at:
-                        inst.terminated(c.name, "NodeLost", c.id)
-                inst.state = NEED_MIGRATION
-                inst.reason = f"NodeLost: node {inst.node} is NotReady"
-                self.events.emit("instance", inst.namespace, inst.name, inst.app,
-                                 f"NeedMigration: {inst.reason}", warning=True)
-            else:
-                continue
-            ops = [Op(v.key, inst)]
-            if inst.state == NEED_MIGRATION and app and app.value.spec.migration == "auto":
-                ops += self._release_ports(inst)
-                inst.unbind(f"migrating: {inst.reason}")
-                self.events.emit("instance", inst.namespace, inst.name, inst.app,
-                                 "migrating (migration: auto)")
-            inst.updated = now()
-            items.append(([Guard(v.key, v.mod_revision)], ops))
-        return items
-
-    def _drains(self, state: ClusterState) -> list[Change]:
-        """Ask for a live move of one instance at a time off each draining node (the
-        scheduler books where it goes; sigmad.moves moves it)."""
-        items: list[Change] = []
-        for name in sorted(n for n, node in state.nodes.items() if node.draining):
-            on = sorted((v for v in state.instances.values() if v.value.node == name),
-                        key=lambda v: v.key)
-            if any(v.value.move for v in on):
-                continue  # one at a time: each new copy ready before the next move starts
-            v = next((v for v in on if v.value.state not in (PENDING, TERMINATING,
-                                                               NEED_MIGRATION)), None)
-            if v is not None:
-                v.value.move, v.value.updated = f"drain {name}", now()
-                items.append(([Guard(v.key, v.mod_revision)], [Op(v.key, v.value)]))
-        return items
-
-    def _release_ports(self, inst: Instance) -> list[Op]:
-        return [Op(self.keys.port(inst.node, p), delete=True) for p in inst.host_ports.values()]
+    def _losses_and_drains(self, state: ClusterState) -> list[Change]:
+        """What lost and draining nodes call for (sigmad.migration), events emitted."""
+        instances = list(state.instances.values())
+        policies = {k: rec.value.spec.migration for k, rec in state.apps.items()}
+        plans = [
+            migration.node_losses(self.keys, instances, policies, state.ready),
+            migration.drains([n for n, node in state.nodes.items() if node.draining],
+                             instances),
+        ]
+        for plan in plans:
+            for inst, message, warning in plan.events:
+                self.events.emit("instance", inst.namespace, inst.name, inst.app, message,
+                                 warning)
+        return [change for plan in plans for change in plan.changes]
 
     def _node_events(self, state: ClusterState) -> None:
         if self.last_ready is not None:
@@ -521,7 +478,8 @@ class Controller:
         elif engine is not None:
             for c in await engine.find({LABEL_INSTANCE: inst.key}):
                 await engine.remove(c.id)
-        ops = [Op(rec.key, delete=True), *self._release_ports(inst)]
+        ops = [Op(rec.key, delete=True),
+               *migration.port_releases(self.keys, inst.node, inst.host_ports)]
         if inst.ip:
             owner = await self.store.get(self.keys.ip(inst.ip), Owner)
             if owner is not None and owner.value.owner == inst.key:
