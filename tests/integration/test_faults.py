@@ -4,6 +4,8 @@ removes its stale copies before it is Ready, so no IP ever has two live holders.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 from collections import Counter
@@ -171,3 +173,22 @@ def test_drain_under_traffic_fails_no_request(lab: LabCluster) -> None:
         lab.delete("client")
     nodes = {n["name"]: n["status"] for n in _json(lab.ctl("get", "nodes", "-o", "json").stdout)}
     assert nodes["h2"] == "Ready"
+
+
+def test_an_engine_that_stops_answering_makes_its_node_not_ready(lab: LabCluster) -> None:
+    client, by_node = one_per_host(lab)
+    lost = by_node["h3"]
+    dockerd = lab.lab.host("h3").dockerd_pid
+    try:
+        start = time.monotonic()
+        os.kill(dockerd, signal.SIGSTOP)  # the engine hangs; its containers keep running
+        took = moved_and_reachable(lab, client, lost, start)
+        print(f"frozen engine: svc-{lost['index']} reachable on its IP again after {took:.1f}s")
+        os.kill(dockerd, signal.SIGCONT)
+        wait_for(lambda: node_ready(lab, "h3"), 30, "h3 Ready again once its engine answers")
+        assert lab.docker("h3", "ps", "-aq", "--filter", "label=sigma.app=svc").stdout == ""
+        assert max(live_ips(lab).values()) == 1
+    finally:
+        os.kill(dockerd, signal.SIGCONT)
+        lab.delete("svc")
+        lab.delete("client")

@@ -32,7 +32,8 @@ def test_six_replicas_spread_over_three_hosts_reach_each_other(lab: LabCluster) 
     try:
         assert {i["node"] for i in items} == {"h1", "h2", "h3"}
         events = lab.ctl("events", "--app", "mesh").stdout
-        assert f"pull {image}: Pull complete" in events, events
+        assert f"pull {image}: Pulling from" in events, events
+        assert f"pull {image}: Status: Downloaded newer image" in events, events
         ips = [i["ip"] for i in items]
         assert len(set(ips)) == 6 and all(ip.startswith("10.244.") for ip in ips)
         wide = lab.ctl("get", "instances", "--app", "mesh", "-o", "wide")
