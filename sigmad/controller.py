@@ -87,6 +87,7 @@ class Controller:
         self.engines = EnginePool(store.keys.prefix)
         self.events = EventLog(store)
         self.workers: dict[str, asyncio.Task[None]] = {}
+        self.worker_nodes: dict[str, str] = {}  # instance → the node its worker's engine is on
         self.listeners: dict[str, asyncio.Task[None]] = {}
         self.wake = asyncio.Event()
         self.last_ready: set[str] | None = None
@@ -160,6 +161,7 @@ class Controller:
             self.last_full = loop.time()
         holds = {key: unmet_dependencies(rec.value, state)
                  for key, rec in state.apps.items() if rec.value.spec.depends_on}
+        self._abandon_lost(state.ready)
         for key, inst in state.instances.items():
             if inst.value.state in (PENDING, NEED_MIGRATION) or key in self.workers:
                 continue
@@ -172,7 +174,8 @@ class Controller:
                 continue  # nothing changed for it: the engine's events would have said
             self.dirty.discard(key)
             hold = holds.get(f"{inst.value.namespace}/{inst.value.app}", "")
-            self._spawn(key, self._drive(inst.key, hold, inst.value.node in state.ready))
+            ready = inst.value.node in state.ready
+            self._spawn(key, self._drive(inst.key, hold, ready), inst.value.node if ready else "")
         if full:
             await self._sweep_orphans(state)
 
@@ -201,7 +204,9 @@ class Controller:
                                  warning=True)
         self.last_ready = set(state.ready)
 
-    def _spawn(self, key: str, work: Awaitable[None]) -> None:
+    def _spawn(self, key: str, work: Awaitable[None], node: str = "") -> None:
+        """Run one step of instance `key` in a worker task; `node`: the Ready node whose
+        engine it talks to (its worker is abandoned if that node is lost)."""
         async def runner() -> None:
             try:
                 await work
@@ -211,8 +216,20 @@ class Controller:
                 log.exception("%s: worker crashed", key)
             finally:
                 self.workers.pop(key, None)
+                self.worker_nodes.pop(key, None)
 
         self.workers[key] = asyncio.create_task(runner())
+        if node:
+            self.worker_nodes[key] = node
+
+    def _abandon_lost(self, ready: set[str]) -> None:
+        """Cancel steps waiting on the engine of a node that is lost (a hung engine would
+        hold them until the request times out): the instance is moved without them."""
+        for key, node in list(self.worker_nodes.items()):
+            task = self.workers.get(key)
+            if node not in ready and task is not None and not task.done():
+                log.info("%s: node %s is lost: abandoning the step on its engine", key, node)
+                task.cancel()
 
     async def _commit(self, items: list[Change]) -> None:
         """Write changes (guards, ops) in transactions of bounded size; a lost transaction is

@@ -192,3 +192,32 @@ def test_an_engine_that_stops_answering_makes_its_node_not_ready(lab: LabCluster
         os.kill(dockerd, signal.SIGCONT)
         lab.delete("svc")
         lab.delete("client")
+
+
+def test_a_step_hung_on_a_frozen_engine_does_not_hold_the_move(lab: LabCluster) -> None:
+    spec = web(lab, "slow", 1, placement={"labels": {"zone": "room-a"}})  # h1 or h3
+    spec["containers"][0]["ready"] = {"exec": ["test", "-f", "/go"], "timeout": 300}
+    lab.apply(spec)
+
+    def starting() -> dict[str, Any] | None:
+        (inst,) = lab.instances("slow")
+        return inst if inst["state"] == "Starting" and inst["containers"] else None
+
+    first = wait_for(starting, 60, "slow-0 Starting (readiness probed every step)")
+    dockerd = lab.lab.host(first["node"]).dockerd_pid
+    try:
+        os.kill(dockerd, signal.SIGSTOP)  # the next probe's engine call hangs
+
+        def moved() -> dict[str, Any] | None:
+            (inst,) = lab.instances("slow")
+            ok = inst["node"] not in ("", first["node"]) and inst["containers"]
+            return inst if ok else None
+
+        now = wait_for(moved, MOVE_BOUND, "slow-0 started on the other room-a host")
+        assert now["ip"] == first["ip"]
+        assert lab.in_instance(now, "touch", "/go").returncode == 0
+        lab.running("slow", 1, timeout=30)
+    finally:
+        os.kill(dockerd, signal.SIGCONT)
+        wait_for(lambda: node_ready(lab, first["node"]), 30, "the frozen host Ready again")
+        lab.delete("slow")
