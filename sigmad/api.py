@@ -16,6 +16,7 @@ from sigmad.engine import EnginePool
 from sigmad.errors import Conflict, NotFound, SigmaError, SpecError, Unauthorized
 from sigmad.events import Event
 from sigmad.leader import LeaderRecord, MasterRecord, masters_view
+from sigmad.migration import port_releases
 from sigmad.models import (
     DRAINING,
     NEED_MIGRATION,
@@ -346,11 +347,9 @@ class Api:
         if inst.state != NEED_MIGRATION:
             raise Conflict(f"instance {inst.key} is {inst.state}, not NeedMigration: only an "
                            "instance whose node is lost is migrated")
+        ops = [Op(rec.key, inst), *port_releases(self.keys, inst.node, inst.host_ports)]
         inst.unbind(f"migrating{' to ' + to if to else ''}: {inst.reason} (sigmactl migrate)")
         inst.target = to
-        ops = [Op(rec.key, inst)]
-        ops += [Op(self.keys.port(rec.value.node, p), delete=True)
-                for p in rec.value.host_ports.values()]
         if not await self.store.commit([Guard(rec.key, rec.mod_revision)], ops):
             raise Conflict(f"instance {inst.key} changed meanwhile: try again")
         return _json(_instance_view(inst))

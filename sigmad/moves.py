@@ -15,6 +15,7 @@ import dataclasses
 from collections.abc import Callable
 
 from sigmad.engine import LABEL_INSTANCE, Engine
+from sigmad.migration import port_releases
 from sigmad.models import FAILED_TO_START, RUNNING, SCHEDULED, AppRecord, Instance, now
 from sigmad.runtime import Runner
 from sigmad.store import Guard, Op, Store, Versioned
@@ -34,11 +35,8 @@ async def move_step(
         reason="", containers=[], terminations=[], next_start=0.0, streak=0,
     )
     await Runner(new, copy, app, new_address, report).step()
-    keys = store.keys
-    if copy.state == FAILED_TO_START:
-        await Runner(new, copy, app, new_address, report).remove_all(
-            await new.find({LABEL_INSTANCE: inst.key}), copy.reason)
-        ops = [Op(keys.port(inst.next_node, p), delete=True) for p in inst.next_ports.values()]
+    if copy.state == FAILED_TO_START:  # the runner removed what it had made
+        ops = port_releases(store.keys, inst.next_node, inst.next_ports)
         inst.reason = f"move to {inst.next_node} failed: {copy.reason}"
         inst.move, inst.next_node, inst.next_ports, inst.updated = "", "", {}, now()
         if await store.commit([Guard(rec.key, rec.mod_revision)], [Op(rec.key, inst), *ops]):
@@ -53,8 +51,7 @@ async def move_step(
     )
     for c in inst.containers:
         flipped.terminated(c.name, "KilledBySigma(migrated)", c.id)
-    ops = [Op(rec.key, flipped)]
-    ops += [Op(keys.port(inst.node, p), delete=True) for p in inst.host_ports.values()]
+    ops = [Op(rec.key, flipped), *port_releases(store.keys, inst.node, inst.host_ports)]
     if not await store.commit([Guard(rec.key, rec.mod_revision)], ops):
         again()
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -11,6 +12,9 @@ from typing import Any
 import yaml
 
 from sigmad.lab import Lab, LabConfig
+from sigmad.lab.services import PREFIX
+from sigmad.models import Owner
+from sigmad.store import Store
 from tests.integration.conftest import REPO, free_port, wait_for
 
 HTTPD = ("mkdir -p /www && echo hello from $SIGMA_INSTANCE > /www/index.html && "
@@ -64,6 +68,18 @@ class LabCluster:
     def fetch(self, inst: dict[str, Any], ip: str) -> str:
         """HTTP GET of IP:8080 from inside `inst` (over the overlay)."""
         return self.in_instance(inst, "timeout", "3", "wget", "-qO-", f"http://{ip}:8080").stdout
+
+    def port_claims(self) -> dict[str, str]:
+        """The host-port claims in the lab's etcd: `node/port` → owner instance."""
+        async def read() -> dict[str, str]:
+            store = Store([f"http://127.0.0.1:{self.lab.config.etcd_port}"], PREFIX)
+            try:
+                claims, _ = await store.scan(store.keys.ports(), Owner)
+            finally:
+                await store.close()
+            return {v.key.removeprefix(store.keys.ports()): v.value.owner for v in claims}
+
+        return asyncio.run(read())
 
     def in_host(self, node: str, *command: str) -> str:
         return subprocess.run(

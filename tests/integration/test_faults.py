@@ -114,7 +114,8 @@ def test_a_cut_off_host_rejoins_without_a_second_holder_of_any_ip(lab: LabCluste
 
 
 def test_manual_migration_waits_for_migrate(lab: LabCluster) -> None:
-    lab.apply(web(lab, "pinned", 1, migration="manual", placement={"labels": {"zone": "room-a"}}))
+    lab.apply(web(lab, "pinned", 1, migration="manual", placement={"labels": {"zone": "room-a"}},
+                  network={"mode": "host-compat", "ports": [{"name": "http", "container": 8080}]}))
     (inst,) = lab.running("pinned", 1)
     first = inst["node"]
     try:
@@ -132,6 +133,8 @@ def test_manual_migration_waits_for_migrate(lab: LabCluster) -> None:
         assert result.returncode == 0, result.stderr
         (moved,) = lab.running("pinned", 1, timeout=30)
         assert moved["node"] == other and moved["ip"] == inst["ip"]
+        booked = lab.port_claims()  # the lost node's host port is released, the new one held
+        assert booked == {f"{other}/{moved['host_ports']['http']}": "default/pinned-0"}, booked
         refused = lab.ctl("migrate", "pinned-0")
         assert refused.returncode == 1 and "not NeedMigration" in refused.stderr
     finally:
