@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -115,8 +114,7 @@ class Lab:
             raise LabError(f"no master of lab {s.name} listens on {listen}")
         if system.owned(m.pid, m.config):
             system.stop([m.pid], timeout=20)
-        m.pid = system.spawn([sys.executable, "-m", "sigmad", "master", "--config", m.config],
-                             Path(m.config).with_suffix(".log"), env=services.sigma_env())
+        m.pid = services.spawn_master(Path(m.config))
         s.save()
         self.say(f"master on {listen} restarted (pid {m.pid})")
 

@@ -134,10 +134,13 @@ def write_master_config(config: LabConfig, token: str, listen: str, path: Path,
 def start_master(config: LabConfig, token: str, listen: str, path: Path,
                  master_id: str = "") -> MasterState:
     write_master_config(config, token, listen, path, master_id)
-    log = path.with_suffix(".log")
-    pid = spawn([sys.executable, "-m", "sigmad", "master", "--config", str(path)], log,
-                env=sigma_env())
-    return MasterState(pid, listen, str(path))
+    return MasterState(spawn_master(path), listen, str(path))
+
+
+def spawn_master(config: Path) -> int:
+    """`sigmad master --config CONFIG`, detached, logging beside its config; its pid."""
+    return spawn([sys.executable, "-m", "sigmad", "master", "--config", str(config)],
+                 config.with_suffix(".log"), env=sigma_env())
 
 
 def master_roles(masters: list[MasterState], token: str) -> dict[str, str]:

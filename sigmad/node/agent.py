@@ -140,16 +140,20 @@ class Agent:
     async def remove_stale(self) -> None:
         """Stop and remove, all at once, the containers no instance record places here."""
         me = self.config.name
+        found = await self.engine.find({LABEL_INSTANCE: ""})
+        if not found:
+            return
+        records, _ = await self.store.scan(self.store.keys.instances(), Instance)
+        placed = {v.value.key: v.value for v in records}  # `ns/app-index` → record
         stale = []
-        for c in await self.engine.find({LABEL_INSTANCE: ""}):
-            ns, _, name = c.labels.get(LABEL_INSTANCE, "").partition("/")
-            app, _, index = name.rpartition("-")
-            rec = await self.store.get(self.store.keys.instance(ns, app, int(index)), Instance)\
-                if index.isdigit() else None
-            if rec is None or me not in (rec.value.node, rec.value.next_node):
-                moved = rec is not None and bool(rec.value.node)
-                stale.append((c, ns, name, app, "KilledBySigma(migrated)" if moved else
-                              "KilledBySigma(deleted)"))
+        for c in found:
+            owner = c.labels.get(LABEL_INSTANCE, "")
+            ns, _, name = owner.partition("/")
+            inst = placed.get(owner)
+            if inst is None or me not in (inst.node, inst.next_node):
+                reason = "KilledBySigma(migrated)" if inst and inst.node else \
+                    "KilledBySigma(deleted)"
+                stale.append((c, ns, name, name.rpartition("-")[0], reason))
 
         async def remove(c: ContainerState, ns: str, name: str, app: str, reason: str) -> None:
             if c.running:

@@ -56,14 +56,16 @@ class TunnelKeeper:
         tunnel = tunnel_for(config)
         self.overlay = Overlay(tunnel) if tunnel else None
         self.changed = asyncio.Event()
+        self.setting_up = asyncio.Lock()  # the heartbeat's rejoin and `run` both set up
 
     async def setup(self) -> None:
         """The engine's network and the tunnel device, made or repaired (idempotent)."""
         net = OverlayNet(self.config.overlay_cidr)
-        if await self.engine.ensure_network(net.cidr, net.gateway):
-            log.info("created the engine's network for the overlay %s", net.cidr)
-        if self.overlay is not None and await asyncio.to_thread(self.overlay.ensure):
-            log.info("tunnel %s set up (VTEP %s)", VXLAN, self.config.address)
+        async with self.setting_up:
+            if await self.engine.ensure_network(net.cidr, net.gateway):
+                log.info("created the engine's network for the overlay %s", net.cidr)
+            if self.overlay is not None and await asyncio.to_thread(self.overlay.ensure):
+                log.info("tunnel %s set up (VTEP %s)", VXLAN, self.config.address)
 
     async def sync(self) -> None:
         """Program the FDB from the nodes and instances in etcd."""

@@ -52,6 +52,19 @@ def free_port(pair: bool = False) -> int:
     raise AssertionError("no free port pair")
 
 
+def call_api(url: str, method: str, token: str | None, body: str | None = None,
+             timeout: float = 10) -> tuple[int, Any]:
+    """(status, JSON body) of one call to a master's API (OSError if it does not answer)."""
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    req = urllib.request.Request(url, method=method, headers=headers,
+                                 data=body.encode() if body is not None else None)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 def stop_process(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
     """Send `sig` to a process we started and reap it (SIGKILL after 20 s)."""
     if proc is None or proc.poll() is not None:
@@ -238,18 +251,8 @@ class Cluster:
 
     def api(self, method: str, path: str, body: str | None = None,
             token: str | None = "default") -> tuple[int, Any]:
-        headers = {}
-        if token is not None:
-            headers["Authorization"] = f"Bearer {self.token if token == 'default' else token}"
-        req = urllib.request.Request(
-            f"{self.server}{path}", method=method, headers=headers,
-            data=body.encode() if body is not None else None,
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+        return call_api(f"{self.server}{path}", method,
+                        self.token if token == "default" else token, body)
 
     def ctl(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

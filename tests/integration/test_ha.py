@@ -6,7 +6,6 @@ loses a member keeps a master working; a scale-up survives the death of the lead
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import secrets
 import signal
@@ -27,7 +26,14 @@ import yaml
 from sigmad.leader import Elector, LeaderRecord
 from sigmad.procs import EtcdProcess
 from sigmad.store import Deposed, Guard, Op, Store
-from tests.integration.conftest import IMAGE, EngineHost, free_port, stop_process, wait_for
+from tests.integration.conftest import (
+    IMAGE,
+    EngineHost,
+    call_api,
+    free_port,
+    stop_process,
+    wait_for,
+)
 
 TTL = 3  # seconds: the masters' leader_ttl in these tests
 SCALE_KILL_AFTER = float(os.environ.get("SIGMA_HA_KILL_AFTER", "0.3"))  # leader mid-scale-up
@@ -80,16 +86,8 @@ class Masters:
 
     def api(self, i: int, method: str, path: str, body: str | None = None) -> tuple[int, Any]:
         """(status, JSON body) of a call to master `i`; (0, None) if it does not answer."""
-        req = urllib.request.Request(
-            f"{self.url(i)}{path}", method=method,
-            headers={"Authorization": f"Bearer {self.token}"},
-            data=body.encode() if body is not None else None,
-        )
         try:
-            with urllib.request.urlopen(req, timeout=5) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+            return call_api(f"{self.url(i)}{path}", method, self.token, body, timeout=5)
         except OSError:
             return 0, None
 
