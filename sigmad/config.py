@@ -35,7 +35,10 @@ class MasterConfig:
     token: str
     listen: str = DEFAULT_LISTEN
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
-    reconcile_interval: float = 5.0
+    reconcile_interval: float = 300.0  # every record re-checked this often (a safety net:
+    # changes are followed as they happen, from etcd's watch and the engines' events)
+    workers: int = 64  # instances driven at once
+    engine_parallel: int = 8  # steps at once on one engine
     overlay_cidr: str = DEFAULT_OVERLAY_CIDR
     id: str = ""  # "" = HOSTNAME:PORT (see master_id)
     advertise: str = ""  # the API's URL for others; "" = http://LISTEN (see api_url)
@@ -89,6 +92,13 @@ def _number(fields: Fields, key: str, default: float, minimum: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
         raise SpecError(fields.at(key), f"must be a number of at least {minimum}")
     return float(value)
+
+
+def _whole(fields: Fields, key: str, default: int, low: int, high: int) -> int:
+    value = fields.take(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise SpecError(fields.at(key), f"must be a whole number from {low} to {high}")
+    return value
 
 
 def _cidr(fields: Fields) -> str:
@@ -147,7 +157,9 @@ def master_config(fields: Fields) -> MasterConfig:
         raise SpecError("leader_ttl", "must be a whole number of seconds, at least 2")
     config = MasterConfig(
         token=token, listen=listen, etcd=_etcd(fields),
-        reconcile_interval=_number(fields, "reconcile_interval", 5.0, 0.1),
+        reconcile_interval=_number(fields, "reconcile_interval", 300.0, 0.1),
+        workers=_whole(fields, "workers", 64, 1, 4096),
+        engine_parallel=_whole(fields, "engine_parallel", 8, 1, 256),
         overlay_cidr=_cidr(fields), id=master_id, advertise=advertise, leader_ttl=ttl,
     )
     fields.done()

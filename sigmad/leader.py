@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sigmad import records
-from sigmad.store import Guard, Store, WatchCompacted
+from sigmad.store import EtcdStore, Guard, Store, WatchCompacted
 
 log = logging.getLogger(__name__)
 Lead = Callable[[], Coroutine[Any, Any, None]]
@@ -65,7 +65,8 @@ class Elector:
     """Campaigns for the leader key with `store` (never fenced) and runs `lead` while it holds
     it, with `fenced` (the controller's store) fenced by the key as won."""
 
-    def __init__(self, store: Store, fenced: Store, master_id: str, api: str, ttl: int) -> None:
+    def __init__(self, store: Store, fenced: Store, master_id: str, api: str, ttl: int,
+                 watcher: Store | None = None) -> None:
         self.store = store
         self.fenced = fenced
         self.keys = store.keys
@@ -78,6 +79,7 @@ class Elector:
         self._deposed = asyncio.Event()
         self._stale: list[int] = []  # leases lost while etcd was unreachable: revoke later
         self._said = ""
+        self.watcher = watcher
         fenced.fence = self._never()
         fenced.on_deposed = self._deposed.set
 
@@ -87,15 +89,19 @@ class Elector:
 
     async def run(self, lead: Lead) -> None:
         """Campaign and lead until cancelled; then resign."""
-        watcher = Store(self.store.endpoints, self.keys.prefix, self.store.retry_for,
-                        self.store.rpc_timeout)
+        watcher = self.watcher
+        if watcher is None:  # a store of its own for watches, with the election's timeouts
+            assert isinstance(self.store, EtcdStore)
+            watcher = EtcdStore(self.store.endpoints, self.keys.prefix, self.store.retry_for,
+                                self.store.rpc_timeout)
         try:
             while True:
                 await self._term(lead, watcher)
         finally:
             self.fenced.fence = self._never()
             await self._resign()
-            await watcher.close()
+            if watcher is not self.watcher:
+                await watcher.close()
 
     async def _term(self, lead: Lead, watcher: Store) -> None:
         """One lease: grant it, say this master runs, campaign and lead until it is lost."""

@@ -1,30 +1,35 @@
-"""`sigmad master`: the API server and the controller against one etcd."""
+"""`sigmad master`: the state cache, the API served from it, and the controller while this
+master leads."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import resource
 
 from aiohttp import web
 
 from sigmad.api import make_app
-from sigmad.config import EtcdConfig, MasterConfig
-from sigmad.controller import Controller
+from sigmad.config import MasterConfig
+from sigmad.control.controller import Controller
 from sigmad.leader import Elector
-from sigmad.store import Store
+from sigmad.state.cache import Cache
+from sigmad.store import EtcdStore, Store
 
 log = logging.getLogger(__name__)
 API_RETRY_FOR = 3.0  # an API call waits this long for etcd, then answers 503
 
 
-async def serve_api(etcd: EtcdConfig, token: str, listen: str) -> web.AppRunner:
-    """Start the API on `listen` (HOST:PORT) with a store of its own; the caller cleans up."""
-    store = Store(etcd.endpoints, etcd.prefix, retry_for=API_RETRY_FOR)
-    app = make_app(store, token)
+def raise_file_limit() -> None:
+    """Open files up to the hard limit: one connection (or more) per node engine."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
-    async def close_store(_: web.Application) -> None:
-        await store.close()
 
-    app.on_cleanup.append(close_store)
+async def serve_api(store: Store, cache: Cache, token: str, listen: str) -> web.AppRunner:
+    """Start the API on `listen` (HOST:PORT); the caller cleans up."""
+    app = make_app(store, cache, token)
     # Open event streams hold requests forever: give them 2 s on shutdown, then cancel them.
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
@@ -35,26 +40,37 @@ async def serve_api(etcd: EtcdConfig, token: str, listen: str) -> web.AppRunner:
 
 
 async def run_master(config: MasterConfig) -> None:
-    """Serve the API, and run the controller while this master leads, until cancelled.
+    """Fill the cache, serve the API, and run the controller while this master leads, until
+    cancelled.
 
     The controller gets a store of its own, fenced by the leader key while this master leads
     (sigmad.leader); the election has a store with short timeouts, so that a lost etcd is
     noticed within the lease's TTL."""
-    runner = await serve_api(config.etcd, config.token, config.listen)
+    raise_file_limit()
+    endpoints, prefix = config.etcd.endpoints, config.etcd.prefix
+    reads = EtcdStore(endpoints, prefix)
+    cache = Cache(reads)
+    filling = asyncio.create_task(cache.run())
+    api_store = EtcdStore(endpoints, prefix, retry_for=API_RETRY_FOR)
     ttl = config.leader_ttl
-    election = Store(config.etcd.endpoints, config.etcd.prefix, retry_for=ttl / 3,
-                     rpc_timeout=max(1.0, ttl / 3))
-    store = Store(config.etcd.endpoints, config.etcd.prefix)
-    elector = Elector(election, store, config.master_id(), config.api_url(), ttl)
-
-    async def lead() -> None:
-        await Controller(store, config.reconcile_interval, config.overlay_cidr).run()
-
-    log.info("master %s (API %s) campaigns for leadership (lease TTL %ds)",
-             elector.id, elector.api, ttl)
+    election = EtcdStore(endpoints, prefix, retry_for=ttl / 3, rpc_timeout=max(1.0, ttl / 3))
+    store = EtcdStore(endpoints, prefix)
+    runner: web.AppRunner | None = None
     try:
+        await cache.synced.wait()
+        runner = await serve_api(api_store, cache, config.token, config.listen)
+        elector = Elector(election, store, config.master_id(), config.api_url(), ttl)
+
+        async def lead() -> None:
+            await Controller(store, cache, config).run()
+
+        log.info("master %s (API %s) campaigns for leadership (lease TTL %ds)",
+                 elector.id, elector.api, ttl)
         await elector.run(lead)
     finally:
-        await runner.cleanup()
-        await store.close()
-        await election.close()
+        if runner is not None:
+            await runner.cleanup()
+        filling.cancel()
+        await asyncio.gather(filling, return_exceptions=True)
+        for s in (store, election, api_store, reads):
+            await s.close()

@@ -1,24 +1,25 @@
-"""Cluster records kept in etcd: nodes, apps, instances (DESIGN.md §2, §3)."""
+"""Cluster records kept in etcd (nodes, apps, instances: DESIGN.md §2, §3) and the instance's
+state transitions.
+
+Invariants:
+- a record read from the cache is shared: it is never changed in place. Every transition
+  returns a new Instance (`copy` first, then change the copy), so a snapshot never moves
+  under its reader;
+- an instance, not its container, owns its name, IP, request and (while bound) host ports;
+  a transition that leaves a node says which host-port claims to release, the caller
+  releases them in the same transaction.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
+from sigmad.reasons import NODE_LOST, Kill, Reason, State
 from sigmad.spec import AppSpec, Resources
 
-# Instance states (DESIGN.md §3).
-PENDING = "Pending"
-SCHEDULED = "Scheduled"
-STARTING = "Starting"
-RUNNING = "Running"
-EXITED = "Exited"
-FAILED = "Failed"
-FAILED_TO_START = "FailedToStart"
-NEED_MIGRATION = "NeedMigration"
-TERMINATING = "Terminating"
-
-# Node states.
+# Node states (an instance's are sigmad.reasons.State).
 READY = "Ready"
 NOT_READY = "NotReady"
 DRAINING = "Draining"
@@ -62,8 +63,8 @@ class Node:
 
 @dataclass
 class NodeLock:
-    """The value of `alloc/node/{node}`: who last placed there, and a token unique to that
-    transaction (so a scheduler can tell its own write from another's)."""
+    """The value of `alloc/node/{node}`: who last placed there (every booking on the node
+    bumps this key and guards its previous revision)."""
 
     by: str = ""
     token: str = ""
@@ -80,8 +81,9 @@ class Owner:
 @dataclass
 class AppRecord:
     """An app's desired state. `generation` grows on every change of the spec;
-    `template_generation` only when what an instance runs changes (anything but `replicas`),
-    so scaling never replaces running instances."""
+    `template_generation` only when what an instance runs changes (anything but `replicas`,
+    the migration policy and the containers' resources), so scaling and resizing never
+    replace running instances."""
 
     spec: AppSpec
     generation: int = 1
@@ -99,6 +101,7 @@ class ContainerStatus:
     started_at: str = ""
     finished_at: str = ""
     ready: bool = False
+    limit: Resources = field(default_factory=Resources)  # the cgroup caps applied (0 = none)
 
 
 @dataclass
@@ -119,7 +122,7 @@ class Instance:
     app: str
     index: int
     generation: int  # the app's template_generation its containers were made from
-    state: str = PENDING
+    state: State = State.PENDING
     reason: str = ""
     unschedulable: dict[str, int] = field(default_factory=dict)  # filter reason → node count
     node: str = ""
@@ -148,15 +151,128 @@ class Instance:
         """`namespace/APP-INDEX`, the value of the `sigma.instance` container label."""
         return f"{self.namespace}/{self.name}"
 
-    def unbind(self, reason: str) -> None:
-        """Back to Pending, to be placed anew: it keeps its name, IP and request; its node,
-        host ports and containers stay behind (the caller releases the port keys)."""
-        self.state, self.reason = PENDING, reason
-        self.node, self.host_ports, self.containers = "", {}, []
-        self.move, self.next_node, self.next_ports = "", "", {}
-        self.next_start, self.streak, self.updated = 0.0, 0, now()
+    @property
+    def app_key(self) -> str:
+        """`namespace/app`."""
+        return f"{self.namespace}/{self.app}"
+
+    def copy(self) -> Instance:
+        """A copy whose lists and maps may be changed without touching this record."""
+        return dataclasses.replace(
+            self, unschedulable=dict(self.unschedulable), host_ports=dict(self.host_ports),
+            next_ports=dict(self.next_ports),
+            containers=[dataclasses.replace(c) for c in self.containers],
+            terminations=list(self.terminations),
+        )
 
     def terminated(self, container: str, reason: str, container_id: str = "") -> None:
-        """Record a container end, keeping the last few."""
+        """Record a container end on this working copy, keeping the last few."""
         self.terminations.append(Termination(container, reason, now(), container_id))
         del self.terminations[:-MAX_TERMINATIONS]
+
+    # -- transitions: each returns a new record -------------------------------------------
+
+    def unbound(self, reason: str) -> Instance:
+        """Back to Pending, to be placed anew: it keeps its name, IP and request; its node,
+        host ports and containers stay behind (release `host_ports` of `node`)."""
+        new = self.copy()
+        new.state, new.reason = State.PENDING, reason
+        new.node, new.host_ports, new.containers = "", {}, []
+        new.move, new.next_node, new.next_ports = "", "", {}
+        new.next_start, new.streak, new.updated = 0.0, 0, now()
+        return new
+
+    def bound(self, node: str, ports: dict[str, int]) -> Instance:
+        """Pending → Scheduled on `node` with its host ports."""
+        new = self.copy()
+        new.state, new.node, new.host_ports = State.SCHEDULED, node, ports
+        new.reason, new.unschedulable, new.target, new.updated = "", {}, "", now()
+        return new
+
+    def move_asked(self, why: str) -> Instance:
+        """A live move is wanted (e.g. "drain h2"): the scheduler books where it goes."""
+        new = self.copy()
+        new.move, new.updated = why, now()
+        return new
+
+    def move_booked(self, node: str, ports: dict[str, int]) -> Instance:
+        """A live move booked onto `node`: the new copy starts there, the old keeps serving."""
+        new = self.copy()
+        new.next_node, new.next_ports, new.unschedulable = node, ports, {}
+        new.reason, new.updated = f"moving to {node} ({self.move})", now()
+        return new
+
+    def unplaced(self, reason: str, counts: dict[str, int]) -> Instance:
+        """Stays where it is (Pending, or not moving yet) with why no node fits."""
+        new = self.copy()
+        new.reason, new.unschedulable, new.updated = reason, counts, now()
+        return new
+
+    def rebooked(self, request: Resources) -> Instance:
+        """Its node now holds `request` for it (a resize or a template change)."""
+        new = self.copy()
+        new.request, new.updated = request, now()
+        if new.reason.startswith(("update waits", "resize waits")):
+            new.reason = ""
+        return new
+
+    def terminating(self, reason: str) -> Instance:
+        """Asked to go: its containers stop, then the record and its claims are deleted."""
+        new = self.copy()
+        new.state, new.reason, new.updated = State.TERMINATING, reason, now()
+        return new
+
+    def lost_node(self, auto: bool) -> Instance:
+        """Its node is NotReady: NeedMigration (NodeLost), and with `auto` straight back to
+        Pending to be placed elsewhere (release `host_ports` of `node`)."""
+        new = self.copy()
+        for c in new.containers:
+            if c.id and not c.finished_at:
+                new.terminated(c.name, NODE_LOST, c.id)
+        new.state, new.reason = State.NEED_MIGRATION, f"{NODE_LOST}: node {self.node} is NotReady"
+        new.updated = now()
+        return new.unbound(f"migrating: {new.reason}") if auto else new
+
+    def continued_on_next(self) -> Instance:
+        """Its node is lost mid-move: it lands on the node booked for the move (release
+        `host_ports` of `node`)."""
+        new = self.copy()
+        new.reason = f"{NODE_LOST}: node {self.node} is NotReady; continuing on {self.next_node}"
+        new.node, new.host_ports = self.next_node, dict(self.next_ports)
+        new.move, new.next_node, new.next_ports = "", "", {}
+        new.state, new.containers, new.updated = State.SCHEDULED, [], now()
+        return new
+
+    def move_cancelled(self, reason: str) -> Instance:
+        """The move is off (release `next_ports` of `next_node`)."""
+        new = self.copy()
+        new.move, new.next_node, new.next_ports = "", "", {}
+        new.reason, new.updated = reason, now()
+        return new
+
+    def resumed(self) -> Instance:
+        """NeedMigration and its node is back: it resumes there."""
+        new = self.copy()
+        new.state, new.reason, new.updated = State.SCHEDULED, f"node {self.node} is back", now()
+        return new
+
+    def flipped(self, containers: list[ContainerStatus]) -> Instance:
+        """A live move's new copy is ready: the record now places it on `next_node`
+        (release `host_ports` of the old `node`; its containers are then stopped)."""
+        new = self.copy()
+        for c in self.containers:
+            new.terminated(c.name, Reason.killed(Kill.MIGRATED), c.id)
+        new.node, new.host_ports, new.containers = self.next_node, dict(self.next_ports), \
+            containers
+        new.state, new.reason, new.move, new.next_node, new.next_ports = \
+            State.RUNNING, "", "", "", {}
+        new.next_start, new.streak, new.updated = 0.0, 0, now()
+        return new
+
+
+def new_instance(spec: AppSpec, index: int, template_generation: int) -> Instance:
+    """A fresh Pending instance `APP-INDEX` of `spec`."""
+    return Instance(
+        namespace=spec.namespace, app=spec.app, index=index, generation=template_generation,
+        request=spec.request(), created=now(), updated=now(),
+    )

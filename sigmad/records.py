@@ -7,6 +7,7 @@ converters built once and cached.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import types
 import typing
@@ -62,6 +63,8 @@ def _converter(hint: Any) -> Convert:
         return lambda v: None if v is None else {k: value(x) for k, x in v.items()}
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return lambda v: None if v is None else from_dict(hint, v)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return lambda v: None if v is None else hint(v)
     return _same
 
 

@@ -2,6 +2,18 @@
 
 The only module that imports aetcd. A lost connection is retried with backoff and logged;
 callers see `StoreUnavailable` only once the retry budget is spent.
+
+The seam: the rest of sigma uses the `Store` protocol. `StoreOps` builds every typed call
+(get, scan, put, create, update, delete, commit) on four primitives (`get_raw`, `range_raw`,
+`txn`, `watch_batches`); `EtcdStore` implements them on etcd and tests/fakes a `MemoryStore`
+in memory, with the same guards and the same leader fence.
+
+Invariants:
+- a transaction holds at most MAX_TXN_OPS compares (the fence included) and at most
+  MAX_TXN_OPS operations: etcd's `--max-txn-ops` counts each list on its own;
+- a committed transaction answers with its revision, which is the mod_revision of every key
+  it wrote (0 means a guard failed and nothing was written);
+- a fenced store writes nothing once its fence (the leader key as won) fails: `Deposed`.
 """
 
 from __future__ import annotations
@@ -10,9 +22,9 @@ import asyncio
 import functools
 import logging
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import aetcd
@@ -31,11 +43,15 @@ _TRANSIENT = (
     aetcd.exceptions.ConnectionFailedError,
     aetcd.exceptions.ConnectionTimeoutError,
     aetcd.exceptions.InternalError,
-    aetcd.rpc.AioRpcError,
     asyncio.TimeoutError,
     OSError,
 )
-MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
+_TRANSIENT_CODES = frozenset({
+    aetcd.rpc.StatusCode.UNAVAILABLE, aetcd.rpc.StatusCode.DEADLINE_EXCEEDED,
+    aetcd.rpc.StatusCode.INTERNAL, aetcd.rpc.StatusCode.CANCELLED,
+    aetcd.rpc.StatusCode.UNKNOWN,
+})
+MAX_TXN_OPS = 128  # etcd's default --max-txn-ops, for compares and for operations alike
 PAGE = 2000  # keys per range read: a big prefix is read in pages at one revision
 
 
@@ -113,14 +129,16 @@ class Keys:
 
 @dataclass
 class Versioned(Generic[T]):
-    """A record as read, with the key and mod_revision a later CAS compares against."""
+    """A record as read, with the key and mod_revision a later CAS compares against (and,
+    from the cache, the JSON bytes it was decoded from)."""
 
     key: str
     value: T
     mod_revision: int
+    raw: bytes = b""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Guard:
     """A transaction precondition: `key` is at `mod_revision` (0: the key is absent; below 0:
     never holds)."""
@@ -148,36 +166,206 @@ class Deposed(SigmaError):
 
 @dataclass
 class Op:
-    """A transaction operation: put `record` at `key` (optionally leased), or delete `key`."""
+    """A transaction operation: put `record` at `key` (optionally leased), or delete `key`.
+    `data` is the record's JSON, encoded once (by `encoded`)."""
 
     key: str
     record: Any = None
     delete: bool = False
     lease: int = 0
+    data: bytes = b""
+
+    def encoded(self) -> bytes:
+        """The record's JSON bytes (encoded on first use, then kept)."""
+        if not self.data and not self.delete:
+            self.data = records.dumps(self.record)
+        return self.data
 
 
-@dataclass
+@dataclass(frozen=True)
+class Item:
+    """One key as etcd holds it."""
+
+    key: str
+    value: bytes
+    mod_revision: int
+    lease: int = 0
+
+
+@dataclass(frozen=True)
 class WatchEvent:
     key: str
     value: bytes | None  # None on delete
     mod_revision: int
 
 
-def batches(items: list[T], cost: Callable[[T], int]) -> list[list[T]]:
-    """`items` packed, in order, into transactions of at most MAX_TXN_OPS guards and ops
-    (`cost` of an item: how many it needs)."""
+@dataclass
+class WatchBatch:
+    """Events of one watch answer, in revision order; `revision`: the store's revision when
+    it was sent (every change up to it under the watched range has been delivered).
+    `broken`: the stream broke (no events; it is being resumed): until the next batch, the
+    watcher's view may be stale."""
+
+    revision: int
+    events: list[WatchEvent]
+    broken: bool = False
+
+
+@dataclass
+class Outcome:
+    """A transaction's answer: its revision if it committed (0 if a guard failed), and
+    whether the fence still held when it did not."""
+
+    revision: int
+    fence_held: bool = True
+
+
+def batches(items: list[T], cost: Callable[[T], tuple[int, int]],
+            limit: int = MAX_TXN_OPS) -> list[list[T]]:
+    """`items` packed, in order, into transactions of at most `limit` guards and `limit`
+    ops (`cost` of an item: the guards and the ops it needs). One guard of each transaction
+    is kept for the fence."""
     out: list[list[T]] = []
-    size = MAX_TXN_OPS
+    guards = ops = limit + 1
     for item in items:
-        if size + cost(item) > MAX_TXN_OPS:
+        g, o = cost(item)
+        if guards + g > limit - 1 or ops + o > limit:
             out.append([])
-            size = 0
+            guards = ops = 0
         out[-1].append(item)
-        size += cost(item)
+        guards += g
+        ops += o
     return out
 
 
-class Store:
+class Store(Protocol):
+    """What sigma needs of its store (etcd, or tests' in-memory one)."""
+
+    keys: Keys
+    fence: Guard | None
+    on_deposed: Callable[[], None] | None
+
+    async def close(self) -> None: ...
+    async def ping(self) -> int: ...
+    async def get_raw(self, key: str) -> Item | None: ...
+    async def range_raw(self, prefix: str, keys_only: bool = False, limit: int = 0,
+                        revision: int = 0) -> tuple[list[Item], int]: ...
+    async def get(self, key: str, cls: type[T]) -> Versioned[T] | None: ...
+    async def scan(self, prefix: str, cls: type[T]) -> tuple[list[Versioned[T]], int]: ...
+    async def keys_under(self, prefix: str) -> list[str]: ...
+    async def revisions(self, prefix: str) -> dict[str, int]: ...
+    async def put(self, key: str, record: Any, lease: int = 0) -> None: ...
+    async def create(self, key: str, record: Any, lease: int = 0) -> bool: ...
+    async def update(self, key: str, record: Any, mod_revision: int) -> bool: ...
+    async def delete(self, key: str, mod_revision: int | None = None) -> bool: ...
+    async def commit(self, guards: Sequence[Guard], ops: Sequence[Op]) -> int: ...
+    async def claim(self, key: str, record: Any, lease: int) -> Claim: ...
+    def watch(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]: ...
+    def watch_key(self, key: str, start_revision: int) -> AsyncGenerator[WatchEvent, None]: ...
+    def watch_batches(self, prefix: str, start_revision: int,
+                      end: str | None = None) -> AsyncIterator[WatchBatch]: ...
+    async def grant(self, ttl: int) -> int: ...
+    async def keepalive(self, lease_id: int) -> bool: ...
+    async def revoke(self, lease_id: int) -> None: ...
+
+
+def prefix_end(prefix: str) -> str:
+    """The end of the key range of every key starting with `prefix`."""
+    return aetcd.utils.prefix_range_end(prefix.encode()).decode()
+
+
+class StoreOps:
+    """The typed calls of `Store`, built on its primitives (`get_raw`, `range_raw`, `txn`,
+    `watch_batches`), shared by every implementation."""
+
+    keys: Keys
+    fence: Guard | None = None
+    on_deposed: Callable[[], None] | None = None
+
+    async def get_raw(self, key: str) -> Item | None:
+        raise NotImplementedError
+
+    async def range_raw(self, prefix: str, keys_only: bool = False, limit: int = 0,
+                        revision: int = 0) -> tuple[list[Item], int]:
+        """Every key under `prefix` (at most `limit` > 0 of them) as of `revision` (0: now),
+        and the revision read at."""
+        raise NotImplementedError
+
+    async def txn(self, guards: Sequence[Guard], ops: Sequence[Op]) -> Outcome:
+        """One transaction: all `ops` if every guard holds, else nothing."""
+        raise NotImplementedError
+
+    def watch_batches(self, prefix: str, start_revision: int,
+                      end: str | None = None) -> AsyncIterator[WatchBatch]:
+        raise NotImplementedError
+
+    async def get(self, key: str, cls: type[T]) -> Versioned[T] | None:
+        item = await self.get_raw(key)
+        if item is None:
+            return None
+        return Versioned(key, records.loads(cls, item.value), item.mod_revision, item.value)
+
+    async def scan(self, prefix: str, cls: type[T]) -> tuple[list[Versioned[T]], int]:
+        """Every record under `prefix`, and the revision they were read at."""
+        items, revision = await self.range_raw(prefix)
+        return [Versioned(i.key, records.loads(cls, i.value), i.mod_revision, i.value)
+                for i in items], revision
+
+    async def keys_under(self, prefix: str) -> list[str]:
+        items, _ = await self.range_raw(prefix, keys_only=True)
+        return [i.key for i in items]
+
+    async def revisions(self, prefix: str) -> dict[str, int]:
+        """key → mod_revision of every key under `prefix` (values not read)."""
+        items, _ = await self.range_raw(prefix, keys_only=True)
+        return {i.key: i.mod_revision for i in items}
+
+    async def put(self, key: str, record: Any, lease: int = 0) -> None:
+        await self.commit([], [Op(key, record, lease=lease)])
+
+    async def create(self, key: str, record: Any, lease: int = 0) -> bool:
+        """Write `record` only if `key` is absent."""
+        return bool(await self.commit([Guard(key, 0)], [Op(key, record, lease=lease)]))
+
+    async def update(self, key: str, record: Any, mod_revision: int) -> bool:
+        """Write `record` only if `key` is still at `mod_revision`."""
+        return bool(await self.commit([Guard(key, mod_revision)], [Op(key, record)]))
+
+    async def delete(self, key: str, mod_revision: int | None = None) -> bool:
+        """Delete `key`, only if still at `mod_revision` when one is given."""
+        guards = [] if mod_revision is None else [Guard(key, mod_revision)]
+        return bool(await self.commit(guards, [Op(key, delete=True)]))
+
+    async def commit(self, guards: Sequence[Guard], ops: Sequence[Op]) -> int:
+        """One transaction: all `ops` if every guard (and the fence) holds, else nothing.
+        Its revision, or 0 on conflict; `Deposed` if the fence failed."""
+        if len(guards) + (self.fence is not None) > MAX_TXN_OPS or len(ops) > MAX_TXN_OPS:
+            raise ValueError(f"a transaction holds at most {MAX_TXN_OPS} guards and "
+                             f"{MAX_TXN_OPS} ops")
+        outcome = await self.txn(guards, ops)
+        if not outcome.revision and not outcome.fence_held:
+            if self.on_deposed is not None:
+                self.on_deposed()
+            assert self.fence is not None
+            raise Deposed(f"not the leader any more ({self.fence.key} is not as won): "
+                          "write refused")
+        return outcome.revision
+
+    async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
+        """Changes under `prefix` from `start_revision` on; resumes after an outage. Raises
+        `WatchCompacted` if history is gone; callers then relist."""
+        async for batch in self.watch_batches(prefix, start_revision):
+            for event in batch.events:
+                yield event
+
+    async def watch_key(self, key: str, start_revision: int) -> AsyncGenerator[WatchEvent, None]:
+        """Changes of the single key `key` from `start_revision` on (as `watch`)."""
+        async for batch in self.watch_batches(key, start_revision, end=""):
+            for event in batch.events:
+                yield event
+
+
+class EtcdStore(StoreOps):
     """An etcd client for one cluster (a list of endpoints, tried in turn: a connection
     failure moves to the next one).
 
@@ -206,6 +394,8 @@ class Store:
         return aetcd.Client(
             host=url.hostname or "127.0.0.1", port=url.port or 2379,
             timeout=self.rpc_timeout,
+            # A cache lists every record at start: answers bigger than gRPC's 4 MiB default.
+            options={"grpc.max_receive_message_length": 256 << 20},
         )
 
     async def close(self) -> None:
@@ -232,9 +422,12 @@ class Store:
             client = self._client
             try:
                 result = await fn(client)
-            except (*_TRANSIENT, asyncio.CancelledError) as exc:
+            except (*_TRANSIENT, aetcd.rpc.AioRpcError, asyncio.CancelledError) as exc:
                 if isinstance(exc, asyncio.CancelledError) and not _interrupted():
                     raise
+                if isinstance(exc, aetcd.rpc.AioRpcError) and exc.code() not in \
+                        _TRANSIENT_CODES:
+                    raise StoreUnavailable(f"etcd refused {what}: {exc.details()}") from None
                 if not self._outage:
                     log.warning("etcd %s failed (%s); retrying", what, _short(exc))
                     self._outage = True
@@ -251,167 +444,147 @@ class Store:
                 self._outage = False
             return result
 
+    async def _stub(self, client: aetcd.Client, method: str, request: Any) -> Any:
+        await client.connect()
+        call = getattr(client.kvstub, method)
+        return await call(request, timeout=self.rpc_timeout, metadata=client.metadata)
+
     async def ping(self) -> int:
         """The current revision (raises StoreUnavailable if etcd is down)."""
-        _, revision = await self._range("\0", keys_only=True, limit=1)
+        _, revision = await self.range_raw("\0", keys_only=True, limit=1)
         return revision
 
-    async def _range(
-        self, prefix: str, keys_only: bool = False, limit: int = 0
-    ) -> tuple[list[Any], int]:
-        """Every key-value under `prefix` read page by page at one revision (one gRPC answer
-        is capped in size), and that revision. `limit` > 0 reads at most that many."""
+    async def get_raw(self, key: str) -> Item | None:
+        request = aetcd.rpc.RangeRequest(key=key.encode())
+        response = await self._call("get", functools.partial(self._stub, method="Range",
+                                                             request=request))
+        if not response.kvs:
+            return None
+        kv = response.kvs[0]
+        return Item(key, kv.value, int(kv.mod_revision), int(kv.lease))
+
+    async def range_raw(self, prefix: str, keys_only: bool = False, limit: int = 0,
+                        revision: int = 0) -> tuple[list[Item], int]:
+        """Read page by page at one revision (one gRPC answer is capped in size)."""
         start, end = prefix.encode(), aetcd.utils.prefix_range_end(prefix.encode())
-        kvs: list[Any] = []
-        revision = 0
+        items: list[Item] = []
         while True:
             request = aetcd.rpc.RangeRequest(
                 key=start, range_end=end, limit=min(limit or PAGE, PAGE), revision=revision,
                 keys_only=keys_only,
             )
-            response = await self._call("range", functools.partial(self._raw_range, request))
+            response = await self._call("range", functools.partial(
+                self._stub, method="Range", request=request))
             revision = revision or int(response.header.revision)
-            kvs.extend(response.kvs)
-            if not response.more or (limit and len(kvs) >= limit):
-                return kvs, revision
+            items.extend(Item(kv.key.decode(), kv.value, int(kv.mod_revision), int(kv.lease))
+                         for kv in response.kvs)
+            if not response.more or (limit and len(items) >= limit):
+                return items, revision
             start = response.kvs[-1].key + b"\0"
 
-    async def _raw_range(self, request: Any, client: aetcd.Client) -> Any:
-        await client.connect()
-        return await client.kvstub.Range(
-            request, timeout=self.rpc_timeout, metadata=client.metadata
-        )
-
-    async def get(self, key: str, cls: type[T]) -> Versioned[T] | None:
-        kv = await self._call("get", lambda c: c.get(key.encode()))
-        if kv is None:
-            return None
-        return Versioned(key, records.loads(cls, kv.value), kv.mod_revision)
-
-    async def scan(self, prefix: str, cls: type[T]) -> tuple[list[Versioned[T]], int]:
-        """Every record under `prefix`, and the revision they were read at."""
-        kvs, revision = await self._range(prefix)
-        items = [
-            Versioned(kv.key.decode(), records.loads(cls, kv.value), kv.mod_revision)
-            for kv in kvs
-        ]
-        return items, revision
-
-    async def keys_under(self, prefix: str) -> list[str]:
-        kvs, _ = await self._range(prefix, keys_only=True)
-        return [kv.key.decode() for kv in kvs]
-
-    async def revisions(self, prefix: str) -> dict[str, int]:
-        """key → mod_revision of every key under `prefix` (values not read)."""
-        kvs, _ = await self._range(prefix, keys_only=True)
-        return {kv.key.decode(): kv.mod_revision for kv in kvs}
-
-    async def put(self, key: str, record: Any, lease: int = 0) -> None:
-        if self.fence is not None:  # a transaction with just the fence
-            await self.commit([], [Op(key, record, lease=lease)])
-            return
-        data = records.dumps(record)
-        await self._call("put", lambda c: c.put(key.encode(), data, lease=lease or None))
-
-    async def create(self, key: str, record: Any, lease: int = 0) -> bool:
-        """Write `record` only if `key` is absent."""
-        return await self.commit([Guard(key, 0)], [Op(key, record, lease=lease)])
-
-    async def update(self, key: str, record: Any, mod_revision: int) -> bool:
-        """Write `record` only if `key` is still at `mod_revision`."""
-        return await self.commit([Guard(key, mod_revision)], [Op(key, record)])
-
-    async def delete(self, key: str, mod_revision: int | None = None) -> bool:
-        """Delete `key`, only if still at `mod_revision` when one is given."""
-        guards = [] if mod_revision is None else [Guard(key, mod_revision)]
-        return await self.commit(guards, [Op(key, delete=True)])
-
-    async def commit(self, guards: list[Guard], ops: list[Op]) -> bool:
-        """One transaction: all `ops` if every guard (and the fence) holds, else nothing.
-        False on conflict; `Deposed` if the fence failed."""
-        if len(guards) + len(ops) > MAX_TXN_OPS:
-            raise ValueError(f"a transaction holds at most {MAX_TXN_OPS} guards and ops")
-        tx = aetcd.transactions
+    async def txn(self, guards: Sequence[Guard], ops: Sequence[Op]) -> Outcome:
+        rpc = aetcd.rpc
         fence = self.fence
         compare = [_compare(g) for g in (*guards, *([fence] if fence else []))]
         success = [
-            tx.Delete(op.key.encode()) if op.delete
-            else tx.Put(op.key.encode(), records.dumps(op.record), lease=op.lease or None)
+            rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=op.key.encode()))
+            if op.delete else
+            rpc.RequestOp(request_put=rpc.PutRequest(key=op.key.encode(), value=op.encoded(),
+                                                     lease=op.lease))
             for op in ops
         ]
-        failure = [tx.Get(fence.key.encode())] if fence else []
-        succeeded, responses = await self._call(
-            "transaction",
-            lambda c: c.transaction(compare=compare, success=success, failure=failure),
-        )
-        if not succeeded and fence is not None and not _holds(fence, responses):
-            if self.on_deposed is not None:
-                self.on_deposed()
-            raise Deposed(f"not the leader any more ({fence.key} is not as won): "
-                          "write refused")
-        return bool(succeeded)
+        failure = [rpc.RequestOp(request_range=rpc.RangeRequest(key=fence.key.encode()))] \
+            if fence else []
+        request = rpc.TxnRequest(compare=compare, success=success, failure=failure)
+        response = await self._call("transaction", functools.partial(
+            self._stub, method="Txn", request=request))
+        if response.succeeded:
+            return Outcome(int(response.header.revision))
+        if fence is None:
+            return Outcome(0)
+        found = response.responses[0].response_range.kvs if response.responses else []
+        return Outcome(0, _holds(fence, [int(kv.mod_revision) for kv in found]))
 
     async def claim(self, key: str, record: Any, lease: int) -> Claim:
         """Create `key` under `lease` if it is absent (leader election). A key already held by
         the same lease counts as ours: a retried create whose first answer was lost."""
-        tx = aetcd.transactions
-        data = records.dumps(record)
-        succeeded, responses = await self._call("claim", lambda c: c.transaction(
-            compare=[tx.Version(key.encode()) == 0], success=[tx.Put(key.encode(), data,
-                                                                     lease=lease)],
-            failure=[tx.Get(key.encode())],
-        ))
-        if succeeded:
-            revision = int(responses[0].response_put.header.revision)
+        rpc = aetcd.rpc
+        request = rpc.TxnRequest(
+            compare=[_compare(Guard(key, 0))],
+            success=[rpc.RequestOp(request_put=rpc.PutRequest(
+                key=key.encode(), value=records.dumps(record), lease=lease))],
+            failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=key.encode()))],
+        )
+        response = await self._call("claim", functools.partial(
+            self._stub, method="Txn", request=request))
+        revision = int(response.header.revision)
+        if response.succeeded:
             return Claim(revision, revision)
-        found = responses[0] if responses else []
+        found = response.responses[0].response_range.kvs if response.responses else []
         if not found:  # deleted since: not possible inside one transaction, but be safe
             return Claim(0, 0)
-        kv = found[0][1]
-        return Claim(int(kv.mod_revision) if kv.lease == lease else 0, int(kv.header.revision))
+        kv = found[0]
+        return Claim(int(kv.mod_revision) if kv.lease == lease else 0, revision)
 
-    async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
-        """Changes under `prefix` from `start_revision` on; reconnects and resumes after an
-        outage. Raises `aetcd.exceptions.RevisionCompactedError` if history is gone; callers
-        then relist (see `WatchCompacted`)."""
-        end = aetcd.utils.prefix_range_end(prefix.encode())
-        async for event in self._watch(prefix, end, start_revision):
-            yield event
-
-    async def watch_key(self, key: str, start_revision: int) -> AsyncGenerator[WatchEvent, None]:
-        """Changes of the single key `key` from `start_revision` on (as `watch`)."""
-        async for event in self._watch(key, None, start_revision):
-            yield event
-
-    async def _watch(
-        self, prefix: str, end: bytes | None, start_revision: int
-    ) -> AsyncGenerator[WatchEvent, None]:
+    async def watch_batches(self, prefix: str, start_revision: int,
+                            end: str | None = None) -> AsyncIterator[WatchBatch]:
+        """Changes under `prefix` (or of the range [prefix, end); end "" = the key alone)
+        from `start_revision` on, one batch per etcd answer (an empty one when the watch is
+        (re)established); reconnects and resumes after an outage, saying so with a `broken`
+        batch. Raises `WatchCompacted` if history is gone; callers then relist."""
+        rpc = aetcd.rpc
+        key = prefix.encode()
+        range_end = aetcd.utils.prefix_range_end(key) if end is None else end.encode()
         revision = start_revision
         delay = 0.1
         while True:
             client = self._client
+            requests: asyncio.Queue[Any] = asyncio.Queue()
+            requests.put_nowait(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+                key=key, range_end=range_end, start_revision=revision)))
+
+            async def send(queue: asyncio.Queue[Any] = requests) -> AsyncIterator[Any]:
+                while (request := await queue.get()) is not None:
+                    yield request
+
+            call = None
             try:
-                stream = await client.watch(
-                    prefix.encode(), range_end=end, start_revision=revision
-                )
-                try:
-                    async for event in stream:
-                        delay = 0.1
-                        revision = event.kv.mod_revision + 1
-                        deleted = event.kind == "DELETE"
-                        yield WatchEvent(
-                            event.kv.key.decode(), None if deleted else event.kv.value,
-                            event.kv.mod_revision,
-                        )
-                finally:  # the caller stopped (or the stream broke): end the server's watch
-                    await _cancel_watch(stream)
-            except aetcd.exceptions.RevisionCompactedError:
-                raise WatchCompacted(prefix) from None
-            except (*_TRANSIENT, aetcd.exceptions.ClientError, asyncio.CancelledError) as exc:
+                await client.connect()
+                call = aetcd.rpc.WatchStub(client.channel).Watch(send(),
+                                                                 metadata=client.metadata)
+                async for response in call:
+                    if response.compact_revision:
+                        raise WatchCompacted(f"{prefix} (compacted to "
+                                             f"{response.compact_revision})")
+                    if response.canceled:
+                        raise aetcd.exceptions.ClientError(
+                            f"watch canceled: {response.cancel_reason}")
+                    if response.created:
+                        yield WatchBatch(int(response.header.revision), [])
+                    if not response.events:
+                        continue
+                    delay = 0.1
+                    events = [
+                        WatchEvent(e.kv.key.decode(), None if e.type else e.kv.value,
+                                   int(e.kv.mod_revision))
+                        for e in response.events
+                    ]
+                    revision = events[-1].mod_revision + 1
+                    yield WatchBatch(int(response.header.revision), events)
+                raise aetcd.exceptions.ClientError("the watch stream ended")
+            except WatchCompacted:
+                raise
+            except (*_TRANSIENT, aetcd.exceptions.ClientError, aetcd.rpc.AioRpcError,
+                    asyncio.CancelledError) as exc:
                 if isinstance(exc, asyncio.CancelledError) and not _interrupted():
                     raise
                 log.warning("watch on %s broke (%s); resuming from %d", prefix, _short(exc),
                             revision)
+            finally:
+                requests.put_nowait(None)
+                if call is not None:
+                    call.cancel()
+            yield WatchBatch(0, [], broken=True)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
             await self._reconnect(client)
@@ -430,7 +603,7 @@ class Store:
         """End a lease now: its keys are deleted. A lease already gone is fine."""
         try:
             await self._call("lease revoke", lambda c: c.revoke_lease(lease_id))
-        except aetcd.exceptions.ClientError as exc:
+        except (aetcd.exceptions.ClientError, StoreUnavailable) as exc:
             if "not found" not in str(exc):
                 raise
 
@@ -442,30 +615,27 @@ def _interrupted() -> bool:
     return task is not None and not task.cancelling()
 
 
-async def _cancel_watch(stream: Any) -> None:
-    try:
-        await asyncio.wait_for(stream.cancel(), 1.0)
-    except Exception:  # the channel may be gone already; the watch then died with it
-        log.debug("cancelling a watch failed", exc_info=True)
-
-
 def _compare(g: Guard) -> Any:
-    tx = aetcd.transactions
+    rpc = aetcd.rpc
+    key = g.key.encode()
     if g.mod_revision > 0:
-        return tx.Mod(g.key.encode()) == g.mod_revision
+        return rpc.Compare(key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD,
+                           mod_revision=g.mod_revision)
     if g.mod_revision == 0:
-        return tx.Version(g.key.encode()) == 0
-    return tx.Mod(g.key.encode()) == -1  # never true
+        return rpc.Compare(key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.VERSION,
+                           version=0)
+    return rpc.Compare(key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD,
+                       mod_revision=-1)  # never true
 
 
-def _holds(fence: Guard, responses: list[Any]) -> bool:
-    """Whether the fence still held in a failed transaction (its failure branch read it)."""
-    found = responses[0] if responses else []
+def _holds(fence: Guard, found: list[int]) -> bool:
+    """Whether the fence still held in a failed transaction (`found`: the mod_revision of
+    the fence key as its failure branch read it, if present)."""
     if fence.mod_revision < 0:
         return False
     if fence.mod_revision == 0:
         return not found
-    return bool(found) and int(found[0][1].mod_revision) == fence.mod_revision
+    return bool(found) and found[0] == fence.mod_revision
 
 
 class WatchCompacted(Exception):
@@ -473,5 +643,7 @@ class WatchCompacted(Exception):
 
 
 def _short(exc: BaseException) -> str:
+    if isinstance(exc, aetcd.rpc.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"[:200]
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text[:200]

@@ -9,14 +9,15 @@ import asyncio
 import logging
 
 from sigmad.config import NodeConfig
-from sigmad.engine import LABEL_INSTANCE, ContainerState, Engine
+from sigmad.engine import LABEL_INSTANCE, ContainerState, DockerEngine
 from sigmad.errors import EngineError, SigmaError
 from sigmad.events import EventLog
 from sigmad.models import Instance, Node, now
 from sigmad.network.overlay import OverlayError
 from sigmad.node.tunnels import TunnelKeeper
+from sigmad.reasons import Kill, Reason
 from sigmad.spec import Resources
-from sigmad.store import Store
+from sigmad.store import EtcdStore, Store
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class Agent:
         self.config = config
         self.store = store
         # Only this cluster's containers: an engine may be shared.
-        self.engine = Engine(config.engine, cluster=config.etcd.prefix)
+        self.engine = DockerEngine(config.engine, cluster=config.etcd.prefix)
         self.tunnels = TunnelKeeper(config, store, self.engine)
         self.events = EventLog(store)
         self.lease = 0
@@ -151,8 +152,7 @@ class Agent:
             ns, _, name = owner.partition("/")
             inst = placed.get(owner)
             if inst is None or me not in (inst.node, inst.next_node):
-                reason = "KilledBySigma(migrated)" if inst and inst.node else \
-                    "KilledBySigma(deleted)"
+                reason = Reason.killed(Kill.MIGRATED if inst and inst.node else Kill.DELETED)
                 stale.append((c, ns, name, name.rpartition("-")[0], reason))
 
         async def remove(c: ContainerState, ns: str, name: str, app: str, reason: str) -> None:
@@ -178,7 +178,7 @@ class Agent:
 
 async def run_agent(config: NodeConfig) -> None:
     """Run the agent of `config` until cancelled."""
-    store = Store(config.etcd.endpoints, config.etcd.prefix)
+    store = EtcdStore(config.etcd.endpoints, config.etcd.prefix)
     try:
         await Agent(config, store).run()
     finally:

@@ -1,11 +1,10 @@
 """Placement (DESIGN.md §4): a pure scheduler over a snapshot (`place`), and the binder that
-commits its decisions to etcd (`schedule_pending`)."""
+commits its decisions to etcd (sigmad.scheduler.binder)."""
 
-from sigmad.scheduler.binder import BindResult, schedule_pending
 from sigmad.scheduler.placer import Binding, Decision, Request, Unplaced, place
 from sigmad.scheduler.snapshot import NodeInfo, Snapshot, build_snapshot
 
 __all__ = [
-    "BindResult", "Binding", "Decision", "NodeInfo", "Request", "Snapshot", "Unplaced",
-    "build_snapshot", "place", "schedule_pending",
+    "Binding", "Decision", "NodeInfo", "Request", "Snapshot", "Unplaced", "build_snapshot",
+    "place",
 ]

@@ -1,111 +1,146 @@
-"""Commit placements to etcd with optimistic concurrency: the scheduler's only I/O.
+"""Commit placements with optimistic concurrency: the scheduler's only I/O.
 
-One round reads node locks, nodes, heartbeats and instances (in that order: a placement bumps
-its node's lock in the same transaction as its instance, so a lock read before the instances
-is never newer than them, and a stale instance view fails its lock guard), places every
-Pending instance, and commits in bounded transactions. Each transaction is guarded by every
-instance's mod_revision, every touched node's lock revision and the absence of every host
-port key it books; a transaction that loses is re-planned from a fresh read, only for its own
-instances. Two schedulers racing on one etcd therefore never book capacity or a port twice.
+A round takes a snapshot (the state cache at revision R: nodes, what each has booked, each
+node lock's revision), plans every wanted booking purely (`plan`), and commits it through the
+Writer (`commit`). Three kinds of booking go through here, so capacity is booked in one place:
+- a Pending instance (with its overlay IP) gets a node and host ports;
+- an instance asked to move live gets its next node (`next_node`), booked beside the old;
+- an instance whose request grew (a resize or a new template) books the growth on its node.
+
+Invariants: every booking of capacity on a node guards that node's lock revision as the
+snapshot saw it and bumps it in the same transaction, and every host port it takes is
+guarded absent; so two schedulers (or a lagging snapshot) never book capacity or a port
+twice. Bookings of one node go in one change (pieces of one node, when too many for one
+transaction, guard the lock revision the previous piece wrote); a change that loses is
+re-planned next round, only for its own instances.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import random
-import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sigmad.models import PENDING, SCHEDULED, Instance, Node, NodeLock, Owner, now
-from sigmad.scheduler.placer import Binding, Decision, Request, Unplaced, place
-from sigmad.scheduler.snapshot import Snapshot, build_snapshot
-from sigmad.spec import AppSpec
-from sigmad.store import MAX_TXN_OPS, Guard, Op, Store, Versioned, batches
+from sigmad.models import Instance
+from sigmad.reasons import State
+from sigmad.scheduler.placer import Decision, Request, place
+from sigmad.scheduler.snapshot import Snapshot, snapshot_of
+from sigmad.spec import AppSpec, Resources
+from sigmad.state.cache import LOCKS, Cache
+from sigmad.state.writes import Writer, Writes
+from sigmad.store import MAX_TXN_OPS, Versioned
 
-CONCURRENCY = 16  # transactions in flight at once
-UNPLACED_BATCH = MAX_TXN_OPS // 2  # (guard, put) pairs per reason-update transaction
+ROUND = 5000  # instances planned per round (the event loop runs between rounds)
 
 
 @dataclass
 class BindResult:
-    placed: int = 0  # instances committed as Scheduled
-    unplaced: int = 0  # instances left Pending because no node fits
-    conflicts: int = 0  # lost transactions and taken node locks (their instances re-planned)
-    rounds: int = 0  # reads + plans
+    placed: int = 0  # bookings committed
+    unplaced: int = 0  # instances left waiting because no node fits
+    conflicts: int = 0  # changes that lost (their instances are re-planned next round)
+    rounds: int = 0  # snapshots planned from
     scheduled: dict[str, str] = field(default_factory=dict)  # instance `ns/app-i` → node
-    pending: dict[str, str] = field(default_factory=dict)  # instance → new Pending reason
+    pending: dict[str, str] = field(default_factory=dict)  # instance → new waiting reason
+
+    def add(self, other: BindResult) -> None:
+        self.placed += other.placed
+        self.unplaced += other.unplaced
+        self.conflicts += other.conflicts
+        self.rounds += other.rounds
+        self.scheduled.update(other.scheduled)
+        self.pending.update(other.pending)
 
 
 @dataclass
-class _Piece:
-    """Placements onto one node that go into one transaction."""
+class Booking:
+    """One instance's new record on a node, and the host ports it claims there."""
 
-    node: str
-    items: list[tuple[Versioned[Instance], Binding]]
-    ops: int  # guards + ops it needs, its node lock included
+    old: Versioned[Instance]
+    new: Instance
+    ports: list[int]
+    node: str = ""  # where it was placed ("" for a re-booking on its own node)
+
+    def cost(self) -> tuple[int, int]:
+        return 1 + len(self.ports), 1 + len(self.ports)
 
 
-async def schedule_pending(
-    store: Store, apps: dict[str, AppSpec], rng: random.Random | None = None,
-    max_rounds: int = 5,
-) -> BindResult:
-    """Place every Pending instance that has its overlay IP and whose app (`ns/app` → spec)
-    is known, and commit the placements; instances that fit nowhere get their reason and
-    per-filter counts."""
-    result = BindResult()
-    todo: set[str] | None = None  # None: every Pending instance
-    while result.rounds < max_rounds:
-        snapshot, instances = await read(store)
-        result.rounds += 1
-        pending = [
-            v for v in instances
-            if _wants_a_node(v.value) and _app(v.value) in apps
-            and (todo is None or v.key in todo)
-        ]
-        if not pending:
-            break
-        decision = place_all(snapshot, pending, apps, rng)
-        by_key = {v.key: v for v in pending}
-        placed = [(by_key[k], b) for k, b in decision.placed.items()]
-        failed, conflicts = await _commit(store, snapshot, apps, placed)
-        result.scheduled.update((v.value.key, b.node) for v, b in placed if v.key not in failed)
-        result.placed = len(result.scheduled)
-        result.conflicts += conflicts
-        result.unplaced += len(decision.unplaced)
-        result.pending.update(
-            await _explain(store, [(by_key[k], u) for k, u in decision.unplaced.items()])
-        )
-        if not failed:
-            break
-        todo = failed
+@dataclass
+class RoundPlan:
+    by_node: dict[str, list[Booking]] = field(default_factory=dict)
+    unplaced: list[tuple[Versioned[Instance], Instance]] = field(default_factory=list)
+    waiting: int = 0  # instances no node takes (those whose reason changed: `unplaced`)
+
+
+def wants_a_node(inst: Instance) -> bool:
+    """Pending with its overlay IP, or asked to move live and not booked elsewhere yet."""
+    return (inst.state == State.PENDING and bool(inst.ip)) or (bool(inst.move) and
+                                                               not inst.next_node)
+
+
+def wants_a_rebooking(inst: Instance, spec: AppSpec) -> bool:
+    """Bound to a node with a request other than its app's (a resize or a new template)."""
+    return bool(inst.node) and inst.state not in (State.PENDING, State.TERMINATING) and \
+        inst.request != spec.request()
+
+
+def plan(snapshot: Snapshot, wanted: Sequence[Versioned[Instance]], apps: dict[str, AppSpec],
+         rng: random.Random | None = None) -> RoundPlan:
+    """Pure: the bookings for `wanted` instances (see the module docstring) and the new
+    waiting reason of those that fit nowhere. The snapshot's nodes take the bookings."""
+    result = RoundPlan()
+    placing = [v for v in wanted if wants_a_node(v.value)]
+    for v in wanted:
+        if not wants_a_node(v.value):
+            _rebook(snapshot, v, apps[v.value.app_key], result)
+    decision = place_all(snapshot, placing, apps, rng)
+    for v in placing:
+        inst = v.value
+        binding = decision.placed.get(v.key)
+        if binding is None:
+            result.waiting += 1
+            u = decision.unplaced[v.key]
+            if inst.reason != u.reason or inst.unschedulable != u.counts:
+                result.unplaced.append((v, inst.unplaced(u.reason, u.counts)))
+            continue
+        names = [p.name for p in apps[inst.app_key].network.ports]
+        ports = dict(zip(names, binding.ports, strict=True))
+        new = inst.bound(binding.node, ports) if inst.state == State.PENDING else \
+            inst.move_booked(binding.node, ports)
+        result.by_node.setdefault(binding.node, []).append(
+            Booking(v, new, binding.ports, binding.node))
     return result
 
 
-async def read(store: Store) -> tuple[Snapshot, list[Versioned[Instance]]]:
-    """A snapshot and every instance record, read in the order the lock guards rely on."""
-    keys = store.keys
-    locks, _ = await store.scan(keys.node_locks(), NodeLock)
-    nodes, _ = await store.scan(keys.nodes(), Node)
-    beats = await store.keys_under(keys.heartbeats())
-    instances, revision = await store.scan(keys.instances(), Instance)
-    snapshot = build_snapshot(
-        [v.value for v in nodes], {k.rsplit("/", 1)[-1] for k in beats},
-        [v.value for v in instances], revision,
-        {v.key.rsplit("/", 1)[-1]: v.mod_revision for v in locks},
-    )
-    return snapshot, instances
+def _rebook(snapshot: Snapshot, v: Versioned[Instance], spec: AppSpec,
+            result: RoundPlan) -> None:
+    inst = v.value
+    info = snapshot.nodes.get(inst.node)
+    if info is None:
+        return
+    new = spec.request()
+    grown = Resources(new.cpu_m - inst.request.cpu_m, new.memory - inst.request.memory)
+    short = info.short(grown)
+    if short is None:
+        info.book(grown)
+        result.by_node.setdefault(inst.node, []).append(Booking(v, inst.rebooked(new), []))
+        return
+    result.waiting += 1
+    why = (f"update waits: the new request does not fit on {inst.node} (insufficient "
+           f"{short}); the old containers keep running")
+    if inst.reason != why:
+        result.unplaced.append((v, inst.unplaced(why, inst.unschedulable)))
 
 
-def place_all(snapshot: Snapshot, pending: list[Versioned[Instance]], apps: dict[str, AppSpec],
-              rng: random.Random | None) -> Decision:
+def place_all(snapshot: Snapshot, pending: Sequence[Versioned[Instance]],
+              apps: dict[str, AppSpec], rng: random.Random | None) -> Decision:
     """Place instances that must go to one node (`sigmactl migrate --to`) on that node alone,
     booking them into the snapshot, then everything else."""
     decision = Decision()
     by_target: dict[str, list[Request]] = {}
     free: list[Request] = []
     for v in pending:
-        request = _request(v, apps[_app(v.value)])
+        request = _request(v, apps[v.value.app_key])
         (by_target.setdefault(v.value.target, []) if v.value.target else free).append(request)
     for node, requests in sorted(by_target.items()):
         info = snapshot.nodes.get(node)
@@ -114,8 +149,7 @@ def place_all(snapshot: Snapshot, pending: list[Versioned[Instance]], apps: dict
         decision.placed.update(one.placed)
         for r in requests:
             if info is not None and r.key in one.placed:
-                info.requested.cpu_m += r.request.cpu_m
-                info.requested.memory += r.request.memory
+                info.book(r.request)
                 info.ports.update(one.placed[r.key].ports)
     rest = place(snapshot, free, rng)
     decision.placed.update(rest.placed)
@@ -123,164 +157,93 @@ def place_all(snapshot: Snapshot, pending: list[Versioned[Instance]], apps: dict
     return decision
 
 
-def _wants_a_node(inst: Instance) -> bool:
-    """Pending with its overlay IP, or asked to move live and not booked elsewhere yet."""
-    return (inst.state == PENDING and bool(inst.ip)) or (bool(inst.move) and not inst.next_node)
-
-
-def _app(inst: Instance) -> str:
-    return f"{inst.namespace}/{inst.app}"
-
-
 def _request(v: Versioned[Instance], spec: AppSpec) -> Request:
-    return Request(v.key, _app(v.value), v.value.request, spec.placement,
+    return Request(v.key, v.value.app_key, v.value.request, spec.placement,
                    len(spec.network.ports))
 
 
-def pieces(placed: list[tuple[Versioned[Instance], Binding]]) -> list[list[_Piece]]:
-    """Placements grouped by node into pieces that each fit one transaction, as waves: wave
-    n holds the n-th piece of every node, so transactions of one wave touch distinct nodes
-    and may run at once."""
-    by_node: dict[str, list[tuple[Versioned[Instance], Binding]]] = {}
-    for item in placed:
-        by_node.setdefault(item[1].node, []).append(item)
-    waves: list[list[_Piece]] = []
-    for node, items in by_node.items():
-        piece = _Piece(node, [], 2)
-        wave = 0
-        for item in items:
-            cost = 2 + 2 * len(item[1].ports)
-            if piece.items and piece.ops + cost > MAX_TXN_OPS:
-                _add(waves, wave, piece)
-                piece, wave = _Piece(node, [], 2), wave + 1
-            piece.items.append(item)
-            piece.ops += cost
-        _add(waves, wave, piece)
-    return waves
+def pieces(bookings: list[Booking]) -> list[list[Booking]]:
+    """One node's bookings in pieces that each fit one transaction with the node's lock."""
+    out: list[list[Booking]] = [[]]
+    guards = ops = 1
+    for b in bookings:
+        g, o = b.cost()
+        if out[-1] and (guards + g > MAX_TXN_OPS - 1 or ops + o > MAX_TXN_OPS):
+            out.append([])
+            guards = ops = 1
+        out[-1].append(b)
+        guards += g
+        ops += o
+    return out
 
 
-def _add(waves: list[list[_Piece]], wave: int, piece: _Piece) -> None:
-    while len(waves) <= wave:
-        waves.append([])
-    waves[wave].append(piece)
+async def commit(writer: Writer, writes: Writes, snapshot: Snapshot,
+                 round_plan: RoundPlan) -> BindResult:
+    """Commit a round's plan: each node's bookings (see the module docstring) and the new
+    waiting reasons (a lost race there is left to the next round)."""
+    result = BindResult()
+
+    async def node(name: str, bookings: list[Booking]) -> None:
+        lock = snapshot.nodes[name].lock if name in snapshot.nodes else 0
+        for piece in pieces(bookings):
+            change = writes.book(name, lock, piece[0].new.key)
+            for b in piece:
+                change += writes.update_instance(b.old, b.new)
+                change += writes.claim_ports(b.new, name, b.ports)
+            lock = await writer.write(change)
+            if not lock:
+                result.conflicts += 1
+                return
+            result.placed += len(piece)
+            result.scheduled.update((b.new.key, b.node) for b in piece if b.node)
+
+    async def explain(old: Versioned[Instance], new: Instance) -> None:
+        if await writer.write(writes.update_instance(old, new)):
+            result.pending[new.key] = new.reason
+
+    result.unplaced = round_plan.waiting
+    await asyncio.gather(*(node(n, b) for n, b in round_plan.by_node.items()),
+                         *(explain(old, new) for old, new in round_plan.unplaced))
+    return result
 
 
-def transactions(wave: list[_Piece]) -> list[list[_Piece]]:
-    """Pieces packed, in order, into transactions of at most MAX_TXN_OPS guards and ops."""
-    return batches(wave, lambda piece: piece.ops)
+def cache_snapshot(cache: Cache) -> Snapshot:
+    """The scheduler's snapshot of the cache now: nodes, what each has booked, lock revisions."""
+    prefix = cache.keys.node_locks()
+    return snapshot_of((v.value for v in cache.nodes().values()), cache.ready, cache.usage,
+                       cache.revision, {k.removeprefix(prefix): v.mod_revision
+                                        for k, v in cache.table(LOCKS).items()})
 
 
-async def _commit(
-    store: Store, snapshot: Snapshot, apps: dict[str, AppSpec],
-    placed: list[tuple[Versioned[Instance], Binding]],
-) -> tuple[set[str], int]:
-    """Commit placements; the instance keys that did not commit, and the conflicts met."""
-    locks = {name: info.lock for name, info in snapshot.nodes.items()}
-    tokens: dict[str, str] = {}  # node → token of our last successful lock write
-    failed: set[str] = set()
-    lost_nodes: set[str] = set()
-    conflicts = 0
-    gate = asyncio.Semaphore(CONCURRENCY)
-    for n, wave in enumerate(pieces(placed)):
-        if n:  # later pieces of a node guard the lock our previous piece wrote
-            going = [p.node for p in wave if p.node not in lost_nodes]
-            taken = await _refresh_locks(store, going, locks, tokens)
-            conflicts += len(taken)
-            lost_nodes |= taken
-        ready = [p for p in wave if p.node not in lost_nodes]
-        for piece in wave:
-            if piece.node in lost_nodes:
-                failed.update(v.key for v, _ in piece.items)
-        txns = transactions(ready)
-        outcomes = await asyncio.gather(
-            *(_send(store, gate, txn, locks, tokens, apps) for txn in txns)
-        )
-        for txn, ok in zip(txns, outcomes, strict=True):
-            if ok:
+async def schedule(cache: Cache, writer: Writer, writes: Writes, apps: dict[str, AppSpec],
+                   keys: Sequence[str], rng: random.Random | None = None,
+                   max_rounds: int = 5) -> BindResult:
+    """Book what the instances `keys` want (those of known apps that still want it), ROUND at
+    a time from a fresh snapshot; what lost a race is re-planned once the cache has caught up
+    with etcd, up to `max_rounds` times."""
+    result = BindResult()
+    todo = list(keys)
+    for _ in range(max_rounds):
+        lost: list[str] = []
+        for start in range(0, len(todo), ROUND):
+            wanted = []
+            for key in todo[start:start + ROUND]:
+                v = cache.instance(key)
+                if v is None or v.value.app_key not in apps:
+                    continue
+                if wants_a_node(v.value) or wants_a_rebooking(v.value, apps[v.value.app_key]):
+                    wanted.append(v)
+            if not wanted:
                 continue
-            conflicts += 1
-            for piece in txn:
-                lost_nodes.add(piece.node)
-                failed.update(v.key for v, _ in piece.items)
-    return failed, conflicts
-
-
-async def _refresh_locks(
-    store: Store, nodes: list[str], locks: dict[str, int], tokens: dict[str, str]
-) -> set[str]:
-    """Update `locks` to the revision our last transaction gave each of `nodes`; the nodes
-    whose lock someone else has written since (they are lost to this round)."""
-    found = await asyncio.gather(*(store.get(store.keys.node_lock(n), NodeLock) for n in nodes))
-    lost = set()
-    for node, v in zip(nodes, found, strict=True):
-        if v is None or v.value.token != tokens.get(node):
-            lost.add(node)
-        else:
-            locks[node] = v.mod_revision
-    return lost
-
-
-async def _send(
-    store: Store, gate: asyncio.Semaphore, txn: list[_Piece], locks: dict[str, int],
-    tokens: dict[str, str], apps: dict[str, AppSpec],
-) -> bool:
-    keys = store.keys
-    token = secrets.token_hex(8)
-    guards: list[Guard] = []
-    ops: list[Op] = []
-    for piece in txn:
-        lock = keys.node_lock(piece.node)
-        guards.append(Guard(lock, locks.get(piece.node, 0)))
-        ops.append(Op(lock, NodeLock(piece.items[0][0].value.key, token)))
-        for v, binding in piece.items:
-            inst = v.value
-            names = [p.name for p in apps[_app(inst)].network.ports]
-            guards.append(Guard(v.key, v.mod_revision))
-            ports = dict(zip(names, binding.ports, strict=True))
-            if inst.state == PENDING:
-                placed = dataclasses.replace(
-                    inst, state=SCHEDULED, node=binding.node, reason="", unschedulable={},
-                    target="", host_ports=ports, updated=now(),
-                )
-            else:  # a live move: started there first, the old copy keeps running meanwhile
-                placed = dataclasses.replace(
-                    inst, next_node=binding.node, next_ports=ports, unschedulable={},
-                    reason=f"moving to {binding.node} ({inst.move})", updated=now(),
-                )
-            ops.append(Op(v.key, placed))
-            for port in binding.ports:
-                key = keys.port(binding.node, port)
-                guards.append(Guard(key, 0))
-                ops.append(Op(key, Owner(inst.key)))
-    async with gate:
-        ok = await store.commit(guards, ops)
-    if ok:
-        tokens.update((piece.node, token) for piece in txn)
-    return ok
-
-
-async def _explain(
-    store: Store, unplaced: list[tuple[Versioned[Instance], Unplaced]]
-) -> dict[str, str]:
-    """Write why each instance stays Pending, where that changed (a lost race is left to the
-    next pass); the instances whose new reason was written, with it."""
-    items = [
-        (Guard(v.key, v.mod_revision), Op(v.key, dataclasses.replace(
-            v.value, reason=u.reason, unschedulable=u.counts, updated=now(),
-        )))
-        for v, u in unplaced
-        if v.value.reason != u.reason or v.value.unschedulable != u.counts
-    ]
-    gate = asyncio.Semaphore(CONCURRENCY)
-
-    async def send(chunk: list[tuple[Guard, Op]]) -> dict[str, str]:
-        async with gate:
-            ok = await store.commit([g for g, _ in chunk], [o for _, o in chunk])
-        return {o.record.key: o.record.reason for _, o in chunk} if ok else {}
-
-    written: dict[str, str] = {}
-    for done in await asyncio.gather(*(
-        send(items[i:i + UNPLACED_BATCH]) for i in range(0, len(items), UNPLACED_BATCH)
-    )):
-        written.update(done)
-    return written
+            snapshot = cache_snapshot(cache)
+            one = await commit(writer, writes, snapshot, plan(snapshot, wanted, apps, rng))
+            one.rounds = 1
+            result.add(one)
+            if one.conflicts:
+                lost += [v.key for v in wanted if cache.instance(v.key) is v]
+            await asyncio.sleep(0)
+        if not lost:
+            break
+        await cache.wait_for(await cache.store.ping())
+        todo = lost
+    return result

@@ -9,6 +9,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
+from sigmad.scheduler.fit import CPU as FIT_CPU
+from sigmad.scheduler.fit import MEMORY as FIT_MEMORY
+from sigmad.scheduler.fit import PORTS as FIT_PORTS
+from sigmad.scheduler.fit import fit
 from sigmad.scheduler.snapshot import NodeInfo, Room
 from sigmad.spec import Placement, Resources
 from sigmad.units import format_cpu, format_size
@@ -19,6 +23,7 @@ LABELS = "labels mismatch"
 CPU = "insufficient cpu"
 MEMORY = "insufficient memory"
 PORTS = "host ports exhausted"
+ROOM_REASONS = {FIT_CPU: CPU, FIT_MEMORY: MEMORY, FIT_PORTS: PORTS}
 
 
 def ready(node: NodeInfo) -> str | None:
@@ -39,28 +44,10 @@ def static_reason(node: NodeInfo, placement: Placement) -> str | None:
     return ready(node) or not_draining(node) or labels(node, placement)
 
 
-def cpu(room: Room, need: int) -> str | None:
-    return CPU if need and need > room.cpu else None
-
-
-def memory(room: Room, need: int) -> str | None:
-    return MEMORY if need and need > room.memory else None
-
-
-def ports(room: Room, need: int) -> str | None:
-    return PORTS if need > room.ports else None
-
-
-def fits(room: Room, cpu: int, memory: int, nports: int) -> bool:
-    """Whether every room filter passes (the placer's hot path: no reason needed)."""
-    return (not cpu or cpu <= room.cpu) and (not memory or memory <= room.memory) and (
-        nports <= room.ports
-    )
-
-
 def room_reason(room: Room, need: Resources, nports: int) -> str | None:
-    """The first room filter `room` fails, if any."""
-    return cpu(room, need.cpu_m) or memory(room, need.memory) or ports(room, nports)
+    """The first room filter `room` fails, if any (sigmad.scheduler.fit)."""
+    short = fit(room.cpu, room.memory, room.ports, need.cpu_m, need.memory, nports)
+    return ROOM_REASONS[short] if short else None
 
 
 def explain(

@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from sigmad.scheduler import filters, rankers
+from sigmad.scheduler.fit import fit
 from sigmad.scheduler.snapshot import NodeInfo, Room, Snapshot
 from sigmad.spec import Placement, Resources
 
@@ -151,7 +152,7 @@ class _Class:
             room = rooms[i]
             if room.version == version:
                 return -neg, i
-            if filters.fits(room, cpu, mem, ports):
+            if fit(room.cpu, room.memory, room.ports, cpu, mem, ports) is None:
                 score = self.rank(room, cpu, mem)
                 heapq.heapreplace(heap, (-score, self.work.rng.random(), room.version, i))
             else:
@@ -170,8 +171,7 @@ class _Class:
         for _ in range(len(queue)):
             i = pop()
             r = rooms[i]
-            # filters.fits, inlined: this loop is the placer's hottest
-            if (cpu and cpu > r.cpu) or (mem and mem > r.memory) or ports > r.ports:
+            if fit(r.cpu, r.memory, r.ports, cpu, mem, ports) is not None:
                 continue
             heap.append((-rank(r, cpu, mem), rng.random(), r.version, i))
             push(i)

@@ -1,10 +1,16 @@
-"""The scheduler's view of the cluster at one etcd revision: nodes and what they have booked."""
+"""The scheduler's view of the cluster at one etcd revision: nodes and what they have booked.
+
+Built from the state cache's per-node usage (O(nodes): nothing is re-summed per round), or
+from plain lists of records (tests, benchmarks) through the same NodeUsage arithmetic.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from sigmad.models import DEFAULT_PORT_RANGE, Instance, Node, Overcommit
+from sigmad.scheduler.fit import NodeUsage, fit
 from sigmad.spec import Resources
 
 
@@ -36,13 +42,17 @@ class NodeInfo:
         cap = self.capacity()
         return Resources(cap.cpu_m - self.requested.cpu_m, cap.memory - self.requested.memory)
 
-    def lacks(self, more: Resources) -> list[str]:
-        """The resources ("cpu", "memory") that cannot grow by `more` here (only growth
-        counts: a shrinking or best-effort request always fits)."""
+    def short(self, more: Resources, ports: int = 0) -> str | None:
+        """The dimension that cannot grow by `more` (and `ports` host ports) here, if any
+        (only growth counts: a shrinking or best-effort request always fits)."""
         free = self.free()
-        return [what for what, grow, room in (("cpu", more.cpu_m, free.cpu_m),
-                                              ("memory", more.memory, free.memory))
-                if grow > 0 and grow > room]
+        return fit(free.cpu_m, free.memory, self.free_ports(), max(more.cpu_m, 0),
+                   max(more.memory, 0), ports)
+
+    def book(self, more: Resources) -> None:
+        """Add `more` to what is requested here (a booking made while planning)."""
+        self.requested = Resources(self.requested.cpu_m + more.cpu_m,
+                                   self.requested.memory + more.memory)
 
     def free_ports(self) -> int:
         """How many host ports of the range are not in use."""
@@ -56,6 +66,42 @@ class Snapshot:
     nodes: dict[str, NodeInfo]
 
 
+def node_info(node: Node, ready: bool, usage: NodeUsage | None, lock: int = 0) -> NodeInfo:
+    """The scheduler's NodeInfo of `node` with what `usage` books on it (copied)."""
+    return NodeInfo(
+        node.name, dict(node.labels), Resources(node.allocatable.cpu_m, node.allocatable.memory),
+        ready, node.draining,
+        requested=usage.requested if usage else Resources(),
+        overcommit=Overcommit(node.overcommit.cpu, node.overcommit.memory),
+        ports=set(usage.ports) if usage else set(),
+        port_range=(node.port_range[0], node.port_range[1]),
+        apps=dict(usage.apps) if usage else {},
+        lock=lock,
+    )
+
+
+def snapshot_of(nodes: Iterable[Node], ready: set[str] | frozenset[str],
+                usage: Mapping[str, NodeUsage], revision: int,
+                locks: Mapping[str, int] | None = None) -> Snapshot:
+    """Nodes (by name) with their usage and lock revision."""
+    locks = locks or {}
+    return Snapshot(revision, {
+        n.name: node_info(n, n.name in ready, usage.get(n.name), locks.get(n.name, 0))
+        for n in sorted(nodes, key=lambda n: n.name)
+    })
+
+
+def usage_of(instances: Iterable[Instance]) -> dict[str, NodeUsage]:
+    """What every instance bound to a node (or moving to one) books there."""
+    usage: dict[str, NodeUsage] = {}
+    for inst in instances:
+        for node, ports in ((inst.node, inst.host_ports), (inst.next_node, inst.next_ports)):
+            if node:
+                usage.setdefault(node, NodeUsage()).add(inst.request, inst.app_key,
+                                                        ports.values())
+    return usage
+
+
 def build_snapshot(
     nodes: list[Node],
     ready: set[str],
@@ -63,30 +109,9 @@ def build_snapshot(
     revision: int,
     locks: dict[str, int] | None = None,
 ) -> Snapshot:
-    """Nodes (by name) with what every instance bound to one (`node` set) books on it: its
-    request, its host ports and one replica of its app."""
-    locks = locks or {}
-    infos = {
-        n.name: NodeInfo(
-            n.name, dict(n.labels), Resources(n.allocatable.cpu_m, n.allocatable.memory),
-            n.name in ready, n.draining,
-            overcommit=Overcommit(n.overcommit.cpu, n.overcommit.memory),
-            port_range=(n.port_range[0], n.port_range[1]), lock=locks.get(n.name, 0),
-        )
-        for n in sorted(nodes, key=lambda n: n.name)
-    }
-    for inst in instances:
-        # A moving instance books its node and the node it moves to.
-        for node, ports in ((inst.node, inst.host_ports), (inst.next_node, inst.next_ports)):
-            info = infos.get(node)
-            if info is None:
-                continue
-            info.requested.cpu_m += inst.request.cpu_m
-            info.requested.memory += inst.request.memory
-            info.ports.update(ports.values())
-            app = f"{inst.namespace}/{inst.app}"
-            info.apps[app] = info.apps.get(app, 0) + 1
-    return Snapshot(revision, infos)
+    """Nodes (by name) with what every instance bound to one books on it: its request, its
+    host ports and one replica of its app (a moving instance books both of its nodes)."""
+    return snapshot_of(nodes, ready, usage_of(instances), revision, locks)
 
 
 class Room:

@@ -14,7 +14,7 @@ import yaml
 from sigmad.lab import Lab, LabConfig
 from sigmad.lab.services import PREFIX
 from sigmad.models import Owner
-from sigmad.store import Store
+from sigmad.store import EtcdStore
 from tests.integration.conftest import REPO, free_port, wait_for
 
 HTTPD = ("mkdir -p /www && echo hello from $SIGMA_INSTANCE > /www/index.html && "
@@ -72,7 +72,7 @@ class LabCluster:
     def port_claims(self) -> dict[str, str]:
         """The host-port claims in the lab's etcd: `node/port` → owner instance."""
         async def read() -> dict[str, str]:
-            store = Store([f"http://127.0.0.1:{self.lab.config.etcd_port}"], PREFIX)
+            store = EtcdStore([f"http://127.0.0.1:{self.lab.config.etcd_port}"], PREFIX)
             try:
                 claims, _ = await store.scan(store.keys.ports(), Owner)
             finally:

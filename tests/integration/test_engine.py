@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from sigmad.engine import LABEL_INSTANCE, Engine, container_config
+from sigmad.engine import LABEL_INSTANCE, DockerEngine, container_config
 from sigmad.errors import EngineError
 from sigmad.models import Instance
 from sigmad.spec import parse
@@ -24,13 +24,13 @@ containers:
 
 
 @pytest.fixture
-async def client(engine: EngineHost) -> Engine:
-    c = Engine(engine.url)
+async def client(engine: EngineHost) -> DockerEngine:
+    c = DockerEngine(engine.url)
     yield c  # type: ignore[misc]
     await c.close()
 
 
-async def test_lifecycle_update_and_events(client: Engine, engine: EngineHost) -> None:
+async def test_lifecycle_update_and_events(client: DockerEngine, engine: EngineHost) -> None:
     (app,) = parse(SPEC)
     inst = Instance(namespace=f"t{uuid.uuid4().hex[:6]}", app="probe", index=0, generation=1,
                     ip="10.244.200.9")
@@ -81,7 +81,7 @@ async def test_lifecycle_update_and_events(client: Engine, engine: EngineHost) -
     assert {"create", "start", "die", "destroy"} <= set(seen), seen
 
 
-async def test_missing_image_is_a_clear_error(client: Engine) -> None:
+async def test_missing_image_is_a_clear_error(client: DockerEngine) -> None:
     with pytest.raises(EngineError) as missing:
         await client.ensure_image("127.0.0.1:1/sigma/nothing:here")
     assert missing.value.message.startswith(
@@ -89,7 +89,7 @@ async def test_missing_image_is_a_clear_error(client: Engine) -> None:
 
 
 async def test_unreachable_engine_is_an_engine_error() -> None:
-    client = Engine("unix:///nonexistent/docker.sock")
+    client = DockerEngine("unix:///nonexistent/docker.sock")
     try:
         with pytest.raises(EngineError) as down:
             await client.info()

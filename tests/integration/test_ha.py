@@ -25,7 +25,7 @@ import yaml
 
 from sigmad.leader import Elector, LeaderRecord
 from sigmad.procs import EtcdProcess
-from sigmad.store import Deposed, Guard, Op, Store
+from sigmad.store import Deposed, EtcdStore, Guard, Op
 from tests.integration.conftest import (
     IMAGE,
     EngineHost,
@@ -219,7 +219,7 @@ async def test_a_deposed_leaders_writes_are_refused_and_change_nothing(
     etcd: EtcdProcess,
 ) -> None:
     prefix = f"/sigma-ha/{uuid.uuid4().hex[:8]}"
-    a, fenced, b = (Store([etcd.endpoint], prefix) for _ in range(3))
+    a, fenced, b = (EtcdStore([etcd.endpoint], prefix) for _ in range(3))
     deposed: list[int] = []
     try:
         key = a.keys.leader()
@@ -265,7 +265,7 @@ async def test_a_leader_whose_lease_is_revoked_stops_leading_at_once(
     etcd: EtcdProcess,
 ) -> None:
     prefix = f"/sigma-ha/{uuid.uuid4().hex[:8]}"
-    stores = [Store([etcd.endpoint], prefix, retry_for=1.0, rpc_timeout=1.0)
+    stores = [EtcdStore([etcd.endpoint], prefix, retry_for=1.0, rpc_timeout=1.0)
               for _ in range(5)]
     other = stores[4]
     leading: dict[str, float] = {}
@@ -360,7 +360,7 @@ class EtcdCluster:
 
 async def _healthy(endpoints: list[str], timeout: float) -> None:
     """Until a write and a read go through the cluster (it has elected a raft leader)."""
-    s = Store(endpoints, "/sigma-ha-health", retry_for=2.0, rpc_timeout=2.0)
+    s = EtcdStore(endpoints, "/sigma-ha-health", retry_for=2.0, rpc_timeout=2.0)
     deadline = time.monotonic() + timeout
     try:
         while True:

@@ -7,10 +7,14 @@ import asyncio
 import random
 import uuid
 from collections import Counter
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
 
-from sigmad.models import PENDING, SCHEDULED, Instance, Node, NodeLock, Overcommit, Owner
+from sigmad.models import Instance, Node, NodeLock, Overcommit, Owner
 from sigmad.procs import EtcdProcess
-from sigmad.scheduler import BindResult, schedule_pending
+from sigmad.reasons import State
+from sigmad.scheduler.binder import BindResult, schedule
 from sigmad.spec import (
     AppSpec,
     ContainerSpec,
@@ -20,13 +24,44 @@ from sigmad.spec import (
     Resources,
     ResourceSpec,
 )
-from sigmad.store import Guard, Op, Store
+from sigmad.state.cache import Cache
+from sigmad.state.writes import Writer, Writes
+from sigmad.store import EtcdStore, Guard, Op, Store
 
 MI = 2**20
+PENDING, SCHEDULED = State.PENDING, State.SCHEDULED
 
 
-def store(etcd: EtcdProcess, prefix: str) -> Store:
-    return Store([etcd.endpoint], prefix)
+def store(etcd: EtcdProcess, prefix: str) -> EtcdStore:
+    return EtcdStore([etcd.endpoint], prefix)
+
+
+class Scheduler:
+    """One scheduler as a leader runs it: its own state cache and Writer on `store`."""
+
+    def __init__(self, s: Store) -> None:
+        self.store = s
+        self.cache = Cache(s)
+        self.writer = Writer(s, self.cache)
+        self.tasks: list[asyncio.Task[Any]] = []
+
+    async def __aenter__(self) -> Scheduler:
+        self.tasks = [asyncio.create_task(self.cache.run()),
+                      asyncio.create_task(self.writer.run())]
+        await self.cache.synced.wait()
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def place(self, apps: dict[str, AppSpec], rng: random.Random) -> BindResult:
+        """One scheduling call over every instance, once the cache has seen etcd as it is."""
+        await self.cache.wait_for(await self.store.ping())
+        keys: Sequence[str] = list(self.cache.instances())
+        return await schedule(self.cache, self.writer, Writes(self.store.keys), apps, keys, rng)
 
 
 def app(name: str, cpu_m: int, memory: int, ports: int = 0,
@@ -96,14 +131,13 @@ async def test_two_racing_schedulers_never_double_book(etcd: EtcdProcess) -> Non
             "ns/free": app("free", 0, 0),
         }
         results: list[BindResult] = []
-        for round_ in range(4):
-            for spec in apps.values():
-                await add_instances(one, spec, round_ * 8, 8)
-            results += await asyncio.gather(
-                schedule_pending(one, apps, random.Random(round_)),
-                schedule_pending(two, apps, random.Random(100 + round_)),
-            )
-            await check_no_double_booking(one)
+        async with Scheduler(one) as a, Scheduler(two) as b:
+            for round_ in range(4):
+                for spec in apps.values():
+                    await add_instances(one, spec, round_ * 8, 8)
+                results += await asyncio.gather(a.place(apps, random.Random(round_)),
+                                                b.place(apps, random.Random(100 + round_)))
+                await check_no_double_booking(one)
         scheduled = await check_no_double_booking(one)
         # Every instance was committed by exactly one of the two schedulers.
         assert sum(r.placed for r in results) == len(scheduled)
@@ -122,39 +156,41 @@ async def test_two_racing_schedulers_never_double_book(etcd: EtcdProcess) -> Non
         await two.close()
 
 
-class Interfering(Store):
-    """A store whose first transaction is preceded by a whole pass of a rival scheduler:
-    a race lost for certain."""
+class Interfering(EtcdStore):
+    """A store whose first transaction is preceded by a whole call of a rival scheduler
+    (whose placements this scheduler's cache has not seen yet): a race lost for certain."""
 
-    def __init__(self, etcd: EtcdProcess, prefix: str, rival: Store,
+    def __init__(self, etcd: EtcdProcess, prefix: str, rival: Scheduler,
                  apps: dict[str, AppSpec]) -> None:
         super().__init__([etcd.endpoint], prefix)
         self.rival, self.apps, self.rival_result = rival, apps, BindResult()
 
-    async def commit(self, guards: list[Guard], ops: list[Op]) -> bool:
+    async def commit(self, guards: Sequence[Guard], ops: Sequence[Op]) -> int:
         if not self.rival_result.rounds:
-            self.rival_result = await schedule_pending(self.rival, self.apps, random.Random(9))
+            self.rival_result = await self.rival.place(self.apps, random.Random(9))
         return await super().commit(guards, ops)
 
 
-async def test_a_lost_race_is_replanned_from_a_fresh_read(etcd: EtcdProcess) -> None:
+async def test_a_lost_race_is_replanned_once_the_cache_caught_up(etcd: EtcdProcess) -> None:
     prefix = f"/sigma-test/{uuid.uuid4().hex[:8]}"
-    rival = store(etcd, prefix)
+    rival_store = store(etcd, prefix)
     apps = {"ns/web": app("web", 500, 256 * MI, ports=1)}
-    s = Interfering(etcd, prefix, rival, apps)
-    try:
-        for i in range(3):
-            await add_node(s, f"node-{i}", 2000, 2048 * MI, "z1")
-        await add_instances(rival, apps["ns/web"], 0, 10)
-        mine = await schedule_pending(s, apps, random.Random(1))
-        theirs = s.rival_result
-        assert theirs.placed == 10
-        assert mine.conflicts >= 1 and mine.rounds == 2
-        assert mine.placed == 0 and mine.unplaced == 0  # nothing left to place after the re-read
-        assert len(await check_no_double_booking(s)) == 10
-    finally:
-        await s.close()
-        await rival.close()
+    async with Scheduler(rival_store) as rival:
+        s = Interfering(etcd, prefix, rival, apps)
+        try:
+            for i in range(3):
+                await add_node(s, f"node-{i}", 2000, 2048 * MI, "z1")
+            await add_instances(rival_store, apps["ns/web"], 0, 10)
+            async with Scheduler(s) as me:
+                mine = await me.place(apps, random.Random(1))
+            theirs = s.rival_result
+            assert theirs.placed == 10
+            assert mine.conflicts >= 1 and mine.rounds == 1  # nothing wants a node any more
+            assert mine.placed == 0 and mine.unplaced == 0
+            assert len(await check_no_double_booking(s)) == 10
+        finally:
+            await s.close()
+            await rival_store.close()
 
 
 async def test_pending_is_placed_when_a_node_joins(etcd: EtcdProcess) -> None:
@@ -167,22 +203,22 @@ async def test_pending_is_placed_when_a_node_joins(etcd: EtcdProcess) -> None:
         # A big node whose agent has not sent a heartbeat is not Ready: never used.
         await s.put(s.keys.node("silent"), Node("silent", "unix:///nowhere",
                                                  allocatable=Resources(64000, 64 * 2**30)))
+        async with Scheduler(s) as sched:
+            first = await sched.place(apps, random.Random(1))
+            assert (first.placed, first.unplaced) == (0, 2)
+            reason = "1 node: insufficient cpu (need 1, best free 500m); 1 node: node not ready"
+            assert first.pending == {"ns/db-0": reason, "ns/db-1": reason}
+            for v in (await s.scan(s.keys.instances(), Instance))[0]:
+                assert v.value.state == PENDING
+                assert v.value.reason == reason
+                assert v.value.unschedulable == {"insufficient cpu": 1, "node not ready": 1}
 
-        first = await schedule_pending(s, apps, random.Random(1))
-        assert (first.placed, first.unplaced) == (0, 2)
-        reason = "1 node: insufficient cpu (need 1, best free 500m); 1 node: node not ready"
-        assert first.pending == {"ns/db-0": reason, "ns/db-1": reason}
-        for v in (await s.scan(s.keys.instances(), Instance))[0]:
-            assert v.value.state == PENDING
-            assert v.value.reason == reason
-            assert v.value.unschedulable == {"insufficient cpu": 1, "node not ready": 1}
+            again = await sched.place(apps, random.Random(2))
+            assert again.pending == {}  # unchanged reasons are not rewritten
 
-        again = await schedule_pending(s, apps, random.Random(2))
-        assert again.pending == {}  # unchanged reasons are not rewritten
-
-        await add_node(s, "big", 4000, 8192 * MI, "z2")
-        joined = await schedule_pending(s, apps, random.Random(3))
-        assert (joined.placed, joined.unplaced, joined.conflicts) == (2, 0, 0)
+            await add_node(s, "big", 4000, 8192 * MI, "z2")
+            joined = await sched.place(apps, random.Random(3))
+            assert (joined.placed, joined.unplaced, joined.conflicts) == (2, 0, 0)
         for inst in await check_no_double_booking(s):
             assert inst.node == "big" and inst.reason == "" and inst.unschedulable == {}
             assert list(inst.host_ports) == ["p0"]
@@ -190,27 +226,28 @@ async def test_pending_is_placed_when_a_node_joins(etcd: EtcdProcess) -> None:
         await s.close()
 
 
-async def test_many_placements_on_one_node_commit_in_waves(etcd: EtcdProcess) -> None:
+async def test_many_placements_on_one_node_commit_in_pieces(etcd: EtcdProcess) -> None:
     prefix = f"/sigma-test/{uuid.uuid4().hex[:8]}"
     s = store(etcd, prefix)
     try:
         apps = {"ns/tiny": app("tiny", 10, MI, ports=1)}
         await add_node(s, "only", 4000, 4096 * MI, "z1", ports=500)
-        await add_instances(s, apps["ns/tiny"], 0, 150)  # 4 ops each: five waves
-        result = await schedule_pending(s, apps, random.Random(1))
+        await add_instances(s, apps["ns/tiny"], 0, 150)  # 2 guards and 2 ops each: 3 pieces
+        async with Scheduler(s) as sched:
+            result = await sched.place(apps, random.Random(1))
         assert (result.placed, result.conflicts, result.rounds) == (150, 0, 1)
         assert len(await check_no_double_booking(s)) == 150
     finally:
         await s.close()
 
 
-class LockThief(Store):
+class LockThief(EtcdStore):
     """A store that lets another writer bump a node lock right after its first transaction,
     as a rival scheduler placing on that node would."""
 
     stolen = False
 
-    async def commit(self, guards: list[Guard], ops: list[Op]) -> bool:
+    async def commit(self, guards: Sequence[Guard], ops: Sequence[Op]) -> int:
         ok = await super().commit(guards, ops)
         if not self.stolen and any(o.key == self.keys.node_lock("only") for o in ops):
             self.stolen = True
@@ -218,16 +255,17 @@ class LockThief(Store):
         return ok
 
 
-async def test_a_lock_taken_between_waves_is_replanned(etcd: EtcdProcess) -> None:
+async def test_a_lock_taken_between_pieces_is_replanned(etcd: EtcdProcess) -> None:
     prefix = f"/sigma-test/{uuid.uuid4().hex[:8]}"
     s = LockThief([etcd.endpoint], prefix)
     try:
         apps = {"ns/tiny": app("tiny", 10, MI)}
         await add_node(s, "only", 4000, 4096 * MI, "z1")
-        await add_instances(s, apps["ns/tiny"], 0, 100)  # 2 ops each: two waves
-        result = await schedule_pending(s, apps, random.Random(1))
+        await add_instances(s, apps["ns/tiny"], 0, 150)  # 1 guard and 1 op each: two pieces
+        async with Scheduler(s) as sched:
+            result = await sched.place(apps, random.Random(1))
         assert s.stolen
-        assert (result.placed, result.conflicts, result.rounds) == (100, 1, 2)
-        assert len(await check_no_double_booking(s)) == 100
+        assert (result.placed, result.conflicts, result.rounds) == (150, 1, 2)
+        assert len(await check_no_double_booking(s)) == 150
     finally:
         await s.close()

@@ -48,7 +48,7 @@ def test_master_defaults():
     cfg = master(token=TOKEN)
     assert cfg == MasterConfig(
         token=TOKEN, listen=DEFAULT_LISTEN,
-        etcd=EtcdConfig([DEFAULT_ETCD], DEFAULT_PREFIX), reconcile_interval=5.0,
+        etcd=EtcdConfig([DEFAULT_ETCD], DEFAULT_PREFIX), reconcile_interval=300.0,
     )
     assert DEFAULT_LISTEN == "127.0.0.1:7475"
     assert DEFAULT_ETCD == "http://127.0.0.1:2379"

@@ -14,7 +14,9 @@ from sigmad.engine import (
     LABEL_INDEX,
     LABEL_INSTANCE,
     LABEL_NAMESPACE,
+    UNCAPPED_MEMORY,
     ContainerState,
+    cap_config,
     container_config,
     container_name,
 )
@@ -82,9 +84,19 @@ def test_memory_limit_without_swap():
     assert "NanoCpus" not in cfg["HostConfig"]
 
 
-def test_zero_limit_sets_no_caps():
+def test_zero_limit_sets_no_caps_and_swap_stays_off():
     cfg = container_config(*make(limit=Resources(0, 0)))
-    assert cfg["HostConfig"] == {"PidsLimit": DEFAULT_PIDS_LIMIT, "NetworkMode": "sigma"}
+    assert cfg["HostConfig"] == {"PidsLimit": DEFAULT_PIDS_LIMIT, "NetworkMode": "sigma",
+                                 "MemorySwappiness": 0}
+
+
+def test_a_live_update_lifts_a_cap_with_the_values_that_mean_none():
+    host = Resources(4000, 8 * 2**30)
+    assert cap_config(Resources(0, 0), host) == {
+        "NanoCpus": 4_000_000_000, "Memory": UNCAPPED_MEMORY, "MemorySwap": UNCAPPED_MEMORY}
+    assert cap_config(Resources(500, 2**27), host) == {
+        "NanoCpus": 500_000_000, "Memory": 2**27, "MemorySwap": 2**27}
+    assert cap_config(Resources(0, 0)) == {}
 
 
 def test_request_does_not_become_a_cap():

@@ -17,7 +17,7 @@ from sigmad.errors import SpecError
 from sigmad.lab.config import LabConfig, LabError
 from sigmad.leader import Elector, LeaderRecord, MasterRecord, masters_view
 from sigmad.spec import Fields
-from sigmad.store import Guard, Store
+from sigmad.store import EtcdStore, Guard
 from tests.unit.test_sigmactl_client import Fake, run
 
 TOKEN = "0123456789abcdef"
@@ -79,8 +79,8 @@ def test_bad_master_election_options_are_refused(doc: dict[str, Any], field: str
 
 
 def elector(ttl: int = 2) -> Elector:
-    s = Store(["http://127.0.0.1:1"], "/t")
-    return Elector(s, Store(["http://127.0.0.1:1"], "/t"), "m1", "http://m1", ttl)
+    s = EtcdStore(["http://127.0.0.1:1"], "/t")
+    return Elector(s, EtcdStore(["http://127.0.0.1:1"], "/t"), "m1", "http://m1", ttl)
 
 
 async def test_a_lease_etcd_calls_expired_is_lost_at_the_next_keepalive() -> None:
@@ -137,23 +137,18 @@ def test_a_fresh_elector_fences_its_controller_store_shut() -> None:
 # the fence check on a failed transaction's answer
 
 
-class _KV:
-    def __init__(self, mod_revision: int) -> None:
-        self.mod_revision = mod_revision
-
-
 @pytest.mark.parametrize("fence, found, holds", [
-    (Guard("k", 5), [(b"", _KV(5))], True),
-    (Guard("k", 5), [(b"", _KV(9))], False),
+    (Guard("k", 5), [5], True),
+    (Guard("k", 5), [9], False),
     (Guard("k", 5), [], False),
     (Guard("k", 0), [], True),
     (Guard("k", -1), [], False),
-    (Guard("k", -1), [(b"", _KV(5))], False),
+    (Guard("k", -1), [5], False),
 ])
 def test_the_fence_holds_only_while_the_leader_key_is_as_won(
-    fence: Guard, found: list[Any], holds: bool,
+    fence: Guard, found: list[int], holds: bool,
 ) -> None:
-    assert store_module._holds(fence, [found]) is holds
+    assert store_module._holds(fence, found) is holds
 
 
 # sigmactl get masters

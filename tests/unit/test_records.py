@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from sigmad import models
 from sigmad.models import (
     MAX_TERMINATIONS,
     AppRecord,
@@ -15,6 +14,7 @@ from sigmad.models import (
     Node,
     Termination,
 )
+from sigmad.reasons import State
 from sigmad.records import dumps, from_dict, loads, to_dict
 from sigmad.spec import (
     AppSpec,
@@ -31,7 +31,7 @@ def an_instance() -> Instance:
         app="web",
         index=2,
         generation=7,
-        state=models.RUNNING,
+        state=State.RUNNING,
         reason="started",
         node="n1",
         ip="10.244.0.5",
@@ -154,7 +154,7 @@ def test_unknown_keys_ignored_in_nested_spec():
 def test_missing_optional_keys_take_defaults():
     inst = loads(Instance, b'{"namespace":"default","app":"web","index":0,"generation":1}')
     assert inst == Instance(namespace="default", app="web", index=0, generation=1)
-    assert inst.state == models.PENDING
+    assert inst.state == State.PENDING
     assert inst.request == Resources(0, 0)
     assert inst.containers == []
     assert inst.terminations == []

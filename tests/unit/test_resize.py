@@ -1,4 +1,5 @@
-"""Which spec changes can be applied in place, and how a resize request changes a spec."""
+"""Which spec changes running containers take in place, and how a resize request changes a
+spec (sigmad.api.apps)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import dataclasses
 
 import pytest
 
+from sigmad.api.apps import ResourceChange as Change
+from sigmad.api.apps import resources_only, with_resources
 from sigmad.errors import SpecError
-from sigmad.resize import Change, resources_only, with_resources
 from sigmad.spec import AppSpec, Resources, parse
 
 SPEC = """
@@ -38,10 +40,11 @@ def test_changed_caps_and_requests_are_in_place() -> None:
     assert resources_only(spec(), dataclasses.replace(new, replicas=5))
 
 
-def test_a_cap_that_appears_or_vanishes_needs_a_replace() -> None:
-    assert not resources_only(spec(), with_resources(spec(), Change(limit_cpu=0)))
+def test_a_cap_that_appears_or_is_lifted_is_in_place_too() -> None:
+    assert resources_only(spec(), with_resources(spec(), Change(limit_cpu=0)))
     uncapped = with_resources(spec(), Change(limit_memory=0, request_memory=0))
-    assert not resources_only(uncapped, spec())
+    assert resources_only(uncapped, spec())
+    assert resources_only(spec(), uncapped)
 
 
 def test_other_changes_are_not_resources_only() -> None:

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from sigmad.runtime import MAX_BACKOFF, restart_backoff, should_restart
+from sigmad.control.drive import MAX_BACKOFF, restart_backoff, should_restart
 
 
 @pytest.mark.parametrize(
@@ -65,8 +65,8 @@ def test_never_restarts_nothing(reason):
 
 
 def test_container_ownership_by_cluster_label():
+    from sigmad.control.drive import _ours
     from sigmad.engine import ContainerState
-    from sigmad.runtime import _ours
 
     def c(**labels: str) -> ContainerState:
         return ContainerState("id", "n", labels, False, "exited", 0, False, "", "", "", 0, "")

@@ -438,12 +438,14 @@ def test_build_snapshot_books_ports_replicas_and_locks() -> None:
     assert b.free_ports() == 32767 - 31000 + 1
 
 
-def test_lacks_counts_only_growth_past_the_free_room():
+def test_short_counts_only_growth_past_the_free_room():
     n = node("a", cpu_m=1000, memory=GI, requested=Resources(800, GI // 2))
-    assert n.lacks(Resources(200, GI // 2)) == []
-    assert n.lacks(Resources(201, 0)) == ["cpu"]
-    assert n.lacks(Resources(300, GI)) == ["cpu", "memory"]
-    assert n.lacks(Resources(-500, -GI)) == []  # shrinking always fits
+    assert n.short(Resources(200, GI // 2)) is None
+    assert n.short(Resources(201, 0)) == "cpu"
+    assert n.short(Resources(0, GI)) == "memory"
+    assert n.short(Resources(300, GI)) == "cpu"  # the first dimension that ran out
+    assert n.short(Resources(-500, -GI)) is None  # shrinking always fits
+    assert n.short(Resources(0, 0), ports=n.free_ports() + 1) == "host ports"
 
 
 def test_a_moving_instance_books_both_nodes() -> None:

@@ -1,52 +1,67 @@
-"""How the binder cuts placements into bounded, node-disjoint transactions."""
+"""How the binder plans bookings and cuts one node's into bounded transactions
+(sigmad.scheduler.binder)."""
 
 from __future__ import annotations
 
-from sigmad.models import Instance
-from sigmad.scheduler import Binding
-from sigmad.scheduler.binder import pieces, transactions
+from sigmad.models import Instance, Node
+from sigmad.scheduler.binder import Booking, pieces, plan, wants_a_node, wants_a_rebooking
+from sigmad.scheduler.snapshot import build_snapshot
+from sigmad.spec import Resources, parse
 from sigmad.store import MAX_TXN_OPS, Versioned
 
-
-def placed(node: str, count: int, ports: int = 0, start: int = 0
-           ) -> list[tuple[Versioned[Instance], Binding]]:
-    return [
-        (Versioned(f"/i/{node}/{i}", Instance("ns", "web", i, 1), 5),
-         Binding(node, list(range(31000, 31000 + ports))))
-        for i in range(start, start + count)
-    ]
+SPEC = parse("""
+app: web
+containers: [{name: main, image: x, resources: {request: {cpu: 500m, memory: 1Gi}}}]
+network: {ports: [{name: http, container: 8080}]}
+""")[0]
+GI = 2**30
 
 
-def test_one_piece_per_node_when_it_fits() -> None:
-    waves = pieces(placed("a", 3, ports=1) + placed("b", 2))
-    assert len(waves) == 1
-    by_node = {p.node: p for p in waves[0]}
-    assert by_node["a"].ops == 2 + 3 * 4  # lock guard + put, then instance and port pairs
-    assert by_node["b"].ops == 2 + 2 * 2
+def booking(i: int, ports: int = 0) -> Booking:
+    old = Versioned(f"/i/{i}", Instance("ns", "web", i, 1), 5)
+    return Booking(old, old.value, list(range(31000, 31000 + ports)), "a")
 
 
-def test_a_crowded_node_spills_into_later_waves() -> None:
-    waves = pieces(placed("a", 150) + placed("b", 10))
-    assert [sorted(p.node for p in w) for w in waves] == [["a", "b"], ["a"], ["a"]]
-    a = [p for w in waves for p in w if p.node == "a"]
-    assert [len(p.items) for p in a] == [63, 63, 24]
-    assert all(p.ops <= MAX_TXN_OPS for w in waves for p in w)
-    keys = [v.key for p in a for v, _ in p.items]
-    assert keys == [f"/i/a/{i}" for i in range(150)]  # every placement once, in order
+def test_one_piece_when_it_fits_and_pieces_stay_in_bounds() -> None:
+    assert len(pieces([booking(i, ports=1) for i in range(3)])) == 1
+    cut = pieces([booking(i, ports=1) for i in range(150)])
+    assert [len(p) for p in cut] == [63, 63, 24]  # 2 guards and 2 ops each, plus the lock
+    assert [b.old.key for p in cut for b in p] == [f"/i/{i}" for i in range(150)]
+    for p in cut:
+        guards = 1 + sum(b.cost()[0] for b in p)
+        assert guards <= MAX_TXN_OPS - 1  # one compare is the fence's
 
 
-def test_transactions_pack_pieces_within_the_limit() -> None:
-    waves = pieces([item for n in range(20) for item in placed(f"n{n}", 5, ports=1)])
-    assert len(waves) == 1
-    txns = transactions(waves[0])
-    sizes = [sum(p.ops for p in txn) for txn in txns]
-    assert all(size <= MAX_TXN_OPS for size in sizes)
-    assert sum(sizes) == 20 * (2 + 5 * 4)
-    assert len(txns) == 4  # 22 ops a piece: 5 pieces (110 ops) per transaction
-    nodes = [p.node for txn in txns for p in txn]
-    assert len(nodes) == len(set(nodes)) == 20
+def node(name: str, cpu_m: int = 2000) -> Node:
+    return Node(name, "unix:///x", allocatable=Resources(cpu_m, 8 * GI),
+                port_range=[31000, 31010])
 
 
-def test_nothing_placed_nothing_sent() -> None:
-    assert pieces([]) == []
-    assert transactions([]) == []
+def test_plan_places_pending_instances_and_explains_the_rest() -> None:
+    pending = [Versioned(f"/i/{i}", Instance("default", "web", i, 1, ip=f"10.244.0.{i + 2}",
+                                             request=SPEC.request()), 3) for i in range(6)]
+    snap = build_snapshot([node("a", 1000), node("b", 1000)], {"a", "b"}, [], 10)
+    result = plan(snap, pending, {"default/web": SPEC})
+    placed = [b for bs in result.by_node.values() for b in bs]
+    assert len(placed) == 4 and result.waiting == 2  # 1 cpu per node, 500m each
+    assert all(b.new.state == "Scheduled" and b.new.node == b.node for b in placed)
+    assert all(len(b.ports) == 1 and list(b.new.host_ports) == ["http"] for b in placed)
+    assert {b.node for b in placed} == {"a", "b"}
+    assert [new.reason for _, new in result.unplaced] == \
+        ["2 nodes: insufficient cpu (need 500m, best free 0)"] * 2
+    assert all(v.value.state == "Pending" for v in pending)  # the records read are untouched
+
+
+def test_a_grown_request_is_booked_on_its_own_node_or_waits() -> None:
+    bound = Instance("default", "web", 0, 1, state="Running", node="a", ip="10.244.0.2",
+                     request=Resources(100, GI))
+    assert wants_a_rebooking(bound, SPEC) and not wants_a_node(bound)
+    v = Versioned("/i/0", bound, 4)
+    ok = plan(build_snapshot([node("a")], {"a"}, [bound], 10), [v], {"default/web": SPEC})
+    (b,) = ok.by_node["a"]
+    assert b.new.request == Resources(500, GI) and b.ports == [] and b.node == ""
+    full = build_snapshot([node("a", cpu_m=300)], {"a"}, [bound], 10)
+    waits = plan(full, [v], {"default/web": SPEC})
+    assert not waits.by_node and waits.waiting == 1
+    assert waits.unplaced[0][1].reason.startswith(
+        "update waits: the new request does not fit on a (insufficient cpu)")

@@ -1,8 +1,16 @@
-"""One instance's containers on its node's engine: ordered start, readiness, restarts and the
-one authoritative reason for every container end (DESIGN.md §3).
+"""One instance's containers on its node's engine: ordered start, readiness, restarts, caps
+kept as the spec says, and the one authoritative reason for every container end
+(DESIGN.md §3).
 
 `Runner.step` never blocks on the instance: it does what can be done now (create, start, one
-readiness probe) and leaves the rest to the next step, so one slow instance holds up nothing.
+readiness probe, a cap update) and leaves the rest to the next step, so one slow instance
+holds up nothing. It reads the node's containers from the engine watch (never lists the
+engine) and records there what it does, so the watch's echo of its own actions is no news.
+The Runner changes only its working copy of the instance; the caller writes it.
+
+Caps are desired state (the kubelet's in-place resize): a running container whose recorded
+caps differ from its spec's limits gets them with a live update, same container; a cap may
+appear, change or be lifted (0 = none) this way.
 """
 
 from __future__ import annotations
@@ -11,34 +19,28 @@ import logging
 from collections.abc import Callable
 from datetime import datetime
 
+from sigmad.control.containers import EngineWatch, started
 from sigmad.engine import (
     LABEL_CLUSTER,
     LABEL_CONTAINER,
     LABEL_INSTANCE,
     ContainerState,
     Engine,
+    cap_config,
     container_config,
     container_name,
 )
 from sigmad.errors import EngineError
-from sigmad.models import (
-    EXITED,
-    FAILED,
-    FAILED_TO_START,
-    RUNNING,
-    SCHEDULED,
-    STARTING,
-    AppRecord,
-    ContainerStatus,
-    Instance,
-    now,
-)
-from sigmad.spec import ContainerSpec, ReadyCheck
+from sigmad.models import AppRecord, ContainerStatus, Instance, Node, now
+from sigmad.reasons import CLEAN_EXIT, Kill, Reason, State
+from sigmad.spec import ContainerSpec, ReadyCheck, Resources
+from sigmad.units import format_cpu, format_size
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF = 60.0
 STEADY_AFTER = 60.0  # a container that ran this long before ending resets the failure streak
 PROBE_TIMEOUT = 5.0
+Report = Callable[[str, bool], None]  # (message, warning)
 
 
 def restart_backoff(streak: int) -> float:
@@ -51,7 +53,7 @@ def should_restart(policy: str, reason: str) -> bool:
     """Whether the restart policy restarts a container that ended for `reason`."""
     if policy == "always":
         return True
-    return policy == "on-failure" and reason != "Exited(0)"
+    return policy == "on-failure" and reason != CLEAN_EXIT
 
 
 def probe_command(check: ReadyCheck) -> list[str]:
@@ -82,68 +84,62 @@ def _ours(c: ContainerState, instance: str, cluster: str) -> bool:
     return c.labels.get(LABEL_INSTANCE) == instance
 
 
-def _status(name: str, c: ContainerState, ready: bool) -> ContainerStatus:
-    return ContainerStatus(
-        name=name, id=c.id, state=c.status,
-        exit_code=None if c.running else c.exit_code,
-        started_at=c.started_at, finished_at="" if c.running else c.finished_at,
-        ready=ready,
-    )
-
-
 class Runner:
     """Brings one instance's containers on one engine in line with its app, in spec order."""
 
-    Report = Callable[[str, bool], None]  # (message, warning)
-
-    def __init__(
-        self, engine: Engine, inst: Instance, app: AppRecord, host_ip: str, report: Report,
-    ) -> None:
+    def __init__(self, engine: Engine, watch: EngineWatch, inst: Instance, app: AppRecord,
+                 node: Node, report: Report) -> None:
         self.engine = engine
+        self.watch = watch
         self.inst = inst
         self.app = app
         self.spec = app.spec
-        self.host_ip = host_ip
+        self.node = node
         self.report = report
 
     async def step(self, hold: str = "") -> None:
         """One step. `hold` (e.g. unmet depends_on) keeps an instance that has no containers
         yet from starting."""
         inst = self.inst
-        found = await self.engine.find({LABEL_INSTANCE: inst.key})
+        found = self.watch.of(inst.key)
         owner = next((c for c in found
                       if c.labels.get(LABEL_CONTAINER) == self.spec.containers[0].name), None)
-        if owner is not None and owner.running and owner.ip != inst.ip:
+        if owner is not None and owner.running and owner.ip and owner.ip != inst.ip:
             # Made for another IP (the fixed IP changed, or before the overlay existed).
-            await self.remove_all(found, "KilledBySigma(updated)")
-            self._reset(SCHEDULED, f"replacing containers: the instance's IP is {inst.ip}")
+            await self.remove_all(found, Reason.killed(Kill.UPDATED))
+            self._reset(State.SCHEDULED, f"replacing containers: the instance's IP is {inst.ip}")
             found = []
         if inst.generation != self.app.template_generation and inst.request == \
-                self.spec.request():  # the controller booked the new request on this node
-            await self.remove_all(found, "KilledBySigma(updated)")
-            self._reset(SCHEDULED, f"replacing containers for generation "
+                self.spec.request():  # the scheduler booked the new request on this node
+            await self.remove_all(found, Reason.killed(Kill.UPDATED))
+            self._reset(State.SCHEDULED, f"replacing containers for generation "
                         f"{self.app.template_generation}")
             inst.generation = self.app.template_generation
             found = []
         wanted = {s.name for s in self.spec.containers}
         for stale in [c for c in found if c.labels.get(LABEL_CONTAINER) not in wanted]:
-            await self.engine.remove(stale.id)
-        by_name = {c.labels.get(LABEL_CONTAINER, ""): c for c in found}
+            await self._remove(stale.id)
+        by_name = {c.labels.get(LABEL_CONTAINER, ""): c for c in found
+                   if c.labels.get(LABEL_CONTAINER) in wanted}
         if not by_name and (hold or not inst.ip):
-            inst.state, inst.reason = SCHEDULED, hold or "waiting for an overlay IP"
+            inst.state, inst.reason = State.SCHEDULED, hold or "waiting for an overlay IP"
             return
         await self._walk(by_name)
+        if inst.generation == self.app.template_generation:
+            await self._caps()
 
     async def _walk(self, by_name: dict[str, ContainerState]) -> None:
         inst = self.inst
-        was_ready = {c.id: c.ready for c in inst.containers}
+        known = {c.id: c for c in inst.containers}
         statuses: list[ContainerStatus] = []
         first_id = ""
         for index, spec in enumerate(self.spec.containers):
             c = by_name.get(spec.name)
             if c is not None and not c.running and c.status != "created":
+                if not c.full:
+                    c = await self.engine.inspect(c.id) or c
                 if not await self._ended(index, c, by_name):
-                    statuses.append(_status(spec.name, c, False))
+                    statuses.append(self._status(spec, c, False))
                     break
                 if index == 0:  # the network owner ended: everything was removed
                     by_name = {}
@@ -156,27 +152,56 @@ class Runner:
                     break
             if not c.running:
                 await self.engine.start(c.id)
-                c = await self.engine.inspect(c.id) or c
+                c = started(c)
+                self.watch.put(c)
                 self.report(f"started container {spec.name} ({c.id[:12]})", False)
             first_id = first_id or c.id
-            if not c.running:
-                statuses.append(_status(spec.name, c, False))
-                break
-            ready = was_ready.get(c.id, False) or await self._probe(spec, c)
-            statuses.append(_status(spec.name, c, ready))
+            was = known.get(c.id)
+            ready = (was is not None and was.ready) or await self._probe(spec, c, was)
+            statuses.append(self._status(spec, c, ready, was))
             if not ready:
-                if inst.state != FAILED_TO_START:
-                    inst.state, inst.reason = STARTING, f"waiting for {spec.name} to be ready"
+                if inst.state != State.FAILED_TO_START:
+                    inst.state, inst.reason = State.STARTING, f"waiting for {spec.name} to be ready"
                 break
         inst.containers = statuses
         if len(statuses) == len(self.spec.containers) and all(s.ready for s in statuses):
-            if inst.state != RUNNING:
+            if inst.state != State.RUNNING:
                 self.report("all containers ready: Running", False)
-            inst.state, inst.reason = RUNNING, ""
-        elif inst.state not in (EXITED, FAILED, FAILED_TO_START):
-            inst.state = STARTING
+            inst.state, inst.reason = State.RUNNING, ""
+        elif inst.state not in (State.EXITED, State.FAILED, State.FAILED_TO_START):
+            inst.state = State.STARTING
 
-    async def _probe(self, spec: ContainerSpec, c: ContainerState) -> bool:
+    def _status(self, spec: ContainerSpec, c: ContainerState, ready: bool,
+                was: ContainerStatus | None = None) -> ContainerStatus:
+        """What the record keeps of a container: from the engine, with what the engine's
+        list does not say (start time, caps applied) kept from the record."""
+        return ContainerStatus(
+            name=spec.name, id=c.id, state=c.status,
+            exit_code=None if c.running else c.exit_code,
+            started_at=c.started_at or (was.started_at if was else ""),
+            finished_at="" if c.running else c.finished_at, ready=ready,
+            limit=was.limit if was is not None else spec.resources.limit,
+        )
+
+    async def _caps(self) -> None:
+        """Give running containers the caps their spec asks for (see the module docstring)."""
+        limits = {s.name: s.resources.limit for s in self.spec.containers}
+        for status in self.inst.containers:
+            want = limits.get(status.name)
+            if want is None or status.limit == want or status.state != "running":
+                continue
+            try:
+                await self.engine.update(status.id, cap_config(want, self.node.capacity))
+            except EngineError as exc:
+                self.inst.reason = f"caps of {status.name} not updated: {exc.message}"
+                self.report(self.inst.reason, True)
+                raise
+            self.report(f"caps of {status.name} updated in place: {_caps_text(status.limit)} "
+                        f"→ {_caps_text(want)}", False)
+            status.limit = want
+
+    async def _probe(self, spec: ContainerSpec, c: ContainerState,
+                     was: ContainerStatus | None) -> bool:
         """Whether a running container is ready; a probe past its timeout fails the start."""
         if spec.ready is None:
             return True
@@ -188,11 +213,10 @@ class Runner:
         if code == 0:
             self.report(f"container {spec.name} ready", False)
             return True
-        started = parse_time(c.started_at)
-        if started and now() - started > spec.ready.timeout:
-            reason = f"FailedToStart(container {spec.name} not ready after " \
-                     f"{spec.ready.timeout:g}s{why})"
-            await self._failed(reason)
+        begun = parse_time(c.started_at or (was.started_at if was else ""))
+        if begun and now() - begun > spec.ready.timeout:
+            await self._failed(Reason.failed_to_start(
+                f"container {spec.name} not ready after {spec.ready.timeout:g}s{why}"))
         return False
 
     async def _ended(self, index: int, c: ContainerState,
@@ -204,17 +228,18 @@ class Runner:
         reason = c.end_reason()
         if not any(t.container_id == c.id for t in inst.terminations):
             inst.terminated(name, reason, c.id)
-            self.report(f"container {name} ended: {reason}", reason != "Exited(0)")
+            self.report(f"container {name} ended: {reason}", reason != CLEAN_EXIT)
             ran = parse_time(c.finished_at) - parse_time(c.started_at)
             inst.streak = 0 if ran >= STEADY_AFTER else inst.streak
         if not should_restart(self.spec.restart, reason):
-            inst.state = EXITED if reason == "Exited(0)" else FAILED
+            inst.state = State.EXITED if reason == CLEAN_EXIT else State.FAILED
             inst.reason = reason
             return False
         if index == 0:
-            await self.remove_all(list(by_name.values()), "KilledBySigma(restarted)", skip=c.id)
+            await self.remove_all(list(by_name.values()), Reason.killed(Kill.RESTARTED),
+                                  skip=c.id)
         else:
-            await self.engine.remove(c.id)
+            await self._remove(c.id)
         self._schedule_restart(reason)
         return True
 
@@ -230,23 +255,26 @@ class Runner:
     def _schedule_restart(self, reason: str) -> None:
         delay = self._back_off()
         inst = self.inst
-        inst.state, inst.reason = STARTING, f"{reason}; restart {inst.restarts} in {delay:g}s"
+        inst.state, inst.reason = State.STARTING, f"{reason}; restart {inst.restarts} in {delay:g}s"
         self.report(f"restarting in {delay:g}s (restart {inst.restarts})", True)
 
-    async def _failed(self, reason: str) -> None:
+    async def _failed(self, reason: Reason) -> None:
         """A start failed: remove what was made, then retry after the backoff."""
-        await self.remove_all(await self.engine.find({LABEL_INSTANCE: self.inst.key}),
-                              reason)
+        await self.remove_all(self.watch.of(self.inst.key), reason)
         self._back_off()
-        self.inst.state, self.inst.reason = FAILED_TO_START, reason
+        self.inst.state, self.inst.reason = State.FAILED_TO_START, reason
         self.report(reason, True)
 
-    def _reset(self, state: str, reason: str) -> None:
+    def _reset(self, state: State, reason: str) -> None:
         self.inst.state, self.inst.reason = state, reason
         self.inst.containers = []
         self.inst.next_start = 0.0
         self.inst.streak = 0
         self.report(reason, False)
+
+    async def _remove(self, container_id: str) -> None:
+        await self.engine.remove(container_id)
+        self.watch.drop(container_id)
 
     async def remove_all(self, found: list[ContainerState], reason: str, skip: str = "") -> None:
         """Stop in reverse spec order, then remove; a running container's end is recorded
@@ -258,32 +286,47 @@ class Runner:
                 self.inst.terminated(c.labels.get(LABEL_CONTAINER, ""), reason, c.id)
                 self.report(f"stopped container {c.labels.get(LABEL_CONTAINER)}: {reason}",
                             False)
-            await self.engine.remove(c.id)
+            await self._remove(c.id)
 
     async def _create(self, spec: ContainerSpec, network_of: str) -> ContainerState | None:
         inst = self.inst
         try:
             await self.engine.ensure_image(spec.image, lambda m: self.report(m, False))
         except EngineError as exc:
-            await self._failed(f"FailedToStart({exc.message})")
+            await self._failed(Reason.failed_to_start(exc.message))
             return None
-        config = container_config(inst, self.spec, spec, self.host_ip, network_of)
+        config = container_config(inst, self.spec, spec, self.node.address, network_of)
         name = container_name(inst, spec.name)
         try:
             cid = await self.engine.create(name, config)
         except EngineError as exc:
+            if exc.engine_status == 404:  # the image went away since: pull it next step
+                raise
             if exc.engine_status != 409:
-                await self._failed(f"FailedToStart({exc.message})")
+                await self._failed(Reason.failed_to_start(exc.message))
                 return None
             # The name is taken: by a leftover of ours (an older generation, a crash between
             # create and the record write), which is replaced, or by a container that is not
             # this cluster's, which is left alone.
             taken = await self.engine.inspect(name)
             if taken is not None and not _ours(taken, inst.key, self.engine.cluster):
-                await self._failed(f"FailedToStart(container name {name} is taken by a "
-                                   "container this cluster does not own)")
+                await self._failed(Reason.failed_to_start(
+                    f"container name {name} is taken by a container this cluster does not own"))
                 return None
             await self.engine.remove(name)
+            if taken is not None:
+                self.watch.drop(taken.id)
             cid = await self.engine.create(name, config)
         inst.next_start = 0.0
-        return await self.engine.inspect(cid)
+        labels = {**config["Labels"], **({LABEL_CLUSTER: self.engine.cluster}
+                                        if self.engine.cluster else {})}
+        c = ContainerState(id=cid, name=name, labels=labels, running=False, status="created",
+                           exit_code=0, oom_killed=False, error="", started_at="",
+                           finished_at="", pid=0, ip=inst.ip if not network_of else "")
+        self.watch.put(c)
+        return c
+
+
+def _caps_text(limit: Resources) -> str:
+    cpu = format_cpu(limit.cpu_m) if limit.cpu_m else "none"
+    return f"cpu {cpu}, memory {format_size(limit.memory) if limit.memory else 'none'}"

@@ -1,0 +1,287 @@
+"""The API's writes: apply, resize, delete, migrate, drain — each checked against the state
+cache, then written as one guarded change (sigmad.state.writes) and answered with what it
+did. The API never drives an engine: the leader's controller acts on what is written.
+
+Invariants:
+- every check happens before anything is written; a refused change writes nothing;
+- each call is one transaction: all of its apps, or none;
+- a resize (caps and requests only, replicas too) keeps the template generation, so no
+  container is replaced: the leader updates the caps of running containers in place and the
+  scheduler books the new requests; a request that cannot fit its node, or a memory cap
+  below what a container uses now (unless forced), is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, replace
+from typing import Any
+
+from sigmad import records
+from sigmad.control import migration
+from sigmad.engine import EnginePool
+from sigmad.errors import Conflict, EngineError, NotFound, SigmaError, SpecError
+from sigmad.models import AppRecord, Instance, Node, now
+from sigmad.reasons import State
+from sigmad.scheduler.snapshot import node_info
+from sigmad.spec import AppSpec, Resources
+from sigmad.state.cache import APPS, Cache
+from sigmad.state.writes import Change, Writes, commit
+from sigmad.store import MAX_TXN_OPS, Store, Versioned
+from sigmad.units import format_cpu, format_size
+
+log = logging.getLogger(__name__)
+MAX_APPS = MAX_TXN_OPS - 1  # apps one apply may write (one transaction, with its fence)
+
+
+class Refused(SigmaError):
+    """The change cannot be applied as asked (capacity, usage); nothing was changed."""
+
+    code = "refused"
+    status = 409
+
+
+@dataclass
+class Result:
+    app: str
+    action: str  # created | updated | resized in place | unchanged | deleted
+    generation: int
+    containers: int = 0  # containers whose caps change in place
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"app": self.app, "action": self.action,
+                               "generation": self.generation}
+        if self.action == "resized in place":
+            out["containers"] = self.containers
+        return out
+
+
+def only_replicas(old: AppSpec, new: AppSpec) -> bool:
+    """Whether only what running containers do not depend on changed (replica count,
+    migration policy): no container is replaced for it."""
+    return records.to_dict(replace(old, replicas=0, migration="")) == \
+        records.to_dict(replace(new, replicas=0, migration=""))
+
+
+def _without_resources(spec: AppSpec) -> dict[str, object]:
+    containers = [replace(c, resources=replace(c.resources, request=Resources(),
+                                               limit=Resources())) for c in spec.containers]
+    result: dict[str, object] = records.to_dict(replace(spec, replicas=0, migration="",
+                                                        containers=containers))
+    return result
+
+
+def resources_only(old: AppSpec, new: AppSpec) -> bool:
+    """Whether `new` differs from `old` in container resources (and replicas) only: running
+    containers take that in place (a cap may change, appear or be lifted)."""
+    return len(old.containers) == len(new.containers) and \
+        _without_resources(old) == _without_resources(new)
+
+
+def caps_changing(cache: Cache, old: AppSpec, new: AppSpec) -> int:
+    """How many running containers of the app get new caps."""
+    changed = {a.name for a, b in zip(old.containers, new.containers, strict=True)
+               if a.resources.limit != b.resources.limit}
+    return sum(1 for v in cache.instances_of(old.key).values() for c in v.value.containers
+               if c.name in changed and c.state == "running")
+
+
+def check_fit(cache: Cache, old: AppSpec, new: AppSpec) -> None:
+    """Refused if the app's new request per instance does not fit on a node that runs it."""
+    grow = Resources(new.request().cpu_m - old.request().cpu_m,
+                     new.request().memory - old.request().memory)
+    if grow.cpu_m <= 0 and grow.memory <= 0:
+        return
+    for name, usage in sorted(cache.usage.items()):
+        count = usage.apps.get(old.key, 0)
+        node = cache.node(name)
+        if not count or node is None:
+            continue
+        info = node_info(node, True, usage)
+        short = info.short(Resources(grow.cpu_m * count, grow.memory * count))
+        if short is None:
+            continue
+        fmt, attr = (format_cpu, "cpu_m") if short == "cpu" else (format_size, "memory")
+        raise Refused(
+            f"request {short} {fmt(getattr(new.request(), attr))} per instance does not fit "
+            f"on node {name}: {fmt(getattr(info.requested, attr))} of "
+            f"{fmt(getattr(info.capacity(), attr))} already booked there ({count} "
+            f"instance{'s' if count > 1 else ''} of {old.app}); nothing was changed")
+
+
+async def check_usage(cache: Cache, engines: EnginePool, old: AppSpec, new: AppSpec) -> None:
+    """Refused if a lowered memory cap is below what a running container uses now."""
+    lowered = {b.name: b.resources.limit.memory
+               for a, b in zip(old.containers, new.containers, strict=True)
+               if b.resources.limit.memory and (not a.resources.limit.memory or
+                                                b.resources.limit.memory <
+                                                a.resources.limit.memory)}
+    if not lowered:
+        return
+    for v in cache.instances_of(old.key).values():
+        inst = v.value
+        node = cache.node(inst.node) if inst.node else None
+        if node is None:
+            continue
+        engine, _ = engines.get(node.name, node.engine)
+        for c in inst.containers:
+            cap = lowered.get(c.name)
+            if cap is None or c.state != "running":
+                continue
+            try:
+                used = await engine.memory_usage(c.id)
+            except EngineError as exc:
+                raise Refused(f"cannot read the memory use of {inst.name} on {node.name} "
+                              f"({exc.message}): nothing was changed (use --force to lower "
+                              "it anyway)") from None
+            if used > cap:
+                raise Refused(
+                    f"container {c.name} of {inst.name} uses {format_size(used)}, above the "
+                    f"new memory limit {format_size(cap)}: nothing was changed (use --force "
+                    "to lower it anyway; the kernel may then OOM-kill it)")
+
+
+class AppWrites:
+    """The API's write calls against one store and its cache."""
+
+    def __init__(self, store: Store, cache: Cache, engines: EnginePool) -> None:
+        self.store = store
+        self.cache = cache
+        self.keys = store.keys
+        self.writes = Writes(store.keys)
+        self.engines = engines
+
+    async def _commit(self, change: Change, what: str) -> int:
+        revision = await commit(self.store, self.cache, change)
+        if not revision:
+            raise Conflict(f"{what} changed meanwhile: try again")
+        return revision
+
+    async def apply(self, specs: list[AppSpec], dry_run: bool, force: bool) -> list[Result]:
+        """Create or update every app, all-or-nothing (see the module docstring)."""
+        if len(specs) > MAX_APPS:
+            raise SpecError("", f"{len(specs)} apps in one apply: at most {MAX_APPS}")
+        change, results = Change(), []
+        for s in specs:
+            key = self.keys.app(s.namespace, s.app)
+            current: Versioned[AppRecord] | None = self.cache.get(APPS, key)
+            if current is None:
+                rec, action = AppRecord(s, 1, 1, now(), now()), "created"
+                result = Result(s.key, action, 1)
+            else:
+                old = current.value
+                if records.to_dict(old.spec) == records.to_dict(s):
+                    results.append(Result(s.key, "unchanged", old.generation))
+                    continue
+                template = old.template_generation
+                action = "updated"
+                if resources_only(old.spec, s) and not only_replicas(old.spec, s):
+                    check_fit(self.cache, old.spec, s)
+                    if not force:
+                        await check_usage(self.cache, self.engines, old.spec, s)
+                    action = "resized in place"
+                elif not only_replicas(old.spec, s):
+                    template = old.generation + 1
+                rec = AppRecord(s, old.generation + 1, template, old.created, now())
+                result = Result(s.key, action, rec.generation,
+                                caps_changing(self.cache, old.spec, s))
+            change += self.writes.put_app(key, rec, current.mod_revision if current else 0)
+            results.append(result)
+        if change.ops and not dry_run:
+            await self._commit(change, "another client changed these apps")
+        for r in results:
+            log.info("apply %s: %s (generation %d)%s", r.app, r.action, r.generation,
+                     " (dry run)" if dry_run else "")
+        return results
+
+    def app(self, namespace: str, name: str) -> Versioned[AppRecord]:
+        v: Versioned[AppRecord] | None = self.cache.get(APPS, self.keys.app(namespace, name))
+        if v is None:
+            raise NotFound(f"app {namespace}/{name} not found")
+        return v
+
+    async def resize(self, namespace: str, name: str, new: AppSpec, force: bool) -> Result:
+        """A resources-only change of one app (`sigmactl update`)."""
+        current = self.app(namespace, name)
+        old = current.value
+        if records.to_dict(new) == records.to_dict(old.spec):
+            return Result(old.spec.key, "unchanged", old.generation)
+        (result,) = await self.apply([new], dry_run=False, force=force)
+        return result
+
+    async def delete(self, namespace: str, name: str) -> Result:
+        v = self.app(namespace, name)
+        await self._commit(self.writes.delete_app(v), f"app {namespace}/{name}")
+        log.info("delete app %s/%s", namespace, name)
+        return Result(f"{namespace}/{name}", "deleted", v.value.generation)
+
+    async def migrate(self, v: Versioned[Instance], to: str) -> Instance:
+        """Place a NeedMigration instance anew (only on `to` if given)."""
+        inst = v.value
+        if to and self.cache.node(to) is None:
+            raise NotFound(f"node {to} not found: see 'sigmactl get nodes'")
+        if inst.state != State.NEED_MIGRATION:
+            raise Conflict(f"instance {inst.key} is {inst.state}, not NeedMigration: only an "
+                           "instance whose node is lost is migrated")
+        t = migration.migrate(inst, to)
+        change = self.writes.update_instance(v, t.new)
+        for node, ports in t.releases:
+            change += self.writes.release_ports(node, ports)
+        await self._commit(change, f"instance {inst.key}")
+        return t.new
+
+    async def set_draining(self, name: str, draining: bool) -> Node:
+        """Mark a node Draining (or not); the agent may rewrite its record meanwhile, so the
+        guarded write is tried a few times."""
+        key = self.keys.node(name)
+        for _ in range(5):
+            v = await self.store.get(key, Node)
+            if v is None:
+                raise NotFound(f"node {name} not found: see 'sigmactl get nodes'")
+            node = replace(v.value, draining=draining)
+            if await commit(self.store, self.cache, self.writes.update_node(v, node)):
+                return node
+            await asyncio.sleep(0.05)
+        raise Conflict(f"node {name} kept changing: try again")
+
+
+@dataclass
+class ResourceChange:
+    """New values for one container's resources; None keeps the current value."""
+
+    container: str | None = None
+    limit_cpu: int | None = None
+    limit_memory: int | None = None
+    request_cpu: int | None = None
+    request_memory: int | None = None
+
+
+def _pick(new: int | None, old: int) -> int:
+    return old if new is None else new
+
+
+def with_resources(spec: AppSpec, change: ResourceChange) -> AppSpec:
+    """A copy of `spec` with `change` applied to the named container (or the only one)."""
+    container = change.container
+    names = [c.name for c in spec.containers]
+    if container is not None and container not in names:
+        raise SpecError("container", f"{container!r} is not a container of {spec.app} "
+                        f"(it has {', '.join(names)})")
+    if container is None and len(names) > 1:
+        raise SpecError("container", f"{spec.app} has {len(names)} containers: name one")
+    out = []
+    for c in spec.containers:
+        if c.name == (container or names[0]):
+            old_lim, old_req = c.resources.limit, c.resources.request
+            lim = Resources(_pick(change.limit_cpu, old_lim.cpu_m),
+                            _pick(change.limit_memory, old_lim.memory))
+            req = Resources(_pick(change.request_cpu, old_req.cpu_m),
+                            _pick(change.request_memory, old_req.memory))
+            for key, low, high in (("cpu", req.cpu_m, lim.cpu_m), ("memory", req.memory,
+                                                                   lim.memory)):
+                if high and high < low:
+                    raise SpecError(f"limit.{key}", "is below the request")
+            c = replace(c, resources=replace(c.resources, limit=lim, request=req))
+        out.append(c)
+    return replace(spec, containers=out)

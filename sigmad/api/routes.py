@@ -1,0 +1,276 @@
+"""The HTTP API under /v1 (docs/api.md): a thin adapter. JSON in and out, bearer-token auth,
+errors with field paths (one exception tree, mapped here at the edge). Reads are answered
+from the state cache (sigmad.api.views), writes go through sigmad.api.apps.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from sigmad import __version__, records, spec
+from sigmad.api import views
+from sigmad.api.apps import AppWrites, ResourceChange, with_resources
+from sigmad.engine import EnginePool
+from sigmad.errors import NotFound, SigmaError, SpecError, StoreUnavailable, Unauthorized
+from sigmad.events import Event
+from sigmad.models import Instance
+from sigmad.spec import Fields, quantity
+from sigmad.state.cache import Cache
+from sigmad.store import Store, Versioned
+from sigmad.units import parse_cpu, parse_size
+
+log = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_BODY = 1 << 20
+STALE_AFTER = 1.0  # seconds without etcd after which reads are refused, not served stale
+
+
+def _json(data: Any, status: int = 200, revision: int = 0) -> web.Response:
+    headers = {"X-Sigma-Revision": str(revision)} if revision else None
+    return web.json_response(records.to_dict(data), status=status, headers=headers)
+
+
+def make_app(store: Store, cache: Cache, token: str,
+             engines: EnginePool | None = None) -> web.Application:
+    """The aiohttp application serving the API from `cache`, writing to `store`."""
+
+    @web.middleware
+    async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            if request.path.startswith("/v1/"):
+                given = request.headers.get("Authorization", "")
+                if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                    raise Unauthorized("missing or wrong bearer token")
+                if cache.stale_for() > STALE_AFTER:
+                    raise StoreUnavailable(
+                        f"etcd is unreachable (for {cache.stale_for():.0f}s): this master's "
+                        f"view stopped at revision {cache.revision}; try again, or another "
+                        "master")
+            return await handler(request)
+        except SigmaError as exc:
+            return web.json_response(exc.to_dict(), status=exc.status)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = "not_found" if exc.status == 404 else "http"
+            body = {"error": {"code": code, "message": exc.reason, "field": None}}
+            return web.json_response(body, status=exc.status)
+
+    pool = engines or EnginePool(store.keys.prefix)
+    api = Api(store, cache, AppWrites(store, cache, pool))
+    app = web.Application(middlewares=[errors], client_max_size=MAX_BODY)
+
+    async def close_engines(_: web.Application) -> None:
+        await pool.close()
+
+    app.on_cleanup.append(close_engines)
+    app.router.add_get("/healthz", api.healthz)
+    app.router.add_get("/v1/nodes", api.list_nodes)
+    app.router.add_get("/v1/nodes/{name}", api.get_node)
+    app.router.add_post("/v1/nodes/{name}/drain", api.drain)
+    app.router.add_post("/v1/nodes/{name}/uncordon", api.uncordon)
+    app.router.add_get("/v1/apps", api.list_apps)
+    app.router.add_put("/v1/apps", api.apply)
+    app.router.add_get("/v1/apps/{ns}/{app}", api.get_app)
+    app.router.add_delete("/v1/apps/{ns}/{app}", api.delete_app)
+    app.router.add_post("/v1/apps/{ns}/{app}/resources", api.update_resources)
+    app.router.add_get("/v1/instances", api.list_instances)
+    app.router.add_get("/v1/events", api.events)
+    app.router.add_get("/v1/pool", api.pool)
+    app.router.add_get("/v1/instances/{ns}/{name}", api.get_instance)
+    app.router.add_post("/v1/instances/{ns}/{name}/migrate", api.migrate)
+    app.router.add_get("/v1/masters", api.masters)
+    return app
+
+
+class Api:
+    """Route handlers."""
+
+    def __init__(self, store: Store, cache: Cache, writes: AppWrites) -> None:
+        self.store = store
+        self.cache = cache
+        self.keys = store.keys
+        self.writes = writes
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return _json({"ok": True, "version": __version__})
+
+    async def list_nodes(self, request: web.Request) -> web.Response:
+        return _json({"items": views.nodes(self.cache)}, revision=self.cache.revision)
+
+    async def get_node(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        node = self.cache.node(name)
+        if node is None:
+            raise NotFound(f"node {name} not found")
+        return _json(views.node_view(self.cache, node), revision=self.cache.revision)
+
+    async def drain(self, request: web.Request) -> web.Response:
+        """Mark a node Draining: nothing new lands there, and its instances move off one at a
+        time, each new copy ready before the old one stops."""
+        node = await self.writes.set_draining(request.match_info["name"], True)
+        return _json(views.node_view(self.cache, node))
+
+    async def uncordon(self, request: web.Request) -> web.Response:
+        """Undo drain: the node takes new instances again."""
+        node = await self.writes.set_draining(request.match_info["name"], False)
+        return _json(views.node_view(self.cache, node))
+
+    async def list_apps(self, request: web.Request) -> web.Response:
+        namespace = request.query.get("namespace", "")
+        return _json({"items": views.apps(self.cache, namespace)}, revision=self.cache.revision)
+
+    async def get_app(self, request: web.Request) -> web.Response:
+        v = self.writes.app(request.match_info["ns"], request.match_info["app"])
+        return _json(views.app_view(self.cache, v.value), revision=self.cache.revision)
+
+    async def apply(self, request: web.Request) -> web.Response:
+        """Create or update every app in the body, all-or-nothing after validation.
+
+        A change of resources only (and replicas) is applied to running containers in place;
+        any other change is a new template generation (a replace)."""
+        specs = spec.parse(await request.text())
+        results = await self.writes.apply(specs, _flag(request, "dry_run"),
+                                          _flag(request, "force"))
+        return _json({"items": [r.to_dict() for r in results]})
+
+    async def update_resources(self, request: web.Request) -> web.Response:
+        """Change an app's limits/requests; its running containers take them in place."""
+        ns, name = request.match_info["ns"], request.match_info["app"]
+        current = self.writes.app(ns, name)
+        body = await _body(request)
+        new = with_resources(current.value.spec, _change(body))
+        force = body.get("force", False)
+        if not isinstance(force, bool):
+            raise SpecError("force", "must be true or false")
+        result = await self.writes.resize(ns, name, new, force)
+        return _json(result.to_dict())
+
+    async def delete_app(self, request: web.Request) -> web.Response:
+        result = await self.writes.delete(request.match_info["ns"], request.match_info["app"])
+        return _json(result.to_dict(), status=202)
+
+    async def list_instances(self, request: web.Request) -> web.StreamResponse:
+        found = views.instances(self.cache, request.query.get("namespace", ""),
+                                request.query.get("app", ""))
+        response = web.StreamResponse(headers={
+            "Content-Type": "application/json; charset=utf-8",
+            "X-Sigma-Revision": str(self.cache.revision)})
+        await response.prepare(request)
+        async for part in views.stream_items(found):
+            await response.write(part)
+        await response.write_eof()
+        return response
+
+    def _instance(self, request: web.Request) -> Versioned[Instance]:
+        ns, name = request.match_info["ns"], request.match_info["name"]
+        app, _, index = name.rpartition("-")
+        if not app or not index.isdigit():
+            raise SpecError("name", f"{name!r} is not an instance name (APP-INDEX)")
+        v = self.cache.instance(self.keys.instance(ns, app, int(index)))
+        if v is None:
+            raise NotFound(f"instance {ns}/{name} not found")
+        return v
+
+    async def get_instance(self, request: web.Request) -> web.Response:
+        return web.Response(body=views.instance_json(self._instance(request)),
+                            content_type="application/json",
+                            headers={"X-Sigma-Revision": str(self.cache.revision)})
+
+    async def migrate(self, request: web.Request) -> web.Response:
+        """Move a NeedMigration instance (its node is lost) to a node that fits, or to the
+        node `to`; it keeps its name, IP and request."""
+        v = self._instance(request)
+        to = (await _body(request)).get("to") or ""
+        if not isinstance(to, str):
+            raise SpecError("to", "must be a node name")
+        return _json(views.instance_view(await self.writes.migrate(v, to)))
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """Recent events (`?limit=`, default 100), or with `?watch=true` a server-sent event
+        stream of them followed by every new one."""
+        match = _event_filter(request)
+        try:
+            limit = int(request.query.get("limit", "100"))
+        except ValueError:
+            raise SpecError("limit", "must be a whole number") from None
+        items, revision = await self.store.scan(self.keys.events(), Event)
+        recent = [v.value for v in items if match(v.value)][-limit:] if limit > 0 else []
+        if not _flag(request, "watch"):
+            return _json({"items": recent})
+        response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+        })
+        await response.prepare(request)
+        for event in recent:
+            await response.write(_sse(event))
+        async for change in self.store.watch(self.keys.events(), revision + 1):
+            if change.value is not None:
+                event = records.loads(Event, change.value)
+                if match(event):
+                    await response.write(_sse(event))
+        return response
+
+    async def pool(self, request: web.Request) -> web.Response:
+        """The pool as one server (sigmad.api.views.pool)."""
+        return _json(views.pool(self.cache), revision=self.cache.revision)
+
+    async def masters(self, request: web.Request) -> web.Response:
+        """The leader record and every running master with its role (sigmad.leader)."""
+        return _json(views.masters(self.cache), revision=self.cache.revision)
+
+
+def _event_filter(request: web.Request) -> Callable[[Event], bool]:
+    namespace, app, kind = (request.query.get(k, "") for k in ("namespace", "app", "kind"))
+
+    def match(e: Event) -> bool:
+        return ((not namespace or e.namespace == namespace) and (not app or e.app == app)
+                and (not kind or e.kind == kind))
+
+    return match
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    return request.query.get(name, "").lower() in ("1", "true", "yes")
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise SpecError("", "the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise SpecError("", "the body must be a JSON object")
+    return body
+
+
+def _change(body: dict[str, Any]) -> ResourceChange:
+    """A resize Change from `{"container", "limit": {"cpu", "memory"}, "request": {...}}`."""
+    fields = Fields("", body, "")
+    container = fields.take("container")
+    if container is not None and not isinstance(container, str):
+        raise SpecError("container", "must be a container name")
+    values: dict[str, int | None] = {}
+    for part in ("limit", "request"):
+        sub = Fields(part, fields.take(part) or {}, "")
+        cpu, memory = sub.take("cpu"), sub.take("memory")
+        sub.done()
+        values[f"{part}_cpu"] = None if cpu is None else quantity(f"{part}.cpu", cpu, parse_cpu)
+        values[f"{part}_memory"] = None if memory is None else quantity(
+            f"{part}.memory", memory, parse_size)
+    fields.take("force")
+    fields.done()
+    if all(v is None for v in values.values()):
+        raise SpecError("limit", "nothing to change: give a limit or request (cpu or memory)")
+    return ResourceChange(container, **values)
+
+
+def _sse(event: Event) -> bytes:
+    return f"data: {json.dumps(records.to_dict(event))}\n\n".encode()
+

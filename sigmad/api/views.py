@@ -1,0 +1,153 @@
+"""The API's read views, answered from the state cache (never from etcd).
+
+Invariants:
+- every view is computed from one moment of the cache (no await inside), and says the
+  revision it reflects (`X-Sigma-Revision`);
+- capacity arithmetic is the scheduler's: what a node has booked is the cache's per-node
+  usage (a moving instance books both of its nodes), what it can take is allocatable times
+  overcommit, and `free` is the difference (sigmad.scheduler.fit);
+- instance lists are streamed from the records' own JSON bytes, so a list of every instance
+  neither decodes nor re-encodes them and never holds the event loop for long.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from sigmad import records
+from sigmad.leader import masters_view
+from sigmad.models import DRAINING, NOT_READY, READY, AppRecord, Instance, Node
+from sigmad.reasons import State
+from sigmad.scheduler.fit import NodeUsage
+from sigmad.scheduler.snapshot import node_info
+from sigmad.spec import Resources
+from sigmad.state.cache import LEADER, MASTERS, Cache
+from sigmad.store import Versioned
+
+CHUNK = 500  # instances per write of a streamed list
+
+
+def resources(r: Resources) -> dict[str, int]:
+    return {"cpu_m": r.cpu_m, "memory": r.memory}
+
+
+def node_status(node: Node, ready: bool) -> str:
+    return DRAINING if node.draining else READY if ready else NOT_READY
+
+
+def node_view(cache: Cache, node: Node) -> dict[str, Any]:
+    """A node with its status, what it has booked, its capacity for requests and what is
+    free of it."""
+    usage = cache.usage.get(node.name) or NodeUsage()
+    info = node_info(node, node.name in cache.ready, usage)
+    view: dict[str, Any] = records.to_dict(node)
+    view["status"] = node_status(node, info.ready)
+    view["requested"] = resources(info.requested)
+    view["schedulable"] = resources(info.capacity())
+    view["free"] = resources(info.free())
+    view["instances"] = usage.instances
+    return view
+
+
+def nodes(cache: Cache) -> list[dict[str, Any]]:
+    return [node_view(cache, v.value)
+            for v in sorted(cache.nodes().values(), key=lambda v: v.value.name)]
+
+
+def app_view(cache: Cache, rec: AppRecord) -> dict[str, Any]:
+    s = rec.spec
+    mine = cache.instances_of(s.key).values()
+    return {
+        "namespace": s.namespace, "app": s.app, "generation": rec.generation,
+        "template_generation": rec.template_generation,
+        "replicas": s.replicas, "running": sum(v.value.state == State.RUNNING for v in mine),
+        "spec": records.to_dict(s), "created": rec.created, "updated": rec.updated,
+    }
+
+
+def apps(cache: Cache, namespace: str = "") -> list[dict[str, Any]]:
+    found = [v.value for v in cache.apps().values()
+             if not namespace or v.value.spec.namespace == namespace]
+    return [app_view(cache, r) for r in sorted(found, key=lambda r: r.spec.key)]
+
+
+def instance_json(v: Versioned[Instance]) -> bytes:
+    """The record's own JSON with its name added."""
+    raw = v.raw or records.dumps(v.value)
+    return b'{"name":' + json.dumps(v.value.name).encode() + b"," + raw[1:]
+
+
+def instance_view(inst: Instance) -> dict[str, Any]:
+    view: dict[str, Any] = records.to_dict(inst)
+    view["name"] = inst.name
+    return view
+
+
+def instances(cache: Cache, namespace: str = "", app: str = "") -> list[Versioned[Instance]]:
+    """The instances of `namespace` (and `app`), by namespace, app and index."""
+    if namespace and app:
+        found: Iterable[Versioned[Instance]] = cache.instances_of(f"{namespace}/{app}").values()
+    else:
+        found = (v for v in cache.instances().values()
+                 if (not namespace or v.value.namespace == namespace)
+                 and (not app or v.value.app == app))
+    return sorted(found, key=lambda v: (v.value.namespace, v.value.app, v.value.index))
+
+
+async def stream_items(items: list[Versioned[Instance]]) -> AsyncIterator[bytes]:
+    """`{"items": [...]}` of `items`, in chunks (the loop runs between them)."""
+    yield b'{"items":['
+    for start in range(0, len(items), CHUNK):
+        part = b",".join(instance_json(v) for v in items[start:start + CHUNK])
+        yield (b"," if start else b"") + part
+    yield b"]}"
+
+
+def pool(cache: Cache) -> dict[str, Any]:
+    """The pool as one server: allocatable, schedulable (times overcommit), requested, free
+    and limits committed, overall and per node label value (Ready nodes only)."""
+    ready = [v.value for v in cache.nodes().values()
+             if node_status(v.value, v.value.name in cache.ready) == READY]
+    limits = {v.value.spec.key: v.value.spec.limit() for v in cache.apps().values()}
+
+    def summary(group: list[Node]) -> dict[str, Any]:
+        infos = [node_info(n, True, cache.usage.get(n.name)) for n in group]
+        mine = [v.value for n in group for v in cache.instances_on(n.name)
+                if v.value.node == n.name or v.value.next_node == n.name]
+        lims = [limits.get(i.app_key, Resources()) for i in mine]
+        allocatable = _sum(i.allocatable for i in infos)
+        schedulable = _sum(i.capacity() for i in infos)
+        requested = _sum(i.requested for i in infos)
+        return {
+            "nodes": len(group), "instances": len(mine),
+            "allocatable": resources(allocatable), "schedulable": resources(schedulable),
+            "requested": resources(requested),
+            "free": resources(Resources(schedulable.cpu_m - requested.cpu_m,
+                                        schedulable.memory - requested.memory)),
+            "limits": resources(_sum(lims)),
+            "uncapped": {"cpu": sum(1 for r in lims if not r.cpu_m),
+                         "memory": sum(1 for r in lims if not r.memory)},
+        }
+
+    by_label: dict[str, dict[str, Any]] = {}
+    for key in sorted({k for n in ready for k in n.labels}):
+        values = sorted({n.labels[key] for n in ready if key in n.labels})
+        by_label[key] = {value: summary([n for n in ready if n.labels.get(key) == value])
+                         for value in values}
+    return {**summary(ready), "by_label": by_label}
+
+
+def masters(cache: Cache) -> dict[str, Any]:
+    leader = next(iter(cache.table(LEADER).values()), None)
+    return masters_view(leader.value if leader else None,
+                        [v.value for v in cache.table(MASTERS).values()])
+
+
+def _sum(items: Iterable[Resources]) -> Resources:
+    cpu = memory = 0
+    for r in items:
+        cpu += r.cpu_m
+        memory += r.memory
+    return Resources(cpu, memory)

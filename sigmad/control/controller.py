@@ -1,0 +1,525 @@
+"""The leader's controller (the shape of a Kubernetes controller): the state cache and the
+engine watches turn every change into keys on a work queue; a fixed pool of workers syncs
+one key at a time; the scheduler places in rounds; a periodic resync re-queues everything at
+low priority. Nothing loops over the cluster per change.
+
+Keys: ("app", record key), ("inst", record key), ("node", name), and ("stray", node,
+instance) for containers on a node that no record places there.
+
+Invariants:
+- a sync reads the cache and its engine watch, never etcd: what it writes goes through the
+  Writer, guarded by the revisions it read (sigmad.state.writes), so a sync that raced with
+  another writer loses cleanly and is retried with back-off (`add_rate_limited`);
+- one key is synced by one worker at a time (sigmad.control.queue); steps on one engine are
+  bounded (`engine_parallel`), so many engines are driven in parallel and none is flooded;
+- a step stuck on the engine of a node that is lost is abandoned, so the instance moves
+  without waiting for the engine to time out;
+- containers carry labels: a new leader adopts what runs instead of starting copies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Coroutine, Iterable
+from typing import Any
+
+from sigmad.config import MasterConfig
+from sigmad.control import migration, moves, reconcile
+from sigmad.control.containers import EngineWatch
+from sigmad.control.drive import Report, Runner
+from sigmad.control.migration import Transition
+from sigmad.control.queue import WorkQueue
+from sigmad.engine import ContainerState, Engine, EnginePool
+from sigmad.errors import Conflict, EngineError, SigmaError
+from sigmad.events import EventLog
+from sigmad.models import AppRecord, Instance, Node, now
+from sigmad.network import ipam
+from sigmad.reasons import Kill, Reason, State
+from sigmad.scheduler import binder
+from sigmad.state.cache import APPS, BEATS, INSTANCES, IPS, NODES, Cache
+from sigmad.state.writes import Writer, Writes
+from sigmad.store import Store, Versioned
+
+log = logging.getLogger(__name__)
+Key = tuple[str, ...]
+STEP_AGAIN = 0.5  # seconds before the next step of a starting instance (readiness probes)
+SETTLE = 0.02  # seconds the scheduler lets a burst of changes gather before a round
+RETRY_UNPLACED = 10.0  # seconds between rounds for instances that fit nowhere
+ABANDONED = "abandoned"
+
+
+class Controller:
+    """Drives the cluster toward the apps' specs while this master leads."""
+
+    def __init__(self, store: Store, cache: Cache, config: MasterConfig,
+                 engines: EnginePool | None = None) -> None:
+        self.store = store
+        self.cache = cache
+        self.keys = store.keys
+        self.config = config
+        self.net = ipam.OverlayNet(config.overlay_cidr)
+        self.writes = Writes(self.keys)
+        self.writer = Writer(store, cache)
+        self.queue: WorkQueue[Key] = WorkQueue()
+        self.engines = engines or EnginePool(self.keys.prefix)
+        self.watches: dict[str, EngineWatch] = {}
+        self.watch_tasks: dict[str, asyncio.Task[None]] = {}
+        self.gates: dict[str, asyncio.Semaphore] = {}
+        self.events = EventLog(store)
+        self.pending: set[str] = set()  # instances for the scheduler
+        self.taken: set[str] = set()  # claimed overlay IPs
+        self.steps: dict[Key, tuple[asyncio.Task[None], str]] = {}  # engine steps by node
+        self.scheduling = asyncio.Event()
+        self.rng = random.Random()
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until cancelled."""
+        await self.cache.synced.wait()
+        self.cache.subscribe(self._changed)
+        self.taken = {k.rsplit("/", 1)[-1] for k in self.cache.table(IPS)}
+        for v in self.cache.nodes().values():
+            self._watch_engine(v.value)
+        self._enqueue_all(low=False)
+        loops: list[Coroutine[Any, Any, None]] = [
+            self.writer.run(), self.events.run(), self._schedule_loop(), self._resync_loop(),
+            *(self._worker() for _ in range(self.config.workers)),
+        ]
+        self._tasks = [asyncio.create_task(c) for c in loops]
+        try:
+            await asyncio.gather(*self._tasks)
+        finally:
+            self.cache.unsubscribe(self._changed)
+            self.queue.close()
+            tasks = [*self._tasks, *self.watch_tasks.values()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.engines.close()
+
+    async def _worker(self) -> None:
+        while True:
+            key = await self.queue.get()
+            task = asyncio.create_task(self._sync(key))
+            try:
+                await task
+                self.queue.forget(key)
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    raise
+                log.info("%s: abandoned (its node is lost)", "/".join(key[1:]))
+                self.queue.add_rate_limited(key)
+            except Conflict:
+                self.queue.add_rate_limited(key)
+            except SigmaError as exc:
+                log.warning("%s: %s", "/".join(key[1:]), exc.message)
+                self.queue.add_rate_limited(key)
+            except Exception:
+                log.exception("%s: sync crashed", "/".join(key[1:]))
+                self.queue.add_rate_limited(key)
+            finally:
+                self.steps.pop(key, None)
+                self.queue.done(key)
+
+    async def _sync(self, key: Key) -> None:
+        kind = key[0]
+        if kind == "inst":
+            await self._sync_instance(key)
+        elif kind == "app":
+            await self._sync_app(key[1])
+        elif kind == "node":
+            await self._sync_node(key[1])
+        elif kind == "stray":
+            await self._sync_stray(key[1], key[2])
+
+    def _enqueue_all(self, low: bool) -> None:
+        for key in self.cache.apps():
+            self.queue.add(("app", key), low)
+        for name in self._node_names():
+            self.queue.add(("node", name), low)
+        for key in self.cache.instances():
+            self.queue.add(("inst", key), low)
+
+    async def _resync_loop(self) -> None:
+        """Everything again at low priority, and containers no record places, every
+        `reconcile_interval` seconds."""
+        while True:
+            await asyncio.sleep(self.config.reconcile_interval)
+            self._enqueue_all(low=True)
+            for node, watch in self.watches.items():
+                for owner in watch.instances():
+                    self._container_changed(node, owner)
+
+    # -- routing changes to keys -------------------------------------------------------------
+
+    def _changed(self, kind: str, key: str, old: Versioned[Any] | None,
+                 new: Versioned[Any] | None) -> None:
+        """Cache subscriber: queue what a change concerns."""
+        if kind == INSTANCES:
+            self._instance_changed(key, old, new)
+        elif kind == APPS:
+            self._app_changed(key, old, new)
+        elif kind == NODES:
+            node = (new or old).value  # type: ignore[union-attr]
+            if new is not None:
+                self._watch_engine(new.value)
+            self.queue.add(("node", node.name))
+            self.scheduling.set()
+        elif kind == BEATS:
+            self._readiness_changed(key.rsplit("/", 1)[-1], new is not None)
+        elif kind == IPS:
+            ip = key.rsplit("/", 1)[-1]
+            if new is None:
+                self.taken.discard(ip)
+            else:
+                self.taken.add(ip)
+
+    def _instance_changed(self, key: str, old: Versioned[Instance] | None,
+                          new: Versioned[Instance] | None) -> None:
+        self.queue.add(("inst", key))
+        inst = (new or old).value  # type: ignore[union-attr]
+        app = self.cache.app(inst.app_key)
+        if new is None or old is None:
+            self.queue.add(("app", self.keys.app(inst.namespace, inst.app)))
+        if new is not None and (binder.wants_a_node(new.value) or (
+                app is not None and binder.wants_a_rebooking(new.value, app.value.spec))):
+            self.pending.add(key)
+            self.scheduling.set()
+        else:
+            self.pending.discard(key)
+        if new is None or old is None or old.value.node != new.value.node:
+            self.scheduling.set()  # capacity was freed somewhere
+        was = old.value.state if old else None
+        now_state = new.value.state if new else None
+        if (was == State.RUNNING) != (now_state == State.RUNNING):
+            self._wake_dependents(inst.namespace, inst.app)
+        for v in (old, new):
+            if v is not None and v.value.node:
+                node = self.cache.node(v.value.node)
+                if node is not None and node.draining:
+                    self.queue.add(("node", node.name))
+
+    def _app_changed(self, key: str, old: Versioned[AppRecord] | None,
+                     new: Versioned[AppRecord] | None) -> None:
+        self.queue.add(("app", key))
+        app = (new or old).value  # type: ignore[union-attr]
+        if old is None or new is None or old.value.spec != new.value.spec:
+            for ikey, v in self.cache.instances_of(app.spec.key).items():
+                self.queue.add(("inst", ikey))
+                if new is not None and binder.wants_a_rebooking(v.value, new.value.spec):
+                    self.pending.add(ikey)
+            self.scheduling.set()
+            self._wake_dependents(app.spec.namespace, app.spec.app)
+
+    def _wake_dependents(self, namespace: str, app: str) -> None:
+        """Queue the instances of apps that depend on `app` (their hold may be over)."""
+        for v in self.cache.apps().values():
+            spec = v.value.spec
+            if spec.namespace == namespace and app in spec.depends_on:
+                for ikey in self.cache.instances_of(spec.key):
+                    self.queue.add(("inst", ikey))
+
+    def _readiness_changed(self, name: str, ready: bool) -> None:
+        self.events.emit("node", "", name, "", "node Ready" if ready else
+                         "node NotReady: heartbeat lost", warning=not ready)
+        if not ready:
+            for task, node in list(self.steps.values()):
+                if node == name and not task.done():
+                    task.cancel()
+        else:
+            watch = self.watches.get(name)
+            if watch is not None:  # it may hold strays: look again now
+                for owner in watch.instances():
+                    self._container_changed(name, owner)
+        self.queue.add(("node", name))
+        for v in self.cache.instances_on(name):
+            self.queue.add(("inst", v.key))
+        self.scheduling.set()
+
+    def _container_changed(self, node: str, owner: str) -> None:
+        """Engine watch subscriber: a container of instance `owner` changed on `node`."""
+        key = self._record_key(owner)
+        v = self.cache.instance(key) if key else None
+        if v is not None and node in (v.value.node, v.value.next_node):
+            self.queue.add(("inst", key))
+        else:
+            self.queue.add(("stray", node, owner))
+
+    def _record_key(self, owner: str) -> str:
+        """The record key of instance `ns/app-i` ("" if it is not one)."""
+        ns, _, name = owner.partition("/")
+        app, _, index = name.rpartition("-")
+        return self.keys.instance(ns, app, int(index)) if app and index.isdigit() else ""
+
+    # -- engines -----------------------------------------------------------------------------
+
+    def _watch_engine(self, node: Node) -> None:
+        engine, new = self.engines.get(node.name, node.engine)
+        if not new and node.name in self.watches:
+            return
+        old = self.watch_tasks.pop(node.name, None)
+        if old is not None:
+            old.cancel()
+        watch = self.watches[node.name] = EngineWatch(node.name, engine,
+                                                      self._container_changed)
+        self.watch_tasks[node.name] = asyncio.create_task(watch.run())
+        self.gates.setdefault(node.name, asyncio.Semaphore(self.config.engine_parallel))
+
+    def _engine(self, node: Node) -> tuple[Engine, EngineWatch] | None:
+        """The engine of `node` and its watch, once the watch has listed it."""
+        self._watch_engine(node)
+        watch = self.watches[node.name]
+        if not watch.synced.is_set():
+            return None
+        return watch.engine, watch
+
+    def _on_engine(self, key: Key, node: str) -> None:
+        """The current step talks to `node`'s engine (abandon it if the node is lost)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self.steps[key] = (task, node)
+
+    # -- syncs -------------------------------------------------------------------------------
+
+    async def _sync_app(self, key: str) -> None:
+        rec: Versioned[AppRecord] | None = self.cache.get(APPS, key)
+        ns, name = key.removeprefix(self.keys.apps()).split("/", 1)
+        plan = reconcile.sync_app(self.writes, rec.value if rec else None,
+                                  self.cache.instances_of(f"{ns}/{name}"), self.net, self.taken)
+        results = await asyncio.gather(*(self.writer.write(c) for c in plan.changes))
+        for inst, message, warning in plan.events:
+            self._emit(inst, message, warning)
+        if not all(results):
+            raise Conflict(f"app {ns}/{name}: {results.count(0)} changes lost a race")
+
+    async def _sync_node(self, name: str) -> None:
+        node = self.cache.node(name)
+        if node is None or not node.draining:
+            return
+        v = migration.drain_next(name, self.cache.instances_on(name))
+        if v is not None:
+            await self._write(v, Transition(v.value.move_asked(f"drain {name}")))
+
+    async def _sync_stray(self, node: str, owner: str) -> None:
+        """Remove the containers of `owner` on `node` unless its record places it there."""
+        key = self._record_key(owner)
+        v = self.cache.instance(key) if key else None
+        if v is not None and node in (v.value.node, v.value.next_node):
+            return
+        info = self.cache.node(node)
+        if info is None or node not in self.cache.ready:
+            return  # removed when the node is back (its readiness re-queues strays)
+        found = self._engine(info)
+        if found is None:
+            return
+        engine, watch = found
+        containers = watch.of(owner)
+        if not containers:
+            return
+        reason = Reason.killed(Kill.MIGRATED if v is not None else Kill.DELETED)
+        self._on_engine(("stray", node, owner), node)
+        async with self.gates[node]:
+            await _stop_all(engine, watch, containers)
+        ns, _, name = owner.partition("/")
+        self.events.emit("instance", ns, name, name.rpartition("-")[0],
+                         f"stray containers on {node} removed: {reason}", True)
+
+    async def _sync_instance(self, key: Key) -> None:
+        v: Versioned[Instance] | None = self.cache.instance(key[1])
+        if v is None:
+            return
+        inst = v.value
+        app = self.cache.app(inst.app_key)
+        if inst.state == State.TERMINATING:
+            await self._terminate(key, v, app)
+            return
+        t = migration.node_change(inst, self.cache.ready,
+                                  app.value.spec.migration if app else "auto")
+        if t is not None:
+            await self._write(v, t)
+            return
+        if inst.state in (State.PENDING, State.NEED_MIGRATION) or app is None or not inst.node:
+            return
+        node = self.cache.node(inst.node)
+        found = self._engine(node) if node is not None else None
+        if node is None or found is None:
+            self.queue.add_after(key, STEP_AGAIN)  # its engine's containers are not known yet
+            return
+        engine, watch = found
+        if inst.next_node:
+            await self._move(key, v, app.value)
+            return
+        hold = ""
+        if app.value.spec.depends_on:
+            running = {d: sum(1 for i in self.cache.instances_of(d).values()
+                              if i.value.state == State.RUNNING)
+                       for d in (f"{inst.namespace}/{dep}" for dep in app.value.spec.depends_on)}
+            hold = reconcile.unmet_dependencies(
+                app.value, {k: a.value for k, a in self._apps_by_key().items()}, running)
+        work = inst.copy()
+        self._on_engine(key, node.name)
+        try:
+            async with self.gates[node.name]:
+                await Runner(engine, watch, work, app.value, node, self._reporter(work)).step(
+                    hold)
+        except EngineError as exc:
+            work.reason = f"engine: {exc.message}"
+            await self._save(v, work)
+            raise
+        if work.state != inst.state and work.state != State.RUNNING:
+            self._emit(work, f"{inst.state} → {work.state}" +
+                       (f": {work.reason}" if work.reason else ""),
+                       work.state in (State.FAILED, State.FAILED_TO_START))
+        await self._save(v, work)
+        self._revisit(key, work, hold)
+
+    async def _move(self, key: Key, v: Versioned[Instance], app: AppRecord) -> None:
+        inst = v.value
+        target = self.cache.node(inst.next_node)
+        found = self._engine(target) if target is not None else None
+        if target is None or found is None:
+            self.queue.add_after(key, STEP_AGAIN)
+            return
+        engine, watch = found
+        self._on_engine(key, target.name)
+        async with self.gates[target.name]:
+            t = await moves.move_step(inst, app, engine, target, watch, self._reporter(inst))
+        if t is None:
+            self.queue.add_after(key, STEP_AGAIN)
+            return
+        await self._write(v, t)
+        if t.new.node == inst.next_node:  # flipped: the old copy is now a stray
+            self.queue.add_after(("stray", inst.node, inst.key), moves.FLIP_GRACE)
+
+    async def _terminate(self, key: Key, v: Versioned[Instance],
+                         app: Versioned[AppRecord] | None) -> None:
+        """Stop and remove its containers (when its node answers), then delete the record
+        and its claims. A lost node's containers are removed as strays when it is back."""
+        inst = v.value
+        for name in (inst.node, inst.next_node):
+            node = self.cache.node(name) if name else None
+            if node is None or name not in self.cache.ready:
+                continue
+            found = self._engine(node)
+            if found is None:
+                self.queue.add_after(key, STEP_AGAIN)
+                return
+            engine, watch = found
+            containers = watch.of(inst.key)
+            if containers:
+                self._on_engine(key, name)
+                async with self.gates[name]:
+                    if app is not None:
+                        work = inst.copy()
+                        await Runner(engine, watch, work, app.value, node,
+                                     self._reporter(work)).remove_all(containers, inst.reason)
+                    else:
+                        await _stop_all(engine, watch, containers)
+        owner = self.cache.get(IPS, self.keys.ip(inst.ip)) if inst.ip else None
+        if await self.writer.write(self.writes.delete_instance(v, owner)):
+            self._emit(inst, f"gone ({inst.reason})", False)
+        else:
+            raise Conflict(f"{inst.key} changed meanwhile")
+
+    # -- writing -----------------------------------------------------------------------------
+
+    async def _write(self, v: Versioned[Instance], t: Transition) -> None:
+        """Write a transition (with its port releases); Conflict if the record moved on."""
+        change = self.writes.update_instance(v, t.new)
+        for node, ports in t.releases:
+            change += self.writes.release_ports(node, ports)
+        if not await self.writer.write(change):
+            raise Conflict(f"{v.value.key} changed meanwhile")
+        for message, warning in t.events:
+            self._emit(t.new, message, warning)
+
+    async def _save(self, v: Versioned[Instance], work: Instance) -> None:
+        """Write what a step changed, if anything."""
+        if _fingerprint(work) == _fingerprint(v.value):
+            return
+        work.updated = now()
+        if not await self.writer.write(self.writes.update_instance(v, work)):
+            raise Conflict(f"{work.key}: record changed meanwhile")
+
+    def _revisit(self, key: Key, inst: Instance, hold: str) -> None:
+        """Step again when this instance needs it: when its restart back-off ends, or soon
+        while it starts (readiness probes). Other changes arrive as events."""
+        if inst.state == State.RUNNING or (hold and not inst.containers):
+            return
+        if inst.state in (State.STARTING, State.SCHEDULED, State.FAILED_TO_START) or \
+                inst.next_start:
+            self.queue.add_after(key, max(inst.next_start - now(), 0.0) or STEP_AGAIN)
+
+    # -- the scheduler -----------------------------------------------------------------------
+
+    async def _schedule_loop(self) -> None:
+        """Place what waits, in rounds, whenever something that matters changed."""
+        while True:
+            try:
+                await asyncio.wait_for(self.scheduling.wait(), RETRY_UNPLACED)
+            except TimeoutError:
+                if not self.pending:
+                    continue
+            self.scheduling.clear()
+            await asyncio.sleep(SETTLE)
+            try:
+                await self._schedule()
+            except SigmaError as exc:
+                log.warning("scheduling round failed: %s", exc.message)
+                await asyncio.sleep(STEP_AGAIN)
+                self.scheduling.set()
+
+    async def _schedule(self) -> None:
+        apps = {k.removeprefix(self.keys.apps()): v.value.spec
+                for k, v in self.cache.apps().items()}
+        result = await binder.schedule(self.cache, self.writer, self.writes, apps,
+                                       sorted(self.pending), self.rng, max_rounds=1)
+        for ikey, node in result.scheduled.items():
+            ns, name = ikey.split("/", 1)
+            self.events.emit("instance", ns, name, name.rsplit("-", 1)[0], f"scheduled on {node}")
+        for ikey, reason in result.pending.items():
+            ns, name = ikey.split("/", 1)
+            self.events.emit("instance", ns, name, name.rsplit("-", 1)[0], f"Pending: {reason}",
+                             warning=True)
+        if result.conflicts:
+            self.scheduling.set()  # re-plan what lost, from the cache as it is then
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _node_names(self) -> Iterable[str]:
+        return (v.value.name for v in self.cache.nodes().values())
+
+    def _apps_by_key(self) -> dict[str, Versioned[AppRecord]]:
+        return {v.value.spec.key: v for v in self.cache.apps().values()}
+
+    def _emit(self, inst: Instance, message: str, warning: bool) -> None:
+        self.events.emit("instance", inst.namespace, inst.name, inst.app, message, warning)
+
+    def _reporter(self, inst: Instance) -> Report:
+        def report(message: str, warning: bool) -> None:
+            log.info("%s: %s", inst.key, message)
+            self._emit(inst, message, warning)
+        return report
+
+
+async def _stop_all(engine: Engine, watch: EngineWatch,
+                    containers: list[ContainerState]) -> None:
+    """Stop (briefly) and remove containers no record wants."""
+    for c in containers:
+        if c.running:
+            await engine.stop(c.id, timeout=2)
+        await engine.remove(c.id)
+        watch.drop(c.id)
+
+
+def _fingerprint(inst: Instance) -> tuple[object, ...]:
+    return (
+        inst.state, inst.reason, inst.ip, inst.restarts, inst.next_start, inst.generation,
+        [(c.id, c.state, c.exit_code, c.ready, c.limit) for c in inst.containers],
+        len(inst.terminations),
+    )
+

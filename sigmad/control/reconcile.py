@@ -1,0 +1,112 @@
+"""Pure decisions of the controller about apps: which instances to create, retire or give
+another overlay IP, and what an app waits for (depends_on). Each returns changes built by
+sigmad.state.writes and the events to tell; the controller writes them.
+
+Invariants:
+- an instance `APP-INDEX` exists for every index below `replicas`, created with its overlay
+  IP claimed in the same transaction (so it is never placed without one);
+- an instance past `replicas`, or of a deleted app, becomes Terminating (its containers
+  stop, then the record and its claims go);
+- IP choices see every claim (`taken`), and add what they claim to it, so one pass never
+  hands one address twice; the create-if-absent guard catches any other writer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from sigmad.models import AppRecord, Instance, new_instance
+from sigmad.network import ipam
+from sigmad.reasons import Kill, Reason, State
+from sigmad.state.writes import Change, Writes
+from sigmad.store import Versioned
+
+WAITING_FOR_IP = "waiting for an overlay IP"
+
+
+@dataclass
+class AppPlan:
+    changes: list[Change] = field(default_factory=list)
+    events: list[tuple[Instance, str, bool]] = field(default_factory=list)  # message, warning
+
+
+def sync_app(writes: Writes, app: AppRecord | None, instances: Mapping[str, Versioned[Instance]],
+             net: ipam.OverlayNet, taken: set[str]) -> AppPlan:
+    """The changes that bring an app's instances in line with its replicas and IPs (`app`
+    None: the app was deleted)."""
+    plan = AppPlan()
+    have: set[int] = set()
+    for v in instances.values():
+        inst = v.value
+        have.add(inst.index)
+        if inst.state == State.TERMINATING:
+            continue
+        if app is None or inst.index >= app.spec.replicas:
+            why = Reason.killed(Kill.DELETED if app is None else Kill.SCALED_DOWN)
+            plan.changes.append(writes.update_instance(v, inst.terminating(why)))
+            plan.events.append((inst, f"terminating: {why}", False))
+            continue
+        new, claim = ip_change(writes, inst, app, net, taken)
+        if new is not None:
+            plan.changes.append(writes.update_instance(v, new) + claim)
+    if app is None:
+        return plan
+    for index in range(app.spec.replicas):
+        if index in have:
+            continue
+        inst = new_instance(app.spec, index, app.template_generation)
+        fresh, claim = ip_change(writes, inst, app, net, taken)
+        inst = fresh or inst
+        plan.changes.append(writes.create_instance(inst) + claim)
+        plan.events.append((inst, f"created with IP {inst.ip}" if inst.ip else
+                            f"created: {inst.reason}", not inst.ip))
+    return plan
+
+
+def ip_change(writes: Writes, inst: Instance, app: AppRecord, net: ipam.OverlayNet,
+              taken: set[str]) -> tuple[Instance | None, Change]:
+    """The IP `inst` should hold: its fixed one (`network.ip`), the one it holds, or a free
+    one. A new record and the claim (and the release of an IP it gives up) if that is not
+    what it has; (None, no change) if it is. Without an address, the reason says why."""
+    fixed = app.spec.network.fixed_ip(inst.index)
+    if inst.ip and (fixed or inst.ip) == inst.ip and not net.usable(inst.ip):
+        return None, Change()
+    ip, why = ipam.choose(net, fixed, inst.ip, taken)
+    if why:
+        reason = f"{WAITING_FOR_IP}: {why}"
+        if inst.reason == reason:
+            return None, Change()
+        new = inst.copy()
+        new.reason = reason
+        return new, Change()
+    if ip == inst.ip and not inst.reason.startswith(WAITING_FOR_IP):
+        return None, Change()
+    new = inst.copy()
+    if new.reason.startswith(WAITING_FOR_IP):
+        new.reason = ""
+    if ip == inst.ip:
+        return new, Change()
+    taken.add(ip)
+    new.ip = ip
+    claim = writes.claim_ip(new)
+    if inst.ip and not net.usable(inst.ip):
+        claim += writes.release_ip(inst.ip)
+    return new, claim
+
+
+def unmet_dependencies(app: AppRecord, apps: Mapping[str, AppRecord],
+                       running: Mapping[str, int]) -> str:
+    """Why `app` must wait for its depends_on apps ("" when all have every replica Running);
+    `running`: Running instances per `ns/app`."""
+    waiting = []
+    for dep in app.spec.depends_on:
+        key = f"{app.spec.namespace}/{dep}"
+        rec = apps.get(key)
+        if rec is None:
+            waiting.append(f"{dep} (no such app)")
+            continue
+        n = running.get(key, 0)
+        if n < rec.spec.replicas:
+            waiting.append(f"{dep} ({n}/{rec.spec.replicas} running)")
+    return f"waiting for depends_on: {', '.join(waiting)}" if waiting else ""

@@ -1,0 +1,317 @@
+"""The state cache (an informer): every record under the prefix, listed at one revision R,
+then kept current by a watch from R+1; relisted when the watch's history is compacted away.
+
+Invariants:
+- a cached record is shared and never changed in place (sigmad.models): readers may keep
+  what they got, and a `View` is an immutable snapshot (its tables are copied on the next
+  write, not on every read);
+- a key's entry only moves forward: a change at or below the revision the cache holds for
+  the key is dropped. So this process's own writes (`written`, with the revision the
+  transaction answered) are seen at once, and their echo from the watch is a no-op; a delete
+  leaves a tombstone until the watch has passed it;
+- the indexes (instances by app and by node, what each node has booked, Ready nodes) are
+  kept in step with the tables, change by change;
+- subscribers are called after each change is applied, in revision order, never for events
+  (events/ is not cached).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sigmad import records
+from sigmad.errors import SigmaError
+from sigmad.leader import LeaderRecord, MasterRecord
+from sigmad.models import AppRecord, Instance, Node, NodeLock, Owner
+from sigmad.scheduler.fit import NodeUsage
+from sigmad.store import Op, Store, Versioned, WatchBatch, WatchCompacted
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+NODES, BEATS, APPS, INSTANCES = "nodes", "heartbeats", "apps", "instances"
+IPS, PORTS, LOCKS, LEADER, MASTERS = "ips", "ports", "locks", "leader", "masters"
+# kind → (its key prefix under the cluster prefix, its record class; None: presence only)
+KINDS: dict[str, tuple[str, type | None]] = {
+    NODES: ("nodes/", Node), BEATS: ("heartbeats/", None), APPS: ("apps/", AppRecord),
+    INSTANCES: ("instances/", Instance), IPS: ("alloc/ip/", Owner),
+    PORTS: ("alloc/port/", Owner), LOCKS: ("alloc/node/", NodeLock),
+    LEADER: ("leader", LeaderRecord), MASTERS: ("masters/", MasterRecord),
+}
+RELIST_DELAY = 1.0
+
+Change = tuple[str, str, "Versioned[Any] | None", "Versioned[Any] | None"]  # kind, key, old, new
+Subscriber = Callable[[str, str, "Versioned[Any] | None", "Versioned[Any] | None"], None]
+
+
+@dataclass(frozen=True)
+class View:
+    """The cluster at one revision: read-only tables (key → Versioned record)."""
+
+    revision: int
+    tables: Mapping[str, Mapping[str, Versioned[Any]]]
+    ready: frozenset[str]
+
+    def table(self, kind: str) -> Mapping[str, Versioned[Any]]:
+        return self.tables[kind]
+
+
+class Cache:
+    """Every record of one cluster, kept current from etcd (see the module docstring)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.keys = store.keys
+        self.base = self.keys.prefix + "/"
+        self.revision = 0
+        self.synced = asyncio.Event()
+        self.broken_since = 0.0  # monotonic time the watch broke (0: it is live)
+        self._tables: dict[str, dict[str, Versioned[Any]]] = {k: {} for k in KINDS}
+        self._shared: set[str] = set()  # tables a View holds: copied before the next write
+        self._tombstones: dict[str, int] = {}  # key → revision it was deleted at (locally)
+        self.ready: set[str] = set()
+        self.by_app: dict[str, dict[str, Versioned[Instance]]] = {}  # `ns/app` → key → inst
+        self.by_node: dict[str, set[str]] = {}  # node → keys of instances on it or moving there
+        self.usage: dict[str, NodeUsage] = {}
+        self._subscribers: list[Subscriber] = []
+        self._advanced = asyncio.Condition()
+        self._prefixes = sorted(((self.base + p, kind, cls) for kind, (p, cls) in KINDS.items()),
+                                key=lambda t: -len(t[0]))
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def table(self, kind: str) -> Mapping[str, Versioned[Any]]:
+        """The current records of `kind` (read-only; it changes as the cache does)."""
+        return self._tables[kind]
+
+    def get(self, kind: str, key: str) -> Versioned[Any] | None:
+        return self._tables[kind].get(key)
+
+    def nodes(self) -> Mapping[str, Versioned[Node]]:
+        return self._tables[NODES]
+
+    def node(self, name: str) -> Node | None:
+        v = self._tables[NODES].get(self.keys.node(name))
+        return v.value if v else None
+
+    def apps(self) -> Mapping[str, Versioned[AppRecord]]:
+        return self._tables[APPS]
+
+    def app(self, app_key: str) -> Versioned[AppRecord] | None:
+        ns, _, name = app_key.partition("/")
+        v: Versioned[AppRecord] | None = self._tables[APPS].get(self.keys.app(ns, name))
+        return v
+
+    def instances(self) -> Mapping[str, Versioned[Instance]]:
+        return self._tables[INSTANCES]
+
+    def instance(self, key: str) -> Versioned[Instance] | None:
+        v: Versioned[Instance] | None = self._tables[INSTANCES].get(key)
+        return v
+
+    def instances_of(self, app_key: str) -> Mapping[str, Versioned[Instance]]:
+        """The instances of `ns/app` by record key (read-only)."""
+        return self.by_app.get(app_key, {})
+
+    def instances_on(self, node: str) -> list[Versioned[Instance]]:
+        """The instances bound to `node` or moving to it."""
+        table = self._tables[INSTANCES]
+        return [table[k] for k in self.by_node.get(node, ()) if k in table]
+
+    def view(self) -> View:
+        """An immutable snapshot of every table at the current revision."""
+        self._shared.update(KINDS)
+        return View(self.revision, dict(self._tables), frozenset(self.ready))
+
+    def stale_for(self) -> float:
+        """Seconds since the watch broke (0 while it is live)."""
+        return time.monotonic() - self.broken_since if self.broken_since else 0.0
+
+    def subscribe(self, fn: Subscriber) -> None:
+        """Call `fn(kind, key, old, new)` after every change (new None: deleted)."""
+        self._subscribers.append(fn)
+
+    def unsubscribe(self, fn: Subscriber) -> None:
+        self._subscribers.remove(fn)
+
+    async def wait_for(self, revision: int, timeout: float = 10.0) -> bool:
+        """Until the cache has seen `revision` (False after `timeout` seconds)."""
+        async def seen() -> None:
+            async with self._advanced:
+                await self._advanced.wait_for(lambda: self.revision >= revision)
+
+        try:
+            await asyncio.wait_for(seen(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    # -- filling ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """List, then watch, until cancelled; relist when the watch cannot resume."""
+        while True:
+            try:
+                await self._list()
+                self.broken_since = 0.0
+                async for batch in self.store.watch_batches(self.base, self.revision + 1):
+                    if batch.broken:
+                        self.broken_since = self.broken_since or time.monotonic()
+                        continue
+                    self.broken_since = 0.0
+                    self._apply_batch(batch)
+                    async with self._advanced:
+                        self._advanced.notify_all()
+            except WatchCompacted as exc:
+                log.warning("cache: watch history compacted (%s): relisting", exc)
+            except SigmaError as exc:
+                log.warning("cache: %s; relisting in %gs", exc.message, RELIST_DELAY)
+                self.broken_since = self.broken_since or time.monotonic()
+                await asyncio.sleep(RELIST_DELAY)
+            except Exception:
+                log.exception("cache: the watch failed; relisting in %gs", RELIST_DELAY)
+                self.broken_since = self.broken_since or time.monotonic()
+                await asyncio.sleep(RELIST_DELAY)
+
+    async def _list(self) -> None:
+        """Read every kind at one revision and replace the tables, telling subscribers what
+        changed since the last list."""
+        fresh: dict[str, dict[str, Versioned[Any]]] = {}
+        revision = 0
+        for kind, (part, cls) in KINDS.items():
+            if kind == LEADER:
+                items, revision = await self.store.range_raw(self.base + part, limit=1,
+                                                             revision=revision)
+                items = [i for i in items if i.key == self.base + part]
+            else:
+                items, revision = await self.store.range_raw(self.base + part,
+                                                             revision=revision)
+            fresh[kind] = {i.key: Versioned(i.key, _decode(cls, i.value), i.mod_revision,
+                                            i.value) for i in items}
+        changes: list[Change] = []
+        for kind, table in fresh.items():
+            before = self._tables[kind]
+            changes += [(kind, k, before.get(k), v) for k, v in table.items()
+                        if k not in before or before[k].mod_revision != v.mod_revision]
+            changes += [(kind, k, v, None) for k, v in before.items() if k not in table]
+        self._tombstones.clear()
+        self.revision = revision
+        for kind, key, old, new in changes:
+            self._set(kind, key, old, new)
+        self.synced.set()
+        log.info("cache: %d records at revision %d", sum(map(len, fresh.values())), revision)
+        async with self._advanced:
+            self._advanced.notify_all()
+
+    def _apply_batch(self, batch: WatchBatch) -> None:
+        for event in batch.events:
+            found = self._kind(event.key)
+            if found is None:
+                continue
+            kind, cls = found
+            if event.value is None:
+                self._remove(kind, event.key, event.mod_revision)
+            else:
+                self._put(kind, Versioned(event.key, None, event.mod_revision, event.value), cls)
+        self.revision = max(self.revision, batch.revision)
+        if self._tombstones:
+            self._tombstones = {k: r for k, r in self._tombstones.items() if r > self.revision}
+
+    def written(self, revision: int, ops: Iterable[Op]) -> None:
+        """Apply this process's own committed write (a transaction at `revision`) at once."""
+        for op in ops:
+            found = self._kind(op.key)
+            if found is None:
+                continue
+            kind, cls = found
+            if op.delete:
+                self._remove(kind, op.key, revision, local=True)
+            else:
+                record = op.record if cls is not None else None
+                self._put(kind, Versioned(op.key, record, revision, op.encoded()), cls,
+                          decoded=True)
+
+    def _kind(self, key: str) -> tuple[str, type | None] | None:
+        for prefix, kind, cls in self._prefixes:
+            if key.startswith(prefix) and (kind != LEADER or key == prefix):
+                return kind, cls
+        return None
+
+    def _put(self, kind: str, v: Versioned[Any], cls: type | None,
+             decoded: bool = False) -> None:
+        old = self._tables[kind].get(v.key)
+        if (old is not None and old.mod_revision >= v.mod_revision) or \
+                self._tombstones.get(v.key, 0) >= v.mod_revision:
+            return
+        if not decoded:
+            v.value = _decode(cls, v.raw)
+        self._set(kind, v.key, old, v)
+
+    def _remove(self, kind: str, key: str, revision: int, local: bool = False) -> None:
+        old = self._tables[kind].get(key)
+        if old is not None and old.mod_revision > revision:
+            return
+        if local:
+            self._tombstones[key] = revision
+        else:
+            self._tombstones.pop(key, None)
+        if old is not None:
+            self._set(kind, key, old, None)
+
+    def _set(self, kind: str, key: str, old: Versioned[Any] | None,
+             new: Versioned[Any] | None) -> None:
+        """Store one change, keep the indexes in step, tell the subscribers."""
+        if kind in self._shared:
+            self._tables[kind] = dict(self._tables[kind])
+            self._shared.discard(kind)
+        table = self._tables[kind]
+        if new is None:
+            table.pop(key, None)
+        else:
+            table[key] = new
+        if kind == INSTANCES:
+            self._index(key, old, new)
+        elif kind == BEATS:
+            name = key.rsplit("/", 1)[-1]
+            if new is None:
+                self.ready.discard(name)
+            else:
+                self.ready.add(name)
+        for fn in self._subscribers:
+            try:
+                fn(kind, key, old, new)
+            except Exception:
+                log.exception("cache subscriber failed on %s", key)
+
+    def _index(self, key: str, old: Versioned[Instance] | None,
+               new: Versioned[Instance] | None) -> None:
+        for v, sign in ((old, -1), (new, 1)):
+            if v is None:
+                continue
+            inst = v.value
+            app = self.by_app.setdefault(inst.app_key, {})
+            if sign > 0:
+                app[key] = v
+            else:
+                app.pop(key, None)
+                if not app:
+                    self.by_app.pop(inst.app_key, None)
+            for node, ports in ((inst.node, inst.host_ports), (inst.next_node, inst.next_ports)):
+                if not node:
+                    continue
+                keys = self.by_node.setdefault(node, set())
+                if sign > 0:
+                    keys.add(key)
+                else:
+                    keys.discard(key)
+                self.usage.setdefault(node, NodeUsage()).add(inst.request, inst.app_key,
+                                                            ports.values(), sign)
+
+
+def _decode(cls: type | None, data: bytes) -> Any:
+    return records.loads(cls, data) if cls is not None else None

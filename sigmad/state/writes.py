@@ -1,0 +1,228 @@
+"""Every guarded write of the control plane: the one place that builds guards and ops
+(DESIGN.md §2), and the Writer that commits them.
+
+Invariants:
+- a change that depends on what was read guards it: the mod_revision of every record it
+  rewrites, the absence of every key it claims (`alloc/ip`, `alloc/port`, a new instance),
+  and the revision of the node lock of every node it books capacity on;
+- a change is all-or-nothing: the Writer packs whole changes into transactions (never a
+  change across two), and when a packed transaction loses, each of its changes is retried
+  alone, so one conflict never fails a neighbour;
+- a committed change is applied to the cache at once (read-your-writes for this process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sigmad.models import AppRecord, Instance, Node, NodeLock, Owner
+from sigmad.state.cache import Cache
+from sigmad.store import MAX_TXN_OPS, Guard, Keys, Op, Store, Versioned, batches
+
+log = logging.getLogger(__name__)
+IN_FLIGHT = 8  # transactions the Writer has in flight at once
+
+
+@dataclass
+class Change:
+    """One all-or-nothing write: its guards and its ops."""
+
+    guards: list[Guard] = field(default_factory=list)
+    ops: list[Op] = field(default_factory=list)
+
+    def cost(self) -> tuple[int, int]:
+        return len(self.guards), len(self.ops)
+
+    def __add__(self, other: Change) -> Change:
+        return Change(self.guards + other.guards, self.ops + other.ops)
+
+
+class Writes:
+    """Builders of every guarded change, for one key layout."""
+
+    def __init__(self, keys: Keys) -> None:
+        self.keys = keys
+
+    def instance_key(self, inst: Instance) -> str:
+        return self.keys.instance(inst.namespace, inst.app, inst.index)
+
+    # -- instances ---------------------------------------------------------------------------
+
+    def create_instance(self, inst: Instance) -> Change:
+        """A new instance (its key absent); its IP is claimed with `claim_ip`."""
+        key = self.instance_key(inst)
+        return Change([Guard(key, 0)], [Op(key, inst)])
+
+    def update_instance(self, v: Versioned[Instance], new: Instance) -> Change:
+        """Rewrite an instance as read (at its mod_revision)."""
+        return Change([Guard(v.key, v.mod_revision)], [Op(v.key, new)])
+
+    def delete_instance(self, v: Versioned[Instance],
+                        ip_owner: Versioned[Owner] | None) -> Change:
+        """Delete an instance with its host-port claims, and its IP claim if it holds it."""
+        inst = v.value
+        change = Change([Guard(v.key, v.mod_revision)], [Op(v.key, delete=True)])
+        change += self.release_ports(inst.node, inst.host_ports)
+        change += self.release_ports(inst.next_node, inst.next_ports)
+        if ip_owner is not None and ip_owner.value.owner == inst.key:
+            change += Change([Guard(ip_owner.key, ip_owner.mod_revision)],
+                             [Op(ip_owner.key, delete=True)])
+        return change
+
+    def claim_ip(self, inst: Instance) -> Change:
+        """Claim `inst.ip` (create-if-absent)."""
+        key = self.keys.ip(inst.ip)
+        return Change([Guard(key, 0)], [Op(key, Owner(inst.key))])
+
+    def release_ip(self, ip: str) -> Change:
+        return Change([], [Op(self.keys.ip(ip), delete=True)])
+
+    def release_ports(self, node: str, ports: dict[str, int]) -> Change:
+        """Deletes of the host-port claims `ports` on `node`."""
+        return Change([], [Op(self.keys.port(node, p), delete=True) for p in ports.values()])
+
+    def claim_ports(self, inst: Instance, node: str, ports: Iterable[int]) -> Change:
+        keys = [self.keys.port(node, p) for p in ports]
+        return Change([Guard(k, 0) for k in keys], [Op(k, Owner(inst.key)) for k in keys])
+
+    def book(self, node: str, lock: int, by: str) -> Change:
+        """Guard and bump `node`'s lock (its revision `lock` as read, 0 if absent): any
+        booking of capacity there goes with it."""
+        key = self.keys.node_lock(node)
+        return Change([Guard(key, lock)], [Op(key, NodeLock(by))])
+
+    # -- apps and nodes ----------------------------------------------------------------------
+
+    def put_app(self, key: str, rec: AppRecord, mod_revision: int) -> Change:
+        """Create (`mod_revision` 0) or rewrite an app as read."""
+        return Change([Guard(key, mod_revision)], [Op(key, rec)])
+
+    def delete_app(self, v: Versioned[AppRecord]) -> Change:
+        return Change([Guard(v.key, v.mod_revision)], [Op(v.key, delete=True)])
+
+    def update_node(self, v: Versioned[Node], node: Node) -> Change:
+        return Change([Guard(v.key, v.mod_revision)], [Op(v.key, node)])
+
+
+async def commit(store: Store, cache: Cache | None, change: Change) -> int:
+    """Commit one change alone; its revision (0 on conflict). The cache sees it at once."""
+    revision = await store.commit(change.guards, change.ops)
+    if revision and cache is not None:
+        cache.written(revision, change.ops)
+    return revision
+
+
+@dataclass
+class _Pending:
+    change: Change
+    done: asyncio.Future[int]
+
+
+class Writer:
+    """Commits changes from many tasks, packing them into transactions of bounded size
+    (see the module docstring). `write` returns the change's revision, 0 on conflict."""
+
+    def __init__(self, store: Store, cache: Cache | None, in_flight: int = IN_FLIGHT) -> None:
+        self.store = store
+        self.cache = cache
+        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.gate = asyncio.Semaphore(in_flight)
+        self.transactions = 0
+        self.conflicts = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def write(self, change: Change) -> int:
+        """Commit `change` (in a transaction with others); its revision, or 0 on conflict."""
+        g, o = change.cost()
+        if g + 1 > MAX_TXN_OPS or o > MAX_TXN_OPS:
+            raise ValueError(f"a change of {g} guards and {o} ops does not fit a transaction")
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait(_Pending(change, done))
+        return await done
+
+    async def run(self) -> None:
+        """Send what is queued until cancelled."""
+        try:
+            while True:
+                first = await self.queue.get()
+                todo = [first]
+                while not self.queue.empty():
+                    todo.append(self.queue.get_nowait())
+                for chunk in _packed(todo):
+                    await self.gate.acquire()
+                    task = asyncio.create_task(self._send(chunk))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _send(self, chunk: list[_Pending]) -> None:
+        try:
+            revision = await self._commit([p.change for p in chunk])
+            if revision or len(chunk) == 1:
+                for p in chunk:
+                    _resolve(p.done, revision)
+                return
+            # One of them lost: each alone, so only what really conflicted fails.
+            singles = await asyncio.gather(
+                *(self._commit([p.change]) for p in chunk), return_exceptions=True)
+            for p, outcome in zip(chunk, singles, strict=True):
+                if isinstance(outcome, BaseException):
+                    _fail(p.done, outcome)
+                else:
+                    _resolve(p.done, outcome)
+        except BaseException as exc:  # Deposed, StoreUnavailable, cancellation
+            for p in chunk:
+                _fail(p.done, exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self.gate.release()
+
+    async def _commit(self, changes: Sequence[Change]) -> int:
+        guards = [g for c in changes for g in c.guards]
+        ops = [o for c in changes for o in c.ops]
+        self.transactions += 1
+        revision = await self.store.commit(guards, ops)
+        if revision and self.cache is not None:
+            self.cache.written(revision, ops)
+        elif not revision:
+            self.conflicts += 1
+        return revision
+
+
+def _packed(todo: list[_Pending]) -> list[list[_Pending]]:
+    """Changes in transactions of bounded size, none writing a key another one of its
+    transaction writes (etcd refuses a duplicate key in one transaction)."""
+    out: list[list[_Pending]] = []
+    for chunk in batches(todo, lambda p: p.change.cost()):
+        seen: set[str] = set()
+        part: list[_Pending] = []
+        for p in chunk:
+            keys = {op.key for op in p.change.ops}
+            if keys & seen:
+                out.append(part)
+                part, seen = [], set()
+            part.append(p)
+            seen |= keys
+        out.append(part)
+    return out
+
+
+def _resolve(done: asyncio.Future[Any], value: int) -> None:
+    if not done.done():
+        done.set_result(value)
+
+
+def _fail(done: asyncio.Future[Any], exc: BaseException) -> None:
+    if not done.done():
+        if isinstance(exc, asyncio.CancelledError):
+            done.cancel()
+        else:
+            done.set_exception(exc)
