@@ -18,7 +18,7 @@ APT_PACKAGES := docker.io etcd-server busybox-static docker-registry iproute2 ip
 # Only the source directories that exist (bench/ may not yet).
 LINT_DIRS := $(wildcard sigmad sigmactl tests bench)
 
-.PHONY: help deps system-deps venv lint test demo demo-stop clean
+.PHONY: help deps system-deps venv lint unit test demo demo-stop clean
 
 help:
 	@echo "make demo       (root) build a 3-host lab here, or reuse it (sigmad lab up: netns + dockerd"
@@ -26,6 +26,7 @@ help:
 	@echo "                web across the hosts and fetch the others from inside web-0 over the overlay"
 	@echo "make demo-stop  delete web and remove the lab (sigmad lab down); check nothing is left"
 	@echo "make test       lint (ruff, mypy) and run unit + integration tests (root)"
+	@echo "make unit       the unit tests only (no root, no etcd, no Docker: fakes)"
 	@echo "make lint       ruff and mypy only"
 	@echo "make deps       install missing system packages and the .venv"
 	@echo "make clean      remove .venv and caches"
@@ -70,6 +71,10 @@ $(STAMP): setup.cfg pyproject.toml | $(BIN)/python
 lint: venv
 	$(BIN)/ruff check $(LINT_DIRS)
 	$(BIN)/mypy
+
+# Unit tests run on fakes (tests/fakes): no root, no etcd, no Docker.
+unit: venv
+	$(BIN)/pytest -q tests/unit
 
 # The tests start their own etcd and dockerd: they need root.
 test: deps

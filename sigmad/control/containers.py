@@ -97,6 +97,8 @@ class EngineWatch:
                         self._event(event)
                 except EngineError as exc:
                     log.debug("node %s: engine watch: %s", self.node, exc.message)
+                except Exception:
+                    log.exception("node %s: the engine watch failed", self.node)
                 self.synced.clear()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)

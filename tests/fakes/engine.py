@@ -61,7 +61,7 @@ class FakeEngine:
         self.url = url
         self.cluster = cluster
         self.images = images if images is not None else {"img"}
-        self.containers: dict[str, FakeContainer] = {}
+        self.by_id: dict[str, FakeContainer] = {}
         self.calls: list[tuple[str, str]] = []
         self.script: dict[str, int] = {}
         self.probe: dict[str, int] = {}
@@ -82,14 +82,14 @@ class FakeEngine:
         self._gate.set()
 
     def exit(self, cid: str, code: int, oom: bool = False) -> None:
-        c = self.containers[cid]
+        c = self.by_id[cid]
         c.status, c.exit_code, c.oom, c.finished_at = "exited", code, oom, self._now()
         if oom:
             self._event("oom", c)
         self._event("die", c, exitCode=str(code))
 
     def running(self) -> list[FakeContainer]:
-        return [c for c in self.containers.values() if c.status == "running"]
+        return [c for c in self.by_id.values() if c.status == "running"]
 
     def _now(self) -> str:
         return f"2026-01-01T00:00:{next(self._clock) % 60:02d}.000000000Z"
@@ -109,8 +109,8 @@ class FakeEngine:
             raise EngineError(f"engine {self.url} is unreachable: fake engine down")
 
     def _get(self, ref: str) -> FakeContainer | None:
-        return self.containers.get(ref) or next(
-            (c for c in self.containers.values() if c.name == ref or c.id.startswith(ref)),
+        return self.by_id.get(ref) or next(
+            (c for c in self.by_id.values() if c.name == ref or c.id.startswith(ref)),
             None)
 
     # -- the Engine protocol ------------------------------------------------------------------
@@ -138,7 +138,7 @@ class FakeEngine:
 
     async def create(self, name: str, config: dict[str, Any]) -> str:
         await self._call("create", name)
-        if any(c.name == name for c in self.containers.values()):
+        if any(c.name == name for c in self.by_id.values()):
             raise EngineError(f"{self.url}: Conflict. The container name \"/{name}\" is "
                               "already in use", 409)
         if config.get("Image") not in self.images:
@@ -149,7 +149,7 @@ class FakeEngine:
         c = FakeContainer(cid, name, {**config, "Labels": labels},
                           caps={k: v for k, v in config.get("HostConfig", {}).items()
                                 if k in ("NanoCpus", "Memory", "MemorySwap")})
-        self.containers[cid] = c
+        self.by_id[cid] = c
         self._event("create", c)
         return cid
 
@@ -178,7 +178,7 @@ class FakeEngine:
         await self._call("remove", container_id)
         c = self._get(container_id)
         if c is not None:
-            del self.containers[c.id]
+            del self.by_id[c.id]
             self._event("destroy", c)
 
     async def inspect(self, container_id: str) -> ContainerState | None:
@@ -190,7 +190,7 @@ class FakeEngine:
         await self._call("containers")
         wanted = {**(labels or {}), **({LABEL_CLUSTER: self.cluster} if self.cluster else {})}
         found = []
-        for c in self.containers.values():
+        for c in self.by_id.values():
             if all(k in c.labels and (not v or c.labels[k] == v) for k, v in wanted.items()):
                 s = c.state()
                 s.started_at = s.finished_at = ""

@@ -180,12 +180,13 @@ class MemoryStore(StoreOps):
                 seen = events[-1].mod_revision
                 yield WatchBatch(self.revision, events)
                 continue
-            seen = max(seen, self.revision)
             async with self._changed:
                 await self._changed.wait()
             if self._breaks != breaks:
                 breaks = self._breaks
                 yield WatchBatch(0, [], broken=True)
+                if seen < self.compacted:  # resuming from a revision that is gone
+                    raise WatchCompacted(f"{prefix} (compacted to {self.compacted})")
 
     async def grant(self, ttl: int) -> int:
         self._check()

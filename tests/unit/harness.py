@@ -1,0 +1,110 @@
+"""A leader on fakes, for unit tests: the in-memory store, the state cache on it, the
+controller with fake engines, and the API's write path. No root, no etcd, no Docker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, TypeVar
+
+from sigmad.api.apps import AppWrites
+from sigmad.config import MasterConfig
+from sigmad.control.controller import Controller
+from sigmad.engine import Engine, EnginePool
+from sigmad.models import Instance, Node, Overcommit
+from sigmad.spec import Resources, parse
+from sigmad.state.cache import Cache
+from tests.fakes.engine import FakeEngine
+from tests.fakes.store import MemoryStore
+
+T = TypeVar("T")
+GI = 2**30
+TOKEN = "0123456789abcdef0123"
+
+
+class Leader:
+    """A store, its cache and a running controller (see the module docstring)."""
+
+    def __init__(self, workers: int = 4, resync: float = 300.0) -> None:
+        self.store = MemoryStore("/t")
+        self.cache = Cache(self.store)
+        self.engines: dict[str, FakeEngine] = {}
+        self.pool = EnginePool("/t", factory=self._engine)
+        self.config = MasterConfig(token=TOKEN, reconcile_interval=resync, workers=workers)
+        self.controller = Controller(self.store, self.cache, self.config, self.pool)
+        self.api = AppWrites(self.store, self.cache, self.pool)
+        self.leases: dict[str, int] = {}
+        self.tasks: list[asyncio.Task[Any]] = []
+
+    def _engine(self, url: str, cluster: str) -> Engine:
+        return self.engines.setdefault(url, FakeEngine(url, cluster))
+
+    def engine(self, node: str) -> FakeEngine:
+        return self.engines.setdefault(f"fake://{node}", FakeEngine(f"fake://{node}", "/t"))
+
+    async def __aenter__(self) -> Leader:
+        self.tasks = [asyncio.create_task(self.cache.run())]
+        await self.cache.synced.wait()
+        self.tasks.append(asyncio.create_task(self.controller.run()))
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        for task in reversed(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def add_node(self, name: str, cpu_m: int = 4000, memory: int = 8 * GI,
+                       labels: dict[str, str] | None = None, ports: int = 10) -> None:
+        """A node record and its heartbeat (as its agent writes them)."""
+        self.engine(name)
+        node = Node(name, f"fake://{name}", address=f"10.0.0.{len(self.leases) + 1}",
+                    labels=labels or {}, capacity=Resources(cpu_m, memory),
+                    allocatable=Resources(cpu_m, memory), overcommit=Overcommit(),
+                    port_range=[31000, 31000 + ports - 1])
+        await self.store.put(self.store.keys.node(name), node)
+        self.leases[name] = await self.store.grant(5)
+        await self.store.put(self.store.keys.heartbeat(name), {"node": name},
+                             lease=self.leases[name])
+
+    async def lose_node(self, name: str) -> None:
+        """Its heartbeat lease lapses."""
+        await self.store.expire(self.leases.pop(name))
+
+    async def apply(self, text: str, force: bool = False) -> list[Any]:
+        return await self.api.apply(parse(text), dry_run=False, force=force)
+
+    def instances(self, app: str = "") -> list[Instance]:
+        return sorted((v.value for v in self.cache.instances().values()
+                       if not app or v.value.app == app), key=lambda i: (i.app, i.index))
+
+    async def until(self, check: Callable[[], T], timeout: float = 5.0, what: str = "") -> T:
+        """Poll `check` until it is truthy (a bounded wait)."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            last = check()
+            if last:
+                return last
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what or check}; "
+                             f"last: {last!r}")
+
+    async def running(self, app: str, count: int, timeout: float = 5.0) -> list[Instance]:
+        def check() -> list[Instance] | None:
+            found = self.instances(app)
+            ok = len(found) == count and all(i.state == "Running" for i in found)
+            return found if ok else None
+        return await self.until(check, timeout, f"{count} Running instances of {app}")
+
+
+def spec(app: str = "web", replicas: int = 2, **extra: str) -> str:
+    """A small app spec (YAML); `extra` adds top-level YAML lines."""
+    lines = [f"app: {app}", f"replicas: {replicas}", "containers:",
+             "  - name: main", "    image: img",
+             "    resources: {request: {cpu: 100m, memory: 64Mi}, "
+             "limit: {cpu: 500m, memory: 128Mi}}"]
+    lines += [f"{k}: {v}" for k, v in extra.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,135 @@
+"""API handlers on fakes (aiohttp's test client, the in-memory store and its cache): reads
+answered from the cache, writes checked before anything is written, errors with the field."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from sigmad.api import make_app
+from sigmad.engine import EnginePool
+from sigmad.models import AppRecord
+from tests.unit.harness import TOKEN, Leader, spec
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[tuple[TestClient, Leader]]:
+    lead = Leader()
+    async with lead:
+        app = make_app(lead.store, lead.cache, TOKEN, EnginePool("/t", factory=lead._engine))
+        client = TestClient(TestServer(app))
+        await client.start_server()
+        try:
+            yield client, lead
+        finally:
+            await client.close()
+
+
+async def call(client: TestClient, method: str, path: str, body: Any = None,
+               headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    data = body if isinstance(body, str) or body is None else json.dumps(body)
+    async with client.request(method, path, data=data,
+                              headers=AUTH if headers is None else headers) as r:
+        return r.status, await r.json()
+
+
+async def test_apply_then_read_it_back_from_the_cache(api: tuple[TestClient, Leader]) -> None:
+    client, lead = api
+    await lead.add_node("a", labels={"zone": "z1"})
+    status, body = await call(client, "PUT", "/v1/apps", spec(replicas=2))
+    assert status == 200 and body["items"] == [
+        {"app": "default/web", "action": "created", "generation": 1}]
+    status, app = await call(client, "GET", "/v1/apps/default/web")  # read-your-writes
+    assert status == 200 and app["replicas"] == 2
+    await lead.running("web", 2)
+    status, listed = await call(client, "GET", "/v1/instances?app=web")
+    assert [(i["name"], i["state"]) for i in listed["items"]] == [("web-0", "Running"),
+                                                                  ("web-1", "Running")]
+    status, one = await call(client, "GET", "/v1/instances/default/web-1")
+    assert one["name"] == "web-1" and one["ip"] == listed["items"][1]["ip"]
+    status, node = await call(client, "GET", "/v1/nodes/a")
+    assert node["status"] == "Ready" and node["instances"] == 2
+    assert node["requested"] == {"cpu_m": 200, "memory": 128 << 20}
+    assert node["free"]["cpu_m"] == 4000 - 200
+    status, pool = await call(client, "GET", "/v1/pool")
+    assert pool["requested"] == node["requested"] and pool["instances"] == 2
+    assert pool["by_label"]["zone"]["z1"]["limits"] == {"cpu_m": 1000, "memory": 256 << 20}
+
+
+async def test_every_bad_input_is_a_400_naming_the_field(api: tuple[TestClient, Leader]) -> None:
+    client, lead = api
+    status, body = await call(client, "PUT", "/v1/apps", spec().replace("128Mi", "8GG"))
+    assert status == 400 and body["error"]["field"] == "containers[0].resources.limit.memory"
+    status, body = await call(client, "GET", "/v1/instances/default/web")
+    assert status == 400 and body["error"]["field"] == "name"
+    status, body = await call(client, "POST", "/v1/apps/default/web/resources", {"limit": {}})
+    assert status == 404  # no such app yet
+    await call(client, "PUT", "/v1/apps", spec())
+    status, body = await call(client, "POST", "/v1/apps/default/web/resources",
+                              {"limit": {"cpu": "lots"}})
+    assert status == 400 and body["error"]["field"] == "limit.cpu"
+    status, body = await call(client, "POST", "/v1/apps/default/web/resources", "not json")
+    assert status == 400
+    status, body = await call(client, "GET", "/v1/apps", headers={})
+    assert status == 401
+    assert len(lead.cache.apps()) == 1  # nothing else was written
+
+
+async def test_a_resize_that_does_not_fit_writes_nothing(api: tuple[TestClient, Leader]) -> None:
+    client, lead = api
+    await lead.add_node("a", cpu_m=1000)
+    await call(client, "PUT", "/v1/apps", spec(replicas=2))
+    await lead.running("web", 2)
+    before = lead.cache.app("default/web")
+    status, body = await call(client, "POST", "/v1/apps/default/web/resources",
+                              {"request": {"cpu": "600m"}, "limit": {"cpu": "1"}})
+    assert status == 409 and "does not fit on node a" in body["error"]["message"]
+    assert lead.cache.app("default/web") is before
+    status, body = await call(client, "POST", "/v1/apps/default/web/resources",
+                              {"limit": {"cpu": "2", "memory": "1Gi"}})
+    assert status == 200 and body == {"app": "default/web", "action": "resized in place",
+                                      "generation": 2, "containers": 2}
+    rec = lead.cache.app("default/web")
+    assert isinstance(rec.value, AppRecord) and rec.value.template_generation == 1  # type: ignore[union-attr]
+
+
+async def test_migrate_needs_a_lost_node_and_a_known_target(api: tuple[TestClient, Leader]
+                                                             ) -> None:
+    client, lead = api
+    await lead.add_node("a")
+    await call(client, "PUT", "/v1/apps", spec(replicas=1, migration="manual"))
+    await lead.running("web", 1)
+    status, body = await call(client, "POST", "/v1/instances/default/web-0/migrate", {})
+    assert status == 409 and "not NeedMigration" in body["error"]["message"]
+    await lead.lose_node("a")
+    await lead.until(lambda: lead.instances()[0].state == "NeedMigration")
+    status, body = await call(client, "POST", "/v1/instances/default/web-0/migrate",
+                              {"to": "nowhere"})
+    assert status == 404
+    await lead.add_node("b")
+    status, body = await call(client, "POST", "/v1/instances/default/web-0/migrate",
+                              {"to": "b"})
+    assert status == 200 and body["state"] == "Pending" and body["target"] == "b"
+    (inst,) = await lead.running("web", 1)
+    assert inst.node == "b"
+
+
+async def test_reads_are_refused_while_the_cache_has_lost_etcd(api: tuple[TestClient, Leader]
+                                                               ) -> None:
+    client, lead = api
+    await lead.store.break_watches()
+    await lead.until(lambda: lead.cache.stale_for() > 0)
+    lead.cache.broken_since -= 5  # as if it had been gone for a while
+    status, body = await call(client, "GET", "/v1/apps")
+    assert status == 503 and body["error"]["code"] == "store_unavailable"
+    await lead.store.put("/t/nodes/x", {"name": "x", "engine": "fake://x"})
+    await lead.until(lambda: lead.cache.stale_for() == 0)
+    assert (await call(client, "GET", "/v1/apps"))[0] == 200
+    await asyncio.sleep(0)
