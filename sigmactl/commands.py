@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -81,6 +82,20 @@ def update(settings: Settings, app: str, namespace: str, container: str | None,
                    f"(generation {answer.get('generation')}, {count} updated)")
 
 
+@contextlib.contextmanager
+def _until_interrupted() -> Iterator[None]:
+    """Run the block until SIGINT (Ctrl-C), which ends it quietly. SIGINT is taken even if
+    this process started with it ignored, as a non-interactive shell starts a background
+    job: Python leaves an ignored SIGINT ignored, and the block could then only be killed."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @click.command()
 @click.option("-w", "--watch", is_flag=True, help="After the recent events, print each new "
               "one as it happens, until Ctrl-C.")
@@ -115,7 +130,7 @@ def events(settings: Settings, watch: bool, namespace: str | None, app: str | No
         else:
             click.echo("\n".join(show(e) for e in found))
         return
-    with contextlib.suppress(KeyboardInterrupt), \
+    with _until_interrupted(), \
             contextlib.closing(client.events(api_path("events"), {**params, "watch": "true"})) \
             as stream:
         for n, event in enumerate(stream):

@@ -27,7 +27,8 @@ TOKEN = "s3cret"
 @dataclass
 class Stream:
     """A `text/event-stream` answer: `chunks` sent one by one, `pause` seconds apart (the
-    first after `delay`), chunked, then the connection is closed."""
+    first after `delay`), chunked, then the connection is closed. A pause ends early when
+    the server stops."""
 
     chunks: list[bytes]
     pause: float = 0.0
@@ -48,6 +49,7 @@ class Fake:
     url: str = ""
     routes: dict[tuple[str, str], list[tuple[int, Any]]] = field(default_factory=dict)
     seen: list[dict[str, Any]] = field(default_factory=list)
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     def answer(self, method: str, path: str, *answers: tuple[int, Any]) -> None:
         self.routes[(method, path)] = list(answers)
@@ -66,7 +68,7 @@ def _handler(fake: Fake) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             for n, chunk in enumerate(stream.chunks):
                 if n:
-                    time.sleep(stream.pause)
+                    fake.stopping.wait(stream.pause)
                 self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
                 self.wfile.flush()
             self.wfile.write(b"0\r\n\r\n")
@@ -121,6 +123,7 @@ def serving() -> Iterator[Fake]:
     try:
         yield state
     finally:
+        state.stopping.set()  # a stream still pausing goes on: server_close waits for it
         server.shutdown()
         server.server_close()
 

@@ -4,6 +4,9 @@ HTTP server on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -160,6 +163,30 @@ def test_events_watch_ends_quietly_on_ctrl_c(fake: Fake, monkeypatch: pytest.Mon
     assert (result.exit_code, result.stderr) == (0, "")
     assert [json.loads(line) for line in result.stdout.splitlines()] == [EVENT]
     assert closed == ["/v1/events"]
+
+
+@pytest.mark.parametrize("inherited", [signal.SIG_DFL, signal.SIG_IGN], ids=["default", "ignored"])
+def test_events_watch_ends_on_sigint_however_started(fake: Fake, inherited: Any) -> None:
+    """A real SIGINT while the watch waits for its next event ends it at once, quietly, also
+    when sigmactl was started with SIGINT ignored (as a non-interactive shell starts a
+    background job): Python leaves an ignored SIGINT ignored."""
+    fake.answer("GET", "/v1/events", (200, Stream(sse(EVENT, NODE_EVENT), pause=60)))
+    previous = signal.signal(signal.SIGINT, inherited)  # the child inherits it through exec
+    try:
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "sigmactl", "--server", fake.url, "--token", TOKEN,
+             "events", "-w", "-o", "json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
+        assert json.loads(watch.stdout.readline()) == EVENT  # type: ignore[union-attr]
+        watch.send_signal(signal.SIGINT)
+        out, err = watch.communicate(timeout=10)
+        assert (watch.returncode, out, err) == (0, "", "")
+    finally:
+        watch.kill()
+        watch.wait()
 
 
 # pool
