@@ -30,8 +30,9 @@ from sigmad.procs import DockerdProcess, EtcdProcess
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = "sigma/busybox:latest"
-# A /30 on a veth pair between this namespace and the test engine's: the test host's address.
-HOST_GATEWAY, HOST_ADDRESS = "10.199.0.1", "10.199.0.2"
+# A /30 on a veth pair between this namespace and the test engine's: the test host's address
+# (one subnet per test session, so sessions running side by side do not clash).
+HOST_GATEWAY, HOST_ADDRESS = (f"10.199.{os.getpid() % 250}.{n}" for n in (1, 2))
 T = TypeVar("T")
 
 
