@@ -12,9 +12,9 @@ Invariants:
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from sigmad.reasons import NODE_LOST, Kill, Reason, State
 from sigmad.spec import AppSpec, Resources
@@ -25,6 +25,7 @@ NOT_READY = "NotReady"
 DRAINING = "Draining"
 
 MAX_TERMINATIONS = 5
+R = TypeVar("R")
 
 
 def now() -> float:
@@ -157,13 +158,13 @@ class Instance:
         return f"{self.namespace}/{self.app}"
 
     def copy(self) -> Instance:
-        """A copy whose lists and maps may be changed without touching this record."""
-        return dataclasses.replace(
-            self, unschedulable=dict(self.unschedulable), host_ports=dict(self.host_ports),
-            next_ports=dict(self.next_ports),
-            containers=[dataclasses.replace(c) for c in self.containers],
-            terminations=list(self.terminations),
-        )
+        """A copy whose lists and maps (and container statuses) may be changed without
+        touching this record (nested values are shared: they are never changed in place)."""
+        new = _shallow(self)
+        new.unschedulable, new.host_ports = dict(self.unschedulable), dict(self.host_ports)
+        new.next_ports, new.terminations = dict(self.next_ports), list(self.terminations)
+        new.containers = [_shallow(c) for c in self.containers]
+        return new
 
     def terminated(self, container: str, reason: str, container_id: str = "") -> None:
         """Record a container end on this working copy, keeping the last few."""
@@ -268,6 +269,14 @@ class Instance:
             State.RUNNING, "", "", "", {}
         new.next_start, new.streak, new.updated = 0.0, 0, now()
         return new
+
+
+def _shallow(record: R) -> R:
+    """A shallow copy of a dataclass record (what dataclasses.replace does, without running
+    __init__: this is on the leader's hot path)."""
+    new = object.__new__(type(record))
+    new.__dict__.update(record.__dict__)
+    return new
 
 
 def new_instance(spec: AppSpec, index: int, template_generation: int) -> Instance:

@@ -1,19 +1,21 @@
-"""Dataclass records to and from JSON-ready dicts, driven by type hints.
+"""Dataclass records to and from JSON, driven by type hints.
 
-Decoding is on the hot path (every pass reads every instance), so each record class gets its
-converters built once and cached.
+Both directions are on the leader's hot path (a burst writes each instance several times):
+records are encoded by orjson (dataclasses, enums and nested records natively, ~1 µs an
+instance), and each record class gets its decoders built once and cached.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import types
 import typing
 from collections.abc import Callable
 from functools import cache
 from typing import Any, TypeVar
+
+import orjson
 
 T = TypeVar("T")
 Convert = Callable[[Any], Any]
@@ -81,10 +83,10 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
 
 def dumps(record: Any) -> bytes:
-    """Compact, key-sorted JSON bytes of a record."""
-    return json.dumps(to_dict(record), sort_keys=True, separators=(",", ":")).encode()
+    """Compact JSON bytes of a record (fields in their declared order, dict keys sorted)."""
+    return orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
 
 
 def loads(cls: type[T], data: bytes) -> T:
     """A record of type `cls` from JSON bytes."""
-    return from_dict(cls, json.loads(data))
+    return from_dict(cls, orjson.loads(data))

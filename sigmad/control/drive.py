@@ -154,7 +154,8 @@ class Runner:
                 await self.engine.start(c.id)
                 c = started(c)
                 self.watch.put(c)
-                self.report(f"started container {spec.name} ({c.id[:12]})", False)
+                if len(self.spec.containers) > 1 or spec.ready:  # else "Running" says it
+                    self.report(f"started container {spec.name} ({c.id[:12]})", False)
             first_id = first_id or c.id
             was = known.get(c.id)
             ready = (was is not None and was.ready) or await self._probe(spec, c, was)

@@ -92,7 +92,8 @@ async def test_a_compacted_watch_relists_and_tells_what_changed() -> None:
     await store.put("/t/instances/ns/web/0", inst(0, "a"))
     cache, task = await started(store)
     told: list[str] = []
-    cache.subscribe(lambda kind, key, old, new: told.append(f"{key}:{'del' if new is None else 'put'}"))
+    cache.subscribe(lambda kind, key, old, new:
+                    told.append(f"{key}:{'del' if new is None else 'put'}"))
     try:
         stream = store._changed
         store._changed = asyncio.Condition()  # the cache's stream hears nothing from now on

@@ -7,9 +7,9 @@ import asyncio
 
 from sigmad.engine import UNCAPPED_MEMORY
 from sigmad.models import AppRecord, Instance
-from sigmad.store import Guard
 from sigmad.spec import Resources
 from sigmad.state.cache import IPS, PORTS
+from sigmad.store import Guard
 from tests.unit.harness import GI, Leader, spec
 
 
