@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import IO, Any
 
 import click
 
-from sigmactl import commands, output
+from sigmactl import commands, output, waits
 from sigmactl.base import Settings, emit, items, namespace_option
-from sigmactl.client import Client, CtlError, api_path
+from sigmactl.client import CtlError, api_path
 from sigmad import __version__
 
 KINDS = {
@@ -20,7 +19,6 @@ KINDS = {
     "master": "masters", "masters": "masters",
 }
 UNSCOPED = ("nodes", "masters")  # kinds without namespace or app
-POLL_INTERVAL = 0.5
 
 
 class Group(click.Group):
@@ -49,15 +47,27 @@ def cli(ctx: click.Context, server: str | None, token: str | None) -> None:
 @click.option("-f", "--filename", "file", type=click.File("r", encoding="utf-8"),
               required=True, help="YAML or JSON app specs; '-' reads stdin.")
 @click.option("--dry-run", is_flag=True, help="Validate and report, write nothing.")
+@click.option("--wait", is_flag=True, help="Then wait until every replica of each app runs as "
+              "specified (template, caps, requests).")
+@click.option("--timeout", type=click.FloatRange(min=0), default=300, show_default=True,
+              help="Seconds to wait with --wait.")
 @click.pass_obj
-def apply(settings: Settings, file: IO[str], dry_run: bool) -> None:
+def apply(settings: Settings, file: IO[str], dry_run: bool, wait: bool,
+          timeout: float) -> None:
     """Create or update the apps in FILE."""
     params = {"dry_run": "true"} if dry_run else None
-    answer = settings.client().put_text(api_path("apps"), file.read(), params)
+    client = settings.client()
+    answer = client.put_text(api_path("apps"), file.read(), params)
     suffix = " (dry run)" if dry_run else ""
     for item in items(answer):
         click.echo(f"app {item['app']} {item['action']} "
                    f"(generation {item['generation']}){suffix}")
+    if wait and not dry_run:
+        for item in items(answer):
+            namespace, name = str(item["app"]).split("/", 1)
+            count = waits.until_settled(client, namespace, name, timeout)
+            click.echo(f"app {item['app']}: {output.plural(count, 'replica')} running as "
+                       "specified")
 
 
 @cli.command()
@@ -123,26 +133,7 @@ def delete(settings: Settings, kind: str, name: str, namespace: str, wait: bool,
     client.delete(api_path("apps", namespace, name))
     click.echo(f"app {namespace}/{name} deleted")
     if wait:
-        _wait_gone(client, namespace, name, timeout)
-
-
-def _wait_gone(client: Client, namespace: str, app: str, timeout: float) -> None:
-    """Poll until the app has no instances left, or fail after `timeout` seconds."""
-    progress = output.Progress(sys.stderr)
-    deadline = time.monotonic() + timeout
-    try:
-        while left := items(client.get(api_path("instances"),
-                                        {"namespace": namespace, "app": app})):
-            count = output.plural(len(left), "instance")
-            if time.monotonic() >= deadline:
-                raise CtlError(
-                    f"{count} of app {namespace}/{app} still terminating after {timeout:g}s: "
-                    f"check with 'sigmactl get instances -n {namespace} --app {app}'"
-                )
-            progress.show(f"waiting for {count} to stop...")
-            time.sleep(POLL_INTERVAL)
-    finally:
-        progress.clear()
+        waits.until_gone(client, namespace, name, timeout)
 
 
 for command in (commands.update, commands.events, commands.pool, commands.why,

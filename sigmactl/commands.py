@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from sigmactl import views
+from sigmactl import views, waits
 from sigmactl.base import Settings, emit, items, namespace_option, obj, output_option
 from sigmactl.client import CtlError, api_path
 from sigmactl.output import plural
@@ -48,15 +48,22 @@ def _quantity_option(name: str, parse: Callable[[str], int], what: str) -> Any:
 @_quantity_option("--request-memory", parse_size, "Memory booked on the node, e.g. 2Gi")
 @click.option("--force", is_flag=True, help="Lower the memory limit even below what the "
               "containers use now (the kernel may then OOM-kill them).")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Wait until every running container has the new caps (and every "
+              "instance its new request).")
+@click.option("--timeout", type=click.FloatRange(min=0), default=60, show_default=True,
+              help="Seconds to wait.")
 @output_option("json")
 @click.pass_obj
 def update(settings: Settings, app: str, namespace: str, container: str | None,
            limit_cpu: str | None, limit_memory: str | None, request_cpu: str | None,
-           request_memory: str | None, force: bool, fmt: str | None) -> None:
+           request_memory: str | None, force: bool, wait: bool, timeout: float,
+           fmt: str | None) -> None:
     """Resize APP's running containers in place.
 
-    Changes cpu/memory limits and requests on the same containers, without a restart. A
-    request that no longer fits its node is refused, and then nothing is changed."""
+    Changes cpu/memory limits and requests on the same containers, without a restart (a cap
+    may also appear, or be lifted with 0). A request that no longer fits its node is
+    refused, and then nothing is changed."""
     given = {"limit": {"cpu": limit_cpu, "memory": limit_memory},
              "request": {"cpu": request_cpu, "memory": request_memory}}
     body: dict[str, Any] = {part: {k: v for k, v in values.items() if v is not None}
@@ -68,8 +75,11 @@ def update(settings: Settings, app: str, namespace: str, container: str | None,
         body["container"] = container
     if force:
         body["force"] = True
-    answer = obj(settings.client().post_json(
-        api_path("apps", namespace, app, "resources"), body), "a resize result")
+    client = settings.client()
+    answer = obj(client.post_json(api_path("apps", namespace, app, "resources"), body),
+                 "a resize result")
+    if wait and answer.get("action") != "unchanged":
+        waits.until_settled(client, namespace, app, timeout)
     if fmt:
         emit(answer, fmt)
         return

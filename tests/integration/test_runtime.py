@@ -82,7 +82,8 @@ def test_live_update_keeps_the_container(cluster: Cluster, engine: EngineHost) -
     # Applying a spec that changes only resources is an in-place change too.
     spec = yaml.safe_load(web_spec(2))
     spec["containers"][0]["resources"]["limit"]["memory"] = "192Mi"
-    cluster.apply(yaml.safe_dump(spec))
+    out = cluster.ctl("apply", "--wait", "-f", "-", stdin=yaml.safe_dump(spec))
+    assert out.returncode == 0 and "resized in place" in out.stdout, out.stderr
     for cid in before.values():
         assert _caps(engine, cid)[:2] == (192 * MiB, 192 * MiB)
     time.sleep(2)

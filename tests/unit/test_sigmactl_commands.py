@@ -68,7 +68,7 @@ def test_update_sends_only_the_given_values(fake: Fake) -> None:
     fake.answer("POST", RESOURCES, (200, {"app": "default/web", "action": "resized in place",
                                           "generation": 3, "containers": 2}))
     result = run(fake, "update", "web", "--limit-cpu", "4", "--limit-memory", "8Gi",
-                 "--request-cpu", "500m", "--container", "main", "--force")
+                 "--request-cpu", "500m", "--container", "main", "--force", "--no-wait")
     assert (result.exit_code, result.stdout) == (
         0, "app default/web resized in place (generation 3, 2 containers updated)\n")
     seen = fake.seen[-1]
@@ -76,6 +76,34 @@ def test_update_sends_only_the_given_values(fake: Fake) -> None:
     assert json.loads(seen["body"]) == {"limit": {"cpu": "4", "memory": "8Gi"},
                                         "request": {"cpu": "500m"}, "container": "main",
                                         "force": True}
+
+
+def _app(limit: dict[str, int]) -> dict[str, object]:
+    return {"namespace": "default", "app": "web", "replicas": 1, "template_generation": 1,
+            "spec": {"containers": [{"name": "main", "resources": {
+                "limit": limit, "request": {"cpu_m": 100, "memory": 0}}}]}}
+
+
+def _instances(limit: dict[str, int]) -> dict[str, object]:
+    return {"items": [{"name": "web-0", "index": 0, "state": "Running", "generation": 1,
+                       "reason": "", "request": {"cpu_m": 100, "memory": 0},
+                       "containers": [{"name": "main", "limit": limit}]}]}
+
+
+def test_update_waits_until_every_container_has_the_new_caps(fake: Fake) -> None:
+    old, new = {"cpu_m": 500, "memory": 0}, {"cpu_m": 2000, "memory": 0}
+    fake.answer("POST", RESOURCES, (200, {"app": "default/web", "action": "resized in place",
+                                          "generation": 2, "containers": 1}))
+    fake.answer("GET", "/v1/apps/default/web", (200, _app(new)))
+    fake.answer("GET", "/v1/instances", (200, _instances(old)), (200, _instances(new)))
+    result = run(fake, "update", "web", "--limit-cpu", "2")
+    assert (result.exit_code, result.stdout) == (
+        0, "app default/web resized in place (generation 2, 1 container updated)\n")
+    assert [s["path"] for s in fake.seen if s["method"] == "GET"].count("/v1/instances") == 2
+    fake.answer("GET", "/v1/instances", (200, _instances(old)))
+    result = run(fake, "update", "web", "--limit-cpu", "2", "--timeout", "0.2")
+    assert result.exit_code == 1
+    assert "0/1 running as specified after 0.2s (web-0: Running)" in result.stderr
 
 
 def test_update_unchanged_and_json(fake: Fake) -> None:
