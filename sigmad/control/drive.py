@@ -168,7 +168,9 @@ class Runner:
         if len(statuses) == len(self.spec.containers) and all(s.ready for s in statuses):
             if inst.state != State.RUNNING:
                 self.report("all containers ready: Running", False)
-            inst.state, inst.reason = State.RUNNING, ""
+            inst.state = State.RUNNING
+            if inst.request == self.spec.request():  # else the scheduler says why it waits
+                inst.reason = ""
         elif inst.state not in (State.EXITED, State.FAILED, State.FAILED_TO_START):
             inst.state = State.STARTING
 

@@ -200,6 +200,8 @@ async def commit(writer: Writer, writes: Writes, snapshot: Snapshot,
     async def explain(old: Versioned[Instance], new: Instance) -> None:
         if await writer.write(writes.update_instance(old, new)):
             result.pending[new.key] = new.reason
+        else:
+            result.conflicts += 1  # the record moved on: explain it again from the next view
 
     result.unplaced = round_plan.waiting
     await asyncio.gather(*(node(n, b) for n, b in round_plan.by_node.items()),

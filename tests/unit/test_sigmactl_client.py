@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from sigmactl import cli as cli_module
+from sigmactl import waits
 from sigmactl.cli import cli
 from sigmactl.client import NO_SERVER, UNAUTHORIZED, Client, CtlError, api_path, decode, resolve
 
@@ -287,7 +287,7 @@ def test_describe_missing_instance(fake: Fake) -> None:
 
 
 def test_delete_waits_for_instances(fake: Fake, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli_module, "POLL_INTERVAL", 0.01)
+    monkeypatch.setattr(waits, "POLL_INTERVAL", 0.01)
     fake.answer("DELETE", "/v1/apps/default/web", (202, {"app": "default/web",
                                                          "action": "deleted"}))
     two: dict[str, Any] = {"items": [{}, {}]}
