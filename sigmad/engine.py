@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote, urlencode, urlsplit
 
+import orjson
+
 from sigmad.errors import EngineError
 from sigmad.models import Instance
 from sigmad.network.ipam import BRIDGE, MTU, NETWORK, mac_for
@@ -249,11 +251,11 @@ class _Answer:
     body: bytes
 
     def json(self) -> Any:
-        return json.loads(self.body) if self.body else None
+        return orjson.loads(self.body) if self.body else None
 
     def message(self) -> str:
         try:
-            data = json.loads(self.body)
+            data = orjson.loads(self.body)
         except ValueError:
             return self.body.decode(errors="replace").strip()[:500]
         return str(data.get("message", data)) if isinstance(data, dict) else str(data)
@@ -380,7 +382,7 @@ class _Http:
                       body: Any = None, timeout: float | None = REQUEST_TIMEOUT) -> _Answer:
         """One call (`body` sent as JSON); its answer, whatever the status."""
         target = await self._version() + path + (f"?{urlencode(params)}" if params else "")
-        data = b"" if body is None else json.dumps(body).encode()
+        data = b"" if body is None else orjson.dumps(body)
         try:
             return await asyncio.wait_for(self._exchange(method, target, data, None), timeout)
         except TimeoutError:
@@ -404,7 +406,7 @@ class _Http:
                 *complete, pending = pending.split(b"\n")
                 for line in complete:
                     if line.strip():
-                        yield json.loads(line)
+                        yield orjson.loads(line)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
             raise EngineError(f"{what}: engine {self.url} failed: "
                               f"{exc or type(exc).__name__}") from None

@@ -87,13 +87,10 @@ def instance_view(inst: Instance) -> dict[str, Any]:
 
 def instances(cache: Cache, namespace: str = "", app: str = "") -> list[Versioned[Instance]]:
     """The instances of `namespace` (and `app`), by namespace, app and index."""
-    if namespace and app:
-        found: Iterable[Versioned[Instance]] = cache.instances_of(f"{namespace}/{app}").values()
-    else:
-        found = (v for v in cache.instances().values()
-                 if (not namespace or v.value.namespace == namespace)
-                 and (not app or v.value.app == app))
-    return sorted(found, key=lambda v: (v.value.namespace, v.value.app, v.value.index))
+    apps = [k for k in sorted(cache.by_app)
+            if (not namespace or k.split("/", 1)[0] == namespace)
+            and (not app or k.split("/", 1)[1] == app)]
+    return [v for k in apps for v in cache.ordered(k)]
 
 
 async def stream_items(items: list[Versioned[Instance]]) -> AsyncIterator[bytes]:

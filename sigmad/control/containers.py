@@ -27,6 +27,7 @@ from sigmad.errors import EngineError
 
 log = logging.getLogger(__name__)
 RETRY_MAX = 30.0
+SETTLE = 2.0  # seconds a create or start event waits for the call that caused it to return
 ENDED = frozenset({"die", "oom", "stop", "kill"})
 
 
@@ -136,13 +137,21 @@ class EngineWatch:
                 self._inspect(cid)
         elif action == "start":
             if known is None or not known.running:
-                self._inspect(cid)
+                self._inspect(cid, lambda c: c is not None and c.running)
         elif action == "create" and known is None:
-            self._inspect(cid)
+            self._inspect(cid, lambda c: c is not None)
 
-    def _inspect(self, cid: str) -> None:
-        """Inspect `cid` in the background and record what it says."""
+    def _inspect(self, cid: str, said: Callable[[ContainerState | None], bool] | None = None
+                 ) -> None:
+        """Inspect `cid` in the background and record what it says. With `said`: a moment
+        later, and only if what is known of it by then does not already say what the event
+        did (the leader's own create and start are recorded when their calls return, which
+        is often just after their events arrive)."""
         async def inspect() -> None:
+            if said is not None:
+                await asyncio.sleep(SETTLE)
+                if said(self._by_id.get(cid)):
+                    return
             try:
                 c = await self.engine.inspect(cid)
             except EngineError as exc:

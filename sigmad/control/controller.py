@@ -501,7 +501,7 @@ class Controller:
 
     def _reporter(self, inst: Instance) -> Report:
         def report(message: str, warning: bool) -> None:
-            log.info("%s: %s", inst.key, message)
+            log.log(logging.INFO if warning else logging.DEBUG, "%s: %s", inst.key, message)
             self._emit(inst, message, warning)
         return report
 

@@ -77,6 +77,7 @@ class Cache:
         self.ready: set[str] = set()
         self.by_app: dict[str, dict[str, Versioned[Instance]]] = {}  # `ns/app` → key → inst
         self.by_node: dict[str, set[str]] = {}  # node → keys of instances on it or moving there
+        self._order: dict[str, list[str]] = {}  # `ns/app` → its instances' keys by index
         self.usage: dict[str, NodeUsage] = {}
         self._subscribers: list[Subscriber] = []
         self._advanced = asyncio.Condition()
@@ -117,6 +118,16 @@ class Cache:
     def instances_of(self, app_key: str) -> Mapping[str, Versioned[Instance]]:
         """The instances of `ns/app` by record key (read-only)."""
         return self.by_app.get(app_key, {})
+
+    def ordered(self, app_key: str) -> list[Versioned[Instance]]:
+        """The instances of `ns/app` by index (the order is kept until one comes or goes)."""
+        mine = self.by_app.get(app_key)
+        if not mine:
+            return []
+        order = self._order.get(app_key)
+        if order is None:
+            order = self._order[app_key] = sorted(mine, key=lambda k: mine[k].value.index)
+        return [mine[k] for k in order]
 
     def instances_on(self, node: str) -> list[Versioned[Instance]]:
         """The instances bound to `node` or moving to it."""
@@ -295,6 +306,8 @@ class Cache:
                 continue
             inst = v.value
             app = self.by_app.setdefault(inst.app_key, {})
+            if (old is None) != (new is None):
+                self._order.pop(inst.app_key, None)
             if sign > 0:
                 app[key] = v
             else:
