@@ -10,6 +10,7 @@ import asyncio
 import functools
 import logging
 import random
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -200,6 +201,7 @@ class Store:
         self._outage = False
         self.fence: Guard | None = None
         self.on_deposed: Callable[[], None] | None = None
+        self._leases: LeaseStream | None = None
 
     def _new_client(self) -> aetcd.Client:
         url = urlsplit(self.endpoints[self._current])
@@ -209,6 +211,8 @@ class Store:
         )
 
     async def close(self) -> None:
+        if self._leases is not None:
+            await self._leases.close()
         await self._client.close()
 
     async def _reconnect(self, used: aetcd.Client) -> None:
@@ -422,9 +426,21 @@ class Store:
         return int(lease.id)
 
     async def keepalive(self, lease_id: int) -> bool:
-        """Refresh a lease; False if it has already expired."""
-        reply = await self._call("lease keepalive", lambda c: c.refresh_lease(lease_id))
-        return reply is not None and reply.TTL > 0
+        """Refresh a lease; False if it has already expired. Every lease of this store is
+        refreshed over one shared stream (see `LeaseStream`)."""
+        ttl = await self._call("lease keepalive",
+                               lambda c: self._lease_stream(c).refresh(lease_id))
+        return ttl > 0
+
+    def _lease_stream(self, client: aetcd.Client) -> LeaseStream:
+        """The keepalive stream on `client`, (re)opened if it is on an older client or
+        broke."""
+        stream = self._leases
+        if stream is None or stream.client is not client or stream.broken:
+            if stream is not None:
+                stream.abandon()
+            stream = self._leases = LeaseStream(client, self.rpc_timeout)
+        return stream
 
     async def revoke(self, lease_id: int) -> None:
         """End a lease now: its keys are deleted. A lease already gone is fine."""
@@ -433,6 +449,88 @@ class Store:
         except aetcd.exceptions.ClientError as exc:
             if "not found" not in str(exc):
                 raise
+
+
+class LeaseStream:
+    """ONE long-lived gRPC LeaseKeepAlive stream that many leases share.
+
+    A refresh of one lease through its own call (aetcd's `refresh_lease`) opens and closes a
+    stream each time: ~0.7 ms of CPU, too much for thousands of agents in one process (hollow
+    hosts). Here a refresh is one message on an open stream. etcd answers a stream's requests
+    one by one, in order, so each reply belongs to the oldest refresh still waiting (checked
+    by lease id). A refresh waiting longer than `timeout`, or a broken stream, fails every
+    waiting refresh with OSError: a transient error, which `Store._call` retries on a new
+    stream (reconnecting if need be). One timer per stream, not one per refresh."""
+
+    def __init__(self, client: aetcd.Client, timeout: float) -> None:
+        self.client = client
+        self.timeout = timeout
+        self.broken = False
+        self._outbox: asyncio.Queue[int] = asyncio.Queue()
+        self._waiting: deque[tuple[int, float, asyncio.Future[int]]] = deque()
+        self._task = asyncio.create_task(self._run())
+        self._watchdog = asyncio.create_task(self._watch())
+
+    async def refresh(self, lease_id: int) -> int:
+        """The lease's TTL after a refresh (0: it has expired)."""
+        if self.broken:
+            raise OSError("the lease keepalive stream broke")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        self._waiting.append((lease_id, loop.time(), future))
+        self._outbox.put_nowait(lease_id)
+        return await future
+
+    async def _requests(self) -> AsyncIterator[Any]:
+        while True:
+            lease_id = await self._outbox.get()
+            yield aetcd.rpc.LeaseKeepAliveRequest(ID=lease_id)
+
+    async def _run(self) -> None:
+        why = "the lease keepalive stream ended"
+        try:
+            await self.client.connect()
+            call = self.client.leasestub.LeaseKeepAlive(self._requests(),
+                                                        metadata=self.client.metadata)
+            async for reply in call:
+                if not self._waiting or self._waiting[0][0] != reply.ID:
+                    why = f"the lease keepalive stream answered lease {reply.ID:x} out of turn"
+                    return
+                future = self._waiting.popleft()[2]
+                if not future.done():  # its caller may have been cancelled
+                    future.set_result(int(reply.TTL))
+        except asyncio.CancelledError:
+            why = "the lease keepalive stream was closed"
+            raise
+        except Exception as exc:  # a broken channel: the waiters retry on a new stream
+            why = f"the lease keepalive stream broke: {_short(exc)}"
+        finally:
+            self._fail(why)
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.broken:
+            await asyncio.sleep(self.timeout / 4)
+            if self._waiting and loop.time() - self._waiting[0][1] > self.timeout:
+                self._fail(f"no lease keepalive answer in {self.timeout:g}s")
+                self._task.cancel()
+
+    def _fail(self, why: str) -> None:
+        self.broken = True
+        while self._waiting:
+            future = self._waiting.popleft()[2]
+            if not future.done():
+                future.set_exception(OSError(why))
+        self._watchdog.cancel()
+
+    def abandon(self) -> None:
+        """Stop using it: its waiters fail (and retry elsewhere), its call is cancelled."""
+        self._task.cancel()
+        self._fail("the lease keepalive stream was replaced")
+
+    async def close(self) -> None:
+        self.abandon()
+        await asyncio.gather(self._task, self._watchdog, return_exceptions=True)
 
 
 def _interrupted() -> bool:
