@@ -253,9 +253,11 @@ def lab_down(name: str, directory: Path | None) -> None:
               show_default=True, help="images every engine has already pulled (repeatable)")
 @click.option("--strict-pulls", is_flag=True,
               help="pulls of other images fail with manifest unknown (default: they succeed)")
+@click.option("--overlay-cidr", default="10.244.0.0/16", show_default=True,
+              help="the subnet of each engine's sigma network (the master's overlay_cidr)")
 def lab_hollow(hosts: int, directory: Path, etcd_url: str, prefix: str, ttl: int,
                latency: str, cpu: str, memory: str, labels: str, zones: int,
-               images: tuple[str, ...], strict_pulls: bool) -> None:
+               images: tuple[str, ...], strict_pulls: bool, overlay_cidr: str) -> None:
     """N hollow hosts in one process: a fake Docker engine (in memory) and a real node agent
     each, for scale runs; a control socket kills, freezes and heals hosts."""
     from sigmad.lab.hollow_hosts import HollowConfig, run_hollow
@@ -274,7 +276,7 @@ def lab_hollow(hosts: int, directory: Path, etcd_url: str, prefix: str, ttl: int
             hosts=hosts, dir=directory.absolute(), etcd=etcd_url.split(","), prefix=prefix,
             ttl=ttl, latency=seconds, cpu=max(parse_cpu(cpu) // 1000, 1),
             memory=parse_size(memory), labels=parse_labels(labels), zones=zones,
-            images=images, pull_any=not strict_pulls,
+            images=images, pull_any=not strict_pulls, overlay_cidr=overlay_cidr,
         )
     except (ValueError, SigmaError) as exc:
         raise click.ClickException(str(getattr(exc, "message", exc))) from None
