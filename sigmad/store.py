@@ -184,11 +184,14 @@ class Store:
 
     `fence`, when set, is compared by every write of this instance (commit, create, update,
     put, delete): the leader's controller store carries the leader key as won, so a deposed
-    leader writes nothing and sees `Deposed`; `on_deposed` is then called too."""
+    leader writes nothing and sees `Deposed`; `on_deposed` is then called too.
+
+    `shared_leases`: lease keepalives go over one shared stream (`LeaseStream`), for a
+    process that keeps many leases alive (hollow hosts); otherwise each is its own call."""
 
     def __init__(
         self, endpoints: list[str], prefix: str = "/sigma/v1", retry_for: float = 30.0,
-        rpc_timeout: float = 5.0,
+        rpc_timeout: float = 5.0, shared_leases: bool = False,
     ) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
@@ -201,6 +204,7 @@ class Store:
         self._outage = False
         self.fence: Guard | None = None
         self.on_deposed: Callable[[], None] | None = None
+        self.shared_leases = shared_leases
         self._leases: LeaseStream | None = None
 
     def _new_client(self) -> aetcd.Client:
@@ -426,11 +430,14 @@ class Store:
         return int(lease.id)
 
     async def keepalive(self, lease_id: int) -> bool:
-        """Refresh a lease; False if it has already expired. Every lease of this store is
-        refreshed over one shared stream (see `LeaseStream`)."""
-        ttl = await self._call("lease keepalive",
-                               lambda c: self._lease_stream(c).refresh(lease_id))
-        return ttl > 0
+        """Refresh a lease; False if it has already expired (with `shared_leases`, over the
+        one shared stream)."""
+        if self.shared_leases:
+            ttl = await self._call("lease keepalive",
+                                   lambda c: self._lease_stream(c).refresh(lease_id))
+            return ttl > 0
+        reply = await self._call("lease keepalive", lambda c: c.refresh_lease(lease_id))
+        return reply is not None and reply.TTL > 0
 
     def _lease_stream(self, client: aetcd.Client) -> LeaseStream:
         """The keepalive stream on `client`, (re)opened if it is on an older client or
@@ -508,9 +515,15 @@ class LeaseStream:
             self._fail(why)
 
     async def _watch(self) -> None:
+        """Fail the stream when its oldest refresh waited past the timeout; a round in which
+        this process's event loop itself was late does not count (replies may sit unread)."""
         loop = asyncio.get_running_loop()
+        period = self.timeout / 4
         while not self.broken:
-            await asyncio.sleep(self.timeout / 4)
+            woke = loop.time() + period
+            await asyncio.sleep(period)
+            if loop.time() - woke > period / 2:
+                continue
             if self._waiting and loop.time() - self._waiting[0][1] > self.timeout:
                 self._fail(f"no lease keepalive answer in {self.timeout:g}s")
                 self._task.cancel()

@@ -133,10 +133,14 @@ class EngineServer:
         self.dead = False
 
     async def close(self) -> None:
-        """Stop listening and cut every connection."""
+        """Stop listening and cut every connection (event streams end first: aiohttp's
+        shutdown would cancel them mid-wait)."""
         if self._server is not None:
             self._server.close()
             self._server = None
+        for _, queue in self.subscribers:
+            queue.put_nowait(b"")
+        await asyncio.sleep(0)
         if self._web is not None:
             await self._web.shutdown(0.1)
             self._web = None
@@ -148,9 +152,11 @@ class EngineServer:
         self.thawed.clear()
 
     async def kill(self) -> None:
-        """Power loss: containers dead, socket gone, connections cut."""
+        """Power loss: containers dead, socket gone, connections cut (requests held by a
+        freeze are dropped)."""
         self.dead = True
         self.model.power_loss()
+        self.thawed.set()
         await self.close()
 
     async def heal(self) -> None:
@@ -182,6 +188,8 @@ class EngineServer:
                     lines.append(queue.get_nowait())
                 if not self.thawed.is_set():
                     await self.thawed.wait()
+                if not all(lines) or self.dead:  # the engine is going away
+                    return response
                 await response.write(b"".join(lines))
         finally:
             with contextlib.suppress(ValueError):
@@ -193,6 +201,10 @@ class EngineServer:
         self.requests += 1
         if not self.thawed.is_set():
             await self.thawed.wait()
+        if self.dead:
+            if request.transport is not None:
+                request.transport.close()
+            return empty(500)
         path = request.path
         if path.startswith("/v"):
             versioned = VERSIONED.match(path)
