@@ -133,7 +133,7 @@ class Image:
     id: str
     ref: str
     created: str
-    cmd: list[str] | None = field(default_factory=lambda: ["sh"])
+    cmd: list[str] | None = None  # like sigma/busybox (FROM scratch): no default command
 
 
 @dataclass
@@ -419,6 +419,11 @@ class HollowEngine:
             raise ApiError(404, f"No such image: {normalize_ref(ref)}")
         host_config = body.get("HostConfig") or {}
         self._check_resources(host_config, host_config)
+        if host_config.get("PortBindings"):
+            host_config = {**host_config, "PortBindings": {
+                port: [{"HostIp": b.get("HostIp", ""), "HostPort": b.get("HostPort", "")}
+                       for b in bindings or []]
+                for port, bindings in host_config["PortBindings"].items()}}
         cid = new_id(name)
         full = "/" + (name.lstrip("/") or cid[:12])
         taken = self.names.get(full)
@@ -562,8 +567,9 @@ class HollowEngine:
         merged = {**c.host_config, **{k: v for k, v in body.items() if k in RESOURCE_KEYS}}
         if body.get("Memory") and "MemorySwap" not in body and (c.host_config.get(
                 "MemorySwap") or 0) > 0 and body["Memory"] > c.host_config["MemorySwap"]:
-            raise ApiError(400, "Memory limit should be smaller than already set memoryswap "
-                           "limit, update the memoryswap at the same time")
+            raise ApiError(409, f"Cannot update container {c.id}: Memory limit should be "
+                           "smaller than already set memoryswap limit, update the memoryswap "
+                           "at the same time")
         self._check_resources(body, merged)
         c.host_config = merged
         self._event(c, "update")
