@@ -400,6 +400,8 @@ class Scale:
             f"{self.results['failover_s']}s")
 
     def hollow_stats(self) -> None:
+        log = (self.root / "master.log").read_text(errors="replace")
+        self.results["master_leader_losses"] = log.count("stops leading")
         stats = self.control("GET", "/stats")
         self.results["hollow_cpu_s"] = stats["cpu_s"]
         self.results["hollow_rss_mb"] = stats["rss_mb"]
@@ -422,6 +424,8 @@ def markdown(args: argparse.Namespace, r: dict[str, Any]) -> str:
          f"{r['list_p50_s']} s / {r['list_p99_s']} s"),
         (f"failover: {r['killed_hosts']} hosts killed → their {r['failover_instances']} "
          "instances Running elsewhere", f"{r['failover_s']} s"),
+        ("times the master lost its leader lease (busy event loop) during the run",
+         f"{r['master_leader_losses']}"),
         ("hollow hosts process: CPU / peak RSS / engine requests served",
          f"{r['hollow_cpu_s']} s / {r['hollow_rss_mb']} MB / {r['engine_requests']:,}"),
     ]

@@ -45,6 +45,8 @@ EXIT_RE = re.compile(r"^exit (\d+)$")
 SIGNALS = {"KILL": 9, "TERM": 15, "INT": 2, "HUP": 1, "QUIT": 3, "USR1": 10, "USR2": 12,
            "STOP": 19, "CONT": 18}
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_SPLICE = "<hollow:HostConfig>"  # stands for the HostConfig JSON while the rest is encoded
+_SPLICED = json.dumps(_SPLICE)
 _ids = itertools.count(1)
 
 
@@ -184,6 +186,7 @@ class Container:
     execs: list[str] = field(default_factory=list)
     attributes: dict[str, str] = field(default_factory=dict)  # labels + image + name, sorted
     cached: bytes = b""  # the inspect answer while nothing changed
+    host_json: str = ""  # its HostConfig, encoded, while it does not change
 
     @property
     def labels(self) -> dict[str, str]:
@@ -571,7 +574,7 @@ class HollowEngine:
                            "smaller than already set memoryswap limit, update the memoryswap "
                            "at the same time")
         self._check_resources(body, merged)
-        c.host_config = merged
+        c.host_config, c.host_json = merged, ""
         self._event(c, "update")
         return {"Warnings": None}
 
@@ -705,10 +708,16 @@ class HollowEngine:
         return out
 
     def inspect(self, ref: str) -> bytes:
-        """`GET /containers/{id}/json` as JSON bytes (cached until the container changes)."""
+        """`GET /containers/{id}/json` as JSON bytes (cached until the container changes;
+        its HostConfig, two thirds of it, is encoded again only when it changes)."""
         c = self.get(ref)
         if not c.cached:
-            c.cached = json.dumps(self.inspect_view(c)).encode()
+            if not c.host_json:
+                c.host_json = json.dumps({**HOST_CONFIG_DEFAULTS, **c.host_config,
+                                          "NetworkMode": c.network_mode})
+            view = self.inspect_view(c)
+            view["HostConfig"] = _SPLICE
+            c.cached = json.dumps(view).replace(_SPLICED, c.host_json, 1).encode()
         return c.cached
 
     def inspect_view(self, c: Container) -> dict[str, Any]:
