@@ -368,7 +368,7 @@ class Scale:
 
     def failover(self) -> None:
         a = self.args
-        kill = min(a.kill, a.hosts // 2)
+        kill = min(a.kill, max(a.hosts // 10, 1))  # 50 of 5,000; a tenth of a small pool
         victims = [f"h{i}" for i in range(1, a.hosts + 1, max(a.hosts // kill, 1))][:kill]
         lost = set()
         for value in self.instance_values():
