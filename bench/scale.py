@@ -453,6 +453,8 @@ python bench/scale.py --hosts {args.hosts} --instances {args.instances} --ttl {a
   every five gets); "Running" is counted from the instance records in etcd every 2 s.
 - Failover: the killed hosts lose power (agent gone, engine dead); their instances wait for
   the heartbeat lease to lapse (the TTL), then are placed again and started elsewhere.
+- The master is the one of this commit; the machine's load average when the run began was
+  {r['load_average']} (other work shares these 2 cores: compare runs with care).
 """
 
 
@@ -497,6 +499,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up
     with workdir(args.keep_logs) as root:
         scale = Scale(args, root)
+        scale.results["load_average"] = round(os.getloadavg()[0], 1)
         try:
             scale.start()
             scale.burst()
