@@ -37,7 +37,7 @@ from typing import Any
 from aiohttp import web
 
 from sigmad.config import DEFAULT_OVERLAY_CIDR, EtcdConfig, NodeConfig
-from sigmad.engine import LABEL_CLUSTER
+from sigmad.engine import LABEL_CLUSTER, Engine
 from sigmad.lab.hollow import Capacity
 from sigmad.lab.hollow_engine import EngineServer
 from sigmad.models import DEFAULT_PORT_RANGE
@@ -105,6 +105,15 @@ class HollowAgent(Agent):
             node = await super().register()
         self.registered()
         return node
+
+    async def before_ready(self) -> None:
+        """As a real agent's, then let go of the engine connection it used: thousands of
+        idle keep-alive connections (two descriptors each, both ends are in this process)
+        would crowd the open-file limit that the master's connections need."""
+        await super().before_ready()
+        used = self.engine
+        self.engine = Engine(used.url, cluster=used.cluster)
+        await used.close()
 
 
 class HollowHosts:
