@@ -219,6 +219,7 @@ class Scale:
             "listen": f"127.0.0.1:{self.port}", "token": self.token, "id": "scale",
             "etcd": {"endpoints": [self.etcd.endpoint], "prefix": self.prefix},
             "reconcile_interval": a.reconcile_interval, "overlay_cidr": OVERLAY,
+            "leader_ttl": a.leader_ttl,
         }))
         self.master = self._spawn([sys.executable, "-m", "sigmad", "master", "--config",
                                    str(config)], "master.log", more_files=True)
@@ -437,7 +438,8 @@ one etcd member, the master and the hollow hosts on the same machine), in one ru
 
 ```
 python bench/scale.py --hosts {args.hosts} --instances {args.instances} --ttl {args.ttl} \\
-    --latency {args.latency} --reconcile-interval {args.reconcile_interval}
+    --latency {args.latency} --reconcile-interval {args.reconcile_interval} \\
+    --leader-ttl {args.leader_ttl}
 ```
 
 | Metric | Result |
@@ -490,6 +492,9 @@ def main() -> None:
     parser.add_argument("--memory", default="32Gi", help="memory per hollow host")
     parser.add_argument("--kill", type=int, default=50, help="hosts killed for the failover")
     parser.add_argument("--reconcile-interval", type=float, default=2.0)
+    parser.add_argument("--leader-ttl", type=int, default=5,
+                        help="the master's leader lease TTL (s); a master whose event loop is "
+                        "busy longer than a third of it loses the lease")
     parser.add_argument("--rest", type=int, default=30, help="seconds of master CPU at rest")
     parser.add_argument("--timeout", type=float, default=3600,
                         help="bound of each wait (all Running, failover)")
