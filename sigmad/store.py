@@ -495,6 +495,7 @@ class LeaseStream:
 
     async def _run(self) -> None:
         why = "the lease keepalive stream ended"
+        call = None
         try:
             await self.client.connect()
             call = self.client.leasestub.LeaseKeepAlive(self._requests(),
@@ -513,6 +514,8 @@ class LeaseStream:
             why = f"the lease keepalive stream broke: {_short(exc)}"
         finally:
             self._fail(why)
+            if call is not None:
+                call.cancel()  # ends the stream on etcd's side too
 
     async def _watch(self) -> None:
         """Fail the stream when its oldest refresh waited past the timeout; a round in which
