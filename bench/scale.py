@@ -152,7 +152,7 @@ class Sampler(threading.Thread):
     def _timed(self, path: str, into: list[float]) -> None:
         start = time.monotonic()
         try:
-            self.api.call("GET", path, timeout=300)
+            self.api.call("GET", path, timeout=120)
             into.append(time.monotonic() - start)
         except (OSError, http.client.HTTPException, ValueError):
             self.errors += 1
@@ -344,7 +344,7 @@ class Scale:
                   interval=self.poll)
         finally:
             sampler.stop.set()
-            sampler.join(330)
+            sampler.join(10)  # a call still in flight is dropped (the thread is a daemon)
         r = self.results
         r["running_s"] = round(time.monotonic() - t0, 1)
         r["master_cpu_s"] = round(cpu_seconds(self.master.pid) - cpu0, 1)
