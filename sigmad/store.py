@@ -465,16 +465,20 @@ class LeaseStream:
     stream each time: ~0.7 ms of CPU, too much for thousands of agents in one process (hollow
     hosts). Here a refresh is one message on an open stream. etcd answers a stream's requests
     one by one, in order, so each reply belongs to the oldest refresh still waiting (checked
-    by lease id). A refresh waiting longer than `timeout`, or a broken stream, fails every
-    waiting refresh with OSError: a transient error, which `Store._call` retries on a new
-    stream (reconnecting if need be). One timer per stream, not one per refresh."""
+    by lease id). A stream that answers nothing for `timeout` while refreshes wait, or that
+    broke, fails every waiting refresh with OSError: a transient error, which `Store._call`
+    retries on a new stream (reconnecting if need be). A stream that answers, however long
+    its queue, is left alone: failing it would send the whole queue again at once (an etcd
+    slowed by a burst of thousands of refreshes would get the same burst back). One timer
+    per stream, not one per refresh."""
 
     def __init__(self, client: aetcd.Client, timeout: float) -> None:
         self.client = client
         self.timeout = timeout
         self.broken = False
         self._outbox: asyncio.Queue[int] = asyncio.Queue()
-        self._waiting: deque[tuple[int, float, asyncio.Future[int]]] = deque()
+        self._waiting: deque[tuple[int, asyncio.Future[int]]] = deque()
+        self._progress = 0.0  # when it last answered, or began to wait after being idle
         self._task = asyncio.create_task(self._run())
         self._watchdog = asyncio.create_task(self._watch())
 
@@ -484,7 +488,9 @@ class LeaseStream:
             raise OSError("the lease keepalive stream broke")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
-        self._waiting.append((lease_id, loop.time(), future))
+        if not self._waiting:
+            self._progress = loop.time()
+        self._waiting.append((lease_id, future))
         self._outbox.put_nowait(lease_id)
         return await future
 
@@ -500,11 +506,13 @@ class LeaseStream:
             await self.client.connect()
             call = self.client.leasestub.LeaseKeepAlive(self._requests(),
                                                         metadata=self.client.metadata)
+            loop = asyncio.get_running_loop()
             async for reply in call:
                 if not self._waiting or self._waiting[0][0] != reply.ID:
                     why = f"the lease keepalive stream answered lease {reply.ID:x} out of turn"
                     return
-                future = self._waiting.popleft()[2]
+                self._progress = loop.time()
+                future = self._waiting.popleft()[1]
                 if not future.done():  # its caller may have been cancelled
                     future.set_result(int(reply.TTL))
         except asyncio.CancelledError:
@@ -518,8 +526,9 @@ class LeaseStream:
                 call.cancel()  # ends the stream on etcd's side too
 
     async def _watch(self) -> None:
-        """Fail the stream when its oldest refresh waited past the timeout; a round in which
-        this process's event loop itself was late does not count (replies may sit unread)."""
+        """Fail the stream when it answered nothing for the timeout while refreshes wait; a
+        round in which this process's event loop itself was late does not count (replies
+        may sit unread)."""
         loop = asyncio.get_running_loop()
         period = self.timeout / 4
         while not self.broken:
@@ -527,14 +536,14 @@ class LeaseStream:
             await asyncio.sleep(period)
             if loop.time() - woke > period / 2:
                 continue
-            if self._waiting and loop.time() - self._waiting[0][1] > self.timeout:
+            if self._waiting and loop.time() - self._progress > self.timeout:
                 self._fail(f"no lease keepalive answer in {self.timeout:g}s")
                 self._task.cancel()
 
     def _fail(self, why: str) -> None:
         self.broken = True
         while self._waiting:
-            future = self._waiting.popleft()[2]
+            future = self._waiting.popleft()[1]
             if not future.done():
                 future.set_exception(OSError(why))
         self._watchdog.cancel()
