@@ -234,5 +234,54 @@ def lab_down(name: str, directory: Path | None) -> None:
                    "nothing to do")
 
 
+@lab.command("hollow")
+@click.option("--hosts", default=100, show_default=True, type=int, help="hollow hosts h1..hN")
+@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True,
+              help="where the engines' sockets (hI.sock) and control.sock go")
+@click.option("--etcd", "etcd_url", default="http://127.0.0.1:2379", show_default=True,
+              help="etcd endpoint(s), comma-separated")
+@click.option("--prefix", default="/sigma/v1", show_default=True, help="etcd key prefix")
+@click.option("--ttl", default=10, show_default=True, type=int, help="heartbeat TTL (s)")
+@click.option("--latency", default="0ms", show_default=True,
+              help="added to each create/start/stop/kill/remove (e.g. 5ms)")
+@click.option("--cpu", default="8", show_default=True, help="cores per host")
+@click.option("--memory", default="32Gi", show_default=True, help="memory per host")
+@click.option("--labels", default="", help="labels of every host: k=v,k2=v2 (plus host=hI)")
+@click.option("--zones", default=0, show_default=True, type=int,
+              help="label zone=zN, hosts round-robin over N zones (0: none)")
+@click.option("--image", "images", multiple=True, default=["sigma/busybox:latest"],
+              show_default=True, help="images every engine has already pulled (repeatable)")
+@click.option("--strict-pulls", is_flag=True,
+              help="pulls of other images fail with manifest unknown (default: they succeed)")
+@click.option("--overlay-cidr", default="10.244.0.0/16", show_default=True,
+              help="the subnet of each engine's sigma network (the master's overlay_cidr)")
+def lab_hollow(hosts: int, directory: Path, etcd_url: str, prefix: str, ttl: int,
+               latency: str, cpu: str, memory: str, labels: str, zones: int,
+               images: tuple[str, ...], strict_pulls: bool, overlay_cidr: str) -> None:
+    """N hollow hosts in one process: a fake Docker engine (in memory) and a real node agent
+    each, for scale runs; a control socket kills, freezes and heals hosts."""
+    from sigmad.lab.hollow_hosts import HollowConfig, run_hollow
+    from sigmad.units import parse_cpu, parse_size
+
+    def parse_labels(text: str) -> dict[str, str]:
+        pairs = [p.partition("=") for p in text.split(",") if p.strip()]
+        if any(not k or not eq for k, eq, _ in pairs):
+            raise click.BadParameter("must be k=v,k2=v2", param_hint="--labels")
+        return {k.strip(): v.strip() for k, _, v in pairs}
+
+    ms = latency.strip().lower()
+    try:
+        seconds = float(ms[:-2]) / 1000 if ms.endswith("ms") else float(ms.rstrip("s"))
+        config = HollowConfig(
+            hosts=hosts, dir=directory.absolute(), etcd=etcd_url.split(","), prefix=prefix,
+            ttl=ttl, latency=seconds, cpu=max(parse_cpu(cpu) // 1000, 1),
+            memory=parse_size(memory), labels=parse_labels(labels), zones=zones,
+            images=images, pull_any=not strict_pulls, overlay_cidr=overlay_cidr,
+        )
+    except (ValueError, SigmaError) as exc:
+        raise click.ClickException(str(getattr(exc, "message", exc))) from None
+    _run(run_hollow(config, click.echo))
+
+
 def main() -> None:
     cli()

@@ -14,17 +14,19 @@ log = logging.getLogger(__name__)
 
 class EtcdProcess:
     """A single-member etcd listening on 127.0.0.1 (and on the extra `hosts` addresses, e.g.
-    a bridge address that other network namespaces reach), with its data under `data_dir`."""
+    a bridge address that other network namespaces reach), with its data under `data_dir`;
+    `extra_args` go to etcd as they are (e.g. a bigger --quota-backend-bytes)."""
 
     def __init__(
         self, data_dir: Path, client_port: int, peer_port: int, name: str = "sigma",
-        hosts: tuple[str, ...] = (),
+        hosts: tuple[str, ...] = (), extra_args: tuple[str, ...] = (),
     ) -> None:
         self.data_dir = data_dir
         self.client_port = client_port
         self.peer_port = peer_port
         self.name = name
         self.hosts = ("127.0.0.1", *(h for h in hosts if h != "127.0.0.1"))
+        self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -47,7 +49,7 @@ class EtcdProcess:
             binary, "--name", self.name, "--data-dir", str(self.data_dir / "data"),
             "--listen-client-urls", urls, "--advertise-client-urls", urls,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"{self.name}={peer}",
+            "--initial-cluster", f"{self.name}={peer}", *self.extra_args,
         ]
         with open(self.data_dir / "etcd.log", "ab") as logfile:
             self.proc = subprocess.Popen(

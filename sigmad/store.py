@@ -22,6 +22,7 @@ import asyncio
 import functools
 import logging
 import random
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
@@ -371,11 +372,14 @@ class EtcdStore(StoreOps):
 
     `fence`, when set, is compared by every write of this instance (commit, create, update,
     put, delete): the leader's controller store carries the leader key as won, so a deposed
-    leader writes nothing and sees `Deposed`; `on_deposed` is then called too."""
+    leader writes nothing and sees `Deposed`; `on_deposed` is then called too.
+
+    `shared_leases`: lease keepalives go over one shared stream (`LeaseStream`), for a
+    process that keeps many leases alive (hollow hosts); otherwise each is its own call."""
 
     def __init__(
         self, endpoints: list[str], prefix: str = "/sigma/v1", retry_for: float = 30.0,
-        rpc_timeout: float = 5.0,
+        rpc_timeout: float = 5.0, shared_leases: bool = False,
     ) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
@@ -388,6 +392,8 @@ class EtcdStore(StoreOps):
         self._outage = False
         self.fence: Guard | None = None
         self.on_deposed: Callable[[], None] | None = None
+        self.shared_leases = shared_leases
+        self._leases: LeaseStream | None = None
 
     def _new_client(self) -> aetcd.Client:
         url = urlsplit(self.endpoints[self._current])
@@ -399,6 +405,8 @@ class EtcdStore(StoreOps):
         )
 
     async def close(self) -> None:
+        if self._leases is not None:
+            await self._leases.close()
         await self._client.close()
 
     async def _reconnect(self, used: aetcd.Client) -> None:
@@ -595,9 +603,24 @@ class EtcdStore(StoreOps):
         return int(lease.id)
 
     async def keepalive(self, lease_id: int) -> bool:
-        """Refresh a lease; False if it has already expired."""
+        """Refresh a lease; False if it has already expired (with `shared_leases`, over the
+        one shared stream)."""
+        if self.shared_leases:
+            ttl = await self._call("lease keepalive",
+                                   lambda c: self._lease_stream(c).refresh(lease_id))
+            return ttl > 0
         reply = await self._call("lease keepalive", lambda c: c.refresh_lease(lease_id))
         return reply is not None and reply.TTL > 0
+
+    def _lease_stream(self, client: aetcd.Client) -> LeaseStream:
+        """The keepalive stream on `client`, (re)opened if it is on an older client or
+        broke."""
+        stream = self._leases
+        if stream is None or stream.client is not client or stream.broken:
+            if stream is not None:
+                stream.abandon()
+            stream = self._leases = LeaseStream(client, self.rpc_timeout)
+        return stream
 
     async def revoke(self, lease_id: int) -> None:
         """End a lease now: its keys are deleted. A lease already gone is fine."""
@@ -606,6 +629,106 @@ class EtcdStore(StoreOps):
         except (aetcd.exceptions.ClientError, StoreUnavailable) as exc:
             if "not found" not in str(exc):
                 raise
+
+
+class LeaseStream:
+    """ONE long-lived gRPC LeaseKeepAlive stream that many leases share.
+
+    A refresh of one lease through its own call (aetcd's `refresh_lease`) opens and closes a
+    stream each time: ~0.7 ms of CPU, too much for thousands of agents in one process (hollow
+    hosts). Here a refresh is one message on an open stream. etcd answers a stream's requests
+    one by one, in order, so each reply belongs to the oldest refresh still waiting (checked
+    by lease id). A stream that answers nothing for `timeout` while refreshes wait, or that
+    broke, fails every waiting refresh with OSError: a transient error, which `Store._call`
+    retries on a new stream (reconnecting if need be). A stream that answers, however long
+    its queue, is left alone: failing it would send the whole queue again at once (an etcd
+    slowed by a burst of thousands of refreshes would get the same burst back). One timer
+    per stream, not one per refresh."""
+
+    def __init__(self, client: aetcd.Client, timeout: float) -> None:
+        self.client = client
+        self.timeout = timeout
+        self.broken = False
+        self._outbox: asyncio.Queue[int] = asyncio.Queue()
+        self._waiting: deque[tuple[int, asyncio.Future[int]]] = deque()
+        self._progress = 0.0  # when it last answered, or began to wait after being idle
+        self._task = asyncio.create_task(self._run())
+        self._watchdog = asyncio.create_task(self._watch())
+
+    async def refresh(self, lease_id: int) -> int:
+        """The lease's TTL after a refresh (0: it has expired)."""
+        if self.broken:
+            raise OSError("the lease keepalive stream broke")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        if not self._waiting:
+            self._progress = loop.time()
+        self._waiting.append((lease_id, future))
+        self._outbox.put_nowait(lease_id)
+        return await future
+
+    async def _requests(self) -> AsyncIterator[Any]:
+        while True:
+            lease_id = await self._outbox.get()
+            yield aetcd.rpc.LeaseKeepAliveRequest(ID=lease_id)
+
+    async def _run(self) -> None:
+        why = "the lease keepalive stream ended"
+        call = None
+        try:
+            await self.client.connect()
+            call = self.client.leasestub.LeaseKeepAlive(self._requests(),
+                                                        metadata=self.client.metadata)
+            loop = asyncio.get_running_loop()
+            async for reply in call:
+                if not self._waiting or self._waiting[0][0] != reply.ID:
+                    why = f"the lease keepalive stream answered lease {reply.ID:x} out of turn"
+                    return
+                self._progress = loop.time()
+                future = self._waiting.popleft()[1]
+                if not future.done():  # its caller may have been cancelled
+                    future.set_result(int(reply.TTL))
+        except asyncio.CancelledError:
+            why = "the lease keepalive stream was closed"
+            raise
+        except Exception as exc:  # a broken channel: the waiters retry on a new stream
+            why = f"the lease keepalive stream broke: {_short(exc)}"
+        finally:
+            self._fail(why)
+            if call is not None:
+                call.cancel()  # ends the stream on etcd's side too
+
+    async def _watch(self) -> None:
+        """Fail the stream when it answered nothing for the timeout while refreshes wait; a
+        round in which this process's event loop itself was late does not count (replies
+        may sit unread)."""
+        loop = asyncio.get_running_loop()
+        period = self.timeout / 4
+        while not self.broken:
+            woke = loop.time() + period
+            await asyncio.sleep(period)
+            if loop.time() - woke > period / 2:
+                continue
+            if self._waiting and loop.time() - self._progress > self.timeout:
+                self._fail(f"no lease keepalive answer in {self.timeout:g}s")
+                self._task.cancel()
+
+    def _fail(self, why: str) -> None:
+        self.broken = True
+        while self._waiting:
+            future = self._waiting.popleft()[1]
+            if not future.done():
+                future.set_exception(OSError(why))
+        self._watchdog.cancel()
+
+    def abandon(self) -> None:
+        """Stop using it: its waiters fail (and retry elsewhere), its call is cancelled."""
+        self._task.cancel()
+        self._fail("the lease keepalive stream was replaced")
+
+    async def close(self) -> None:
+        self.abandon()
+        await asyncio.gather(self._task, self._watchdog, return_exceptions=True)
 
 
 def _interrupted() -> bool:

@@ -54,14 +54,18 @@ def node_record(config: NodeConfig, info: dict[str, object], draining: bool) -> 
 
 
 class Agent:
-    """Keeps the node record current and the heartbeat lease alive."""
+    """Keeps the node record current and the heartbeat lease alive.
 
-    def __init__(self, config: NodeConfig, store: Store) -> None:
+    `overlay=False` leaves out the overlay work (engine network, tunnel, FDB): hollow hosts
+    (sigmad.lab.hollow_hosts) run thousands of agents in one process and have no kernel
+    side to program."""
+
+    def __init__(self, config: NodeConfig, store: Store, overlay: bool = True) -> None:
         self.config = config
         self.store = store
         # Only this cluster's containers: an engine may be shared.
         self.engine = DockerEngine(config.engine, cluster=config.etcd.prefix)
-        self.tunnels = TunnelKeeper(config, store, self.engine)
+        self.tunnels = TunnelKeeper(config, store, self.engine) if overlay else None
         self.events = EventLog(store)
         self.lease = 0
 
@@ -121,6 +125,8 @@ class Agent:
             await asyncio.sleep(ttl / 3)
 
     async def _engine_answers(self) -> bool:
+        """Whether the engine answers a ping within a third of the TTL (hollow hosts
+        override it with an in-process check)."""
         try:
             await asyncio.wait_for(self.engine.ping(), self.config.heartbeat_ttl / 3)
         except (EngineError, TimeoutError):
@@ -132,6 +138,8 @@ class Agent:
         deleted) while it was gone, and bring the tunnel's FDB in line with etcd, so the
         overlay never has two holders of one IP."""
         await self.remove_stale()
+        if self.tunnels is None:
+            return
         try:
             await self.tunnels.setup()
             await self.tunnels.sync()
@@ -169,7 +177,10 @@ class Agent:
         events = asyncio.create_task(self.events.run())
         try:
             await self.register()
-            await asyncio.gather(self.heartbeat(), self.tunnels.run())
+            if self.tunnels is None:
+                await self.heartbeat()
+            else:
+                await asyncio.gather(self.heartbeat(), self.tunnels.run())
         finally:
             events.cancel()
             await asyncio.gather(events, return_exceptions=True)
