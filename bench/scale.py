@@ -12,8 +12,8 @@ image every hollow engine has, no readiness probe); then measures, printing prog
 - master_cpu_s (during that burst), master_rss_mb (VmHWM), master_rest_pct (CPU at rest over
   30 s, % of one core);
 - etcd_db_mb: etcd's database file;
-- get_p99_s / list_p99_s (and p50s): GET /v1/apps/{ns}/{app} and GET /v1/instances, sampled
-  back to back from a thread during the burst;
+- get_p99_s / list_p99_s (and p50s): GET /v1/apps/{ns}/{app} every 0.1 s and GET
+  /v1/instances every 2 s, each from a thread of its own, during the burst;
 - failover_s: after killing K hollow hosts (power loss), until all their instances are
   Running on other nodes.
 
@@ -58,6 +58,7 @@ T = TypeVar("T")
 IMAGE = "sigma/busybox:latest"
 NAMESPACE = "scale"
 MAX_REPLICAS = 1000  # per app
+GET_EVERY, LIST_EVERY = 0.1, 2.0  # seconds between the sampler's calls
 OVERLAY = "10.64.0.0/10"  # room for 4M instance IPs (a /16 holds 65k)
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -136,11 +137,13 @@ class Api:
         return sum(1 for n in items if n["status"] == "Ready")
 
 
-class Sampler(threading.Thread):
-    """GET one app and list all instances, back to back, until stopped; latencies kept."""
+class Sampler:
+    """GET one app every GET_EVERY seconds and list all instances every LIST_EVERY seconds
+    (each from a thread of its own, so a slow list does not delay the gets), until stopped;
+    latencies kept. A dashboard's pace, not a flood: a list of every instance is tens of MB
+    at this scale."""
 
     def __init__(self, api: Api, apps: list[str], deadline: float) -> None:
-        super().__init__(daemon=True)
         self.api = api
         self.apps = apps
         self.deadline = deadline
@@ -148,6 +151,16 @@ class Sampler(threading.Thread):
         self.get: list[float] = []
         self.list: list[float] = []
         self.errors = 0
+        self.threads = [threading.Thread(target=self._gets, daemon=True),
+                        threading.Thread(target=self._lists, daemon=True)]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def join(self, timeout: float) -> None:
+        for t in self.threads:
+            t.join(timeout)
 
     def _timed(self, path: str, into: list[float]) -> None:
         start = time.monotonic()
@@ -158,13 +171,20 @@ class Sampler(threading.Thread):
             self.errors += 1
             self.stop.wait(0.5)
 
-    def run(self) -> None:
+    def _every(self, seconds: float, call: Callable[[int], None]) -> None:
         n = 0
         while not self.stop.is_set() and time.monotonic() < self.deadline:
-            self._timed(f"/v1/apps/{NAMESPACE}/{self.apps[n % len(self.apps)]}", self.get)
-            if n % 5 == 0:
-                self._timed("/v1/instances", self.list)
+            begun = time.monotonic()
+            call(n)
             n += 1
+            self.stop.wait(max(0.0, seconds - (time.monotonic() - begun)))
+
+    def _gets(self) -> None:
+        self._every(GET_EVERY, lambda n: self._timed(
+            f"/v1/apps/{NAMESPACE}/{self.apps[n % len(self.apps)]}", self.get))
+
+    def _lists(self) -> None:
+        self._every(LIST_EVERY, lambda n: self._timed("/v1/instances", self.list))
 
 
 def spec(app: str, replicas: int) -> str:
@@ -222,7 +242,8 @@ class Scale:
             "listen": f"127.0.0.1:{self.port}", "token": self.token, "id": "scale",
             "etcd": {"endpoints": [self.etcd.endpoint], "prefix": self.prefix},
             "reconcile_interval": a.reconcile_interval, "overlay_cidr": OVERLAY,
-            "leader_ttl": a.leader_ttl,
+            "leader_ttl": a.leader_ttl, "workers": a.workers,
+            "engine_parallel": a.engine_parallel,
         }))
         self.master = self._spawn([sys.executable, "-m", "sigmad", "master", "--config",
                                    str(config)], "master.log", more_files=True)
@@ -452,7 +473,8 @@ one etcd member, the master and the hollow hosts on the same machine), in one ru
 ```
 python bench/scale.py --hosts {args.hosts} --instances {args.instances} --ttl {args.ttl} \\
     --latency {args.latency} --reconcile-interval {args.reconcile_interval} \\
-    --leader-ttl {args.leader_ttl}
+    --leader-ttl {args.leader_ttl} --workers {args.workers} \\
+    --engine-parallel {args.engine_parallel}
 ```
 
 | Metric | Result |
@@ -464,8 +486,9 @@ python bench/scale.py --hosts {args.hosts} --instances {args.instances} --ttl {a
   to each create/start/stop) and {args.hosts} real node agents in one process; heartbeat TTL
   {args.ttl} s. Apps of at most {MAX_REPLICAS} replicas of one container (request 10m cpu,
   16Mi memory, no readiness probe), applied 50 apps per call.
-- Latencies are sampled back to back from one thread while the instances start (one list for
-  every five gets); "Running" is counted from the instance records in etcd every
+- Latencies are sampled while the instances start: a get of one app every {GET_EVERY:g} s and
+  a list of every instance every {LIST_EVERY:g} s, each from a thread of its own (a slow list
+  does not delay the gets); "Running" is counted from the instance records in etcd every
   {min(max(args.instances / 5000, 2.0), 10.0):g} s.
 - Failover: the killed hosts lose power (agent gone, engine dead); their instances wait for
   the heartbeat lease to lapse (the TTL), then are placed again and started elsewhere.
@@ -505,7 +528,11 @@ def main() -> None:
     parser.add_argument("--cpu", type=int, default=8, help="cores per hollow host")
     parser.add_argument("--memory", default="32Gi", help="memory per hollow host")
     parser.add_argument("--kill", type=int, default=50, help="hosts killed for the failover")
-    parser.add_argument("--reconcile-interval", type=float, default=2.0)
+    parser.add_argument("--reconcile-interval", type=float, default=300.0,
+                        help="the master's resync period (s)")
+    parser.add_argument("--workers", type=int, default=256, help="the master's workers")
+    parser.add_argument("--engine-parallel", type=int, default=8,
+                        help="the master's steps at once on one engine")
     parser.add_argument("--leader-ttl", type=int, default=5,
                         help="the master's leader lease TTL (s); a master whose event loop is "
                         "busy longer than a third of it loses the lease")

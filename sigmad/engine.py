@@ -52,7 +52,8 @@ UNCAPPED_MEMORY = (1 << 63) - 4096  # cgroup v1's "no limit", as a live update c
 API_VERSION = "1.41"  # the newest Engine API this client speaks (Docker 20.10)
 REQUEST_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 5.0
-IDLE_CONNECTIONS = 16  # kept-alive connections per engine
+CONNECTIONS = 2  # kept-alive connections per engine (thousands of engines: file limits)
+SEND_BUFFER = 1 << 16  # bytes buffered for sending before a request waits for them to go
 _EXIT_STATUS = re.compile(r"^Exited \((-?\d+)\)")
 
 
@@ -273,7 +274,18 @@ class _Conn:
 
     async def send(self, head: bytes, body: bytes) -> None:
         self.writer.write(head + body)
-        await self.writer.drain()
+        if self.writer.transport.get_write_buffer_size() > SEND_BUFFER:
+            await self.writer.drain()
+
+    async def answer(self) -> tuple[int, dict[bytes, bytes], bytes]:
+        """The next whole answer: status, headers and body (one coroutine for the common
+        case of a Content-Length body: this is every engine call's path)."""
+        status, headers = await self.head()
+        length = headers.get(b"content-length")
+        if length is not None and status >= 200 and status not in (204, 304):
+            return status, headers, await self.reader.readexactly(int(length)) \
+                if length != b"0" else b""
+        return status, headers, b"".join([c async for c in self.chunks(status, headers)])
 
     async def head(self) -> tuple[int, dict[bytes, bytes]]:
         """The status and headers (names lower-cased) of the next answer."""
@@ -308,6 +320,18 @@ class _Conn:
                 yield data
 
 
+_PLAIN = re.compile(r"^[A-Za-z0-9._/-]*$")
+
+
+def _query(params: dict[str, Any] | None) -> str:
+    """`?k=v&…` of `params` (plain names and numbers go as they are: the common case)."""
+    if not params:
+        return ""
+    if all(_PLAIN.match(str(v)) for v in params.values()):
+        return "?" + "&".join(f"{k}={v}" for k, v in params.items())
+    return "?" + urlencode(params)
+
+
 class _Http:
     """A minimal HTTP/1.1 client for one engine (see the module docstring)."""
 
@@ -317,6 +341,7 @@ class _Http:
         self.unix = parts.path if parts.scheme == "unix" else ""
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 2375
         self.idle: list[_Conn] = []
+        self.slots = asyncio.Semaphore(CONNECTIONS)  # requests in flight (streams aside)
         self.prefix = ""  # "/v1.41" once negotiated
 
     def unreachable(self, exc: BaseException) -> EngineError:
@@ -333,8 +358,9 @@ class _Http:
         return _Conn(reader, writer)
 
     async def _version(self) -> str:
+        """The API version prefix ("/v1.41"): the engine's, or ours if it is older."""
         if not self.prefix:
-            answer = await self._exchange("GET", "/version", b"", REQUEST_TIMEOUT)
+            answer = await self._exchange("GET", "/version", b"")
             if answer.status != 200:
                 raise EngineError(f"{self.url}: /version answered {answer.status}: "
                                   f"{answer.message()}", answer.status)
@@ -349,16 +375,19 @@ class _Http:
             lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
         return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
-    async def _exchange(self, method: str, path: str, body: bytes,
-                        timeout: float | None) -> _Answer:
-        """One request and its whole answer on a kept-alive connection."""
+    async def _exchange(self, method: str, path: str, body: bytes) -> _Answer:
+        """One request and its whole answer on a kept-alive connection (at most CONNECTIONS
+        at once: more wait for one, rather than open and close connections)."""
+        async with self.slots:
+            return await self._exchange_on_a_connection(method, path, body)
+
+    async def _exchange_on_a_connection(self, method: str, path: str, body: bytes) -> _Answer:
         for attempt in (0, 1):
             reused = bool(self.idle)
             conn = self.idle.pop() if reused else await self._connect()
             try:
                 await conn.send(self._head(method, path, body), body)
-                status, headers = await asyncio.wait_for(conn.head(), timeout)
-                data = b"".join([c async for c in conn.chunks(status, headers)])
+                status, headers, data = await conn.answer()
             except (asyncio.IncompleteReadError, ConnectionError) as exc:
                 conn.close()
                 if reused and attempt == 0:
@@ -370,8 +399,7 @@ class _Http:
             except BaseException:
                 conn.close()
                 raise
-            if headers.get(b"connection", b"").lower() == b"close" or \
-                    len(self.idle) >= IDLE_CONNECTIONS:
+            if headers.get(b"connection", b"").lower() == b"close":
                 conn.close()
             else:
                 self.idle.append(conn)
@@ -381,10 +409,11 @@ class _Http:
     async def request(self, method: str, path: str, params: dict[str, Any] | None = None,
                       body: Any = None, timeout: float | None = REQUEST_TIMEOUT) -> _Answer:
         """One call (`body` sent as JSON); its answer, whatever the status."""
-        target = await self._version() + path + (f"?{urlencode(params)}" if params else "")
         data = b"" if body is None else orjson.dumps(body)
         try:
-            return await asyncio.wait_for(self._exchange(method, target, data, None), timeout)
+            async with asyncio.timeout(timeout):  # (no task of its own, as wait_for makes)
+                target = (self.prefix or await self._version()) + path + _query(params)
+                return await self._exchange(method, target, data)
         except TimeoutError:
             raise self.unreachable(TimeoutError(f"no answer in {timeout:g}s")) from None
 
@@ -392,7 +421,12 @@ class _Http:
                     what: str) -> AsyncGenerator[dict[str, Any], None]:
         """A streamed answer's JSON lines, on a connection of its own; an error status, or
         a failure on the way, becomes an EngineError naming `what`."""
-        target = await self._version() + path + f"?{urlencode(params)}"
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                target = self.prefix or await self._version()
+        except TimeoutError:
+            raise self.unreachable(TimeoutError("no answer to /version")) from None
+        target += path + _query(params)
         conn = await self._connect()
         try:
             await conn.send(self._head(method, target, b""), b"")

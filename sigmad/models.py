@@ -13,8 +13,9 @@ Invariants:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
 from sigmad.reasons import NODE_LOST, Kill, Reason, State
 from sigmad.spec import AppSpec, Resources
@@ -31,6 +32,21 @@ R = TypeVar("R")
 def now() -> float:
     """Wall-clock seconds; records carry wall time so operators can read them."""
     return time.time()
+
+
+class _once(Generic[R]):
+    """A property computed on first use and kept in the instance's __dict__ (as
+    functools.cached_property, without its lock: records live on one event loop)."""
+
+    def __init__(self, fn: Callable[[Any], R]) -> None:
+        self.fn = fn
+        self.name = fn.__name__
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, obj: Any, owner: type | None = None) -> R:
+        value = self.fn(obj)
+        obj.__dict__[self.name] = value
+        return value
 
 
 @dataclass
@@ -142,17 +158,19 @@ class Instance:
     created: float = 0.0
     updated: float = 0.0
 
-    @property
+    # Derived names, computed once (namespace, app and index never change; a cached value
+    # is not a field: it is neither encoded nor compared).
+    @_once
     def name(self) -> str:
         """The stable name `APP-INDEX`."""
         return f"{self.app}-{self.index}"
 
-    @property
+    @_once
     def key(self) -> str:
         """`namespace/APP-INDEX`, the value of the `sigma.instance` container label."""
         return f"{self.namespace}/{self.name}"
 
-    @property
+    @_once
     def app_key(self) -> str:
         """`namespace/app`."""
         return f"{self.namespace}/{self.app}"

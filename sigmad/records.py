@@ -56,12 +56,12 @@ def _converter(hint: Any) -> Convert:
     if origin is list:
         item = _converter(typing.get_args(hint)[0])
         if item is _same:
-            return lambda v: None if v is None else list(v)
+            return _same
         return lambda v: None if v is None else [item(x) for x in v]
     if origin is dict:
         value = _converter(typing.get_args(hint)[1])
         if value is _same:
-            return lambda v: None if v is None else dict(v)
+            return _same
         return lambda v: None if v is None else {k: value(x) for k, x in v.items()}
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return lambda v: None if v is None else from_dict(hint, v)
@@ -70,16 +70,40 @@ def _converter(hint: Any) -> Convert:
     return _same
 
 
+_MISSING: Any = dataclasses.MISSING
+
+
 @cache
-def _fields(cls: Any) -> list[tuple[str, Convert]]:
+def _fields(cls: Any) -> list[tuple[str, Convert | None, Any, Any]]:
+    """Per field: its name, its converter (None: the JSON value is the value), its default
+    and its default factory."""
     hints = typing.get_type_hints(cls)
-    return [(f.name, _converter(hints[f.name])) for f in dataclasses.fields(cls)]
+    out = []
+    for f in dataclasses.fields(cls):
+        convert = _converter(hints[f.name])
+        out.append((f.name, None if convert is _same else convert, f.default,
+                    f.default_factory))
+    return out
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Build `cls` from a dict; keys the record does not know are ignored (newer writers)."""
-    fields = _fields(cls)  # type: ignore[arg-type]
-    return cls(**{name: convert(data[name]) for name, convert in fields if name in data})
+    """Build `cls` from a dict (parsed JSON, which it takes over: its lists and dicts become
+    the record's); keys the record does not know are ignored (newer writers), missing ones
+    take their defaults. Built without __init__ (records have no __post_init__): decoding
+    is on the hot path of every master's cache."""
+    record = object.__new__(cls)
+    values = record.__dict__
+    for name, convert, default, factory in _fields(cls):  # type: ignore[arg-type]
+        if name in data:
+            value = data[name]
+            values[name] = value if convert is None else convert(value)
+        elif factory is not _MISSING:
+            values[name] = factory()
+        elif default is not _MISSING:
+            values[name] = default
+        else:
+            raise TypeError(f"{cls.__name__}: the field {name!r} is missing")
+    return record
 
 
 def dumps(record: Any) -> bytes:

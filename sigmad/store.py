@@ -137,6 +137,7 @@ class Versioned(Generic[T]):
     value: T
     mod_revision: int
     raw: bytes = b""
+    shown: bytes = b""  # the API's JSON of it, made on first use (sigmad.api.views)
 
 
 @dataclass(frozen=True)

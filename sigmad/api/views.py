@@ -74,9 +74,11 @@ def apps(cache: Cache, namespace: str = "") -> list[dict[str, Any]]:
 
 
 def instance_json(v: Versioned[Instance]) -> bytes:
-    """The record's own JSON with its name added."""
-    raw = v.raw or records.dumps(v.value)
-    return b'{"name":' + json.dumps(v.value.name).encode() + b"," + raw[1:]
+    """The record's own JSON with its name added (made once per version of the record)."""
+    if not v.shown:
+        raw = v.raw or records.dumps(v.value)
+        v.shown = b'{"name":' + json.dumps(v.value.name).encode() + b"," + raw[1:]
+    return v.shown
 
 
 def instance_view(inst: Instance) -> dict[str, Any]:

@@ -70,7 +70,10 @@ class Controller:
         self.events = EventLog(store)
         self.pending: set[str] = set()  # instances for the scheduler
         self.taken: set[str] = set()  # claimed overlay IPs
-        self.steps: dict[Key, tuple[asyncio.Task[None], str]] = {}  # engine steps by node
+        self.steps: dict[Key, tuple[asyncio.Task[None], str]] = {}  # worker, node it is on
+        self.abandoned: set[Key] = set()  # steps cancelled because their node is lost
+        self.own: dict[str, Instance] = {}  # records a step is writing now (key → record)
+        self.dependents: dict[str, set[str]] = {}  # `ns/app` → the apps that depend on it
         self.scheduling = asyncio.Event()
         self.rng = random.Random()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -82,6 +85,8 @@ class Controller:
         await self.cache.synced.wait()
         self.cache.subscribe(self._changed)
         self.taken = {k.rsplit("/", 1)[-1] for k in self.cache.table(IPS)}
+        for a in self.cache.apps().values():
+            self._note_dependencies(None, a.value)
         for v in self.cache.nodes().values():
             self._watch_engine(v.value)
         self._enqueue_all(low=False)
@@ -102,15 +107,18 @@ class Controller:
             await self.engines.close()
 
     async def _worker(self) -> None:
+        me = asyncio.current_task()
+        assert me is not None
         while True:
             key = await self.queue.get()
-            task = asyncio.create_task(self._sync(key))
             try:
-                await task
+                await self._sync(key)
                 self.queue.forget(key)
             except asyncio.CancelledError:
-                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                    raise
+                if key not in self.abandoned:
+                    raise  # the controller stops
+                self.abandoned.discard(key)
+                me.uncancel()
                 log.info("%s: abandoned (its node is lost)", "/".join(key[1:]))
                 self.queue.add_rate_limited(key)
             except Conflict:
@@ -180,8 +188,12 @@ class Controller:
 
     def _instance_changed(self, key: str, old: Versioned[Instance] | None,
                           new: Versioned[Instance] | None) -> None:
-        self.queue.add(("inst", key))
         inst = (new or old).value  # type: ignore[union-attr]
+        # A step's own write needs no step of its own, and a Pending instance waits for
+        # the scheduler: neither is queued (each would be a sync that finds nothing to do).
+        if new is None or (self.own.get(key) is not new.value
+                           and new.value.state != State.PENDING):
+            self.queue.add(("inst", key))
         app = self.cache.app(inst.app_key)
         if new is None or old is None:
             self.queue.add(("app", self.keys.app(inst.namespace, inst.app)))
@@ -207,6 +219,7 @@ class Controller:
                      new: Versioned[AppRecord] | None) -> None:
         self.queue.add(("app", key))
         app = (new or old).value  # type: ignore[union-attr]
+        self._note_dependencies(old.value if old else None, new.value if new else None)
         if old is None or new is None or old.value.spec != new.value.spec:
             for ikey, v in self.cache.instances_of(app.spec.key).items():
                 self.queue.add(("inst", ikey))
@@ -217,19 +230,30 @@ class Controller:
 
     def _wake_dependents(self, namespace: str, app: str) -> None:
         """Queue the instances of apps that depend on `app` (their hold may be over)."""
-        for v in self.cache.apps().values():
-            spec = v.value.spec
-            if spec.namespace == namespace and app in spec.depends_on:
-                for ikey in self.cache.instances_of(spec.key):
-                    self.queue.add(("inst", ikey))
+        for dependent in self.dependents.get(f"{namespace}/{app}", ()):
+            for ikey in self.cache.instances_of(dependent):
+                self.queue.add(("inst", ikey))
+
+    def _note_dependencies(self, old: AppRecord | None, new: AppRecord | None) -> None:
+        """Keep `dependents` in step with an app's depends_on."""
+        for rec, add in ((old, False), (new, True)):
+            if rec is None:
+                continue
+            for dep in rec.spec.depends_on:
+                deps = self.dependents.setdefault(f"{rec.spec.namespace}/{dep}", set())
+                if add:
+                    deps.add(rec.spec.key)
+                else:
+                    deps.discard(rec.spec.key)
 
     def _readiness_changed(self, name: str, ready: bool) -> None:
         self.events.emit("node", "", name, "", "node Ready" if ready else
                          "node NotReady: heartbeat lost", warning=not ready)
         if not ready:
-            for task, node in list(self.steps.values()):
-                if node == name and not task.done():
-                    task.cancel()
+            for key, (task, node) in list(self.steps.items()):
+                if node == name and key not in self.abandoned:
+                    self.abandoned.add(key)
+                    task.cancel()  # the worker that runs the step carries on with others
         else:
             watch = self.watches.get(name)
             if watch is not None:  # it may hold strays: look again now
@@ -438,12 +462,17 @@ class Controller:
             self._emit(t.new, message, warning)
 
     async def _save(self, v: Versioned[Instance], work: Instance) -> None:
-        """Write what a step changed, if anything."""
+        """Write what a step changed, if anything (the step says itself when it needs to
+        step again: `_revisit`)."""
         if _fingerprint(work) == _fingerprint(v.value):
             return
         work.updated = now()
-        if not await self.writer.write(self.writes.update_instance(v, work)):
-            raise Conflict(f"{work.key}: record changed meanwhile")
+        self.own[v.key] = work
+        try:
+            if not await self.writer.write(self.writes.update_instance(v, work)):
+                raise Conflict(f"{work.key}: record changed meanwhile")
+        finally:
+            self.own.pop(v.key, None)
 
     def _revisit(self, key: Key, inst: Instance, hold: str) -> None:
         """Step again when this instance needs it: when its restart back-off ends, or soon
@@ -478,9 +507,10 @@ class Controller:
                 for k, v in self.cache.apps().items()}
         result = await binder.schedule(self.cache, self.writer, self.writes, apps,
                                        sorted(self.pending), self.rng, max_rounds=1)
-        for ikey, node in result.scheduled.items():
+        for ikey, (node, ip) in result.scheduled.items():
             ns, name = ikey.split("/", 1)
-            self.events.emit("instance", ns, name, name.rsplit("-", 1)[0], f"scheduled on {node}")
+            self.events.emit("instance", ns, name, name.rsplit("-", 1)[0],
+                             f"scheduled on {node} (IP {ip})")
         for ikey, reason in result.pending.items():
             ns, name = ikey.split("/", 1)
             self.events.emit("instance", ns, name, name.rsplit("-", 1)[0], f"Pending: {reason}",

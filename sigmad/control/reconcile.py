@@ -59,8 +59,8 @@ def sync_app(writes: Writes, app: AppRecord | None, instances: Mapping[str, Vers
         fresh, claim = ip_change(writes, inst, app, net, taken)
         inst = fresh or inst
         plan.changes.append(writes.create_instance(inst) + claim)
-        plan.events.append((inst, f"created with IP {inst.ip}" if inst.ip else
-                            f"created: {inst.reason}", not inst.ip))
+        if not inst.ip:  # (with one, "scheduled on NODE (IP …)" tells it next)
+            plan.events.append((inst, f"created: {inst.reason}", True))
     return plan
 
 

@@ -40,7 +40,7 @@ class BindResult:
     unplaced: int = 0  # instances left waiting because no node fits
     conflicts: int = 0  # changes that lost (their instances are re-planned next round)
     rounds: int = 0  # snapshots planned from
-    scheduled: dict[str, str] = field(default_factory=dict)  # instance `ns/app-i` → node
+    scheduled: dict[str, tuple[str, str]] = field(default_factory=dict)  # `ns/app-i` → node, IP
     pending: dict[str, str] = field(default_factory=dict)  # instance → new waiting reason
 
     def add(self, other: BindResult) -> None:
@@ -195,7 +195,7 @@ async def commit(writer: Writer, writes: Writes, snapshot: Snapshot,
                 result.conflicts += 1
                 return
             result.placed += len(piece)
-            result.scheduled.update((b.new.key, b.node) for b in piece if b.node)
+            result.scheduled.update((b.new.key, (b.node, b.new.ip)) for b in piece if b.node)
 
     async def explain(old: Versioned[Instance], new: Instance) -> None:
         if await writer.write(writes.update_instance(old, new)):

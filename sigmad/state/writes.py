@@ -14,6 +14,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,10 +22,11 @@ from typing import Any
 
 from sigmad.models import AppRecord, Instance, Node, NodeLock, Owner
 from sigmad.state.cache import Cache
-from sigmad.store import MAX_TXN_OPS, Guard, Keys, Op, Store, Versioned, batches
+from sigmad.store import MAX_TXN_OPS, Guard, Keys, Op, Store, Versioned
 
 log = logging.getLogger(__name__)
-IN_FLIGHT = 8  # transactions the Writer has in flight at once
+IN_FLIGHT = 2  # transactions the Writer has in flight at once
+FULL, LINGER = 32, 0.003  # fewer changes than FULL wait LINGER s for more while one is in flight
 
 
 @dataclass
@@ -129,9 +131,11 @@ class Writer:
     def __init__(self, store: Store, cache: Cache | None, in_flight: int = IN_FLIGHT) -> None:
         self.store = store
         self.cache = cache
-        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.pending: collections.deque[_Pending] = collections.deque()
+        self.arrived = asyncio.Event()
         self.gate = asyncio.Semaphore(in_flight)
         self.transactions = 0
+        self.changes = 0
         self.conflicts = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -141,26 +145,50 @@ class Writer:
         if g + 1 > MAX_TXN_OPS or o > MAX_TXN_OPS:
             raise ValueError(f"a change of {g} guards and {o} ops does not fit a transaction")
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait(_Pending(change, done))
+        self.pending.append(_Pending(change, done))
+        self.arrived.set()
         return await done
 
     async def run(self) -> None:
-        """Send what is queued until cancelled."""
+        """Send what is queued until cancelled: a transaction whenever one of the IN_FLIGHT
+        slots is free, with as many changes as have queued up by then (so under load the
+        transactions fill up, and when idle a change goes at once). Each transaction costs
+        the leader ~0.3 ms of CPU on top of its changes: few full ones beat many small."""
         try:
             while True:
-                first = await self.queue.get()
-                todo = [first]
-                while not self.queue.empty():
-                    todo.append(self.queue.get_nowait())
-                for chunk in _packed(todo):
-                    await self.gate.acquire()
-                    task = asyncio.create_task(self._send(chunk))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                await self.gate.acquire()
+                while not self.pending:
+                    self.arrived.clear()
+                    await self.arrived.wait()
+                if len(self.pending) < FULL and len(self._tasks):  # busy: let more gather
+                    await asyncio.sleep(LINGER)
+                task = asyncio.create_task(self._send(self._take()))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
         finally:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _take(self) -> list[_Pending]:
+        """The longest run of queued changes that fits one transaction: at most MAX_TXN_OPS
+        guards (one kept for the fence) and ops, and no key written twice (etcd refuses a
+        duplicate key in one transaction)."""
+        chunk: list[_Pending] = []
+        guards = ops = 0
+        keys: set[str] = set()
+        while self.pending:
+            p = self.pending[0]
+            g, o = p.change.cost()
+            mine = {op.key for op in p.change.ops}
+            if chunk and (guards + g > MAX_TXN_OPS - 1 or ops + o > MAX_TXN_OPS
+                          or not keys.isdisjoint(mine)):
+                break
+            chunk.append(self.pending.popleft())
+            guards, ops = guards + g, ops + o
+            keys |= mine
+        self.changes += len(chunk)
+        return chunk
 
     async def _send(self, chunk: list[_Pending]) -> None:
         try:
@@ -195,24 +223,6 @@ class Writer:
         elif not revision:
             self.conflicts += 1
         return revision
-
-
-def _packed(todo: list[_Pending]) -> list[list[_Pending]]:
-    """Changes in transactions of bounded size, none writing a key another one of its
-    transaction writes (etcd refuses a duplicate key in one transaction)."""
-    out: list[list[_Pending]] = []
-    for chunk in batches(todo, lambda p: p.change.cost()):
-        seen: set[str] = set()
-        part: list[_Pending] = []
-        for p in chunk:
-            keys = {op.key for op in p.change.ops}
-            if keys & seen:
-                out.append(part)
-                part, seen = [], set()
-            part.append(p)
-            seen |= keys
-        out.append(part)
-    return out
 
 
 def _resolve(done: asyncio.Future[Any], value: int) -> None:
