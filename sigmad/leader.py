@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sigmad import records
-from sigmad.store import EtcdStore, Guard, Store, WatchCompacted
+from sigmad.store import EtcdStore, Guard, LeaseKeeper, Store, WatchCompacted
 
 log = logging.getLogger(__name__)
 Lead = Callable[[], Coroutine[Any, Any, None]]
@@ -66,7 +66,7 @@ class Elector:
     it, with `fenced` (the controller's store) fenced by the key as won."""
 
     def __init__(self, store: Store, fenced: Store, master_id: str, api: str, ttl: int,
-                 watcher: Store | None = None) -> None:
+                 watcher: Store | None = None, keep_in_thread: bool = False) -> None:
         self.store = store
         self.fenced = fenced
         self.keys = store.keys
@@ -80,6 +80,8 @@ class Elector:
         self._stale: list[int] = []  # leases lost while etcd was unreachable: revoke later
         self._said = ""
         self.watcher = watcher
+        self.keep_in_thread = keep_in_thread  # renew the lease from a thread (LeaseKeeper)
+        self.beat = time.monotonic()  # when this loop last turned (the keeper's check)
         fenced.fence = self._never()
         fenced.on_deposed = self._deposed.set
 
@@ -145,11 +147,37 @@ class Elector:
 
     async def _hold(self, lease: int, granted: float) -> str:
         """Keep `lease` alive every ttl/3; return why it is lost: etcd says it expired, or no
-        keepalive got through for a whole TTL (it may have expired: assume so)."""
-        loop = asyncio.get_running_loop()
+        keepalive got through for a whole TTL (it may have expired: assume so).
+
+        With `keep_in_thread` the keepalives go from a LeaseKeeper thread, which a busy loop
+        cannot starve (it renews only while this loop still turns); this task then checks
+        what the thread achieved."""
         expires = granted + self.ttl
+        keeper = None
+        if self.keep_in_thread:
+            assert isinstance(self.store, EtcdStore)
+            keeper = LeaseKeeper(self.store.endpoints, lease, self.ttl,
+                                 lambda: time.monotonic() - self.beat < self.ttl)
+            keeper.start()
+        try:
+            return await self._hold_until_lost(lease, expires, keeper)
+        finally:
+            if keeper is not None:
+                keeper.stop()
+
+    async def _hold_until_lost(self, lease: int, expires: float,
+                               keeper: LeaseKeeper | None) -> str:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(max(0.0, min(self.ttl / 3, expires - loop.time())))
+            self.beat = time.monotonic()
+            if keeper is not None:
+                if keeper.expired:
+                    return "etcd says it expired"
+                expires = max(expires, keeper.last_ok + self.ttl)  # (loop time is monotonic)
+                if loop.time() >= expires:
+                    return f"no keepalive got through for {self.ttl}s ({keeper.error})"
+                continue
             sent = loop.time()
             if sent >= expires:
                 return f"no keepalive got through for {self.ttl}s"

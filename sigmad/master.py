@@ -59,7 +59,8 @@ async def run_master(config: MasterConfig) -> None:
     try:
         await cache.synced.wait()
         runner = await serve_api(api_store, cache, config.token, config.listen)
-        elector = Elector(election, store, config.master_id(), config.api_url(), ttl)
+        elector = Elector(election, store, config.master_id(), config.api_url(), ttl,
+                          keep_in_thread=True)
 
         async def lead() -> None:
             await Controller(store, cache, config).run()

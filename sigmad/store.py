@@ -22,6 +22,8 @@ import asyncio
 import functools
 import logging
 import random
+import threading
+import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ import aetcd
 import aetcd.exceptions
 import aetcd.rpc
 import aetcd.utils
+import grpc
 
 from sigmad import records
 from sigmad.errors import SigmaError, StoreUnavailable
@@ -767,7 +770,65 @@ class WatchCompacted(Exception):
 
 
 def _short(exc: BaseException) -> str:
-    if isinstance(exc, aetcd.rpc.AioRpcError):
+    if isinstance(exc, aetcd.rpc.AioRpcError | grpc.Call):
         return f"{exc.code().name}: {exc.details()}"[:200]
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text[:200]
+
+
+class LeaseKeeper:
+    """Keeps one lease alive from a thread of its own, over a blocking gRPC channel, so a
+    busy event loop cannot starve its keepalives (a leader in a burst of work would lose its
+    lease and stop leading). It renews only while `alive()` says the owner's event loop still
+    turns: a hung process lets its lease lapse, as it should.
+
+    `last_ok` is when etcd last confirmed the lease (monotonic); `expired` says etcd answered
+    that it is gone."""
+
+    def __init__(self, endpoints: list[str], lease: int, ttl: int,
+                 alive: Callable[[], bool]) -> None:
+        self.endpoints = endpoints
+        self.lease = lease
+        self.ttl = ttl
+        self.alive = alive
+        self.last_ok = time.monotonic()
+        self.expired = False
+        self.error = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{lease:x}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        current = 0
+        channel = None
+        try:
+            while not self._stop.is_set():
+                if channel is None:
+                    url = urlsplit(self.endpoints[current])
+                    channel = grpc.insecure_channel(f"{url.hostname or '127.0.0.1'}:"
+                                                    f"{url.port or 2379}")
+                if self.alive():
+                    try:
+                        stub = aetcd.rpc.LeaseStub(channel)
+                        reply = next(iter(stub.LeaseKeepAlive(
+                            iter([aetcd.rpc.LeaseKeepAliveRequest(ID=self.lease)]),
+                            timeout=max(1.0, self.ttl / 3))))
+                        if reply.TTL <= 0:
+                            self.expired = True
+                            return
+                        self.last_ok, self.error = time.monotonic(), ""
+                    except (grpc.RpcError, StopIteration) as exc:
+                        self.error = _short(exc) if isinstance(exc, grpc.RpcError) else \
+                            "no answer"
+                        channel.close()
+                        channel = None
+                        current = (current + 1) % len(self.endpoints)
+                self._stop.wait(self.ttl / 3)
+        finally:
+            if channel is not None:
+                channel.close()

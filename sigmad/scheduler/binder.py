@@ -31,7 +31,7 @@ from sigmad.state.cache import LOCKS, Cache
 from sigmad.state.writes import Writer, Writes
 from sigmad.store import MAX_TXN_OPS, Versioned
 
-ROUND = 5000  # instances planned per round (the event loop runs between rounds)
+ROUND = 1000  # instances planned per round (the event loop runs between rounds)
 
 
 @dataclass

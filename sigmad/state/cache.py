@@ -44,6 +44,7 @@ KINDS: dict[str, tuple[str, type | None]] = {
     LEADER: ("leader", LeaderRecord), MASTERS: ("masters/", MasterRecord),
 }
 RELIST_DELAY = 1.0
+LIST_CHUNK = 2000  # records decoded between two turns of the loop
 
 Change = tuple[str, str, "Versioned[Any] | None", "Versioned[Any] | None"]  # kind, key, old, new
 Subscriber = Callable[[str, str, "Versioned[Any] | None", "Versioned[Any] | None"], None]
@@ -202,14 +203,19 @@ class Cache:
             else:
                 items, revision = await self.store.range_raw(self.base + part,
                                                              revision=revision)
-            fresh[kind] = {i.key: Versioned(i.key, _decode(cls, i.value), i.mod_revision,
-                                            i.value) for i in items}
+            table = fresh[kind] = {}
+            for n, i in enumerate(items, 1):
+                table[i.key] = Versioned(i.key, _decode(cls, i.value), i.mod_revision, i.value)
+                if n % LIST_CHUNK == 0:
+                    await asyncio.sleep(0)  # a big list must not hold the loop
         changes: list[Change] = []
         for kind, table in fresh.items():
+            # (what this process wrote while the list was read is newer: it stays)
             before = self._tables[kind]
             changes += [(kind, k, before.get(k), v) for k, v in table.items()
-                        if k not in before or before[k].mod_revision != v.mod_revision]
-            changes += [(kind, k, v, None) for k, v in before.items() if k not in table]
+                        if k not in before or before[k].mod_revision < v.mod_revision]
+            changes += [(kind, k, v, None) for k, v in before.items()
+                        if k not in table and v.mod_revision <= revision]
         self._tombstones.clear()
         self.revision = revision
         for kind, key, old, new in changes:
