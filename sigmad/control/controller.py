@@ -89,6 +89,7 @@ class Controller:
             self._note_dependencies(None, a.value)
         for v in self.cache.nodes().values():
             self._watch_engine(v.value)
+        self._find_pending()
         self._enqueue_all(low=False)
         loops: list[Coroutine[Any, Any, None]] = [
             self.writer.run(), self.events.run(), self._schedule_loop(), self._resync_loop(),
@@ -144,6 +145,17 @@ class Controller:
         elif kind == "stray":
             await self._sync_stray(key[1], key[2])
 
+    def _find_pending(self) -> None:
+        """Every instance that waits for the scheduler (at start, and on each resync)."""
+        specs = {v.value.spec.key: v.value.spec for v in self.cache.apps().values()}
+        for key, v in self.cache.instances().items():
+            spec = specs.get(v.value.app_key)
+            if binder.wants_a_node(v.value) or (spec is not None and
+                                                binder.wants_a_rebooking(v.value, spec)):
+                self.pending.add(key)
+        if self.pending:
+            self.scheduling.set()
+
     def _enqueue_all(self, low: bool) -> None:
         for key in self.cache.apps():
             self.queue.add(("app", key), low)
@@ -157,6 +169,7 @@ class Controller:
         `reconcile_interval` seconds."""
         while True:
             await asyncio.sleep(self.config.reconcile_interval)
+            self._find_pending()
             self._enqueue_all(low=True)
             for node, watch in self.watches.items():
                 for owner in watch.instances():

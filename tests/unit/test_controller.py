@@ -220,3 +220,18 @@ async def test_many_instances_over_many_nodes_in_one_burst() -> None:
         per_node = {n: len(lead.engine(f"n{n}").running()) for n in range(20)}
         assert sum(per_node.values()) == 200 and max(per_node.values()) <= 20  # 2000m/100m
         assert lead.controller.writer.transactions < 200 * 2  # packed, not one per write
+
+
+async def test_a_new_leader_places_what_its_predecessor_left_pending() -> None:
+    async with Leader() as lead:
+        await lead.apply(spec(replicas=3))  # no node yet: they wait Pending
+        await lead.until(lambda: len(lead.instances()) == 3 and
+                         all(i.ip for i in lead.instances()), what="three with IPs")
+    after = Leader()
+    after.store = lead.store  # the same cluster, a new leader (a fresh cache and controller)
+    after.cache = type(lead.cache)(lead.store)
+    after.controller = type(lead.controller)(lead.store, after.cache, after.config, after.pool)
+    after.api = type(lead.api)(lead.store, after.cache, after.pool)
+    async with after:
+        await after.add_node("a")
+        await after.running("web", 3)
