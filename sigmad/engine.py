@@ -46,6 +46,7 @@ LABEL_CONTAINER = "sigma.container"
 LABEL_GENERATION = "sigma.generation"
 LABEL_INDEX = "sigma.index"
 LABEL_CLUSTER = "sigma.cluster"  # the cluster's etcd prefix: engines may be shared
+KEPT_LABELS = (LABEL_INSTANCE, LABEL_CONTAINER, LABEL_CLUSTER)  # what sigma reads back
 DEFAULT_PIDS_LIMIT = 4096  # no fork bomb takes a host down
 CPU_PERIOD_NS = 1_000_000_000 // 1000  # NanoCpus per millicore
 UNCAPPED_MEMORY = (1 << 63) - 4096  # cgroup v1's "no limit", as a live update can set it
@@ -152,7 +153,7 @@ def container_config(
     return config
 
 
-@dataclass
+@dataclass(slots=True)
 class ContainerState:
     """What sigma needs of a container. From a list (`containers`) the times, the OOM flag
     and the error are not known (`full` False); `inspect` fills everything."""
@@ -179,7 +180,7 @@ class ContainerState:
         return cls(
             id=data["Id"],
             name=data.get("Name", "").lstrip("/"),
-            labels=(data.get("Config") or {}).get("Labels") or {},
+            labels=_kept((data.get("Config") or {}).get("Labels")),
             running=bool(state.get("Running")),
             status=state.get("Status", ""),
             exit_code=int(state.get("ExitCode") or 0),
@@ -200,7 +201,7 @@ class ContainerState:
         exited = _EXIT_STATUS.match(data.get("Status", ""))
         return cls(
             id=data["Id"], name=(data.get("Names") or [""])[0].lstrip("/"),
-            labels=data.get("Labels") or {}, running=status == "running", status=status,
+            labels=_kept(data.get("Labels")), running=status == "running", status=status,
             exit_code=int(exited.group(1)) if exited else 0, oom_killed=False, error="",
             started_at="", finished_at="", pid=0, ip=ip, full=False,
         )
@@ -216,6 +217,11 @@ class ContainerState:
         if self.exit_code > 128:
             return Reason.signaled(self.exit_code - 128)
         return Reason.exited(self.exit_code)
+
+
+def _kept(labels: dict[str, str] | None) -> dict[str, str]:
+    """The labels sigma reads back (a leader keeps one state per container it runs)."""
+    return {k: v for k, v in (labels or {}).items() if k in KEPT_LABELS}
 
 
 class Engine(Protocol):

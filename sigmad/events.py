@@ -22,7 +22,7 @@ LEASE_ROTATE = 600  # a new lease every 10 min: events live between 50 and 60 mi
 QUEUE_MAX = 50_000
 
 
-@dataclass
+@dataclass(slots=True)
 class Event:
     time: float
     kind: str  # "instance" | "node" | "app"

@@ -31,7 +31,7 @@ RESIGN_TIMEOUT = 2.0  # seconds a resignation may take on the way out
 LEADER, STANDBY = "leader", "standby"
 
 
-@dataclass
+@dataclass(slots=True)
 class LeaderRecord:
     """The value of the `leader` key."""
 
@@ -40,7 +40,7 @@ class LeaderRecord:
     since: float
 
 
-@dataclass
+@dataclass(slots=True)
 class MasterRecord:
     """The value of `masters/{id}`: a master that runs (while its lease lives)."""
 

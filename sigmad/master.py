@@ -4,8 +4,10 @@ master leads."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import resource
+import time
 
 from aiohttp import web
 
@@ -18,6 +20,24 @@ from sigmad.store import EtcdStore, Store
 
 log = logging.getLogger(__name__)
 API_RETRY_FOR = 3.0  # an API call waits this long for etcd, then answers 503
+GC_PAUSE_WARN = 1.0  # seconds
+
+
+def tune_gc() -> None:
+    """Full garbage collections scan every object a big cache holds: make them rarer, and
+    say when one pauses the process for long (everything waits for it)."""
+    gc.set_threshold(10_000, 20, 100)
+    started = [0.0]
+
+    def timing(phase: str, info: dict[str, int]) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            started[0] = time.monotonic()
+        elif (pause := time.monotonic() - started[0]) > GC_PAUSE_WARN:
+            log.warning("a full garbage collection paused the master for %.1fs", pause)
+
+    gc.callbacks.append(timing)
 
 
 def raise_file_limit() -> None:
@@ -47,6 +67,7 @@ async def run_master(config: MasterConfig) -> None:
     (sigmad.leader); the election has a store with short timeouts, so that a lost etcd is
     noticed within the lease's TTL."""
     raise_file_limit()
+    tune_gc()
     endpoints, prefix = config.etcd.endpoints, config.etcd.prefix
     reads = EtcdStore(endpoints, prefix)
     cache = Cache(reads)

@@ -13,10 +13,10 @@ Invariants:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import TypeVar
 
+from sigmad import records
 from sigmad.reasons import NODE_LOST, Kill, Reason, State
 from sigmad.spec import AppSpec, Resources
 
@@ -34,22 +34,7 @@ def now() -> float:
     return time.time()
 
 
-class _once(Generic[R]):
-    """A property computed on first use and kept in the instance's __dict__ (as
-    functools.cached_property, without its lock: records live on one event loop)."""
-
-    def __init__(self, fn: Callable[[Any], R]) -> None:
-        self.fn = fn
-        self.name = fn.__name__
-        self.__doc__ = fn.__doc__
-
-    def __get__(self, obj: Any, owner: type | None = None) -> R:
-        value = self.fn(obj)
-        obj.__dict__[self.name] = value
-        return value
-
-
-@dataclass
+@dataclass(slots=True)
 class Overcommit:
     """How far a node's requests may exceed its allocatable: 1.0 = not at all."""
 
@@ -60,7 +45,7 @@ class Overcommit:
 DEFAULT_PORT_RANGE = [31000, 32767]
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
     """A host: its engine, labels and capacity. The agent writes it; readiness is the
     presence of its leased heartbeat key."""
@@ -78,7 +63,7 @@ class Node:
     updated: float = 0.0
 
 
-@dataclass
+@dataclass(slots=True)
 class NodeLock:
     """The value of `alloc/node/{node}`: who last placed there (every booking on the node
     bumps this key and guards its previous revision)."""
@@ -87,7 +72,7 @@ class NodeLock:
     token: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class Owner:
     """The value of `alloc/port/{node}/{port}` and `alloc/ip/{ip}`: the owning instance
     (`ns/app-index`)."""
@@ -95,7 +80,7 @@ class Owner:
     owner: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class AppRecord:
     """An app's desired state. `generation` grows on every change of the spec;
     `template_generation` only when what an instance runs changes (anything but `replicas`,
@@ -109,7 +94,7 @@ class AppRecord:
     updated: float = 0.0
 
 
-@dataclass
+@dataclass(slots=True)
 class ContainerStatus:
     name: str
     id: str = ""
@@ -121,7 +106,7 @@ class ContainerStatus:
     limit: Resources = field(default_factory=Resources)  # the cgroup caps applied (0 = none)
 
 
-@dataclass
+@dataclass(slots=True)
 class Termination:
     """One end of an instance's container, with its one authoritative reason."""
 
@@ -131,7 +116,7 @@ class Termination:
     container_id: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class Instance:
     """One replica `APP-INDEX` of an app; it, not its container, owns its place and resources."""
 
@@ -158,19 +143,17 @@ class Instance:
     created: float = 0.0
     updated: float = 0.0
 
-    # Derived names, computed once (namespace, app and index never change; a cached value
-    # is not a field: it is neither encoded nor compared).
-    @_once
+    @property
     def name(self) -> str:
         """The stable name `APP-INDEX`."""
         return f"{self.app}-{self.index}"
 
-    @_once
+    @property
     def key(self) -> str:
         """`namespace/APP-INDEX`, the value of the `sigma.instance` container label."""
-        return f"{self.namespace}/{self.name}"
+        return f"{self.namespace}/{self.app}-{self.index}"
 
-    @_once
+    @property
     def app_key(self) -> str:
         """`namespace/app`."""
         return f"{self.namespace}/{self.app}"
@@ -293,7 +276,8 @@ def _shallow(record: R) -> R:
     """A shallow copy of a dataclass record (what dataclasses.replace does, without running
     __init__: this is on the leader's hot path)."""
     new = object.__new__(type(record))
-    new.__dict__.update(record.__dict__)
+    for name in records.field_names(type(record)):  # type: ignore[arg-type]
+        object.__setattr__(new, name, getattr(record, name))
     return new
 
 

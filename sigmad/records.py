@@ -22,7 +22,8 @@ Convert = Callable[[Any], Any]
 
 
 @cache
-def _names(cls: Any) -> tuple[str, ...]:
+def field_names(cls: Any) -> tuple[str, ...]:
+    """The names of a dataclass's fields, in order (cached)."""
     return tuple(f.name for f in dataclasses.fields(cls))
 
 
@@ -32,7 +33,7 @@ def to_dict(record: Any) -> Any:
     if kind in _SCALARS:
         return record
     if hasattr(kind, "__dataclass_fields__"):
-        return {name: to_dict(getattr(record, name)) for name in _names(kind)}  # type: ignore[arg-type]
+        return {name: to_dict(getattr(record, name)) for name in field_names(kind)}  # type: ignore[arg-type]
     if kind is list or kind is tuple:
         return [to_dict(item) for item in record]
     if kind is dict:
@@ -92,15 +93,15 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     take their defaults. Built without __init__ (records have no __post_init__): decoding
     is on the hot path of every master's cache."""
     record = object.__new__(cls)
-    values = record.__dict__
+    put = object.__setattr__  # (records have slots: no __dict__ to fill)
     for name, convert, default, factory in _fields(cls):  # type: ignore[arg-type]
         if name in data:
             value = data[name]
-            values[name] = value if convert is None else convert(value)
+            put(record, name, value if convert is None else convert(value))
         elif factory is not _MISSING:
-            values[name] = factory()
+            put(record, name, factory())
         elif default is not _MISSING:
-            values[name] = default
+            put(record, name, default)
         else:
             raise TypeError(f"{cls.__name__}: the field {name!r} is missing")
     return record

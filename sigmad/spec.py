@@ -33,7 +33,7 @@ NOT_YET = {"volumes", "configs"}
 MIGRATION_POLICIES = ("auto", "manual")
 
 
-@dataclass
+@dataclass(slots=True)
 class Resources:
     """CPU in millicores and memory in bytes; 0 means best effort (request) or no cap (limit)."""
 
@@ -41,13 +41,13 @@ class Resources:
     memory: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class ResourceSpec:
     request: Resources = field(default_factory=Resources)
     limit: Resources = field(default_factory=Resources)
 
 
-@dataclass
+@dataclass(slots=True)
 class ReadyCheck:
     """When a started container counts as ready: a TCP port accepts, an HTTP path answers
     2xx/3xx, or a command exits 0 — within `timeout` seconds."""
@@ -59,7 +59,7 @@ class ReadyCheck:
     timeout: float = 60.0
 
 
-@dataclass
+@dataclass(slots=True)
 class ContainerSpec:
     name: str
     image: str
@@ -69,7 +69,7 @@ class ContainerSpec:
     ready: ReadyCheck | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Expression:
     """A node label requirement: `key` In/NotIn `values`, or Exists/DoesNotExist."""
 
@@ -87,7 +87,7 @@ class Expression:
         return labels.get(self.key) not in self.values
 
 
-@dataclass
+@dataclass(slots=True)
 class Placement:
     labels: dict[str, str] = field(default_factory=dict)
     expressions: list[Expression] = field(default_factory=list)
@@ -101,7 +101,7 @@ class Placement:
         )
 
 
-@dataclass
+@dataclass(slots=True)
 class Port:
     """A named container port that gets a host port from the node's range."""
 
@@ -115,7 +115,7 @@ class Port:
         return "SIGMA_HOST_PORT_" + self.name.upper().replace("-", "_")
 
 
-@dataclass
+@dataclass(slots=True)
 class NetworkSpec:
     mode: str = "overlay"
     ports: list[Port] = field(default_factory=list)
@@ -126,7 +126,7 @@ class NetworkSpec:
         return self.ips[index] if index < len(self.ips) else ""
 
 
-@dataclass
+@dataclass(slots=True)
 class AppSpec:
     app: str
     containers: list[ContainerSpec]

@@ -131,16 +131,13 @@ class Keys:
         return self._k("masters", master_id)
 
 
-@dataclass
+@dataclass(slots=True)
 class Versioned(Generic[T]):
-    """A record as read, with the key and mod_revision a later CAS compares against (and,
-    from the cache, the JSON bytes it was decoded from)."""
+    """A record as read, with the key and mod_revision a later CAS compares against."""
 
     key: str
     value: T
     mod_revision: int
-    raw: bytes = b""
-    shown: bytes = b""  # the API's JSON of it, made on first use (sigmad.api.views)
 
 
 @dataclass(frozen=True)
@@ -187,7 +184,7 @@ class Op:
         return self.data
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Item:
     """One key as etcd holds it."""
 
@@ -197,7 +194,7 @@ class Item:
     lease: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class WatchEvent:
     key: str
     value: bytes | None  # None on delete
@@ -308,12 +305,12 @@ class StoreOps:
         item = await self.get_raw(key)
         if item is None:
             return None
-        return Versioned(key, records.loads(cls, item.value), item.mod_revision, item.value)
+        return Versioned(key, records.loads(cls, item.value), item.mod_revision)
 
     async def scan(self, prefix: str, cls: type[T]) -> tuple[list[Versioned[T]], int]:
         """Every record under `prefix`, and the revision they were read at."""
         items, revision = await self.range_raw(prefix)
-        return [Versioned(i.key, records.loads(cls, i.value), i.mod_revision, i.value)
+        return [Versioned(i.key, records.loads(cls, i.value), i.mod_revision)
                 for i in items], revision
 
     async def keys_under(self, prefix: str) -> list[str]:

@@ -31,7 +31,7 @@ def fit(cpu_free: int, memory_free: int, ports_free: int, cpu: int, memory: int,
     return None
 
 
-@dataclass
+@dataclass(slots=True)
 class NodeUsage:
     """What the instances bound to one node (or moving to it) book there."""
 

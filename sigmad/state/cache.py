@@ -205,7 +205,7 @@ class Cache:
                                                              revision=revision)
             table = fresh[kind] = {}
             for n, i in enumerate(items, 1):
-                table[i.key] = Versioned(i.key, _decode(cls, i.value), i.mod_revision, i.value)
+                table[i.key] = Versioned(i.key, _decode(cls, i.value), i.mod_revision)
                 if n % LIST_CHUNK == 0:
                     await asyncio.sleep(0)  # a big list must not hold the loop
         changes: list[Change] = []
@@ -234,7 +234,7 @@ class Cache:
             if event.value is None:
                 self._remove(kind, event.key, event.mod_revision)
             else:
-                self._put(kind, Versioned(event.key, None, event.mod_revision, event.value), cls)
+                self._put(kind, event.key, event.mod_revision, cls, event.value)
         self.revision = max(self.revision, batch.revision)
         if self._tombstones:
             self._tombstones = {k: r for k, r in self._tombstones.items() if r > self.revision}
@@ -249,9 +249,7 @@ class Cache:
             if op.delete:
                 self._remove(kind, op.key, revision, local=True)
             else:
-                record = op.record if cls is not None else None
-                self._put(kind, Versioned(op.key, record, revision, op.encoded()), cls,
-                          decoded=True)
+                self._put(kind, op.key, revision, cls, record=op.record if cls else None)
 
     def _kind(self, key: str) -> tuple[str, type | None] | None:
         for prefix, kind, cls in self._prefixes:
@@ -259,15 +257,17 @@ class Cache:
                 return kind, cls
         return None
 
-    def _put(self, kind: str, v: Versioned[Any], cls: type | None,
-             decoded: bool = False) -> None:
-        old = self._tables[kind].get(v.key)
-        if (old is not None and old.mod_revision >= v.mod_revision) or \
-                self._tombstones.get(v.key, 0) >= v.mod_revision:
+    def _put(self, kind: str, key: str, revision: int, cls: type | None,
+             data: bytes = b"", record: Any = None) -> None:
+        """Store `record` (or, decoded, `data`) at `key` as of `revision`, unless the cache
+        already holds that revision or a later one (or deleted it later)."""
+        old = self._tables[kind].get(key)
+        if (old is not None and old.mod_revision >= revision) or \
+                self._tombstones.get(key, 0) >= revision:
             return
-        if not decoded:
-            v.value = _decode(cls, v.raw)
-        self._set(kind, v.key, old, v)
+        if data:
+            record = _decode(cls, data)
+        self._set(kind, key, old, Versioned(key, record, revision))
 
     def _remove(self, kind: str, key: str, revision: int, local: bool = False) -> None:
         old = self._tables[kind].get(key)
