@@ -4,10 +4,14 @@ master leads."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gc
 import logging
 import resource
+import threading
 import time
+from collections.abc import Awaitable, Coroutine
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -21,11 +25,15 @@ from sigmad.store import EtcdStore, Store
 log = logging.getLogger(__name__)
 API_RETRY_FOR = 3.0  # an API call waits this long for etcd, then answers 503
 GC_PAUSE_WARN = 1.0  # seconds
+GC_FREEZE = 60.0  # seconds
+API_STOP = 10.0  # seconds the API's thread has to stop
+T = TypeVar("T")
 
 
 def tune_gc() -> None:
-    """Full garbage collections scan every object a big cache holds: make them rarer, and
-    say when one pauses the process for long (everything waits for it)."""
+    """Full garbage collections scan every object a big cache holds (seconds, at 100,000
+    instances, during which nothing else runs): make them rarer, and say when one pauses
+    the process for long. `freeze_gc` keeps what they scan small."""
     gc.set_threshold(10_000, 20, 100)
     started = [0.0]
 
@@ -40,6 +48,15 @@ def tune_gc() -> None:
     gc.callbacks.append(timing)
 
 
+async def freeze_gc() -> None:
+    """Every GC_FREEZE seconds, move what lives into the collector's permanent generation
+    (gc.freeze): the cache's records are acyclic and freed by their reference counts, so
+    full collections need only scan what was made since."""
+    while True:
+        await asyncio.sleep(GC_FREEZE)
+        gc.freeze()
+
+
 def raise_file_limit() -> None:
     """Open files up to the hard limit: one connection (or more) per node engine."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -47,16 +64,49 @@ def raise_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def serve_api(store: Store, cache: Cache, token: str, listen: str) -> web.AppRunner:
-    """Start the API on `listen` (HOST:PORT); the caller cleans up."""
-    app = make_app(store, cache, token)
-    # Open event streams hold requests forever: give them 2 s on shutdown, then cancel them.
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
-    await runner.setup()
-    host, _, port = listen.rpartition(":")
-    await web.TCPSite(runner, host or "0.0.0.0", int(port)).start()
-    log.info("API listening on http://%s", listen)
-    return runner
+class ApiThread:
+    """The API served from a thread of its own, on its own event loop: reads answer from the
+    cache however busy the leader's loop is (a burst of work never delays a GET), and what
+    needs etcd or an engine runs on the main loop (sigmad.api.routes)."""
+
+    def __init__(self, store: Store, cache: Cache, token: str, listen: str) -> None:
+        self.store, self.cache, self.token, self.listen = store, cache, token, listen
+        self.main = asyncio.get_running_loop()
+        self.loop = asyncio.new_event_loop()
+        self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self.thread = threading.Thread(target=self._serve, name="api", daemon=True)
+
+    def _on_main(self, coro: Coroutine[Any, Any, T]) -> Awaitable[T]:
+        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.main))
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        app = make_app(self.store, self.cache, self.token, on_main=self._on_main)
+        # Open event streams hold requests forever: give them 2 s on shutdown, then cancel.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+        try:
+            self.loop.run_until_complete(runner.setup())
+            host, _, port = self.listen.rpartition(":")
+            self.loop.run_until_complete(web.TCPSite(runner, host or "0.0.0.0",
+                                                     int(port)).start())
+        except BaseException as exc:
+            self.ready.set_exception(exc)
+            return
+        self.ready.set_result(None)
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.run_until_complete(runner.cleanup())
+            self.loop.close()
+
+    async def start(self) -> None:
+        self.thread.start()
+        await asyncio.wrap_future(self.ready)
+        log.info("API listening on http://%s", self.listen)
+
+    async def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        await asyncio.to_thread(self.thread.join, API_STOP)
 
 
 async def run_master(config: MasterConfig) -> None:
@@ -72,14 +122,16 @@ async def run_master(config: MasterConfig) -> None:
     reads = EtcdStore(endpoints, prefix)
     cache = Cache(reads)
     filling = asyncio.create_task(cache.run())
+    freezing = asyncio.create_task(freeze_gc())
     api_store = EtcdStore(endpoints, prefix, retry_for=API_RETRY_FOR)
     ttl = config.leader_ttl
     election = EtcdStore(endpoints, prefix, retry_for=ttl / 3, rpc_timeout=max(1.0, ttl / 3))
     store = EtcdStore(endpoints, prefix)
-    runner: web.AppRunner | None = None
+    api: ApiThread | None = None
     try:
         await cache.synced.wait()
-        runner = await serve_api(api_store, cache, config.token, config.listen)
+        api = ApiThread(api_store, cache, config.token, config.listen)
+        await api.start()
         elector = Elector(election, store, config.master_id(), config.api_url(), ttl,
                           keep_in_thread=True)
 
@@ -90,9 +142,10 @@ async def run_master(config: MasterConfig) -> None:
                  elector.id, elector.api, ttl)
         await elector.run(lead)
     finally:
-        if runner is not None:
-            await runner.cleanup()
-        filling.cancel()
-        await asyncio.gather(filling, return_exceptions=True)
+        if api is not None:
+            await api.stop()
+        for task in (filling, freezing):
+            task.cancel()
+        await asyncio.gather(filling, freezing, return_exceptions=True)
         for s in (store, election, api_store, reads):
             await s.close()

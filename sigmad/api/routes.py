@@ -1,15 +1,21 @@
 """The HTTP API under /v1 (docs/api.md): a thin adapter. JSON in and out, bearer-token auth,
 errors with field paths (one exception tree, mapped here at the edge). Reads are answered
 from the state cache (sigmad.api.views), writes go through sigmad.api.apps.
+
+The API may be served from a thread of its own (sigmad.master): a leader's loop busy with a
+burst then never delays a read. Reads only read the cache; everything that talks to etcd or
+an engine, or writes to the cache, runs on the cache's own loop (`on_main`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -28,7 +34,9 @@ from sigmad.units import parse_cpu, parse_size
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY = 1 << 20
+T = TypeVar("T")
 STALE_AFTER = 1.0  # seconds without etcd after which reads are refused, not served stale
+EVENT_BACKLOG = 10_000  # events queued for one watching client
 
 
 def _json(data: Any, status: int = 200, revision: int = 0) -> web.Response:
@@ -36,9 +44,18 @@ def _json(data: Any, status: int = 200, revision: int = 0) -> web.Response:
     return web.json_response(records.to_dict(data), status=status, headers=headers)
 
 
-def make_app(store: Store, cache: Cache, token: str,
-             engines: EnginePool | None = None) -> web.Application:
-    """The aiohttp application serving the API from `cache`, writing to `store`."""
+OnMain = Callable[[Coroutine[Any, Any, T]], Awaitable[T]]
+
+
+async def _here(coro: Coroutine[Any, Any, T]) -> T:
+    return await coro
+
+
+def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None = None,
+             on_main: OnMain[Any] = _here) -> web.Application:
+    """The aiohttp application serving the API from `cache`, writing to `store`;
+    `on_main(coro)` runs `coro` on the loop that owns the cache and the store (by default
+    the one that serves)."""
 
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -63,11 +80,11 @@ def make_app(store: Store, cache: Cache, token: str,
             return web.json_response(body, status=exc.status)
 
     pool = engines or EnginePool(store.keys.prefix)
-    api = Api(store, cache, AppWrites(store, cache, pool))
+    api = Api(store, cache, AppWrites(store, cache, pool), on_main)
     app = web.Application(middlewares=[errors], client_max_size=MAX_BODY)
 
     async def close_engines(_: web.Application) -> None:
-        await pool.close()
+        await on_main(pool.close())
 
     app.on_cleanup.append(close_engines)
     app.router.add_get("/healthz", api.healthz)
@@ -92,11 +109,13 @@ def make_app(store: Store, cache: Cache, token: str,
 class Api:
     """Route handlers."""
 
-    def __init__(self, store: Store, cache: Cache, writes: AppWrites) -> None:
+    def __init__(self, store: Store, cache: Cache, writes: AppWrites,
+                 on_main: OnMain[Any]) -> None:
         self.store = store
         self.cache = cache
         self.keys = store.keys
         self.writes = writes
+        self.main = on_main
 
     async def healthz(self, request: web.Request) -> web.Response:
         return _json({"ok": True, "version": __version__})
@@ -114,12 +133,13 @@ class Api:
     async def drain(self, request: web.Request) -> web.Response:
         """Mark a node Draining: nothing new lands there, and its instances move off one at a
         time, each new copy ready before the old one stops."""
-        node = await self.writes.set_draining(request.match_info["name"], True)
+        node = await self.main(self.writes.set_draining(request.match_info["name"], True))
         return _json(views.node_view(self.cache, node))
 
     async def uncordon(self, request: web.Request) -> web.Response:
         """Undo drain: the node takes new instances again."""
-        node = await self.writes.set_draining(request.match_info["name"], False)
+        node = await self.main(self.writes.set_draining(request.match_info["name"],
+                                                        False))
         return _json(views.node_view(self.cache, node))
 
     async def list_apps(self, request: web.Request) -> web.Response:
@@ -136,8 +156,8 @@ class Api:
         A change of resources only (and replicas) is applied to running containers in place;
         any other change is a new template generation (a replace)."""
         specs = spec.parse(await request.text())
-        results = await self.writes.apply(specs, _flag(request, "dry_run"),
-                                          _flag(request, "force"))
+        results = await self.main(self.writes.apply(specs, _flag(request, "dry_run"),
+                                                    _flag(request, "force")))
         return _json({"items": [r.to_dict() for r in results]})
 
     async def update_resources(self, request: web.Request) -> web.Response:
@@ -149,11 +169,12 @@ class Api:
         force = body.get("force", False)
         if not isinstance(force, bool):
             raise SpecError("force", "must be true or false")
-        result = await self.writes.resize(ns, name, new, force)
+        result = await self.main(self.writes.resize(ns, name, new, force))
         return _json(result.to_dict())
 
     async def delete_app(self, request: web.Request) -> web.Response:
-        result = await self.writes.delete(request.match_info["ns"], request.match_info["app"])
+        result = await self.main(self.writes.delete(request.match_info["ns"],
+                                                    request.match_info["app"]))
         return _json(result.to_dict(), status=202)
 
     async def list_instances(self, request: web.Request) -> web.StreamResponse:
@@ -190,7 +211,7 @@ class Api:
         to = (await _body(request)).get("to") or ""
         if not isinstance(to, str):
             raise SpecError("to", "must be a node name")
-        return _json(views.instance_view(await self.writes.migrate(v, to)))
+        return _json(views.instance_view(await self.main(self.writes.migrate(v, to))))
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """Recent events (`?limit=`, default 100), or with `?watch=true` a server-sent event
@@ -200,7 +221,7 @@ class Api:
             limit = int(request.query.get("limit", "100"))
         except ValueError:
             raise SpecError("limit", "must be a whole number") from None
-        items, revision = await self.store.scan(self.keys.events(), Event)
+        items, revision = await self.main(self.store.scan(self.keys.events(), Event))
         recent = [v.value for v in items if match(v.value)][-limit:] if limit > 0 else []
         if not _flag(request, "watch"):
             return _json({"items": recent})
@@ -210,12 +231,23 @@ class Api:
         await response.prepare(request)
         for event in recent:
             await response.write(_sse(event))
-        async for change in self.store.watch(self.keys.events(), revision + 1):
-            if change.value is not None:
-                event = records.loads(Event, change.value)
-                if match(event):
-                    await response.write(_sse(event))
-        return response
+        # The watch runs on the store's loop and hands each event over to this one.
+        arrived: asyncio.Queue[Event] = asyncio.Queue(EVENT_BACKLOG)
+        here = asyncio.get_running_loop()
+
+        async def follow() -> None:
+            async for change in self.store.watch(self.keys.events(), revision + 1):
+                if change.value is not None:
+                    event = records.loads(Event, change.value)
+                    if match(event):
+                        here.call_soon_threadsafe(_offer, arrived, event)
+
+        following = asyncio.ensure_future(self.main(follow()))
+        try:
+            while True:
+                await response.write(_sse(await arrived.get()))
+        finally:
+            following.cancel()
 
     async def pool(self, request: web.Request) -> web.Response:
         """The pool as one server (sigmad.api.views.pool)."""
@@ -224,6 +256,12 @@ class Api:
     async def masters(self, request: web.Request) -> web.Response:
         """The leader record and every running master with its role (sigmad.leader)."""
         return _json(views.masters(self.cache), revision=self.cache.revision)
+
+
+def _offer(queue: asyncio.Queue[Event], event: Event) -> None:
+    """Queue an event for a watching client; one too slow to keep up loses the excess."""
+    with contextlib.suppress(asyncio.QueueFull):
+        queue.put_nowait(event)
 
 
 def _event_filter(request: web.Request) -> Callable[[Event], bool]:

@@ -1,6 +1,9 @@
 """The API's read views, answered from the state cache (never from etcd).
 
 Invariants:
+- they may run on a thread other than the cache's: every dict or set of the cache is copied
+  in one C call (list(), sorted(), dict()) before Python code walks it, and records are
+  never changed in place, so a view never sees a table change under it;
 - every view is computed from one moment of the cache (no await inside), and says the
   revision it reflects (`X-Sigma-Revision`);
 - capacity arithmetic is the scheduler's: what a node has booked is the cache's per-node
@@ -54,12 +57,12 @@ def node_view(cache: Cache, node: Node) -> dict[str, Any]:
 
 def nodes(cache: Cache) -> list[dict[str, Any]]:
     return [node_view(cache, v.value)
-            for v in sorted(cache.nodes().values(), key=lambda v: v.value.name)]
+            for v in sorted(list(cache.nodes().values()), key=lambda v: v.value.name)]
 
 
 def app_view(cache: Cache, rec: AppRecord) -> dict[str, Any]:
     s = rec.spec
-    mine = cache.instances_of(s.key).values()
+    mine = list(cache.instances_of(s.key).values())
     return {
         "namespace": s.namespace, "app": s.app, "generation": rec.generation,
         "template_generation": rec.template_generation,
@@ -69,7 +72,7 @@ def app_view(cache: Cache, rec: AppRecord) -> dict[str, Any]:
 
 
 def apps(cache: Cache, namespace: str = "") -> list[dict[str, Any]]:
-    found = [v.value for v in cache.apps().values()
+    found = [v.value for v in list(cache.apps().values())
              if not namespace or v.value.spec.namespace == namespace]
     return [app_view(cache, r) for r in sorted(found, key=lambda r: r.spec.key)]
 
@@ -105,9 +108,9 @@ async def stream_items(items: list[Versioned[Instance]]) -> AsyncIterator[bytes]
 def pool(cache: Cache) -> dict[str, Any]:
     """The pool as one server: allocatable, schedulable (times overcommit), requested, free
     and limits committed, overall and per node label value (Ready nodes only)."""
-    ready = [v.value for v in cache.nodes().values()
+    ready = [v.value for v in list(cache.nodes().values())
              if node_status(v.value, v.value.name in cache.ready) == READY]
-    limits = {v.value.spec.key: v.value.spec.limit() for v in cache.apps().values()}
+    limits = {v.value.spec.key: v.value.spec.limit() for v in list(cache.apps().values())}
 
     def summary(group: list[Node]) -> dict[str, Any]:
         infos = [node_info(n, True, cache.usage.get(n.name)) for n in group]
@@ -139,7 +142,7 @@ def pool(cache: Cache) -> dict[str, Any]:
 def masters(cache: Cache) -> dict[str, Any]:
     leader = next(iter(cache.table(LEADER).values()), None)
     return masters_view(leader.value if leader else None,
-                        [v.value for v in cache.table(MASTERS).values()])
+                        [v.value for v in list(cache.table(MASTERS).values())])
 
 
 def _sum(items: Iterable[Resources]) -> Resources:

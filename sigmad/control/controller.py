@@ -165,12 +165,21 @@ class Controller:
             self.queue.add(("inst", key), low)
 
     async def _resync_loop(self) -> None:
-        """Everything again at low priority, and containers no record places, every
-        `reconcile_interval` seconds."""
+        """Everything again at low priority, and containers no record places, once every
+        `reconcile_interval` seconds, spread over it (a slice a second: at 100,000
+        instances a resync at once would be a burst of its own)."""
+        interval = self.config.reconcile_interval
         while True:
-            await asyncio.sleep(self.config.reconcile_interval)
+            keys: list[Key] = [*(("app", k) for k in self.cache.apps()),
+                               *(("node", n) for n in self._node_names()),
+                               *(("inst", k) for k in self.cache.instances())]
+            slices = max(1, int(interval))
+            step = -(-len(keys) // slices)
+            for n in range(slices):
+                await asyncio.sleep(interval / slices)
+                for key in keys[n * step:(n + 1) * step]:
+                    self.queue.add(key, low=True)
             self._find_pending()
-            self._enqueue_all(low=True)
             for node, watch in self.watches.items():
                 for owner in watch.instances():
                     self._container_changed(node, owner)
