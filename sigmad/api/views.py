@@ -15,6 +15,7 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -30,7 +31,7 @@ from sigmad.spec import Resources
 from sigmad.state.cache import LEADER, MASTERS, Cache
 from sigmad.store import Versioned
 
-CHUNK = 500  # instances per write of a streamed list
+CHUNK = 200  # instances per write of a streamed list
 
 
 def resources(r: Resources) -> dict[str, int]:
@@ -97,11 +98,13 @@ def instances(cache: Cache, namespace: str = "", app: str = "") -> list[Versione
 
 
 async def stream_items(items: list[Versioned[Instance]]) -> AsyncIterator[bytes]:
-    """`{"items": [...]}` of `items`, in chunks (the loop runs between them)."""
+    """`{"items": [...]}` of `items`, in chunks; other requests are served between two
+    chunks (a list of 100,000 instances is ~60 MB and half a second of CPU)."""
     yield b'{"items":['
     for start in range(0, len(items), CHUNK):
         part = b",".join(instance_json(v) for v in items[start:start + CHUNK])
         yield (b"," if start else b"") + part
+        await asyncio.sleep(0)
     yield b"]}"
 
 

@@ -167,7 +167,9 @@ class Controller:
     async def _resync_loop(self) -> None:
         """Everything again at low priority, and containers no record places, once every
         `reconcile_interval` seconds, spread over it (a slice a second: at 100,000
-        instances a resync at once would be a burst of its own)."""
+        instances a resync at once would be a burst of its own). A slice is skipped while
+        the last one still waits behind real work, so a busy leader does not pile up a
+        backlog of resyncs to work off later."""
         interval = self.config.reconcile_interval
         while True:
             keys: list[Key] = [*(("app", k) for k in self.cache.apps()),
@@ -177,6 +179,8 @@ class Controller:
             step = -(-len(keys) // slices)
             for n in range(slices):
                 await asyncio.sleep(interval / slices)
+                if self.queue.low:
+                    continue
                 for key in keys[n * step:(n + 1) * step]:
                     self.queue.add(key, low=True)
             self._find_pending()

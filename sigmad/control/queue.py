@@ -45,6 +45,11 @@ class WorkQueue(Generic[K]):
     def busy(self) -> int:
         return len(self._processing)
 
+    @property
+    def low(self) -> int:
+        """Keys queued at low priority only."""
+        return len(self._low)
+
     def add(self, key: K, low: bool = False) -> None:
         """Queue `key` (low: only when nothing else waits)."""
         self.adds += 1
