@@ -92,6 +92,32 @@ def test_live_update_keeps_the_container(cluster: Cluster, engine: EngineHost) -
         "resources"]["limit"]["memory"] == 192 * MiB
 
 
+def test_a_cap_appears_and_is_lifted_in_place(cluster: Cluster, engine: EngineHost) -> None:
+    """The seed's flow: no cap at first, a cap later, back to none; same container, and swap
+    stays off throughout."""
+    spec = yaml.safe_load(web_spec(1, app="free"))
+    spec["containers"][0]["resources"] = {"request": {"cpu": "100m", "memory": "32Mi"}}
+    cluster.apply(yaml.safe_dump(spec))
+    (inst,) = cluster.wait_running("free", 1)
+    cid = inst["containers"][0]["id"]
+    unlimited = int(cgroup_file(engine.inspect(cid)["State"]["Pid"], "memory",
+                                "memory.limit_in_bytes"))
+    assert _caps(engine, cid) == (unlimited, unlimited, -1 / 100000)
+    assert engine.inspect(cid)["HostConfig"]["MemorySwappiness"] == 0
+    out = cluster.ctl("update", "free", "--limit-cpu", "700m", "--limit-memory", "96Mi")
+    assert out.returncode == 0 and "resized in place (generation 2, 1 container updated)" \
+        in out.stdout, out.stderr
+    assert _caps(engine, cid) == (96 * MiB, 96 * MiB, 0.7)
+    out = cluster.ctl("update", "free", "--limit-cpu", "0", "--limit-memory", "0")
+    assert out.returncode == 0, out.stderr
+    cpus = engine.inspect(cid)["HostConfig"]["NanoCpus"] / 1e9
+    assert _caps(engine, cid)[:2] == (unlimited, unlimited)  # no memory cap, no swap cap
+    assert _caps(engine, cid)[2] == cpus  # the whole host: no cpu cap
+    assert engine.inspect(cid)["State"]["Running"]
+    assert cluster.instances("free")[0]["containers"][0]["id"] == cid
+    assert cluster.instances("free")[0]["restarts"] == 0
+
+
 def test_refused_update_changes_nothing(cluster: Cluster, engine: EngineHost) -> None:
     script = "tail -c 48000000 /dev/zero & exec httpd -f -p 8080"
     cluster.apply(web_spec(1, app="fat", script=script))
