@@ -8,6 +8,7 @@ import concurrent.futures
 import gc
 import logging
 import resource
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Coroutine
@@ -27,6 +28,11 @@ API_RETRY_FOR = 3.0  # an API call waits this long for etcd, then answers 503
 GC_PAUSE_WARN = 1.0  # seconds
 GC_FREEZE = 60.0  # seconds
 API_STOP = 10.0  # seconds the API's thread has to stop
+# How long a thread waiting for the GIL waits before the running one must yield (Python's
+# default is 5 ms). A GET takes the GIL a few times (socket ready, read, write): at 5 ms
+# each, the API's thread queued behind a busy leader's loop answered a one-app GET in
+# 0.2 s at the 99th percentile.
+SWITCH_INTERVAL = 0.001
 T = TypeVar("T")
 
 
@@ -118,6 +124,7 @@ async def run_master(config: MasterConfig) -> None:
     noticed within the lease's TTL."""
     raise_file_limit()
     tune_gc()
+    sys.setswitchinterval(SWITCH_INTERVAL)
     endpoints, prefix = config.etcd.endpoints, config.etcd.prefix
     reads = EtcdStore(endpoints, prefix)
     cache = Cache(reads)

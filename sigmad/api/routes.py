@@ -116,6 +116,7 @@ class Api:
         self.keys = store.keys
         self.writes = writes
         self.main = on_main
+        self.encoded = views.Encoded()
 
     async def healthz(self, request: web.Request) -> web.Response:
         return _json({"ok": True, "version": __version__})
@@ -184,9 +185,10 @@ class Api:
             "Content-Type": "application/json; charset=utf-8",
             "X-Sigma-Revision": str(self.cache.revision)})
         await response.prepare(request)
-        async for part in views.stream_items(found):
+        async for part in views.stream_items(found, self.encoded):
             await response.write(part)
         await response.write_eof()
+        self.encoded.prune(self.cache)
         return response
 
     def _instance(self, request: web.Request) -> Versioned[Instance]:

@@ -9,8 +9,9 @@ Invariants:
 - capacity arithmetic is the scheduler's: what a node has booked is the cache's per-node
   usage (a moving instance books both of its nodes), what it can take is allocatable times
   overcommit, and `free` is the difference (sigmad.scheduler.fit);
-- instance lists are streamed from the records' own JSON bytes, so a list of every instance
-  neither decodes nor re-encodes them and never holds the event loop for long.
+- instance lists are streamed in chunks, from each record's JSON bytes kept while its
+  mod_revision holds (`Encoded`): a list of every instance joins bytes instead of encoding
+  100,000 records again, and never holds the event loop for long.
 """
 
 from __future__ import annotations
@@ -97,12 +98,37 @@ def instances(cache: Cache, namespace: str = "", app: str = "") -> list[Versione
     return [v for k in apps for v in cache.ordered(k)]
 
 
-async def stream_items(items: list[Versioned[Instance]]) -> AsyncIterator[bytes]:
+class Encoded:
+    """Each instance's JSON bytes, kept while its record's mod_revision holds. Encoding is
+    ~7 µs an instance: 0.7 s of CPU for a list of 100,000, of which a few percent change
+    between two lists even in a burst. Used from one thread (the API's); entries of deleted
+    instances are dropped once they outnumber the live ones."""
+
+    def __init__(self) -> None:
+        self._memo: dict[str, tuple[int, bytes]] = {}
+
+    def __call__(self, v: Versioned[Instance]) -> bytes:
+        hit = self._memo.get(v.key)
+        if hit is not None and hit[0] == v.mod_revision:
+            return hit[1]
+        data = instance_json(v)
+        self._memo[v.key] = (v.mod_revision, data)
+        return data
+
+    def prune(self, cache: Cache) -> None:
+        """Forget deleted instances when the memo holds twice as many entries as live ones."""
+        live = cache.instances()
+        if len(self._memo) > 2 * len(live) + CHUNK:
+            self._memo = {k: e for k, e in list(self._memo.items()) if k in live}
+
+
+async def stream_items(items: list[Versioned[Instance]],
+                       encoded: Encoded) -> AsyncIterator[bytes]:
     """`{"items": [...]}` of `items`, in chunks; other requests are served between two
-    chunks (a list of 100,000 instances is ~60 MB and half a second of CPU)."""
+    chunks (a list of 100,000 instances is ~60 MB)."""
     yield b'{"items":['
     for start in range(0, len(items), CHUNK):
-        part = b",".join(instance_json(v) for v in items[start:start + CHUNK])
+        part = b",".join([encoded(v) for v in items[start:start + CHUNK]])
         yield (b"," if start else b"") + part
         await asyncio.sleep(0)
     yield b"]}"

@@ -133,3 +133,21 @@ async def test_reads_are_refused_while_the_cache_has_lost_etcd(api: tuple[TestCl
     await lead.until(lambda: lead.cache.stale_for() == 0)
     assert (await call(client, "GET", "/v1/apps"))[0] == 200
     await asyncio.sleep(0)
+
+
+async def test_a_list_shows_each_record_as_it_is_now(api: tuple[TestClient, Leader]) -> None:
+    """Lists reuse each instance's JSON while its record is unchanged, never after."""
+    client, lead = api
+    await lead.add_node("a")
+    await call(client, "PUT", "/v1/apps", spec(replicas=2, migration="manual"))
+    await lead.running("web", 2)
+    status, before = await call(client, "GET", "/v1/instances")
+    assert status == 200 and {i["state"] for i in before["items"]} == {"Running"}
+    await lead.lose_node("a")
+    await lead.until(lambda: {i.state for i in lead.instances()} == {"NeedMigration"})
+    status, after = await call(client, "GET", "/v1/instances")
+    assert {i["state"] for i in after["items"]} == {"NeedMigration"}
+    await call(client, "DELETE", "/v1/apps/default/web")
+    await lead.until(lambda: not lead.instances())
+    status, gone = await call(client, "GET", "/v1/instances")
+    assert status == 200 and gone["items"] == []
