@@ -15,7 +15,7 @@ image every hollow engine has, no readiness probe); then measures, printing prog
   all three over the machine's cores: the shortest burst this machine could run;
 - etcd_db_mb: etcd's database file;
 - get_p99_s / list_p99_s (and p50s): GET /v1/apps/{ns}/{app} every 0.1 s and GET
-  /v1/instances every 2 s, each from a thread of its own, during the burst;
+  /v1/instances every 2 s, each from a process of its own, during the burst;
 - failover_s: after killing K hollow hosts (power loss), until all their instances are
   Running on other nodes.
 
@@ -31,7 +31,9 @@ import asyncio
 import datetime
 import http.client
 import json
+import multiprocessing
 import os
+import queue
 import resource
 import secrets
 import shutil
@@ -40,7 +42,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -143,54 +144,65 @@ class Api:
         return sum(1 for n in items if n["status"] == "Ready")
 
 
+def _sample(api: Api, paths: list[str], every: float, deadline: float, stop: Any,
+            out: Any) -> None:
+    """One sampler process: GET paths[n % len(paths)] every `every` seconds until `stop` is
+    set; sends its latencies and its error count to `out`."""
+    took: list[float] = []
+    errors = n = 0
+    while not stop.is_set() and time.monotonic() < deadline:
+        begun = time.monotonic()
+        try:
+            api.call("GET", paths[n % len(paths)], timeout=120, parse=False)
+            took.append(time.monotonic() - begun)
+        except (OSError, http.client.HTTPException, ValueError):
+            errors += 1
+            stop.wait(0.5)
+        n += 1
+        stop.wait(max(0.0, every - (time.monotonic() - begun)))
+    out.put((took, errors))
+
+
 class Sampler:
-    """GET one app every GET_EVERY seconds and list all instances every LIST_EVERY seconds
-    (each from a thread of its own, so a slow list does not delay the gets), until stopped;
-    latencies kept. A dashboard's pace, not a flood: a list of every instance is tens of MB
-    at this scale."""
+    """GET one app every GET_EVERY seconds and list all instances every LIST_EVERY seconds,
+    each from a process of its own (threads of one process would share its GIL: a get then
+    waited for the list's reading of tens of MB and measured the sampler, not the master),
+    until stopped; latencies kept. A dashboard's pace, not a flood: a list of every instance
+    is tens of MB at this scale."""
 
     def __init__(self, api: Api, apps: list[str], deadline: float) -> None:
-        self.api = api
-        self.apps = apps
-        self.deadline = deadline
-        self.stop = threading.Event()
+        spawn = multiprocessing.get_context("spawn")
+        self.stop = spawn.Event()
         self.get: list[float] = []
         self.list: list[float] = []
         self.errors = 0
-        self.threads = [threading.Thread(target=self._gets, daemon=True),
-                        threading.Thread(target=self._lists, daemon=True)]
+        self.runs: list[tuple[Any, Any, list[float]]] = []
+        for paths, every, into in (
+                ([f"/v1/apps/{NAMESPACE}/{app}" for app in apps], GET_EVERY, self.get),
+                (["/v1/instances"], LIST_EVERY, self.list)):
+            out = spawn.Queue()
+            proc = spawn.Process(target=_sample, daemon=True,
+                                 args=(api, paths, every, deadline, self.stop, out))
+            self.runs.append((proc, out, into))
 
     def start(self) -> None:
-        for t in self.threads:
-            t.start()
+        for proc, _, _ in self.runs:
+            proc.start()
 
-    def join(self, timeout: float) -> None:
-        for t in self.threads:
-            t.join(timeout)
-
-    def _timed(self, path: str, into: list[float]) -> None:
-        start = time.monotonic()
-        try:
-            self.api.call("GET", path, timeout=120, parse=False)
-            into.append(time.monotonic() - start)
-        except (OSError, http.client.HTTPException, ValueError):
-            self.errors += 1
-            self.stop.wait(0.5)
-
-    def _every(self, seconds: float, call: Callable[[int], None]) -> None:
-        n = 0
-        while not self.stop.is_set() and time.monotonic() < self.deadline:
-            begun = time.monotonic()
-            call(n)
-            n += 1
-            self.stop.wait(max(0.0, seconds - (time.monotonic() - begun)))
-
-    def _gets(self) -> None:
-        self._every(GET_EVERY, lambda n: self._timed(
-            f"/v1/apps/{NAMESPACE}/{self.apps[n % len(self.apps)]}", self.get))
-
-    def _lists(self) -> None:
-        self._every(LIST_EVERY, lambda n: self._timed("/v1/instances", self.list))
+    def finish(self, timeout: float) -> None:
+        """Stop both samplers and keep what they measured (a sampler whose call is still in
+        flight after `timeout` is dropped)."""
+        self.stop.set()
+        for proc, out, into in self.runs:
+            try:
+                took, errors = out.get(timeout=timeout)
+                into.extend(took)
+                self.errors += errors
+            except queue.Empty:
+                say("a sampler did not finish its call: its samples are dropped")
+            proc.join(timeout)
+            if proc.is_alive():
+                proc.kill()
 
 
 def spec(app: str, replicas: int) -> str:
@@ -387,8 +399,7 @@ class Scale:
             until(all_running, a.timeout, f"{a.instances} Running instances",
                   interval=self.poll)
         finally:
-            sampler.stop.set()
-            sampler.join(10)  # a call still in flight is dropped (the thread is a daemon)
+            sampler.finish(10)
         r = self.results
         r["running_s"] = round(time.monotonic() - t0, 1)
         r["master_cpu_s"] = round(cpu_seconds(self.master.pid) - cpu0, 1)
@@ -524,10 +535,10 @@ python bench/scale.py --hosts {args.hosts} --instances {args.instances} --ttl {a
   {args.ttl} s. Apps of at most {MAX_REPLICAS} replicas of one container (request 10m cpu,
   16Mi memory, no readiness probe), applied 50 apps per call.
 - Latencies are sampled while the instances start: a get of one app every {GET_EVERY:g} s and
-  a list of every instance every {LIST_EVERY:g} s, each from a thread of its own (a slow list
-  does not delay the gets); "Running" is counted every second from `GET /v1/apps` (each
-  app's running replicas, as the master's cache of etcd has them); the failover's lost
-  instances are read from etcd each second.
+  a list of every instance every {LIST_EVERY:g} s, each from a process of its own (a slow list
+  neither delays the gets nor takes their GIL); "Running" is counted every second from
+  `GET /v1/apps` (each app's running replicas, as the master's cache of etcd has them); the
+  failover's lost instances are read from etcd each second.
 - Failover: the killed hosts lose power (agent gone, engine dead); their instances wait for
   the heartbeat lease to lapse (the TTL), then are placed again and started elsewhere.
 - The master is the one of this commit; the machine's load average when the run began was
