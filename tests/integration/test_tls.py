@@ -97,8 +97,9 @@ async def test_etcd_refuses_plain_text_and_clients_without_a_certificate(
         for store in (plain, anonymous):
             with pytest.raises(StoreUnavailable, match="unreachable"):
                 await store.put(KEYS.node("h1"), {"by": "nobody"})
-        await master.put(KEYS.leader(), {"by": "master"})
-        item = await master.get_raw(KEYS.leader())
+        key = KEYS.prefix + "/tls-test"
+        await master.put(key, {"by": "master"})
+        item = await master.get_raw(key)
         assert item is not None and item.value == b'{"by":"master"}'
     finally:
         for store in (plain, anonymous, master):
@@ -129,6 +130,8 @@ async def test_an_agent_cannot_write_another_nodes_keys(secure_etcd: SecureEtcd)
         assert await master.get_raw(KEYS.heartbeat("h2")) is None
         assert await master.get_raw(KEYS.instance("default", "web", 0)) is None
     finally:
+        for key in (KEYS.node("h1"), KEYS.node("h2")):  # not records a master could read
+            await master.delete(key)
         await h1.close()
         await master.close()
 
