@@ -136,6 +136,31 @@ async def test_an_agent_cannot_write_another_nodes_keys(secure_etcd: SecureEtcd)
         await master.close()
 
 
+def test_etcd_auth_again_adds_a_node(pki: Path, secure_etcd: SecureEtcd) -> None:
+    """`sigmad pki etcd-auth` run again (a new node h3) keeps what is there and adds h3,
+    which may then write its own record (and still not h1's)."""
+    issue(pki, "node", "h3", ("127.0.0.1",))
+    result = subprocess.run(
+        [sys.executable, "-m", "sigmad", "pki", "etcd-auth", "--etcd", secure_etcd.endpoint,
+         "--prefix", PREFIX, "--node", "h1", "--node", "h2", "--node", "h3", "--dir", str(pki)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert "user sigma-node-h3" in result.stdout and "user sigma-node-h1" not in result.stdout
+
+    async def check() -> None:
+        h3, master = secure_etcd.store("node-h3"), secure_etcd.store("master-m1-etcd")
+        try:
+            assert await h3.create(KEYS.heartbeat("h3"), {"node": "h3"})
+            with pytest.raises(StoreUnavailable, match="permission denied"):
+                await h3.put(KEYS.heartbeat("h1"), {"node": "h1"})
+        finally:
+            await master.delete(KEYS.heartbeat("h3"))
+            await h3.close()
+            await master.close()
+
+    asyncio.run(check())
+
+
 def plain_http(port: int, path: str, token: str = "") -> bytes:
     """What a plain-text HTTP GET of `path` on 127.0.0.1:`port` gets back (b"" if the
     connection is dropped)."""
