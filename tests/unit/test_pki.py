@@ -158,4 +158,5 @@ def test_cli_init_says_what_it_wrote_and_refuses_a_second_ca(tmp_path: Path) -> 
     node = CliRunner().invoke(cli, ["pki", "issue", "node", "h7", "--host", "10.0.0.7",
                                     "--dir", str(d)])
     assert node.exit_code == 0, node.output
-    assert "to etcd as user sigma-node-h7" in node.output and f"{d / 'engine-h7.crt'}" in node.output
+    assert "to etcd as user sigma-node-h7" in node.output
+    assert f"{d / 'engine-h7.crt'}" in node.output
