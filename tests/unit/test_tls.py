@@ -234,3 +234,34 @@ def test_the_ca_comes_from_sigma_ca_else_the_credentials(
     assert ca_path() == "/c/ca.crt"
     monkeypatch.setenv("SIGMA_CA", "/env/ca.crt")
     assert ca_path() == "/env/ca.crt"
+
+
+# --- the lab's configs -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tls", [True, False])
+def test_the_labs_configs_load_with_and_without_tls(tmp_path: Path, tls: bool) -> None:
+    from sigmad.config import load_master, load_node
+    from sigmad.lab import LabConfig, services, trust
+    from sigmad.lab.state import HostState
+
+    cfg = LabConfig(name="t", dir=tmp_path / "lab", hosts=1, tls=tls)
+    cfg.root.mkdir()
+    host = HostState(name="h1", netns="t-h1", veth="t-h1", address=cfg.host_address(1),
+                     root=str(cfg.root / "h1"), engine=f"unix://{cfg.root}/h1/docker.sock",
+                     exec_root="/run/x", cgroup_parent="x")
+    Path(host.root).mkdir()
+    if tls:
+        trust.make_pki(cfg, [host])
+    services.write_master_config(cfg, TOKEN16, cfg.listen, cfg.root / "master.yaml", 1)
+    services.write_node_config(cfg, host, 1)
+    master, node = load_master(cfg.root / "master.yaml"), load_node(host.node_config)
+    scheme = "https" if tls else "http"
+    assert master.api_url() == f"{scheme}://{cfg.listen}"
+    assert master.etcd.endpoints == [f"{scheme}://127.0.0.1:{cfg.etcd_port}"]
+    assert node.etcd.endpoints == [f"{scheme}://{cfg.bridge_ip}:{cfg.etcd_port}"]
+    assert node.engine == (f"tcp://{host.address}:2376" if tls else host.engine)
+    assert (master.etcd.tls is not None, master.engine_tls is not None,
+            node.etcd.tls is not None, node.engine_tls is not None) == (tls,) * 4
+    dockerd = services.dockerd(host, cfg.registry_addr, cfg.root if tls else None)
+    assert ("--tlsverify" in dockerd.extra_args) is tls
