@@ -14,12 +14,13 @@ import time
 from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 
-from aiohttp import web
-
 from sigmad.api import make_app
+from sigmad.api.serving import Limits, Served
 from sigmad.config import MasterConfig
+from sigmad.control.compaction import Compactor
 from sigmad.control.controller import Controller
 from sigmad.leader import Elector
+from sigmad.metrics import Metrics
 from sigmad.state.cache import Cache
 from sigmad.store import EtcdStore, Store
 
@@ -73,10 +74,13 @@ def raise_file_limit() -> None:
 class ApiThread:
     """The API served from a thread of its own, on its own event loop: reads answer from the
     cache however busy the leader's loop is (a burst of work never delays a GET), and what
-    needs etcd or an engine runs on the main loop (sigmad.api.routes)."""
+    needs etcd or an engine runs on the main loop (sigmad.api.routes). It is served within
+    `limits` (sigmad.api.serving)."""
 
-    def __init__(self, store: Store, cache: Cache, token: str, listen: str) -> None:
+    def __init__(self, store: Store, cache: Cache, token: str, listen: str, limits: Limits,
+                 metrics: Metrics) -> None:
         self.store, self.cache, self.token, self.listen = store, cache, token, listen
+        self.limits, self.metrics = limits, metrics
         self.main = asyncio.get_running_loop()
         self.loop = asyncio.new_event_loop()
         self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -87,14 +91,12 @@ class ApiThread:
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self.loop)
-        app = make_app(self.store, self.cache, self.token, on_main=self._on_main)
-        # Open event streams hold requests forever: give them 2 s on shutdown, then cancel.
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+        app = make_app(self.store, self.cache, self.token, on_main=self._on_main,
+                       limits=self.limits, metrics=self.metrics)
+        served = Served(app, self.limits, self.metrics)
         try:
-            self.loop.run_until_complete(runner.setup())
             host, _, port = self.listen.rpartition(":")
-            self.loop.run_until_complete(web.TCPSite(runner, host or "0.0.0.0",
-                                                     int(port)).start())
+            self.loop.run_until_complete(served.start(host or "0.0.0.0", int(port)))
         except BaseException as exc:
             self.ready.set_exception(exc)
             return
@@ -102,7 +104,7 @@ class ApiThread:
         try:
             self.loop.run_forever()
         finally:
-            self.loop.run_until_complete(runner.cleanup())
+            self.loop.run_until_complete(served.stop())
             self.loop.close()
 
     async def start(self) -> None:
@@ -134,16 +136,26 @@ async def run_master(config: MasterConfig) -> None:
     ttl = config.leader_ttl
     election = EtcdStore(endpoints, prefix, retry_for=ttl / 3, rpc_timeout=max(1.0, ttl / 3))
     store = EtcdStore(endpoints, prefix)
+    metrics = Metrics()
+    limits = Limits(config.header_timeout, config.body_timeout, config.max_connections,
+                    config.stream_heartbeat)
     api: ApiThread | None = None
     try:
         await cache.synced.wait()
-        api = ApiThread(api_store, cache, config.token, config.listen)
+        api = ApiThread(api_store, cache, config.token, config.listen, limits, metrics)
         await api.start()
         elector = Elector(election, store, config.master_id(), config.api_url(), ttl,
                           keep_in_thread=True)
 
         async def lead() -> None:
-            await Controller(store, cache, config).run()
+            compactor = Compactor(store, config.history_keep, config.compact_interval,
+                                  metrics)
+            compacting = asyncio.create_task(compactor.run())
+            try:
+                await Controller(store, cache, config).run()
+            finally:
+                compacting.cancel()
+                await asyncio.gather(compacting, return_exceptions=True)
 
         log.info("master %s (API %s) campaigns for leadership (lease TTL %ds)",
                  elector.id, elector.api, ttl)

@@ -10,16 +10,21 @@ import subprocess
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+AUTO_COMPACTION = "5m"  # history etcd keeps when it compacts by itself
 
 
 class EtcdProcess:
     """A single-member etcd listening on 127.0.0.1 (and on the extra `hosts` addresses, e.g.
     a bridge address that other network namespaces reach), with its data under `data_dir`;
-    `extra_args` go to etcd as they are (e.g. a bigger --quota-backend-bytes)."""
+    `extra_args` go to etcd as they are (e.g. a bigger --quota-backend-bytes).
+
+    It compacts its own history, keeping `history` of it (etcd's periodic auto-compaction:
+    "5m", "1h"; "" for none), as the leader does too (sigmad.control.compaction)."""
 
     def __init__(
         self, data_dir: Path, client_port: int, peer_port: int, name: str = "sigma",
         hosts: tuple[str, ...] = (), extra_args: tuple[str, ...] = (),
+        history: str = AUTO_COMPACTION,
     ) -> None:
         self.data_dir = data_dir
         self.client_port = client_port
@@ -27,6 +32,7 @@ class EtcdProcess:
         self.name = name
         self.hosts = ("127.0.0.1", *(h for h in hosts if h != "127.0.0.1"))
         self.extra_args = extra_args
+        self.history = history
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -51,6 +57,9 @@ class EtcdProcess:
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", f"{self.name}={peer}", *self.extra_args,
         ]
+        if self.history:
+            args += ["--auto-compaction-mode=periodic",
+                     f"--auto-compaction-retention={self.history}"]
         with open(self.data_dir / "etcd.log", "ab") as logfile:
             self.proc = subprocess.Popen(
                 args, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True
