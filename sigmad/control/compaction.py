@@ -54,7 +54,7 @@ class Compactor:
             return
         await self.store.compact(revision)
         self.compacted = self.metrics.etcd_compacted_revision = revision
-        log.info("etcd history compacted at revision %d (%gs kept)", revision, self.keep)
+        log.debug("etcd history compacted at revision %d (%gs kept)", revision, self.keep)
 
     async def run(self) -> None:
         """Step every `interval` seconds until cancelled; etcd trouble is logged and the next

@@ -89,15 +89,22 @@ def master(tmp_path: Path, etcd: EtcdProcess) -> Iterator[Master]:
 
 
 async def compacted_at(store: EtcdStore) -> int:
-    """The oldest revision etcd still holds history from (1 if nothing is compacted)."""
-    watch = store.watch_batches(store.keys.prefix + "/probe", 1)
+    """The oldest revision etcd still holds history from (1 if nothing is compacted): a
+    watch from revision 1 of the probe key (written at least once) answers it."""
+    await store.put(probe_key(store), {"at": time.time()})
+    watch = store.watch_batches(probe_key(store), 1, end="")
     try:
-        await anext(watch)
+        while not (await anext(watch)).events:  # (etcd first says the watch is created)
+            pass
         return 1
     except WatchCompacted as exc:
         return exc.revision
     finally:
         await watch.aclose()
+
+
+def probe_key(store: EtcdStore) -> str:
+    return store.keys.prefix + "/probe"
 
 
 async def until(check: object, timeout: float, what: str) -> None:
@@ -117,14 +124,12 @@ async def test_the_leader_compacts_etcd_history_keeping_the_last_seconds(
 
         async def compacted_once() -> bool:
             nonlocal first
-            await store.put(f"{master.prefix}/nodes/probe", {"at": time.time()})
             first = await compacted_at(store)
             return first > 1
 
         await until(compacted_once, 60, "the leader's first compaction")
 
         async def moved_on() -> bool:
-            await store.put(f"{master.prefix}/nodes/probe", {"at": time.time()})
             return await compacted_at(store) > first
 
         await until(moved_on, 60, "the compacted revision to move forward")
