@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from sigmad import events
-from sigmad.api import make_app
+from sigmad.api import make_app, serving
 from sigmad.api.serving import Limits, Served
 from sigmad.control import compaction
 from sigmad.control.compaction import Compactor
@@ -245,6 +245,27 @@ async def test_slow_request_heads_are_closed_after_the_header_timeout(lead: Lead
         for _, writer in slow:
             writer.close()
         assert (await request(port, "GET /healthz"))[0] == 200  # others are served
+
+
+async def test_the_first_head_guard_closes_what_aiohttp_would_not_time() -> None:
+    """(aiohttp before 3.14.5 timed a request head only after a first answer.)"""
+    got: list[bytes] = []
+
+    class Inner(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            got.append(data)
+
+    server = await asyncio.get_running_loop().create_server(
+        lambda: serving._FirstHead(Inner(), 0.3), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: sigma\r\n")
+        assert await closed_by_server(reader) == b""
+        writer.close()
+        assert got == [b"GET / HTTP/1.1\r\nHost: sigma\r\n"]  # the handler had it all
+    finally:
+        server.close()
 
 
 async def test_a_slow_body_is_answered_408_and_nothing_is_written(lead: Leader) -> None:
