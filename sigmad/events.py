@@ -92,6 +92,14 @@ def _at(prefix: str, when: float) -> str:
     return f"{prefix}{max(0, int(when * 1e6)):017d}"
 
 
+def decode(data: bytes) -> Event | None:
+    """The event in `data`; None for anything else found under events/ (it is skipped)."""
+    try:
+        return records.loads(Event, data)
+    except (TypeError, ValueError):
+        return None
+
+
 def _time(prefix: str, key: str) -> float:
     """The time (seconds) in an event's key (0 if it holds none)."""
     digits = key[len(prefix):len(prefix) + 17]
@@ -141,8 +149,8 @@ async def recent(store: Store, limit: int, match: Callable[[Event], bool],
             if item.mod_revision <= since:
                 continue
             newer = True
-            event = records.loads(Event, item.value)
-            if match(event):
+            event = decode(item.value)
+            if event is not None and match(event):
                 found.append(event)
                 if len(found) == limit:
                     return Recent(found[::-1], revision, True)

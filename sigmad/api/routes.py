@@ -243,7 +243,10 @@ class Api:
             metrics.api_watches_open += 1
             try:
                 async for change in self.store.watch(self.keys.events(), found.revision + 1):
-                    if change.value is not None and match(records.loads(Event, change.value)):
+                    if change.value is None:
+                        continue
+                    event = events.decode(change.value)
+                    if event is not None and match(event):
                         stream.offer(change.value)
             finally:
                 metrics.api_watches_open -= 1

@@ -86,6 +86,8 @@ async def test_since_a_revision_answers_only_what_came_after() -> None:
     await put_events(store, [NOW - 10 + i for i in range(5)], app="late")
     got = await events.recent(store, 100, lambda e: True, since=revision, now=NOW)
     assert [e.app for e in got.items] == ["late"] * 5 and not got.more
+    await store.put("/t/events/99999999999999999-x", {"v": 3})  # not an event: skipped
+    assert len((await events.recent(store, 100, lambda e: True, now=NOW)).items) == 55
     empty = MemoryStore("/t")
     assert (await events.recent(empty, 100, lambda e: True, now=NOW)).items == []
     assert empty.spans <= 12  # windows double until they pass the oldest time an event lives
