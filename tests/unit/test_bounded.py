@@ -24,6 +24,8 @@ from sigmad.metrics import Metrics
 from sigmad.store import Op, WatchCompacted
 from tests.fakes.store import MemoryStore
 from tests.unit.harness import TOKEN, Leader
+from tests.unit.test_sigmactl_client import Fake, run
+from tests.unit.test_sigmactl_views import EVENT
 
 NOW = 1_800_000_000.0
 HEAD = f"Authorization: Bearer {TOKEN}\r\nHost: sigma\r\n"
@@ -324,3 +326,16 @@ async def test_the_leader_compacts_what_is_older_than_it_keeps() -> None:
     with pytest.raises(WatchCompacted):
         async for _ in store.watch("/t/", 2):
             pass
+
+
+# -- sigmactl events -------------------------------------------------------------------------
+
+
+def test_sigmactl_events_asks_for_a_bounded_range_and_says_when_there_is_more(
+        fake: Fake) -> None:
+    fake.answer("GET", "/v1/events", (200, {"items": [EVENT], "revision": 42, "more": True}))
+    result = run(fake, "events", "--limit", "1", "--since", "7")
+    assert result.exit_code == 0, result.output
+    assert fake.seen[-1]["query"] == "limit=1&since=7"
+    assert "older events not shown" in result.stderr and "revision 42" in result.stderr
+    assert run(fake, "events", "--limit", "1001").exit_code == 2  # the server's most
