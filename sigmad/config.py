@@ -45,6 +45,12 @@ class MasterConfig:
     id: str = ""  # "" = HOSTNAME:PORT (see master_id)
     advertise: str = ""  # the API's URL for others; "" = http://LISTEN (see api_url)
     leader_ttl: int = DEFAULT_LEADER_TTL
+    header_timeout: float = 10.0  # seconds a connection has to send a request's head
+    body_timeout: float = 30.0  # seconds a request's body has to arrive
+    max_connections: int = 1024  # API connections served at once (more are answered 503)
+    stream_heartbeat: float = 5.0  # seconds between heartbeats of an idle event stream
+    history_keep: float = 300.0  # seconds of etcd history the leader keeps (compacting older)
+    compact_interval: float = 60.0  # seconds between the leader's compactions
     tls: TlsFiles | None = None  # the API's certificate and key: HTTPS
     engine_tls: TlsFiles | None = None  # CA and client certificate for tcp:// engines
 
@@ -197,6 +203,12 @@ def master_config(fields: Fields) -> MasterConfig:
         workers=_whole(fields, "workers", 64, 1, 4096),
         engine_parallel=_whole(fields, "engine_parallel", 8, 1, 256),
         overlay_cidr=_cidr(fields), id=master_id, advertise=advertise, leader_ttl=ttl,
+        header_timeout=_number(fields, "header_timeout", 10.0, 0.1),
+        body_timeout=_number(fields, "body_timeout", 30.0, 0.1),
+        max_connections=_whole(fields, "max_connections", 1024, 1, 1_000_000),
+        stream_heartbeat=_number(fields, "stream_heartbeat", 5.0, 0.1),
+        history_keep=_number(fields, "history_keep", 300.0, 1.0),
+        compact_interval=_number(fields, "compact_interval", 60.0, 0.1),
         tls=_api_tls(fields),
         engine_tls=tls_section(fields, "engine_tls", ca=True, cert=True),
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 from sigmad.tls import TlsFiles
 
 log = logging.getLogger(__name__)
+AUTO_COMPACTION = "5m"  # history etcd keeps when it compacts by itself
 
 
 class EtcdProcess:
@@ -21,12 +22,16 @@ class EtcdProcess:
 
     With `tls` (the CA, and the server certificate and key), clients reach it over https
     only and must present a certificate the CA signed (--client-cert-auth: its common name
-    is their etcd user); `peer_tls` does the same for its peer URL."""
+    is their etcd user); `peer_tls` does the same for its peer URL.
+
+    It compacts its own history, keeping `history` of it (etcd's periodic auto-compaction:
+    "5m", "1h"; "" for none), as the leader does too (sigmad.control.compaction)."""
 
     def __init__(
         self, data_dir: Path, client_port: int, peer_port: int, name: str = "sigma",
         hosts: tuple[str, ...] = (), extra_args: tuple[str, ...] = (),
         tls: TlsFiles | None = None, peer_tls: TlsFiles | None = None,
+        history: str = AUTO_COMPACTION,
     ) -> None:
         self.data_dir = data_dir
         self.client_port = client_port
@@ -35,6 +40,7 @@ class EtcdProcess:
         self.hosts = ("127.0.0.1", *(h for h in hosts if h != "127.0.0.1"))
         self.extra_args = extra_args
         self.tls, self.peer_tls = tls, peer_tls
+        self.history = history
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -74,6 +80,9 @@ class EtcdProcess:
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", f"{self.name}={peer}", *self._tls_args(), *self.extra_args,
         ]
+        if self.history:
+            args += ["--auto-compaction-mode=periodic",
+                     f"--auto-compaction-retention={self.history}"]
         with open(self.data_dir / "etcd.log", "ab") as logfile:
             self.proc = subprocess.Popen(
                 args, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True

@@ -221,6 +221,16 @@ class WatchBatch:
     broken: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class Span:
+    """At most `limit` keys of a range [start, end) in key order, the revision they were
+    read at, and whether the range holds more keys after the last one (`more`)."""
+
+    items: list[Item]
+    revision: int
+    more: bool
+
+
 @dataclass
 class Outcome:
     """A transaction's answer: its revision if it committed (0 if a guard failed), and
@@ -260,6 +270,7 @@ class Store(Protocol):
     async def get_raw(self, key: str) -> Item | None: ...
     async def range_raw(self, prefix: str, keys_only: bool = False, limit: int = 0,
                         revision: int = 0) -> tuple[list[Item], int]: ...
+    async def span(self, start: str, end: str, limit: int, revision: int = 0) -> Span: ...
     async def get(self, key: str, cls: type[T]) -> Versioned[T] | None: ...
     async def scan(self, prefix: str, cls: type[T]) -> tuple[list[Versioned[T]], int]: ...
     async def keys_under(self, prefix: str) -> list[str]: ...
@@ -277,6 +288,7 @@ class Store(Protocol):
     async def grant(self, ttl: int) -> int: ...
     async def keepalive(self, lease_id: int) -> bool: ...
     async def revoke(self, lease_id: int) -> None: ...
+    async def compact(self, revision: int) -> int: ...
 
 
 def prefix_end(prefix: str) -> str:
@@ -549,6 +561,31 @@ class EtcdStore(StoreOps):
                 return items, revision
             start = response.kvs[-1].key + b"\0"
 
+    async def span(self, start: str, end: str, limit: int, revision: int = 0) -> Span:
+        """One range read of at most `limit` keys (etcd stops at the limit: no sort and no
+        revision filter, which would make it read the whole range first)."""
+        request = aetcd.rpc.RangeRequest(key=start.encode(), range_end=end.encode(),
+                                         limit=limit, revision=revision)
+        response = await self._call("range", functools.partial(
+            self._stub, method="Range", request=request))
+        return Span([Item(kv.key.decode(), kv.value, int(kv.mod_revision), int(kv.lease))
+                     for kv in response.kvs], int(response.header.revision),
+                    bool(response.more))
+
+    async def compact(self, revision: int) -> int:
+        """Drop etcd's history before `revision` (watches from older revisions then fail
+        with WatchCompacted, and their caches relist). A revision at or below one already
+        compacted is no error: the answer is then 0, else `revision`."""
+        request = aetcd.rpc.CompactionRequest(revision=revision)
+        try:
+            await self._call("compaction", functools.partial(
+                self._stub, method="Compact", request=request))
+        except StoreUnavailable as exc:
+            if "compacted" in exc.message:
+                return 0
+            raise
+        return revision
+
     async def txn(self, guards: Sequence[Guard], ops: Sequence[Op]) -> Outcome:
         rpc = aetcd.rpc
         fence = self.fence
@@ -621,8 +658,7 @@ class EtcdStore(StoreOps):
                                                                  metadata=client.metadata)
                 async for response in call:
                     if response.compact_revision:
-                        raise WatchCompacted(f"{prefix} (compacted to "
-                                             f"{response.compact_revision})")
+                        raise WatchCompacted(prefix, int(response.compact_revision))
                     if response.canceled:
                         raise aetcd.exceptions.ClientError(
                             f"watch canceled: {response.cancel_reason}")
@@ -868,7 +904,12 @@ def _holds(fence: Guard, found: list[int]) -> bool:
 
 
 class WatchCompacted(Exception):
-    """The watch's start revision was compacted away: relist, then watch again."""
+    """The watch's start revision was compacted away: relist, then watch again.
+    `revision`: the oldest revision etcd still holds."""
+
+    def __init__(self, prefix: str, revision: int) -> None:
+        super().__init__(f"{prefix} (compacted to {revision})")
+        self.revision = revision
 
 
 def _short(exc: BaseException) -> str:
