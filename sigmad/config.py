@@ -22,6 +22,12 @@ DEFAULT_LISTEN = "127.0.0.1:7475"
 DEFAULT_ENGINE = "unix:///var/run/docker.sock"
 DEFAULT_OVERLAY_CIDR = "10.244.0.0/16"
 DEFAULT_LEADER_TTL = 5
+DEFAULT_DATA_DIR = "/var/lib/sigma"
+# Devices the agent may format: stable names only (a /dev/sdX can name another disk after a
+# reboot), and loop devices for test hosts.
+SSD_PATH_RE = re.compile(r"^/dev/(disk/by-(id|path|uuid|partuuid)/[A-Za-z0-9._:+@-]+|loop[0-9]+"
+                         r"|mapper/[A-Za-z0-9._-]+)$")
+MAX_SSDS = 64
 MASTER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,62}$")
 
 
@@ -82,6 +88,8 @@ class NodeConfig:
     overlay_cidr: str = DEFAULT_OVERLAY_CIDR
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
     engine_tls: TlsFiles | None = None  # CA and client certificate of a tcp:// engine
+    data_dir: str = DEFAULT_DATA_DIR  # the agent's own files (SSDs mounted under ssds/)
+    ssds: list[str] = field(default_factory=list)  # the only devices sigma ever formats
 
 
 def _etcd(fields: Fields) -> EtcdConfig:
@@ -154,6 +162,29 @@ def _cidr(fields: Fields) -> str:
         raise SpecError("overlay_cidr", "must be an IPv4 network like 10.244.0.0/16 "
                         "(prefix length 8 to 24)")
     return str(net)
+
+
+def _ssds(fields: Fields) -> list[str]:
+    """The SSD allow-list: stable device paths, each once (nothing else is ever formatted)."""
+    value = fields.take("ssds", [])
+    if not isinstance(value, list) or len(value) > MAX_SSDS:
+        raise SpecError("ssds", f"must be a list of at most {MAX_SSDS} device paths")
+    for i, path in enumerate(value):
+        if not isinstance(path, str) or not SSD_PATH_RE.match(path) \
+                or path.endswith(("/.", "/..")):
+            raise SpecError(f"ssds[{i}]", f"{path!r} is not a stable device path: use "
+                            "/dev/disk/by-id/NAME (or by-path, by-uuid), /dev/mapper/NAME "
+                            "or /dev/loopN (a /dev/sdX name can change at reboot)")
+        if value.index(path) != i:
+            raise SpecError(f"ssds[{i}]", f"{path} is listed twice")
+    return list(value)
+
+
+def _data_dir(fields: Fields) -> str:
+    value = fields.take("data_dir", DEFAULT_DATA_DIR)
+    if not isinstance(value, str) or not value.startswith("/") or value.rstrip("/") == "":
+        raise SpecError("data_dir", "must be an absolute directory path other than /")
+    return value.rstrip("/")
 
 
 def _read(path: str | Path) -> Fields:
@@ -253,6 +284,8 @@ def node_config(fields: Fields) -> NodeConfig:
         overlay_cidr=_cidr(fields),
         etcd=_etcd(fields),
         engine_tls=engine_tls,
+        data_dir=_data_dir(fields),
+        ssds=_ssds(fields),
     )
     fields.done()
     return config

@@ -60,6 +60,36 @@ class Node:
     port_range: list[int] = field(default_factory=lambda: list(DEFAULT_PORT_RANGE))
     draining: bool = False
     engine_version: str = ""
+    ssds: int = 0  # disks on the node's allow-list (their records: `ssds/{node}/`)
+    ssd_bytes: int = 0  # their summed size
+    updated: float = 0.0
+
+
+# SSD states (DESIGN.md §2): the agent moves a disk along
+#   free ─format─▶ formatting ─▶ ready ─claimed─▶ bound ─released─▶ wiping ─▶ ready
+# and a bound disk whose owner moved away without wiping is retained; any of them can
+# become broken (vanished device, I/O error, a format that failed its check).
+SSD_FREE, SSD_FORMATTING, SSD_READY, SSD_BOUND = "free", "formatting", "ready", "bound"
+SSD_RETAINED, SSD_WIPING, SSD_BROKEN = "retained", "wiping", "broken"
+SSD_STATES = (SSD_FREE, SSD_FORMATTING, SSD_READY, SSD_BOUND, SSD_RETAINED, SSD_WIPING,
+              SSD_BROKEN)
+
+
+@dataclass(slots=True)
+class Ssd:
+    """The value of `ssds/{node}/{id}`: one disk of a node's allow-list, as its agent sees
+    it. Only `ready` disks (a fresh, checked, mounted ext4 with no claim) may be claimed."""
+
+    node: str
+    id: str
+    path: str  # the allow-listed path (e.g. /dev/disk/by-id/…, /dev/loop3)
+    size: int = 0  # bytes
+    rotational: bool = False
+    state: str = SSD_FREE
+    error: str = ""  # why it is broken
+    mount: str = ""  # where the agent mounted it (nodev,nosuid) while ready or bound
+    fs_uuid: str = ""  # the filesystem made by the last format (a wipe makes a new one)
+    owner: str = ""  # the instance key it is bound to or retained for
     updated: float = 0.0
 
 

@@ -124,6 +124,21 @@ class Keys:
     def ips(self) -> str:
         return self._k("alloc", "ip", "")
 
+    def ssds(self, node: str | None = None) -> str:
+        return self._k("ssds", node, "") if node else self._k("ssds", "")
+
+    def ssd(self, node: str, disk: str) -> str:
+        """An allowed disk of `node` as its agent reports it (sigmad.models.Ssd)."""
+        return self._k("ssds", node, disk)
+
+    def ssd_claim(self, node: str, disk: str) -> str:
+        """Owner (instance key) of an SSD; created only if absent, in the placement's
+        transaction."""
+        return self._k("alloc", "ssd", node, disk)
+
+    def ssd_claims(self, node: str | None = None) -> str:
+        return self._k("alloc", "ssd", node, "") if node else self._k("alloc", "ssd", "")
+
     def events(self) -> str:
         return self._k("events", "")
 

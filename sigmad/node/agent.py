@@ -14,6 +14,7 @@ from sigmad.errors import EngineError, SigmaError
 from sigmad.events import EventLog
 from sigmad.models import Instance, Node, now
 from sigmad.network.overlay import OverlayError
+from sigmad.node.disks import DiskKeeper, LinuxHost
 from sigmad.node.tunnels import TunnelKeeper
 from sigmad.reasons import Kill, Reason
 from sigmad.spec import Resources
@@ -39,8 +40,10 @@ class NodeRefused(SigmaError):
     status = 400
 
 
-def node_record(config: NodeConfig, info: dict[str, object], draining: bool) -> Node:
-    """The Node record from the engine's `info` (real CPU count and memory of the host)."""
+def node_record(config: NodeConfig, info: dict[str, object], draining: bool,
+                disks: tuple[int, int] = (0, 0)) -> Node:
+    """The Node record from the engine's `info` (real CPU count and memory of the host) and
+    its `disks` (allow-listed SSDs and their summed size)."""
     capacity = Resources(int(str(info.get("NCPU", 0))) * 1000, int(str(info.get("MemTotal", 0))))
     allocatable = Resources(
         max(capacity.cpu_m - config.reserved.cpu_m, 0),
@@ -50,7 +53,8 @@ def node_record(config: NodeConfig, info: dict[str, object], draining: bool) -> 
         name=config.name, engine=config.engine, address=config.address,
         labels=dict(config.labels), capacity=capacity, allocatable=allocatable,
         overcommit=config.overcommit, port_range=list(config.port_range),
-        draining=draining, engine_version=str(info.get("ServerVersion", "")), updated=now(),
+        draining=draining, engine_version=str(info.get("ServerVersion", "")),
+        ssds=disks[0], ssd_bytes=disks[1], updated=now(),
     )
 
 
@@ -71,6 +75,8 @@ class Agent:
         self.tunnels = TunnelKeeper(config, store, self.engine) if overlay else None
         self.events = EventLog(store)
         self.lease = 0
+        self.disks = DiskKeeper(config.name, config.data_dir, config.ssds, store, LinuxHost()) \
+            if config.ssds else None
 
     async def _engine_info(self) -> dict[str, object]:
         delay = 0.5
@@ -87,9 +93,11 @@ class Agent:
         info = await self._engine_info()
         check_engine(self.config.engine, info)
         key = self.store.keys.node(self.config.name)
+        disks = await self.disks.capacity() if self.disks else (0, 0)
         while True:
             current = await self.store.get(key, Node)
-            node = node_record(self.config, info, current.value.draining if current else False)
+            node = node_record(self.config, info, current.value.draining if current else False,
+                               disks)
             if current is None:
                 if await self.store.create(key, node):
                     break
@@ -180,10 +188,12 @@ class Agent:
         events = asyncio.create_task(self.events.run())
         try:
             await self.register()
-            if self.tunnels is None:
-                await self.heartbeat()
-            else:
-                await asyncio.gather(self.heartbeat(), self.tunnels.run())
+            loops = [self.heartbeat()]
+            if self.tunnels is not None:
+                loops.append(self.tunnels.run())
+            if self.disks is not None:
+                loops.append(self.disks.run())
+            await asyncio.gather(*loops)
         finally:
             events.cancel()
             await asyncio.gather(events, return_exceptions=True)

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from sigmad import records
 from sigmad.errors import SigmaError
 from sigmad.leader import LeaderRecord, MasterRecord
-from sigmad.models import AppRecord, Instance, Node, NodeLock, Owner
+from sigmad.models import AppRecord, Instance, Node, NodeLock, Owner, Ssd
 from sigmad.scheduler.fit import NodeUsage
 from sigmad.store import Op, Store, Versioned, WatchBatch, WatchCompacted
 
@@ -36,12 +36,14 @@ T = TypeVar("T")
 
 NODES, BEATS, APPS, INSTANCES = "nodes", "heartbeats", "apps", "instances"
 IPS, PORTS, LOCKS, LEADER, MASTERS = "ips", "ports", "locks", "leader", "masters"
+SSDS, SSD_CLAIMS = "ssds", "ssd_claims"
 # kind → (its key prefix under the cluster prefix, its record class; None: presence only)
 KINDS: dict[str, tuple[str, type | None]] = {
     NODES: ("nodes/", Node), BEATS: ("heartbeats/", None), APPS: ("apps/", AppRecord),
     INSTANCES: ("instances/", Instance), IPS: ("alloc/ip/", Owner),
     PORTS: ("alloc/port/", Owner), LOCKS: ("alloc/node/", NodeLock),
     LEADER: ("leader", LeaderRecord), MASTERS: ("masters/", MasterRecord),
+    SSDS: ("ssds/", Ssd), SSD_CLAIMS: ("alloc/ssd/", Owner),
 }
 RELIST_DELAY = 1.0
 LIST_CHUNK = 2000  # records decoded between two turns of the loop

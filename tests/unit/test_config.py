@@ -257,6 +257,32 @@ def test_bad_heartbeat_ttl(ttl):
     assert "at least 2" in err.message
 
 
+def test_node_ssds_and_data_dir():
+    config = node_config(Fields("", {"ssds": ["/dev/disk/by-id/nvme-A_1", "/dev/loop7"],
+                                     "data_dir": "/srv/sigma/"}, ""))
+    assert config.ssds == ["/dev/disk/by-id/nvme-A_1", "/dev/loop7"]
+    assert config.data_dir == "/srv/sigma"
+    assert node_config(Fields("", {}, "")).ssds == []
+
+
+@pytest.mark.parametrize(("ssds", "where", "text"), [
+    (["/dev/sda"], "ssds[0]", "not a stable device path"),
+    (["/dev/loop1", "/dev/disk/by-id/../../sda"], "ssds[1]", "not a stable device path"),
+    (["/dev/loop1", "/dev/loop1"], "ssds[1]", "listed twice"),
+    ("/dev/loop1", "ssds", "must be a list"),
+    ([3], "ssds[0]", "not a stable device path"),
+    (["/dev/disk/by-id/.."], "ssds[0]", "not a stable device path"),
+])
+def test_bad_node_ssds(ssds, where, text):
+    err = node_error(ssds=ssds)
+    assert err.field == where and text in err.message
+
+
+@pytest.mark.parametrize("data_dir", ["/", "relative", 3])
+def test_bad_data_dir(data_dir):
+    assert node_error(data_dir=data_dir).field == "data_dir"
+
+
 def test_unknown_node_key_rejected():
     err = node_error(engin="tcp://h:1")
     assert err.field == "engin"

@@ -35,7 +35,9 @@ def test_an_agent_writes_only_its_own_node_keys() -> None:
     h1 = roles()["sigma-node-h1"]
     assert may(h1, WRITE, KEYS.node("h1")) and may(h1, WRITE, KEYS.heartbeat("h1"))
     assert may(h1, WRITE, KEYS.events() + "1764265000.1-7")
-    for key in (KEYS.node("h2"), KEYS.heartbeat("h2"), KEYS.node("h10"), KEYS.node("h1x"),
+    assert may(h1, WRITE, KEYS.ssd("h1", "loop3"))
+    for key in (KEYS.ssd("h2", "loop3"), KEYS.ssd("h10", "x"), KEYS.ssd_claim("h1", "loop3"),
+                KEYS.node("h2"), KEYS.heartbeat("h2"), KEYS.node("h10"), KEYS.node("h1x"),
                 KEYS.heartbeat("h1/x"), KEYS.instance("default", "web", 0), KEYS.leader(),
                 KEYS.ip("10.244.0.2"), KEYS.node_lock("h1"), KEYS.app("default", "web"),
                 KEYS.nodes(), "/sigma/v1/tokens/abc", "/other/v1/nodes/h1"):
