@@ -246,12 +246,16 @@ def _open_lab(name: str, directory: Path | None) -> Lab:
 @click.option("--tls/--no-tls", default=True, show_default=True,
               help="etcd (client certificates, per-node users), engines (--tlsverify) and "
                    "the API (HTTPS) over TLS, with a CA of the lab's own")
+@click.option("--ssds", default=0, show_default=True, type=int,
+              help="SSDs per host: loop devices over sparse files, removed by `lab down`")
+@click.option("--ssd-size", default="10Gi", show_default=True,
+              help="size of each (sparse: only what is written takes space)")
 def lab_up(hosts: int, name: str, directory: Path | None, subnet: str, overlay_cidr: str,
            etcd_port: int, registry_port: int, listen: str, masters: int, heartbeat_ttl: int,
-           port_range: str, tls: bool) -> None:
+           port_range: str, tls: bool, ssds: int, ssd_size: str) -> None:
     """Build a lab: bridge, hosts h1..hN, etcd, registry, image, master(s), agents."""
     from sigmad.lab import Lab, LabConfig, LabError
-    from sigmad.lab.config import parse_port_range
+    from sigmad.lab.config import parse_port_range, parse_ssd_size
     from sigmad.lab.report import summary
 
     def up() -> None:
@@ -259,7 +263,7 @@ def lab_up(hosts: int, name: str, directory: Path | None, subnet: str, overlay_c
                            overlay_cidr=overlay_cidr, etcd_port=etcd_port,
                            registry_port=registry_port, listen=listen, masters=masters,
                            heartbeat_ttl=heartbeat_ttl, port_range=parse_port_range(port_range),
-                           tls=tls)
+                           tls=tls, ssds=ssds, ssd_size=parse_ssd_size(ssd_size))
         the_lab = Lab(config, out=click.echo)
         fresh = the_lab.state is None  # else `up` refuses: the lab exists
         try:

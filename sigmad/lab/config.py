@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sigmad.config import DEFAULT_OVERLAY_CIDR
+from sigmad.units import parse_size
 
 NAME_RE = re.compile(r"^[a-z0-9]{1,8}$")
 LAB_ROOT = Path("/var/lib/sigma-lab")
@@ -17,6 +18,7 @@ LAB_ROOT = Path("/var/lib/sigma-lab")
 RUN_ROOT = Path("/run/sigma-lab")
 MAX_HOSTS = 40
 MAX_MASTERS = 5
+MAX_SSDS = 8
 
 
 class LabError(Exception):
@@ -43,6 +45,8 @@ class LabConfig:
     port_range: tuple[int, int] = (31000, 31099)
     masters: int = 1  # 2 for an HA pair: they listen on consecutive ports from --listen's
     tls: bool = True  # etcd, engines and the API over TLS with the lab's own CA
+    ssds: int = 0  # loop devices (sparse files) per host, on its node's SSD allow-list
+    ssd_size: int = 10 << 30  # bytes of each (sparse: only what is written takes space)
 
     @property
     def root(self) -> Path:
@@ -116,6 +120,10 @@ class LabConfig:
         first, last = self.port_range
         if not 1024 <= first <= last <= 65535:
             raise LabError(f"--port-range {first}-{last}: use FIRST-LAST within 1024-65535")
+        if not 0 <= self.ssds <= MAX_SSDS:
+            raise LabError(f"--ssds {self.ssds}: use 0 to {MAX_SSDS} per host")
+        if not 64 << 20 <= self.ssd_size <= 16 << 40:
+            raise LabError(f"--ssd-size {self.ssd_size}: use 64Mi to 16Ti")
         socket = self.root / f"h{self.hosts}" / "docker.sock"
         if len(str(socket)) > 100:
             raise LabError(f"--dir {self.root}: too long for a unix socket path ({socket})")
@@ -136,6 +144,14 @@ class LabConfig:
             first, last = values["port_range"]
             values["port_range"] = (int(first), int(last))
         return cls(**values)
+
+
+def parse_ssd_size(text: str) -> int:
+    """`10Gi` → bytes."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise LabError(f"--ssd-size {text!r}: {exc}") from None
 
 
 def parse_port_range(text: str) -> tuple[int, int]:

@@ -16,6 +16,7 @@ from sigmad.lab.state import (
     STATE_FILE,
     HostState,
     LabState,
+    LoopDisk,
     MasterState,
     pointer,
     resolve_dir,
@@ -230,6 +231,8 @@ class Lab:
             state.save()
         state.server = services.master_url(listens[0], state.ca)
         state.save()
+        if cfg.ssds:
+            self._up_ssds(state)
         self.say(f"starting agents on {span(state.hosts)}")
         for i, host in enumerate(state.hosts, 1):
             services.write_node_config(cfg, host, i)
@@ -238,6 +241,19 @@ class Lab:
         self.say(f"waiting for {len(state.hosts)} nodes Ready")
         services.wait_nodes(state.server, state.token, state.masters, state.hosts,
                             ca=state.ca)
+
+    def _up_ssds(self, state: LabState) -> None:
+        """Each host's loop devices over sparse files in its directory (its SSDs)."""
+        cfg = self.config
+        self.say(f"attaching {cfg.ssds} loop device(s) of {cfg.ssd_size >> 20} MiB (sparse) "
+                 f"to each of {span(state.hosts)}")
+        for host in state.hosts:
+            for n in range(1, cfg.ssds + 1):
+                disk = LoopDisk(str(Path(host.root) / f"ssd{n}.img"))
+                host.ssds.append(disk)
+                state.save()
+                disk.device = system.attach_loop(Path(disk.file), cfg.ssd_size)
+                state.save()
 
     # -- status -----------------------------------------------------------------------------
 

@@ -17,7 +17,8 @@ def check(cfg: LabConfig) -> None:
                        f"run 'sigmad lab down --name {cfg.name}' first")
     if cfg.root.exists() and any(cfg.root.iterdir()):
         raise LabError(f"{cfg.root} exists and is not empty: choose another --dir")
-    for tool in ("ip", "nsenter", "dockerd", "docker", "etcd", "docker-registry"):
+    tools = ("ip", "nsenter", "dockerd", "docker", "etcd", "docker-registry")
+    for tool in (*tools, *(("losetup", "mkfs.ext4", "blkid") if cfg.ssds else ())):
         if shutil.which(tool) is None:
             raise LabError(f"`{tool}` is not installed")
     names = [cfg.bridge, *(f"{cfg.name}-h{i}" for i in range(1, cfg.hosts + 1))]

@@ -197,6 +197,8 @@ def write_node_config(config: LabConfig, host: HostState, index: int) -> None:
         "heartbeat_ttl": config.heartbeat_ttl,
         "overlay_cidr": config.overlay_cidr,
         "etcd": etcd,
+        "data_dir": str(Path(host.root) / "sigma"),
+        "ssds": [d.device for d in host.ssds],
     }))
 
 

@@ -16,6 +16,14 @@ STATE_FILE = "lab.json"
 
 
 @dataclass
+class LoopDisk:
+    """A test host's SSD: a loop device over a sparse file under the host's directory."""
+
+    file: str
+    device: str = ""  # /dev/loopN once attached
+
+
+@dataclass
 class HostState:
     name: str
     netns: str
@@ -29,6 +37,7 @@ class HostState:
     agent_pid: int = 0
     killed: bool = False
     partitioned: bool = False
+    ssds: list[LoopDisk] = field(default_factory=list)  # its loop devices, attached by `up`
 
     @property
     def socket(self) -> str:

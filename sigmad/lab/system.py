@@ -181,6 +181,33 @@ def unmount_under(roots: Iterable[str], rounds: int = 4) -> list[str]:
     return mounts_under(roots)
 
 
+def attach_loop(file: Path, size: int) -> str:
+    """A sparse file of `size` bytes (made if absent) on a new loop device: its path."""
+    with open(file, "ab") as f:
+        f.truncate(size)
+    return run(["losetup", "--find", "--show", str(file)]).stdout.strip()
+
+
+def loop_backing(device: str) -> str:
+    """The file behind loop device `device` ("" if it is not attached)."""
+    try:
+        text = (Path("/sys/class/block") / Path(device).name / "loop" / "backing_file") \
+            .read_text().strip()
+    except OSError:
+        return ""
+    return text.removesuffix(" (deleted)")
+
+
+def detach_loop(device: str, file: str) -> str:
+    """Detach `device` if it still carries `file` (a loop number may have been reused by
+    someone else); a problem in words, or ""."""
+    if not device or os.path.realpath(loop_backing(device) or "/") != os.path.realpath(file):
+        return ""
+    result = run(["losetup", "--detach", device], check=False, timeout=15)
+    return f"loop device {device} ({file}) remains: {result.stderr.strip()}" \
+        if result.returncode else ""
+
+
 def remove_cgroups(component: str) -> list[str]:
     """rmdir the cgroup `component` (and its children) in every hierarchy; what remains."""
     left = []

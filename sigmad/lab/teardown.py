@@ -68,9 +68,12 @@ def stop_processes(s: LabState, say: Say) -> None:
 
 
 def remove_system_objects(s: LabState, say: Say) -> list[str]:
-    """Mounts, veths, netns, the bridge, the iptables rule, cgroups; problems in words."""
+    """Mounts, loop devices, veths, netns, the bridge, the iptables rule, cgroups; problems
+    in words."""
     problems = [f"mount {p} remains" for p in
                 system.unmount_under([s.dir, *(h.exec_root for h in s.hosts)])]
+    for host in s.hosts:
+        problems += filter(None, [system.detach_loop(d.device, d.file) for d in host.ssds])
     say("removing links, namespaces, bridge, iptables rule and cgroups")
     for host in s.hosts:
         problems += filter(None, [net.delete_link(host.veth), net.delete_netns(host.netns)])

@@ -251,9 +251,11 @@ class LinuxHost:
         return await asyncio.to_thread(_probe, path, mount)
 
     async def format(self, device: str) -> str:
+        # mkfs discards the whole device first (TRIM on an SSD, holes in a loop device's
+        # file), so no block of an earlier tenant stays readable; one already mounted
+        # anywhere is refused (a single -F does not override that).
         fs_uuid = str(uuid.uuid4())
-        await _run("mkfs.ext4", "-F", "-q", "-L", FS_LABEL, "-U", fs_uuid,
-                   "-E", "lazy_itable_init=0,lazy_journal_init=0", device)
+        await _run("mkfs.ext4", "-F", "-q", "-L", FS_LABEL, "-U", fs_uuid, device)
         return fs_uuid
 
     async def mount(self, device: str, mount: str) -> None:

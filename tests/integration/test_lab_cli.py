@@ -89,15 +89,40 @@ def _leftovers(run: LabRun) -> list[str]:
     found += [f"rule {r}" for r in rules.splitlines() if f"sigma-lab-{run.name}" in r]
     found += [f"cgroup {d}" for d in glob.glob(f"/sys/fs/cgroup/*/sigma-lab-{run.name}-*")]
     found += [f"dir {p}" for p in (run.dir, Path(f"/run/sigma-lab/{run.name}-h1")) if p.exists()]
+    loops = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
+                           capture_output=True, text=True, timeout=10).stdout
+    found += [f"loop {line}" for line in loops.splitlines() if str(run.dir) in line]
+    return found
+
+
+def _ssd_mounts(run: LabRun) -> dict[str, str]:
+    """Mount point → device of the lab's SSDs, mounted by the agents."""
+    found = {}
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        device, where, kind, options, *_ = line.split()
+        if where.startswith(f"{run.dir}/") and "/sigma/ssds/" in where:
+            assert kind == "ext4" and {"nodev", "nosuid"} <= set(options.split(","))
+            found[where] = device
     return found
 
 
 def test_lab_up_break_heal_down(lab: LabRun) -> None:
     up = lab.run("up", "--hosts", "2", "--subnet", lab.subnet,
                  "--etcd-port", str(free_port(pair=True)), "--registry-port", str(free_port()),
-                 "--listen", f"127.0.0.1:{free_port()}", "--heartbeat-ttl", "2", timeout=180)
+                 "--listen", f"127.0.0.1:{free_port()}", "--heartbeat-ttl", "2",
+                 "--ssds", "2", "--ssd-size", "256Mi", timeout=180)
     assert up.returncode == 0, up.stdout + up.stderr
     assert "starting dockerd on h1..h2" in up.stdout and "token:" in up.stdout
+
+    # each host's 2 loop devices are on its node's allow-list; its agent formats and mounts them
+    state = json.loads((lab.dir / "lab.json").read_text())
+    devices = {d["device"]: d["file"] for h in state["hosts"] for d in h["ssds"]}
+    assert len(devices) == 4 and all(
+        Path(f"/sys/class/block/{Path(dev).name}/loop/backing_file").read_text().strip() == file
+        for dev, file in devices.items())
+    mounted = wait_for(lambda: m if len(m := _ssd_mounts(lab)) == 4 else None, 60,
+                       "4 SSDs formatted and mounted")
+    assert set(mounted.values()) == set(devices)
 
     status = lab.status()
     assert [h["name"] for h in status["hosts"]] == ["h1", "h2"]
