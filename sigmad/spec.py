@@ -29,8 +29,13 @@ OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 MAX_READY_TIMEOUT = 3600
 # Fields of DESIGN.md's app shape that this version parses but cannot act on yet: rejected
 # with a clear message rather than silently ignored.
-NOT_YET = {"volumes", "configs"}
+NOT_YET = {"configs"}
 MIGRATION_POLICIES = ("auto", "manual")
+RECLAIM_POLICIES = ("wipe", "retain")
+MAX_VOLUMES = 8
+MAX_MOUNT = 256
+# Container paths a disk may not be mounted onto (or under): the runtime's own.
+RESERVED_MOUNTS = ("/proc", "/sys", "/dev", "/etc/hosts", "/etc/hostname", "/etc/resolv.conf")
 
 
 @dataclass(slots=True)
@@ -127,6 +132,19 @@ class NetworkSpec:
 
 
 @dataclass(slots=True)
+class VolumeSpec:
+    """A whole local SSD of at least `min_size` bytes for each instance, mounted at `mount`
+    in every container; `reclaim` says what happens to it when the instance goes: wiped
+    (then free for anyone) or retained (until `sigmactl ssd release`)."""
+
+    name: str
+    mount: str
+    ssd: int = 1
+    min_size: int = 0
+    reclaim: str = "wipe"
+
+
+@dataclass(slots=True)
 class AppSpec:
     app: str
     containers: list[ContainerSpec]
@@ -137,6 +155,7 @@ class AppSpec:
     restart: str = "always"
     depends_on: list[str] = field(default_factory=list)
     migration: str = "auto"  # when its node is lost: move at once, or wait for `migrate`
+    volumes: list[VolumeSpec] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -308,6 +327,57 @@ def _ready(path: str, value: object) -> ReadyCheck | None:
     return check
 
 
+def _mount(path: str, value: object) -> str:
+    """An absolute container path, normalised, not / and not one of the runtime's own."""
+    if not isinstance(value, str) or not value.startswith("/") or len(value) > MAX_MOUNT:
+        raise SpecError(path, f"{value!r} is not an absolute path (e.g. /data, at most "
+                        f"{MAX_MOUNT} characters)")
+    parts = [p for p in value.split("/") if p not in ("", ".")]
+    if ".." in parts or any(ch.isspace() or ch in ":," for ch in value):
+        raise SpecError(path, f"{value!r} may not hold '..', spaces, ':' or ','")
+    mount = "/" + "/".join(parts)
+    if mount == "/":
+        raise SpecError(path, "cannot mount a disk onto / (the container's root): use a "
+                        "directory such as /data")
+    for reserved in RESERVED_MOUNTS:
+        if mount == reserved or mount.startswith(reserved + "/"):
+            raise SpecError(path, f"{mount} is the container runtime's own ({reserved})")
+    return mount
+
+
+def _volume(path: str, value: object) -> VolumeSpec:
+    fields = Fields(path, value, "volumes[]")
+    name = _name(fields.at("name"), fields.take("name", required=True))
+    ssd = fields.take("ssd", required=True)
+    if isinstance(ssd, bool) or ssd != 1:
+        raise SpecError(fields.at("ssd"), f"{ssd!r}: must be 1 (a volume is one whole disk; "
+                        "list more volumes for more disks)")
+    volume = VolumeSpec(
+        name=name, mount=_mount(fields.at("mount"), fields.take("mount", required=True)),
+        min_size=quantity(fields.at("min_size"), fields.take("min_size", 0), parse_size),
+        reclaim=_choice(fields.at("reclaim"), fields.take("reclaim", "wipe"), RECLAIM_POLICIES),
+    )
+    fields.done()
+    return volume
+
+
+def _volumes(value: object) -> list[VolumeSpec]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_VOLUMES:
+        raise SpecError("volumes", f"must be a list of at most {MAX_VOLUMES} volumes")
+    volumes = [_volume(f"volumes[{i}]", v) for i, v in enumerate(value)]
+    for i, v in enumerate(volumes):
+        for earlier in volumes[:i]:
+            if v.name == earlier.name:
+                raise SpecError(f"volumes[{i}].name", f"{v.name!r} is used twice")
+            if v.mount == earlier.mount or v.mount.startswith(earlier.mount + "/") \
+                    or earlier.mount.startswith(v.mount + "/"):
+                raise SpecError(f"volumes[{i}].mount", f"{v.mount} overlaps volume "
+                                f"{earlier.name}'s mount {earlier.mount}")
+    return volumes
+
+
 def _choice(path: str, value: object, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise SpecError(path, f"{value!r} is not one of {', '.join(choices)}")
@@ -420,6 +490,7 @@ def validate(doc: object) -> AppSpec:
     restart = _choice("restart", fields.take("restart", "always"), RESTART_POLICIES)
     depends_on = _depends_on(fields.take("depends_on"))
     migration = _choice("migration", fields.take("migration", "auto"), MIGRATION_POLICIES)
+    volumes = _volumes(fields.take("volumes"))
     if app in depends_on:
         raise SpecError("depends_on", f"an app cannot depend on itself ({app})")
     fields.done()
@@ -429,7 +500,7 @@ def validate(doc: object) -> AppSpec:
     return AppSpec(
         app=app, namespace=namespace, replicas=replicas, containers=containers,
         placement=placement, network=network, restart=restart, depends_on=depends_on,
-        migration=migration,
+        migration=migration, volumes=volumes,
     )
 
 

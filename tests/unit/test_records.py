@@ -147,7 +147,7 @@ def test_unknown_keys_are_ignored():
 
 def test_unknown_keys_ignored_in_nested_spec():
     d = to_dict(an_app_record())
-    d["spec"]["volumes"] = [{"name": "data"}]
+    d["spec"]["secrets"] = [{"name": "data"}]
     d["spec"]["containers"][1]["healthcheck"] = {"tcp": 80}
     assert from_dict(AppRecord, d) == an_app_record()
 

@@ -13,6 +13,7 @@ from sigmad.spec import (
     Placement,
     Resources,
     ResourceSpec,
+    VolumeSpec,
     parse,
     validate,
 )
@@ -241,7 +242,6 @@ def test_unknown_placement_field():
 @pytest.mark.parametrize(
     ("overrides", "path"),
     [
-        ({"volumes": [{"name": "data", "ssd": 1, "mount": "/data"}]}, "volumes"),
         ({"configs": [{"name": "c", "mount": "/etc/c"}]}, "configs"),
     ],
 )
@@ -249,6 +249,44 @@ def test_design_fields_not_yet_supported(overrides, path):
     err = invalid(**overrides)
     assert err.field == path
     assert err.message == f"{path}: is not supported by this version of sigma yet"
+
+
+def test_volumes_parse() -> None:
+    spec = validate({"app": "db", "containers": [{"name": "main", "image": "busybox"}],
+                     "volumes": [{"name": "data", "ssd": 1, "min_size": "10Gi",
+                                  "mount": "/data/", "reclaim": "retain"},
+                                 {"name": "log", "ssd": 1, "mount": "/var//log/db"}]})
+    assert spec.volumes == [VolumeSpec("data", "/data", 1, 10 << 30, "retain"),
+                            VolumeSpec("log", "/var/log/db", 1, 0, "wipe")]
+
+
+@pytest.mark.parametrize(("volumes", "field", "text"), [
+    ([{"name": "data", "ssd": -1, "mount": "/data"}], "volumes[0].ssd", "must be 1"),
+    ([{"name": "data", "ssd": 2, "mount": "/data"}], "volumes[0].ssd", "must be 1"),
+    ([{"name": "data", "ssd": True, "mount": "/data"}], "volumes[0].ssd", "must be 1"),
+    ([{"name": "data", "mount": "/data"}], "volumes[0].ssd", "is required"),
+    ([{"name": "data", "ssd": 1, "mount": "data"}], "volumes[0].mount", "not an absolute"),
+    ([{"name": "data", "ssd": 1, "mount": "/"}], "volumes[0].mount", "onto /"),
+    ([{"name": "data", "ssd": 1, "mount": "//./"}], "volumes[0].mount", "onto /"),
+    ([{"name": "data", "ssd": 1, "mount": "/a/../etc"}], "volumes[0].mount", "'..'"),
+    ([{"name": "data", "ssd": 1, "mount": "/proc/x"}], "volumes[0].mount", "runtime's own"),
+    ([{"name": "data", "ssd": 1, "mount": "/d:ro"}], "volumes[0].mount", "':'"),
+    ([{"name": "data", "ssd": 1}], "volumes[0].mount", "is required"),
+    ([{"name": "data", "ssd": 1, "mount": "/a"}, {"name": "data", "ssd": 1, "mount": "/b"}],
+     "volumes[1].name", "used twice"),
+    ([{"name": "a", "ssd": 1, "mount": "/a"}, {"name": "b", "ssd": 1, "mount": "/a/b"}],
+     "volumes[1].mount", "overlaps"),
+    ([{"name": "data", "ssd": 1, "mount": "/d", "min_size": "10GG"}], "volumes[0].min_size",
+     "not a size"),
+    ([{"name": "data", "ssd": 1, "mount": "/d", "reclaim": "keep"}], "volumes[0].reclaim",
+     "not one of wipe, retain"),
+    ([{"name": "Data", "ssd": 1, "mount": "/d"}], "volumes[0].name", "not a valid name"),
+    ([{"name": "data", "ssd": 1, "mount": "/d", "size": 1}], "volumes[0].size", "unknown"),
+    ({"name": "data"}, "volumes", "must be a list"),
+])
+def test_bad_volumes_name_the_field(volumes: object, field: str, text: str) -> None:
+    err = invalid(volumes=volumes)
+    assert err.field == field and text in err.message, err.message
 
 
 def test_not_yet_field_only_where_design_puts_it():
