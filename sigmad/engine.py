@@ -121,6 +121,15 @@ def container_config(
         host_config["NetworkMode"] = f"container:{network_of}"
     else:
         host_config["NetworkMode"] = NETWORK
+    if app.volumes:
+        # Each volume's disk (its data directory on the host) at the volume's mount: the
+        # same disk for every container the instance ever makes on this node.
+        disks = {d.volume: d.source for d in instance.ssds}
+        host_config["Mounts"] = [
+            {"Type": "bind", "Source": disks[v.name], "Target": v.mount, "ReadOnly": False,
+             "BindOptions": {"Propagation": "rprivate"}}
+            for v in app.volumes  # bound with a disk per volume (sigmad.scheduler.binder)
+        ]
     if not network_of and instance.host_ports:
         bindings = {
             f"{ports[n].container}/{ports[n].protocol}": [{"HostPort": str(hp)}]

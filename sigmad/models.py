@@ -137,6 +137,16 @@ class ContainerStatus:
 
 
 @dataclass(slots=True)
+class BoundSsd:
+    """One of an instance's volumes: the disk claimed for it on its node, and the host
+    directory of that disk bound into its containers."""
+
+    volume: str
+    disk: str
+    source: str
+
+
+@dataclass(slots=True)
 class Termination:
     """One end of an instance's container, with its one authoritative reason."""
 
@@ -165,6 +175,7 @@ class Instance:
     next_node: str = ""  # a live move in progress: booked there too, started there first
     next_ports: dict[str, int] = field(default_factory=dict)  # host ports booked on it
     request: Resources = field(default_factory=Resources)
+    ssds: list[BoundSsd] = field(default_factory=list)  # its volumes' disks on `node`
     containers: list[ContainerStatus] = field(default_factory=list)
     restarts: int = 0
     streak: int = 0  # failures in a row (each ran less than a minute): drives the backoff
@@ -194,6 +205,7 @@ class Instance:
         new = _shallow(self)
         new.unschedulable, new.host_ports = dict(self.unschedulable), dict(self.host_ports)
         new.next_ports, new.terminations = dict(self.next_ports), list(self.terminations)
+        new.ssds = list(self.ssds)
         new.containers = [_shallow(c) for c in self.containers]
         return new
 
@@ -206,18 +218,21 @@ class Instance:
 
     def unbound(self, reason: str) -> Instance:
         """Back to Pending, to be placed anew: it keeps its name, IP and request; its node,
-        host ports and containers stay behind (release `host_ports` of `node`)."""
+        host ports, disks and containers stay behind (release `host_ports` of `node`; its
+        disks' claims stay: their data is retained there)."""
         new = self.copy()
         new.state, new.reason = State.PENDING, reason
-        new.node, new.host_ports, new.containers = "", {}, []
+        new.node, new.host_ports, new.containers, new.ssds = "", {}, [], []
         new.move, new.next_node, new.next_ports = "", "", {}
         new.next_start, new.streak, new.updated = 0.0, 0, now()
         return new
 
-    def bound(self, node: str, ports: dict[str, int]) -> Instance:
-        """Pending → Scheduled on `node` with its host ports."""
+    def bound(self, node: str, ports: dict[str, int],
+              ssds: list[BoundSsd] | None = None) -> Instance:
+        """Pending → Scheduled on `node` with its host ports and its volumes' disks."""
         new = self.copy()
         new.state, new.node, new.host_ports = State.SCHEDULED, node, ports
+        new.ssds = list(ssds or [])
         new.reason, new.unschedulable, new.target, new.updated = "", {}, "", now()
         return new
 

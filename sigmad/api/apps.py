@@ -174,6 +174,10 @@ class AppWrites:
                 if records.to_dict(old.spec) == records.to_dict(s):
                     results.append(Result(s.key, "unchanged", old.generation))
                     continue
+                if old.spec.volumes != s.volumes:
+                    raise SpecError("volumes", f"{s.key}: the volumes of an app cannot change "
+                                    "(each instance's data is on its disks): keep them, or "
+                                    "delete the app and apply it again")
                 template = old.template_generation
                 action = "updated"
                 if resources_only(old.spec, s) and not only_replicas(old.spec, s):

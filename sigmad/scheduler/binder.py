@@ -11,11 +11,13 @@ snapshot. Three kinds of booking go through here, so capacity is booked in one p
 - an instance whose request grew (a resize or a new template) books the growth on its node.
 
 Invariants: every booking of capacity on a node guards that node's lock revision as the
-snapshot saw it and bumps it in the same transaction, and every host port it takes is
-guarded absent; so two schedulers (or a lagging snapshot) never book capacity or a port
-twice. Bookings of one node go in one change (pieces of one node, when too many for one
-transaction, guard the lock revision the previous piece wrote); a change that loses is
-re-planned next round, only for its own instances.
+snapshot saw it and bumps it in the same transaction, and every host port and disk it takes
+is guarded absent (a disk's claim also guards the disk's record as seen `ready`); so two
+schedulers (or a lagging snapshot) never book capacity, a port or a disk twice. Bookings of
+one node go in one change (pieces of one node, when too many for one transaction, guard the
+lock revision the previous piece wrote); a change that loses is re-planned next round, only
+for its own instances. An instance with SSD volumes never moves live (its data is on one
+disk).
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sigmad.models import Instance
+from sigmad.models import BoundSsd, Instance
 from sigmad.reasons import State
 from sigmad.scheduler.placer import Decision, Placer, Request, place
-from sigmad.scheduler.snapshot import Snapshot, snapshot_of
+from sigmad.scheduler.snapshot import FreeSsd, Snapshot, free_ssds, snapshot_of
 from sigmad.spec import AppSpec, Resources
-from sigmad.state.cache import LOCKS, Cache
+from sigmad.state.cache import LOCKS, SSD_CLAIMS, SSDS, Cache
 from sigmad.state.writes import Writer, Writes
 from sigmad.store import MAX_TXN_OPS, Versioned
 
@@ -65,9 +67,10 @@ class Booking:
     new: Instance
     ports: list[int]
     node: str = ""  # where it was placed ("" for a re-booking on its own node)
+    ssds: list[FreeSsd] = field(default_factory=list)  # the disks it claims there
 
     def cost(self) -> tuple[int, int]:
-        return 1 + len(self.ports), 1 + len(self.ports)
+        return 1 + len(self.ports) + 2 * len(self.ssds), 1 + len(self.ports) + len(self.ssds)
 
 
 @dataclass
@@ -96,10 +99,19 @@ def plan(snapshot: Snapshot, wanted: Sequence[Versioned[Instance]], apps: dict[s
     re-bookings and targeted placements; a `placer` (of this snapshot, for rounds of free
     placements only) keeps the others for the next round."""
     result = RoundPlan()
-    placing = [v for v in wanted if wants_a_node(v.value)]
+    placing = []
     for v in wanted:
+        spec = apps[v.value.app_key]
         if not wants_a_node(v.value):
-            _rebook(snapshot, v, apps[v.value.app_key], result)
+            _rebook(snapshot, v, spec, result)
+        elif spec.volumes and v.value.state != State.PENDING:
+            why = "no live move: its data is on its SSD (delete it or migrate it when its " \
+                  "node is lost)"
+            result.waiting += 1
+            if v.value.reason != why:
+                result.unplaced.append((v, v.value.unplaced(why, v.value.unschedulable)))
+        else:
+            placing.append(v)
     decision = place_all(snapshot, placing, apps, rng, placer)
     for v in placing:
         inst = v.value
@@ -110,12 +122,14 @@ def plan(snapshot: Snapshot, wanted: Sequence[Versioned[Instance]], apps: dict[s
             if inst.reason != u.reason or inst.unschedulable != u.counts:
                 result.unplaced.append((v, inst.unplaced(u.reason, u.counts)))
             continue
-        names = [p.name for p in apps[inst.app_key].network.ports]
-        ports = dict(zip(names, binding.ports, strict=True))
-        new = inst.bound(binding.node, ports) if inst.state == State.PENDING else \
+        spec = apps[inst.app_key]
+        ports = dict(zip([p.name for p in spec.network.ports], binding.ports, strict=True))
+        disks = [BoundSsd(vol.name, d.id, d.source)
+                 for vol, d in zip(spec.volumes, binding.ssds, strict=True)]
+        new = inst.bound(binding.node, ports, disks) if inst.state == State.PENDING else \
             inst.move_booked(binding.node, ports)
         result.by_node.setdefault(binding.node, []).append(
-            Booking(v, new, binding.ports, binding.node))
+            Booking(v, new, binding.ports, binding.node, binding.ssds))
     return result
 
 
@@ -159,6 +173,8 @@ def place_all(snapshot: Snapshot, pending: Sequence[Versioned[Instance]],
             if info is not None and r.key in one.placed:
                 info.book(r.request)
                 info.ports.update(one.placed[r.key].ports)
+                taken = one.placed[r.key].ssds
+                info.ssds = [d for d in info.ssds if d not in taken]
     rest = (placer or Placer(snapshot, rng)).place(free)
     decision.placed.update(rest.placed)
     decision.unplaced.update(rest.unplaced)
@@ -167,7 +183,7 @@ def place_all(snapshot: Snapshot, pending: Sequence[Versioned[Instance]],
 
 def _request(v: Versioned[Instance], spec: AppSpec) -> Request:
     return Request(v.key, v.value.app_key, v.value.request, spec.placement,
-                   len(spec.network.ports))
+                   len(spec.network.ports), tuple(vol.min_size for vol in spec.volumes))
 
 
 def pieces(bookings: list[Booking]) -> list[list[Booking]]:
@@ -198,6 +214,7 @@ async def commit(writer: Writer, writes: Writes, snapshot: Snapshot,
             for b in piece:
                 change += writes.update_instance(b.old, b.new)
                 change += writes.claim_ports(b.new, name, b.ports)
+                change += writes.claim_ssds(b.new, name, b.ssds)
             lock = await writer.write(change)
             if not lock:
                 result.conflicts += 1
@@ -220,11 +237,14 @@ async def commit(writer: Writer, writes: Writes, snapshot: Snapshot,
 
 
 def cache_snapshot(cache: Cache) -> Snapshot:
-    """The scheduler's snapshot of the cache now: nodes, what each has booked, lock revisions."""
-    prefix = cache.keys.node_locks()
+    """The scheduler's snapshot of the cache now: nodes, what each has booked, lock revisions
+    and free disks."""
+    prefix, claims = cache.keys.node_locks(), cache.keys.ssd_claims()
+    claimed = {tuple(k.removeprefix(claims).split("/", 1)) for k in cache.table(SSD_CLAIMS)}
     return snapshot_of((v.value for v in cache.nodes().values()), cache.ready, cache.usage,
                        cache.revision, {k.removeprefix(prefix): v.mod_revision
-                                        for k, v in cache.table(LOCKS).items()})
+                                        for k, v in cache.table(LOCKS).items()},
+                       free_ssds(cache.table(SSDS).values(), claimed))  # type: ignore[arg-type]
 
 
 async def schedule(cache: Cache, writer: Writer, writes: Writes, apps: dict[str, AppSpec],

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from sigmad.scheduler import filters, rankers
 from sigmad.scheduler.fit import fit
-from sigmad.scheduler.snapshot import NodeInfo, Room, Snapshot
+from sigmad.scheduler.snapshot import FreeSsd, NodeInfo, Room, Snapshot
 from sigmad.spec import Placement, Resources
 
 SAMPLE = 64  # feasible nodes scored at a time (kube-scheduler's percentageOfNodesToScore)
@@ -38,12 +38,14 @@ class Request:
     request: Resources
     placement: Placement = field(default_factory=Placement)
     ports: int = 0
+    ssds: tuple[int, ...] = ()  # a whole free disk of at least each size (its volumes)
 
 
 @dataclass
 class Binding:
     node: str
     ports: list[int]
+    ssds: list[FreeSsd] = field(default_factory=list)  # one per `Request.ssds`, in order
 
 
 @dataclass
@@ -113,6 +115,7 @@ class _Class:
         self.cpu = req.request.cpu_m
         self.memory = req.request.memory
         self.ports = req.ports
+        self.ssds = req.ssds
         self.binpack = req.placement.strategy == "binpack"
         self.rank = rankers.most_requested if self.binpack else rankers.least_requested
         self.unplaced: Unplaced | None = None  # set once no node fits: shared by the rest
@@ -154,7 +157,8 @@ class _Class:
         heap = win.heap
         if win.uses >= REFRESH and not self.binpack:
             heap.clear()
-        rooms, cpu, mem, ports = self.work.rooms, self.cpu, self.memory, self.ports
+        rooms, cpu, mem, ports, ssds = self.work.rooms, self.cpu, self.memory, self.ports, \
+            self.ssds
         while True:
             if not heap:
                 self._sample(win)
@@ -164,7 +168,8 @@ class _Class:
             room = rooms[i]
             if room.version == version:
                 return -neg, i
-            if fit(room.cpu, room.memory, room.ports, cpu, mem, ports) is None:
+            if fit(room.cpu, room.memory, room.ports, cpu, mem, ports, room.ssd_sizes,
+                   ssds) is None:
                 score = self.rank(room, cpu, mem)
                 heapq.heapreplace(heap, (-score, self.work.rng.random(), room.version, i))
             else:
@@ -175,7 +180,7 @@ class _Class:
         that no longer fit are dropped for good (room only shrinks within a call). Spread
         moves the sampled nodes to the back of the queue, binpack keeps them in front."""
         rooms, rng, queue, rank = self.work.rooms, self.work.rng, win.queue, self.rank
-        cpu, mem, ports = self.cpu, self.memory, self.ports
+        cpu, mem, ports, ssds = self.cpu, self.memory, self.ports, self.ssds
         size = win.size
         win.size = min(win.limit, 2 * size)
         heap: list[tuple[float, float, int, int]] = []
@@ -183,7 +188,7 @@ class _Class:
         for _ in range(len(queue)):
             i = pop()
             r = rooms[i]
-            if fit(r.cpu, r.memory, r.ports, cpu, mem, ports) is not None:
+            if fit(r.cpu, r.memory, r.ports, cpu, mem, ports, r.ssd_sizes, ssds) is not None:
                 continue
             heap.append((-rank(r, cpu, mem), rng.random(), r.version, i))
             push(i)
@@ -222,7 +227,7 @@ class _Work:
             known = self.placements[id(p)] = (_placement_key(p), p)  # keeps `p` alive
         pkey = known[0]
         res = req.request
-        key = (pkey, res.cpu_m, res.memory, req.ports, req.app if p.spread else "")
+        key = (pkey, res.cpu_m, res.memory, req.ports, req.ssds, req.app if p.spread else "")
         cls = self.classes.get(key)
         if cls is None:
             cls = self.classes[key] = _Class(self, req, self.groups(pkey[0], p))
@@ -296,13 +301,14 @@ class _Work:
         """Book `req` on node `i`: its request, fresh host ports and one replica."""
         info, room = self.infos[i], self.rooms[i]
         ports = self._ports(info, room, req.ports) if req.ports else []
+        disks = room.take_ssds(list(req.ssds)) if req.ssds else []
         room.book(req.request.cpu_m, req.request.memory, req.ports)
         self.bound.setdefault(req.app, []).append(i)
         for label, counts in self.app_domains.get(req.app, ()):
             value = info.labels.get(label)
             if value is not None:
                 counts[value] = counts.get(value, 0) + 1
-        return Binding(info.name, ports)
+        return Binding(info.name, ports, disks)
 
     def _ports(self, info: NodeInfo, room: Room, n: int) -> list[int]:
         """`n` random host ports of the node's range, free on it and not given out yet."""
@@ -327,7 +333,8 @@ class _Work:
         if not self.infos:
             return Unplaced("no nodes registered", {})
         reason, counts = filters.explain(
-            zip(self.infos, self.rooms, strict=True), req.placement, req.request, req.ports
+            zip(self.infos, self.rooms, strict=True), req.placement, req.request, req.ports,
+            req.ssds,
         )
         return Unplaced(reason, counts)
 

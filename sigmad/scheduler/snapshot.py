@@ -9,9 +9,22 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from sigmad.models import DEFAULT_PORT_RANGE, Instance, Node, Overcommit
-from sigmad.scheduler.fit import NodeUsage, fit
+from sigmad.models import DEFAULT_PORT_RANGE, SSD_READY, Instance, Node, Overcommit, Ssd
+from sigmad.node.disks import data_path
+from sigmad.scheduler.fit import NodeUsage, fit, match_ssds
 from sigmad.spec import Resources
+from sigmad.store import Versioned
+
+
+@dataclass(frozen=True, slots=True)
+class FreeSsd:
+    """A disk that may be claimed: `ready`, with no claim. Its claim guards `revision` (its
+    record's), so it is never claimed once its agent changed it (e.g. to wipe it)."""
+
+    id: str
+    size: int
+    revision: int
+    source: str  # the host directory bound into the containers
 
 
 @dataclass
@@ -29,6 +42,7 @@ class NodeInfo:
     port_range: tuple[int, int] = (DEFAULT_PORT_RANGE[0], DEFAULT_PORT_RANGE[1])
     apps: dict[str, int] = field(default_factory=dict)  # app key `ns/app` → replicas here
     lock: int = 0  # mod_revision of the node's lock key; 0 when absent
+    ssds: list[FreeSsd] = field(default_factory=list)  # free disks, smallest first
 
     def capacity(self) -> Resources:
         """What requests may add up to: allocatable times the overcommit ratio."""
@@ -66,8 +80,10 @@ class Snapshot:
     nodes: dict[str, NodeInfo]
 
 
-def node_info(node: Node, ready: bool, usage: NodeUsage | None, lock: int = 0) -> NodeInfo:
-    """The scheduler's NodeInfo of `node` with what `usage` books on it (copied)."""
+def node_info(node: Node, ready: bool, usage: NodeUsage | None, lock: int = 0,
+              ssds: list[FreeSsd] | None = None) -> NodeInfo:
+    """The scheduler's NodeInfo of `node` with what `usage` books on it (copied) and its
+    free disks."""
     return NodeInfo(
         node.name, dict(node.labels), Resources(node.allocatable.cpu_m, node.allocatable.memory),
         ready, node.draining,
@@ -77,18 +93,34 @@ def node_info(node: Node, ready: bool, usage: NodeUsage | None, lock: int = 0) -
         port_range=(node.port_range[0], node.port_range[1]),
         apps=dict(usage.apps) if usage else {},
         lock=lock,
+        ssds=sorted(ssds or [], key=lambda d: (d.size, d.id)),
     )
 
 
 def snapshot_of(nodes: Iterable[Node], ready: set[str] | frozenset[str],
                 usage: Mapping[str, NodeUsage], revision: int,
-                locks: Mapping[str, int] | None = None) -> Snapshot:
-    """Nodes (by name) with their usage and lock revision."""
-    locks = locks or {}
+                locks: Mapping[str, int] | None = None,
+                ssds: Mapping[str, list[FreeSsd]] | None = None) -> Snapshot:
+    """Nodes (by name) with their usage, lock revision and free disks."""
+    locks, ssds = locks or {}, ssds or {}
     return Snapshot(revision, {
-        n.name: node_info(n, n.name in ready, usage.get(n.name), locks.get(n.name, 0))
+        n.name: node_info(n, n.name in ready, usage.get(n.name), locks.get(n.name, 0),
+                          ssds.get(n.name))
         for n in sorted(nodes, key=lambda n: n.name)
     })
+
+
+def free_ssds(disks: Iterable[Versioned[Ssd]], claimed: set[tuple[str, str]]
+              ) -> dict[str, list[FreeSsd]]:
+    """node → its disks that may be claimed: `ready`, mounted, and not in `claimed`
+    ((node, id) of every claim)."""
+    out: dict[str, list[FreeSsd]] = {}
+    for v in disks:
+        d = v.value
+        if d.state == SSD_READY and d.mount and (d.node, d.id) not in claimed:
+            out.setdefault(d.node, []).append(FreeSsd(d.id, d.size, v.mod_revision,
+                                                      data_path(d.mount)))
+    return out
 
 
 def usage_of(instances: Iterable[Instance]) -> dict[str, NodeUsage]:
@@ -120,7 +152,8 @@ class Room:
     snapshot's NodeInfo is never changed. `version` grows with every booking, so a score
     cached against an older version is known to be stale."""
 
-    __slots__ = ("cpu", "inv_cpu", "inv_memory", "memory", "ports", "taken", "version")
+    __slots__ = ("cpu", "inv_cpu", "inv_memory", "memory", "ports", "ssd_sizes", "ssds",
+                 "taken", "version")
 
     def __init__(self, info: NodeInfo) -> None:
         cap = info.capacity()
@@ -131,6 +164,8 @@ class Room:
         self.inv_cpu = 1.0 / cap.cpu_m if cap.cpu_m > 0 else 0.0
         self.inv_memory = 1.0 / cap.memory if cap.memory > 0 else 0.0
         self.taken: set[int] = set()  # host ports given out by this call
+        self.ssds = list(info.ssds)  # free disks not given out by this call
+        self.ssd_sizes = [d.size for d in self.ssds]
         self.version = 0
 
     def book(self, cpu: int, memory: int, ports: int) -> None:
@@ -139,3 +174,14 @@ class Room:
         self.memory -= memory
         self.ports -= ports
         self.version += 1
+
+    def take_ssds(self, needs: list[int]) -> list[FreeSsd]:
+        """Give out a free disk for each of `needs` (see fit.match_ssds: the caller checked
+        that they fit)."""
+        found = match_ssds(self.ssd_sizes, needs)
+        assert found is not None
+        disks = [self.ssds[i] for i in found]
+        for i in sorted(found, reverse=True):
+            del self.ssds[i], self.ssd_sizes[i]
+        self.version += 1
+        return disks

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sigmad.models import AppRecord, Instance, Node, NodeLock, Owner
+from sigmad.scheduler.snapshot import FreeSsd
 from sigmad.state.cache import Cache
 from sigmad.store import MAX_TXN_OPS, Guard, Keys, Op, Store, Versioned
 
@@ -65,10 +66,13 @@ class Writes:
 
     def delete_instance(self, v: Versioned[Instance],
                         ip_owner: Versioned[Owner] | None) -> Change:
-        """Delete an instance with its host-port claims, and its IP claim if it holds it."""
+        """Delete an instance with its host-port and disk claims (its agent then wipes the
+        disks), and its IP claim if it holds it."""
         inst = v.value
         change = Change([Guard(v.key, v.mod_revision)], [Op(v.key, delete=True)])
         change += self.release_ports(inst.node, inst.host_ports)
+        change += Change([], [Op(self.keys.ssd_claim(inst.node, d.disk), delete=True)
+                              for d in inst.ssds])
         change += self.release_ports(inst.next_node, inst.next_ports)
         if ip_owner is not None and ip_owner.value.owner == inst.key:
             change += Change([Guard(ip_owner.key, ip_owner.mod_revision)],
@@ -90,6 +94,16 @@ class Writes:
     def claim_ports(self, inst: Instance, node: str, ports: Iterable[int]) -> Change:
         keys = [self.keys.port(node, p) for p in ports]
         return Change([Guard(k, 0) for k in keys], [Op(k, Owner(inst.key)) for k in keys])
+
+    def claim_ssds(self, inst: Instance, node: str, disks: Iterable[FreeSsd]) -> Change:
+        """Claim whole disks of `node` (create-if-absent), each only while its record is
+        as seen (`ready`, at `revision`)."""
+        change = Change()
+        for d in disks:
+            claim = self.keys.ssd_claim(node, d.id)
+            change += Change([Guard(self.keys.ssd(node, d.id), d.revision), Guard(claim, 0)],
+                             [Op(claim, Owner(inst.key))])
+        return change
 
     def book(self, node: str, lock: int, by: str) -> Change:
         """Guard and bump `node`'s lock (its revision `lock` as read, 0 if absent): any

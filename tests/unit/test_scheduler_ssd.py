@@ -1,0 +1,256 @@
+"""SSDs as a schedulable resource: the fit, the filter's reason, the claims committed with the
+placement, racing schedulers, the release on delete and the container's mount."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from sigmad.engine import container_config
+from sigmad.errors import SpecError
+from sigmad.models import SSD_BOUND, SSD_READY, BoundSsd, Instance, Node, Owner, Ssd
+from sigmad.scheduler import NodeInfo, Request, Snapshot, binder
+from sigmad.scheduler import place as place_decision
+from sigmad.scheduler.fit import match_ssds
+from sigmad.scheduler.snapshot import FreeSsd, free_ssds
+from sigmad.spec import Resources, parse
+from sigmad.state.cache import SSD_CLAIMS, Cache
+from sigmad.state.writes import Writer, Writes
+from sigmad.store import Versioned
+from tests.fakes.store import MemoryStore
+from tests.unit.harness import Leader, spec
+
+GI = 2**30
+SPEC = parse("""
+app: db
+containers: [{name: main, image: x, resources: {request: {cpu: 100m, memory: 64Mi}}}]
+volumes: [{name: data, ssd: 1, min_size: 10Gi, mount: /data}]
+""")[0]
+
+
+def disk(name: str, size: int, rev: int = 7) -> FreeSsd:
+    return FreeSsd(name, size, rev, f"/var/lib/sigma/ssds/{name}/data")
+
+
+def info(name: str, *disks: FreeSsd) -> NodeInfo:
+    return NodeInfo(name, {}, Resources(4000, 8 * GI),
+                    ssds=sorted(disks, key=lambda d: (d.size, d.id)))
+
+
+def request(key: str, *sizes: int) -> Request:
+    return Request(key, "default/db", Resources(100, 64 << 20), ssds=sizes)
+
+
+def test_match_serves_the_largest_need_with_the_smallest_disk_that_holds_it() -> None:
+    assert match_ssds([10, 20], [15]) == [1]
+    assert match_ssds([10, 20, 30], [5, 25]) == [0, 2]
+    assert match_ssds([20, 10], [10, 15]) == [1, 0]  # greedy by need order would fail
+    assert match_ssds([10, 20], [15, 15]) is None
+    assert match_ssds([], [1]) is None
+
+
+def test_each_instance_gets_its_own_disk_and_the_rest_say_why() -> None:
+    snap = Snapshot(1, {"a": info("a", disk("d1", 20 * GI), disk("d2", 10 * GI),
+                                  disk("d3", 5 * GI))})
+    decision = place_decision(snap, [request(f"i{n}", 10 * GI) for n in range(3)])
+    got = sorted(d.id for b in decision.placed.values() for d in b.ssds)
+    assert got == ["d1", "d2"]  # the 5 GiB disk is too small; no disk is given twice
+    assert decision.placed["i0"].ssds[0].id == "d2"  # the smallest that holds it first
+    assert decision.unplaced["i2"].reason == \
+        "1 node: insufficient ssd (need 1 \u2265 10Gi, best free 0)"
+    assert decision.unplaced["i2"].counts == {"insufficient ssd": 1}
+
+
+def test_a_node_without_free_disks_is_filtered_out() -> None:
+    snap = Snapshot(1, {"a": info("a"), "b": info("b", disk("x", 10 * GI))})
+    decision = place_decision(snap, [request("i0", 10 * GI)])
+    assert decision.placed["i0"].node == "b"
+    none = place_decision(Snapshot(1, {"a": info("a")}), [request("i0", GI)])
+    assert none.unplaced["i0"].reason == "1 node: insufficient ssd (need 1 \u2265 1Gi, best free 0)"
+    plain = place_decision(Snapshot(1, {"a": info("a")}), [request("i0")])
+    assert plain.placed["i0"].ssds == []  # an app without volumes needs no disk
+
+
+def test_only_ready_unclaimed_disks_are_free() -> None:
+    def rec(node: str, name: str, state: str, rev: int) -> Versioned[Ssd]:
+        return Versioned(f"/k/{node}/{name}", Ssd(node, name, f"/dev/{name}", 10 * GI,
+                                                  state=state, mount=f"/m/{name}"), rev)
+
+    disks = [rec("a", "l1", SSD_READY, 3), rec("a", "l2", SSD_BOUND, 4),
+             rec("a", "l3", "formatting", 5), rec("b", "l1", SSD_READY, 6),
+             rec("a", "l4", SSD_READY, 8)]
+    free = free_ssds(disks, claimed={("a", "l4")})
+    assert free == {"a": [FreeSsd("l1", 10 * GI, 3, "/m/l1/data")],
+                    "b": [FreeSsd("l1", 10 * GI, 6, "/m/l1/data")]}
+
+
+async def cluster(store: MemoryStore, nodes: dict[str, int]) -> list[str]:
+    """Nodes with `n` ready 10 GiB disks each, and one Pending db instance per disk + 1."""
+    total = 0
+    for name, n in nodes.items():
+        await store.put(store.keys.node(name), Node(name, "unix:///x",
+                                                    allocatable=Resources(4000, 8 * GI)))
+        await store.put(store.keys.heartbeat(name), {"node": name}, lease=await store.grant(5))
+        for d in range(n):
+            await store.put(store.keys.ssd(name, f"loop{d}"), Ssd(
+                name, f"loop{d}", f"/dev/loop{d}", 10 * GI, state=SSD_READY,
+                mount=f"/var/lib/sigma/ssds/loop{d}"))
+        total += n
+    keys = []
+    for i in range(total + 1):
+        key = store.keys.instance("default", "db", i)
+        await store.put(key, Instance("default", "db", i, 1, ip=f"10.244.0.{i + 2}",
+                                      request=SPEC.request()))
+        keys.append(key)
+    return keys
+
+
+async def schedule(store: MemoryStore, keys: list[str], seed: int) -> binder.BindResult:
+    cache = Cache(store)
+    writer = Writer(store, cache)
+    tasks = [asyncio.create_task(cache.run()), asyncio.create_task(writer.run())]
+    try:
+        await cache.synced.wait()
+        return await binder.schedule(cache, writer, Writes(store.keys), {"default/db": SPEC},
+                                     keys, random.Random(seed))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def claims(store: MemoryStore) -> dict[str, str]:
+    found, _ = await store.scan(store.keys.ssd_claims(), Owner)
+    return {v.key.removeprefix(store.keys.ssd_claims()): v.value.owner for v in found}
+
+
+async def test_the_claim_is_committed_with_the_placement() -> None:
+    store = MemoryStore("/t")
+    keys = await cluster(store, {"a": 2})
+    result = await schedule(store, keys, 1)
+    assert (result.placed, result.unplaced) == (2, 1)
+    insts = {v.value.key: v.value for v in (await store.scan(store.keys.instances(),
+                                                              Instance))[0]}
+    bound = {k: i for k, i in insts.items() if i.node}
+    assert await claims(store) == {f"a/{i.ssds[0].disk}": k for k, i in bound.items()}
+    assert all(i.ssds[0].source == f"/var/lib/sigma/ssds/{i.ssds[0].disk}/data"
+               for i in bound.values())
+    (waiting,) = [i for i in insts.values() if not i.node]
+    assert waiting.reason == "1 node: insufficient ssd (need 1 \u2265 10Gi, best free 0)"
+
+
+async def test_racing_schedulers_never_claim_one_disk_twice() -> None:
+    """Two masters' schedulers at once over the same instances and disks (each with its own
+    cache and writer): every disk has one owner, every owner one disk."""
+    for seed in range(20):
+        store = MemoryStore("/t")
+        keys = await cluster(store, {"a": 2, "b": 1})
+        await asyncio.gather(schedule(store, keys, seed), schedule(store, keys[::-1], seed + 99))
+        owners = await claims(store)
+        insts = [v.value for v in (await store.scan(store.keys.instances(), Instance))[0]]
+        bound = [i for i in insts if i.node]
+        assert len(owners) == len(bound) == 3, seed
+        assert sorted(owners.values()) == sorted(i.key for i in bound), seed
+        assert {f"{i.node}/{i.ssds[0].disk}" for i in bound} == set(owners), seed
+
+
+async def test_a_disk_changed_by_its_agent_is_not_claimed() -> None:
+    """The claim guards the disk record's revision: a scheduler that saw it ready before
+    its agent began wiping it loses."""
+    store = MemoryStore("/t")
+    change = Writes(store.keys).claim_ssds(Instance("default", "db", 0, 1), "a",
+                                            [disk("loop0", 10 * GI, rev=1)])
+    await store.put(store.keys.ssd("a", "loop0"), Ssd("a", "loop0", "/dev/loop0"))
+    assert not await store.commit(change.guards, change.ops)
+    assert await claims(store) == {}
+    # at the record's revision, one claim wins and a second (another instance) loses
+    seen = await store.get(store.keys.ssd("a", "loop0"), Ssd)
+    assert seen is not None
+    ready = disk("loop0", 10 * GI, rev=seen.mod_revision)
+    for i, wins in ((0, True), (1, False)):
+        claim = Writes(store.keys).claim_ssds(Instance("default", "db", i, 1), "a", [ready])
+        assert bool(await store.commit(claim.guards, claim.ops)) is wins
+    assert await claims(store) == {"a/loop0": "default/db-0"}
+
+
+def test_delete_releases_the_disk_claims() -> None:
+    writes = Writes(MemoryStore("/t").keys)
+    inst = Instance("default", "db", 0, 1, node="a",
+                    ssds=[BoundSsd("data", "loop3", "/x/loop3/data")])
+    change = writes.delete_instance(Versioned("/t/instances/default/db/0", inst, 5), None)
+    assert any(op.delete and op.key == "/t/alloc/ssd/a/loop3" for op in change.ops)
+
+
+def test_the_disk_is_bind_mounted_at_the_volume() -> None:
+    inst = Instance("default", "db", 0, 1, node="a", ip="10.244.0.2",
+                    ssds=[BoundSsd("data", "loop3", "/var/lib/sigma/ssds/loop3/data")])
+    config = container_config(inst, SPEC, SPEC.containers[0])
+    assert config["HostConfig"]["Mounts"] == [{
+        "Type": "bind", "Source": "/var/lib/sigma/ssds/loop3/data", "Target": "/data",
+        "ReadOnly": False, "BindOptions": {"Propagation": "rprivate"}}]
+    assert container_config(Instance("default", "db", 0, 1, ip="10.244.0.2"),
+                            parse("app: x\ncontainers: [{name: m, image: x}]")[0],
+                            SPEC.containers[0])["HostConfig"].get("Mounts") is None
+
+
+def test_an_ssd_app_never_moves_live() -> None:
+    moving = Instance("default", "db", 0, 1, state="Running", node="a", ip="10.244.0.2",
+                      request=SPEC.request(), move="drain a",
+                      ssds=[BoundSsd("data", "loop0", "/x")])
+    snap = Snapshot(1, {"b": info("b", disk("loop0", 10 * GI))})
+    result = binder.plan(snap, [Versioned("/i/0", moving, 3)], {"default/db": SPEC})
+    assert not result.by_node and result.waiting == 1
+    assert result.unplaced[0][1].reason.startswith("no live move")
+
+
+DB = """
+volumes: [{name: data, ssd: 1, min_size: 10Gi, mount: /data}]
+"""
+
+
+async def add_disks(lead: Leader, node: str, n: int) -> None:
+    """`n` ready 10 GiB disks on `node`, as its agent reports them."""
+    for d in range(n):
+        await lead.store.put(lead.store.keys.ssd(node, f"loop{d}"), Ssd(
+            node, f"loop{d}", f"/dev/loop{d}", 10 * GI, state=SSD_READY,
+            mount=f"/srv/{node}/ssds/loop{d}"))
+
+
+async def test_an_ssd_app_runs_keeps_its_disk_across_restarts_and_releases_it() -> None:
+    """On the fake leader: each instance runs with its own disk mounted at /data; a restart
+    keeps that disk; scale-down and delete release the claims; the volumes cannot change."""
+    async with Leader() as lead:
+        await lead.add_node("a")
+        await add_disks(lead, "a", 2)
+        await lead.apply(spec("db", 2) + DB.lstrip())
+        found = await lead.running("db", 2)
+        engine = lead.engine("a")
+        sources = {}
+        for inst in found:
+            (c,) = [c for c in engine.by_id.values() if c.id == inst.containers[0].id]
+            (mount,) = c.config["HostConfig"]["Mounts"]
+            assert mount["Target"] == "/data" and mount["Source"] == inst.ssds[0].source
+            sources[inst.name] = mount["Source"]
+        assert len(set(sources.values())) == 2
+        assert len(lead.cache.table(SSD_CLAIMS)) == 2
+
+        first = found[0]
+        engine.exit(first.containers[0].id, 1)  # the container ends: restarted, same disk
+        await lead.until(lambda: (i := lead.instances("db")[0]).restarts == 1
+                         and i.state == "Running", what="db-0 restarted")
+        again = lead.instances("db")[0]
+        (c,) = [c for c in engine.by_id.values() if c.id == again.containers[0].id]
+        assert c.config["HostConfig"]["Mounts"][0]["Source"] == sources["db-0"]
+
+        with pytest.raises(SpecError) as refused:
+            await lead.apply(spec("db", 2) + "volumes: []\n")
+        assert refused.value.field == "volumes"
+
+        await lead.apply(spec("db", 1) + DB.lstrip())
+        await lead.running("db", 1)
+        await lead.until(lambda: len(lead.cache.table(SSD_CLAIMS)) == 1, what="claim released")
+        await lead.api.delete("default", "db")
+        await lead.until(lambda: not lead.instances("db"), what="db deleted")
+        assert len(lead.cache.table(SSD_CLAIMS)) == 0
