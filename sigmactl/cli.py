@@ -17,8 +17,9 @@ KINDS = {
     "app": "apps", "apps": "apps",
     "instance": "instances", "instances": "instances",
     "master": "masters", "masters": "masters",
+    "ssd": "ssds", "ssds": "ssds",
 }
-UNSCOPED = ("nodes", "masters")  # kinds without namespace or app
+UNSCOPED = ("nodes", "masters", "ssds")  # kinds without namespace or app
 
 
 class Group(click.Group):
@@ -79,7 +80,7 @@ def apply(settings: Settings, file: IO[str], dry_run: bool, wait: bool,
 @click.pass_obj
 def get(settings: Settings, kind: str, namespace: str | None, app: str | None,
         fmt: str) -> None:
-    """List nodes, apps, instances or masters (the leader and the standbys)."""
+    """List nodes, apps, instances, masters (the leader and the standbys) or SSDs."""
     kind = KINDS[kind.lower()]
     if kind in UNSCOPED and (namespace or app):
         raise click.UsageError(f"{kind} have no namespace or app: drop -n/--app")

@@ -89,12 +89,33 @@ def _node_cells(n: Item, now: float) -> list[Cell]:
         ("MEMORY(req/alloc)", _pair(n.get("requested"), n.get("allocatable"), "memory"), False),
         ("INSTANCES", str(n.get("instances", 0)), False),
         ("LABELS", _labels(n.get("labels")), False),
+        ("SSD(free/total)", _ssd(n.get("ssd")), True),
         ("OVERCOMMIT", _overcommit(n.get("overcommit")), True),
         ("PORTS", "-".join(str(p) for p in n.get("port_range") or []), True),
         ("ENGINE", n.get("engine", ""), True),
         ("ADDRESS", n.get("address", ""), True),
         ("VERSION", n.get("engine_version", ""), True),
         ("AGE", age(n.get("updated"), now), True),
+    ]
+
+
+def _ssd(counts: Item | None) -> str:
+    counts = counts or {}
+    return f"{counts.get('free', 0)}/{counts.get('total', 0)}"
+
+
+def _ssd_cells(d: Item, now: float) -> list[Cell]:
+    return [
+        ("NODE", d.get("node", ""), False),
+        ("ID", d.get("id", ""), False),
+        ("STATE", d.get("state", ""), False),
+        ("SIZE", format_size(int(d.get("size", 0))), False),
+        ("CLAIMED BY", d.get("claimed_by", "") or NONE, False),
+        ("PATH", d.get("path", ""), True),
+        ("ROTATIONAL", "yes" if d.get("rotational") else "no", True),
+        ("MOUNT", d.get("mount", "") or NONE, True),
+        ("ERROR", d.get("error", ""), True),
+        ("AGE", age(d.get("updated"), now), True),
     ]
 
 
@@ -147,7 +168,7 @@ def _master_cells(m: Item, now: float) -> list[Cell]:
 
 
 CELLS = {"nodes": _node_cells, "apps": _app_cells, "instances": _instance_cells,
-         "masters": _master_cells}
+         "masters": _master_cells, "ssds": _ssd_cells}
 
 
 def list_table(kind: str, items: Sequence[Item], wide: bool, now: float) -> str:

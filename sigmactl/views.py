@@ -66,17 +66,20 @@ def _quantity(value: int, fmt: Callable[[int], str]) -> str:
     return f"-{fmt(-value)}" if value < 0 else fmt(value)
 
 
-def _pool_row(name: str, group: Item) -> list[str]:
+def _pool_row(name: str, group: Item, ssds: bool) -> list[str]:
     cells = [name, str(group.get("nodes", 0)), str(group.get("instances", 0))]
     for _, key, fmt in RESOURCES:
         cells += [_quantity((group.get(part) or {}).get(key, 0), fmt) for _, part in PARTS]
-    return cells
+    ssd = group.get("ssd") or {}
+    return [*cells, f"{ssd.get('free', 0)}/{ssd.get('total', 0)}"] if ssds else cells
 
 
-def _pool_table(first: str, rows: Sequence[tuple[str, Item]]) -> str:
+def _pool_table(first: str, rows: Sequence[tuple[str, Item]], ssds: bool) -> str:
+    """One row per group; SSDs free/total when the pool has any."""
     headers = [first, "NODES", "INSTANCES",
                *[f"{res}({part})" for res, _, _ in RESOURCES for part, _ in PARTS]]
-    return table(headers, [_pool_row(name, group) for name, group in rows])
+    headers += ["SSD(FREE/TOTAL)"] if ssds else []
+    return table(headers, [_pool_row(name, group, ssds) for name, group in rows])
 
 
 def overcommit_line(pool: Item) -> str:
@@ -94,11 +97,13 @@ def overcommit_line(pool: Item) -> str:
 
 
 def pool_text(pool: Item) -> str:
-    """The pool as one server, its overcommit in use, then one table per node label key."""
-    parts = [_pool_table("POOL", [("pool", pool)]), overcommit_line(pool)]
+    """The pool as one server, its overcommit in use, then one table per node label key
+    (with SSDs free/total when the pool has any)."""
+    ssds = bool((pool.get("ssd") or {}).get("total"))
+    parts = [_pool_table("POOL", [("pool", pool)], ssds), overcommit_line(pool)]
     for key, values in (pool.get("by_label") or {}).items():
         rows = [(f"{key}={value}", group) for value, group in values.items()]
-        parts += ["", _pool_table("LABEL", rows)]
+        parts += ["", _pool_table("LABEL", rows, ssds)]
     return "\n".join(parts)
 
 

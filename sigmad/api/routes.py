@@ -105,6 +105,7 @@ def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None 
     app.router.add_get("/v1/instances", api.list_instances)
     app.router.add_get("/v1/events", api.events)
     app.router.add_get("/v1/pool", api.pool)
+    app.router.add_get("/v1/ssds", api.list_ssds)
     app.router.add_get("/v1/instances/{ns}/{name}", api.get_instance)
     app.router.add_post("/v1/instances/{ns}/{name}/migrate", api.migrate)
     app.router.add_get("/v1/masters", api.masters)
@@ -268,6 +269,10 @@ class Api:
     async def metrics_text(self, request: web.Request) -> web.Response:
         """This master's gauges and counters in Prometheus' text format (sigmad.metrics)."""
         return web.Response(text=self.metrics.render(), content_type="text/plain")
+
+    async def list_ssds(self, request: web.Request) -> web.Response:
+        """Every node's SSDs with their state and claim (sigmad.api.views.ssds)."""
+        return _json({"items": views.ssds(self.cache)}, revision=self.cache.revision)
 
     async def pool(self, request: web.Request) -> web.Response:
         """The pool as one server (sigmad.api.views.pool)."""

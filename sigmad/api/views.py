@@ -24,12 +24,12 @@ import orjson
 
 from sigmad import records
 from sigmad.leader import masters_view
-from sigmad.models import DRAINING, NOT_READY, READY, AppRecord, Instance, Node
+from sigmad.models import DRAINING, NOT_READY, READY, AppRecord, Instance, Node, Ssd
 from sigmad.reasons import State
 from sigmad.scheduler.fit import NodeUsage
-from sigmad.scheduler.snapshot import node_info
+from sigmad.scheduler.snapshot import FreeSsd, free_ssds, node_info
 from sigmad.spec import Resources
-from sigmad.state.cache import LEADER, MASTERS, Cache
+from sigmad.state.cache import LEADER, MASTERS, SSD_CLAIMS, SSDS, Cache
 from sigmad.store import Versioned
 
 CHUNK = 200  # instances per write of a streamed list
@@ -43,9 +43,41 @@ def node_status(node: Node, ready: bool) -> str:
     return DRAINING if node.draining else READY if ready else NOT_READY
 
 
-def node_view(cache: Cache, node: Node) -> dict[str, Any]:
+def _claims(cache: Cache) -> dict[tuple[str, str], str]:
+    """(node, disk id) → owner instance of every SSD claim."""
+    prefix = cache.keys.ssd_claims()
+    out: dict[tuple[str, str], str] = {}
+    for key, v in list(cache.table(SSD_CLAIMS).items()):
+        node, _, disk = key.removeprefix(prefix).partition("/")
+        out[(node, disk)] = v.value.owner
+    return out
+
+
+def _free_ssds(cache: Cache) -> dict[str, list[FreeSsd]]:
+    return free_ssds(list(cache.table(SSDS).values()), set(_claims(cache)))
+
+
+def ssd_counts(cache: Cache, free: dict[str, list[FreeSsd]], node: Node) -> dict[str, int]:
+    """The node's disks that may be claimed now, and all it lists."""
+    return {"free": len(free.get(node.name, [])), "total": node.ssds}
+
+
+def ssds(cache: Cache) -> list[dict[str, Any]]:
+    """Every node's disks, with the instance each is claimed for ("" none)."""
+    claims = _claims(cache)
+    found: list[Versioned[Ssd]] = list(cache.table(SSDS).values())
+    out = []
+    for v in sorted(found, key=lambda v: (v.value.node, v.value.id)):
+        view: dict[str, Any] = records.to_dict(v.value)
+        view["claimed_by"] = claims.get((v.value.node, v.value.id), "")
+        out.append(view)
+    return out
+
+
+def node_view(cache: Cache, node: Node, free: dict[str, list[FreeSsd]] | None = None
+              ) -> dict[str, Any]:
     """A node with its status, what it has booked, its capacity for requests and what is
-    free of it."""
+    free of it (SSDs too)."""
     usage = cache.usage.get(node.name) or NodeUsage()
     info = node_info(node, node.name in cache.ready, usage)
     view: dict[str, Any] = records.to_dict(node)
@@ -54,11 +86,13 @@ def node_view(cache: Cache, node: Node) -> dict[str, Any]:
     view["schedulable"] = resources(info.capacity())
     view["free"] = resources(info.free())
     view["instances"] = usage.instances
+    view["ssd"] = ssd_counts(cache, _free_ssds(cache) if free is None else free, node)
     return view
 
 
 def nodes(cache: Cache) -> list[dict[str, Any]]:
-    return [node_view(cache, v.value)
+    free = _free_ssds(cache)
+    return [node_view(cache, v.value, free)
             for v in sorted(list(cache.nodes().values()), key=lambda v: v.value.name)]
 
 
@@ -140,6 +174,7 @@ def pool(cache: Cache) -> dict[str, Any]:
     ready = [v.value for v in list(cache.nodes().values())
              if node_status(v.value, v.value.name in cache.ready) == READY]
     limits = {v.value.spec.key: v.value.spec.limit() for v in list(cache.apps().values())}
+    free = _free_ssds(cache)
 
     def summary(group: list[Node]) -> dict[str, Any]:
         infos = [node_info(n, True, cache.usage.get(n.name)) for n in group]
@@ -158,6 +193,8 @@ def pool(cache: Cache) -> dict[str, Any]:
             "limits": resources(_sum(lims)),
             "uncapped": {"cpu": sum(1 for r in lims if not r.cpu_m),
                          "memory": sum(1 for r in lims if not r.memory)},
+            "ssd": {"free": sum(len(free.get(n.name, [])) for n in group),
+                    "total": sum(n.ssds for n in group)},
         }
 
     by_label: dict[str, dict[str, Any]] = {}

@@ -57,13 +57,14 @@ class Leader:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
     async def add_node(self, name: str, cpu_m: int = 4000, memory: int = 8 * GI,
-                       labels: dict[str, str] | None = None, ports: int = 10) -> None:
+                       labels: dict[str, str] | None = None, ports: int = 10,
+                       ssds: int = 0) -> None:
         """A node record and its heartbeat (as its agent writes them)."""
         self.engine(name)
         node = Node(name, f"fake://{name}", address=f"10.0.0.{len(self.leases) + 1}",
                     labels=labels or {}, capacity=Resources(cpu_m, memory),
                     allocatable=Resources(cpu_m, memory), overcommit=Overcommit(),
-                    port_range=[31000, 31000 + ports - 1])
+                    port_range=[31000, 31000 + ports - 1], ssds=ssds)
         await self.store.put(self.store.keys.node(name), node)
         self.leases[name] = await self.store.grant(5)
         await self.store.put(self.store.keys.heartbeat(name), {"node": name},

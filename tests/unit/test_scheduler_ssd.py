@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from sigmad.api import views
 from sigmad.engine import container_config
 from sigmad.errors import SpecError
 from sigmad.models import SSD_BOUND, SSD_READY, BoundSsd, Instance, Node, Owner, Ssd
@@ -222,8 +223,8 @@ async def test_an_ssd_app_runs_keeps_its_disk_across_restarts_and_releases_it() 
     """On the fake leader: each instance runs with its own disk mounted at /data; a restart
     keeps that disk; scale-down and delete release the claims; the volumes cannot change."""
     async with Leader() as lead:
-        await lead.add_node("a")
-        await add_disks(lead, "a", 2)
+        await lead.add_node("a", ssds=3)
+        await add_disks(lead, "a", 3)
         await lead.apply(spec("db", 2) + DB.lstrip())
         found = await lead.running("db", 2)
         engine = lead.engine("a")
@@ -235,6 +236,10 @@ async def test_an_ssd_app_runs_keeps_its_disk_across_restarts_and_releases_it() 
             sources[inst.name] = mount["Source"]
         assert len(set(sources.values())) == 2
         assert len(lead.cache.table(SSD_CLAIMS)) == 2
+        listed = views.ssds(lead.cache)
+        assert sorted(d["claimed_by"] for d in listed) == ["", "default/db-0", "default/db-1"]
+        assert views.nodes(lead.cache)[0]["ssd"] == {"free": 1, "total": 3}
+        assert views.pool(lead.cache)["ssd"] == {"free": 1, "total": 3}
 
         first = found[0]
         engine.exit(first.containers[0].id, 1)  # the container ends: restarted, same disk

@@ -92,10 +92,26 @@ def test_node_table_and_wide() -> None:
     assert wide[0].split()[-6:] == ["OVERCOMMIT", "PORTS", "ENGINE", "ADDRESS", "VERSION", "AGE"]
     assert wide[1].split()[-9:] == ["cpu", "1.5x", "mem", "1.0x", "31000-32767",
                                     "unix:///var/run/docker.sock", "-", "20.10.24", "5s"]
-    assert "  zone=a  cpu 1.5x mem 1.0x  31000-32767  unix://" in wide[1]
+    assert "  zone=a  0/0              cpu 1.5x mem 1.0x  31000-32767  unix://" in wide[1]
+    assert wide[0].split()[6] == "SSD(FREE/TOTAL)" and wide[1].split()[6] == "0/0"
     bare = {k: v for k, v in NODE.items() if k not in ("overcommit", "port_range")}
-    wide = output.list_table("nodes", [bare], True, NOW).splitlines()
-    assert wide[1].split()[6:12] == ["cpu", "1.0x", "mem", "1.0x", "-", "unix:///var/run/docker.sock"]
+    wide = output.list_table("nodes", [{**bare, "ssd": {"free": 1, "total": 2}}], True,
+                             NOW).splitlines()
+    assert wide[1].split()[6:13] == ["1/2", "cpu", "1.0x", "mem", "1.0x", "-",
+                                     "unix:///var/run/docker.sock"]
+
+
+def test_ssd_table_and_wide() -> None:
+    disk = {"node": "h1", "id": "loop3", "state": "bound", "size": 10 << 30,
+            "claimed_by": "default/db-0", "path": "/dev/loop3", "rotational": False,
+            "mount": "/var/lib/sigma/ssds/loop3", "error": "", "updated": NOW - 5}
+    free = {**disk, "id": "loop4", "state": "ready", "claimed_by": ""}
+    lines = output.list_table("ssds", [disk, free], False, NOW).splitlines()
+    assert lines[0].split() == ["NODE", "ID", "STATE", "SIZE", "CLAIMED", "BY"]
+    assert lines[1].split() == ["h1", "loop3", "bound", "10Gi", "default/db-0"]
+    assert lines[2].split() == ["h1", "loop4", "ready", "10Gi", "-"]
+    wide = output.list_table("ssds", [disk], True, NOW).splitlines()
+    assert wide[1].split()[-5:] == ["/dev/loop3", "no", "/var/lib/sigma/ssds/loop3", "-", "5s"]
 
 
 def test_app_table_and_wide() -> None:

@@ -87,6 +87,14 @@ def test_pool_text() -> None:
     ]
 
 
+def test_pool_text_shows_ssds_when_the_pool_has_some() -> None:
+    with_ssds = {**POOL, "ssd": {"free": 3, "total": 4}, "by_label": {"zone": {
+        "room-a": {**POOL["by_label"]["zone"]["room-a"], "ssd": {"free": 1, "total": 2}}}}}
+    lines = views.pool_text(with_ssds).splitlines()
+    assert lines[0].endswith("MEM(LIMITS)  SSD(FREE/TOTAL)") and lines[1].endswith("  3/4")
+    assert lines[4].endswith("SSD(FREE/TOTAL)") and lines[5].endswith("  1/2")
+
+
 def test_pool_empty_and_overbooked() -> None:
     empty = _group(0, 0, (0, 0), (0, 0), (0, 0), (1, 0))
     text = views.pool_text({**empty, "by_label": {}})
