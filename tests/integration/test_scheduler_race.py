@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
-from sigmad.models import Instance, Node, NodeLock, Overcommit, Owner
+from sigmad.models import SSD_READY, Instance, Node, NodeLock, Overcommit, Owner, Ssd
 from sigmad.procs import EtcdProcess
 from sigmad.reasons import State
 from sigmad.scheduler.binder import BindResult, schedule
@@ -23,6 +23,7 @@ from sigmad.spec import (
     Port,
     Resources,
     ResourceSpec,
+    VolumeSpec,
 )
 from sigmad.state.cache import Cache
 from sigmad.state.writes import Writer, Writes
@@ -269,3 +270,37 @@ async def test_a_lock_taken_between_pieces_is_replanned(etcd: EtcdProcess) -> No
         assert len(await check_no_double_booking(s)) == 150
     finally:
         await s.close()
+
+
+async def test_two_racing_schedulers_never_claim_one_disk_twice(etcd: EtcdProcess) -> None:
+    """SSD volumes: 6 ready disks on 3 nodes, 8 instances wanting one each, two schedulers
+    at once: 6 placed, each with a disk of its own whose claim names it; 2 say why not."""
+    prefix = f"/sigma-test/{uuid.uuid4().hex[:8]}"
+    one, two = store(etcd, prefix), store(etcd, prefix)
+    try:
+        spec = app("db", 100, 64 * MI)
+        spec.volumes = [VolumeSpec("data", "/data", 1, 512 * MI)]
+        for i in range(3):
+            await add_node(one, f"node-{i}", 4000, 4096 * MI, "z1")
+            for d in range(2):
+                await one.put(one.keys.ssd(f"node-{i}", f"loop{d}"), Ssd(
+                    f"node-{i}", f"loop{d}", f"/dev/loop{d}", 1024 * MI, state=SSD_READY,
+                    mount=f"/m/loop{d}"))
+        await add_instances(one, spec, 0, 8)
+        async with Scheduler(one) as a, Scheduler(two) as b:
+            await asyncio.gather(a.place({"ns/db": spec}, random.Random(1)),
+                                 b.place({"ns/db": spec}, random.Random(2)))
+        scheduled = await check_no_double_booking(one)
+        claims = {v.key: v.value.owner for v in (await one.scan(one.keys.ssd_claims(),
+                                                                Owner))[0]}
+        assert len(scheduled) == 6 and len(claims) == 6
+        assert sorted(claims.values()) == sorted(i.key for i in scheduled)
+        for inst in scheduled:
+            (disk,) = inst.ssds
+            assert claims[one.keys.ssd_claim(inst.node, disk.disk)] == inst.key
+        left = [v.value for v in (await one.scan(one.keys.instances(), Instance))[0]
+                if v.value.state == PENDING]
+        assert len(left) == 2 and all("insufficient ssd" in i.reason for i in left)
+    finally:
+        await one.close()
+        await two.close()
