@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from sigmad import records
-from sigmad.reasons import NODE_LOST, Kill, Reason, State
+from sigmad.reasons import NODE_LOST, SSD_LOST, Kill, Reason, State
 from sigmad.spec import AppSpec, Resources
 
 # Node states (an instance's are sigmad.reasons.State).
@@ -278,6 +278,14 @@ class Instance:
                 new.terminated(c.name, NODE_LOST, c.id)
         new.state, new.reason = State.NEED_MIGRATION, f"{NODE_LOST}: node {self.node} is NotReady"
         new.updated = now()
+        return new.unbound(f"migrating: {new.reason}") if auto else new
+
+    def lost_ssd(self, why: str, auto: bool) -> Instance:
+        """A disk of one of its volumes broke (`why`): NeedMigration (SSDLost), and with
+        `auto` straight back to Pending, to be placed with new disks (release `host_ports`
+        of `node`; the broken disk's claim stays: what is left of its data is there)."""
+        new = self.copy()
+        new.state, new.reason, new.updated = State.NEED_MIGRATION, f"{SSD_LOST}: {why}", now()
         return new.unbound(f"migrating: {new.reason}") if auto else new
 
     def continued_on_next(self) -> Instance:

@@ -34,11 +34,11 @@ from sigmad.control.queue import WorkQueue
 from sigmad.engine import ContainerState, Engine, EnginePool
 from sigmad.errors import Conflict, EngineError, SigmaError
 from sigmad.events import EventLog
-from sigmad.models import AppRecord, Instance, Node, now
+from sigmad.models import SSD_BROKEN, AppRecord, Instance, Node, now
 from sigmad.network import ipam
-from sigmad.reasons import Kill, Reason, State
+from sigmad.reasons import SSD_LOST, Kill, Reason, State
 from sigmad.scheduler import binder
-from sigmad.state.cache import APPS, BEATS, INSTANCES, IPS, NODES, Cache
+from sigmad.state.cache import APPS, BEATS, INSTANCES, IPS, NODES, SSD_CLAIMS, SSDS, Cache
 from sigmad.state.writes import Writer, Writes
 from sigmad.store import Store, Versioned
 from sigmad.tls import client_context
@@ -208,6 +208,11 @@ class Controller:
             self.scheduling.set()
         elif kind == BEATS:
             self._readiness_changed(key.rsplit("/", 1)[-1], new is not None)
+        elif kind == SSDS and new is not None and new.value.state == SSD_BROKEN:
+            claim = self.cache.get(SSD_CLAIMS, self.keys.ssd_claim(new.value.node, new.value.id))
+            owner = self._record_key(claim.value.owner) if claim is not None else ""
+            if owner:
+                self.queue.add(("inst", owner))
         elif kind == IPS:
             ip = key.rsplit("/", 1)[-1]
             if new is None:
@@ -390,10 +395,14 @@ class Controller:
         if inst.state == State.TERMINATING:
             await self._terminate(key, v, app)
             return
-        t = migration.node_change(inst, self.cache.ready,
-                                  app.value.spec.migration if app else "auto")
+        policy = app.value.spec.migration if app else "auto"
+        t = migration.node_change(inst, self.cache.ready, policy)
         if t is not None:
             await self._write(v, t)
+            return
+        t = migration.disk_change(inst, self._broken_disks(inst), policy)
+        if t is not None:
+            await self._lose_disk(key, v, app, t)
             return
         if inst.state in (State.PENDING, State.NEED_MIGRATION) or app is None or not inst.node:
             return
@@ -477,6 +486,39 @@ class Controller:
             self._emit(inst, f"gone ({inst.reason})", False)
         else:
             raise Conflict(f"{inst.key} changed meanwhile")
+
+    def _broken_disks(self, inst: Instance) -> dict[str, str]:
+        """The broken disks among `inst`'s on its node: id → error."""
+        out = {}
+        for d in inst.ssds:
+            v = self.cache.get(SSDS, self.keys.ssd(inst.node, d.disk))
+            if v is not None and v.value.state == SSD_BROKEN:
+                out[d.disk] = v.value.error
+        return out
+
+    async def _lose_disk(self, key: Key, v: Versioned[Instance],
+                         app: Versioned[AppRecord] | None, t: Transition) -> None:
+        """An instance's disk broke: its containers are stopped and removed first (when its
+        node answers: a copy elsewhere, or on new disks here, never runs beside them), then
+        the transition is written."""
+        inst = v.value
+        node = self.cache.node(inst.node)
+        found = self._engine(node) if node is not None and inst.node in self.cache.ready \
+            else None
+        if node is not None and found is not None:
+            engine, watch = found
+            containers = watch.of(inst.key)
+            if containers:
+                self._on_engine(key, node.name)
+                async with self.gates[node.name]:
+                    if app is not None:
+                        work = inst.copy()
+                        await Runner(engine, watch, work, app.value, node,
+                                     self._reporter(work)).remove_all(containers, SSD_LOST)
+                        t.new.terminations = work.terminations
+                    else:
+                        await _stop_all(engine, watch, containers)
+        await self._write(v, t)
 
     # -- writing -----------------------------------------------------------------------------
 

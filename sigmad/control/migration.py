@@ -6,16 +6,19 @@ new record plus the host-port claims it gives up and the events to tell.
   `manual` it waits for `sigmactl migrate`, or for its node to come back.
 - An instance whose node is lost while it moves lands on the node booked for the move.
 - A move whose destination is lost is called off.
+- An instance whose disk (an SSD volume's) is broken becomes NeedMigration (SSDLost), and
+  with `migration: auto` Pending, to be placed with new disks; the broken disk stays
+  claimed (what is left of the data is there).
 - A draining node gives up one instance at a time to a live move (sigmad.control.moves).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from sigmad.models import Instance
-from sigmad.reasons import State
+from sigmad.reasons import NODE_LOST, State
 from sigmad.store import Versioned
 
 
@@ -41,7 +44,8 @@ def node_change(inst: Instance, ready: set[str] | frozenset[str],
     if lost and inst.next_node in ready:
         new = inst.continued_on_next()
         return Transition(new, [(inst.node, inst.host_ports)], [(new.reason, True)])
-    if inst.state == State.NEED_MIGRATION and not lost and inst.node:
+    if inst.state == State.NEED_MIGRATION and not lost and inst.node and \
+            inst.reason.startswith(NODE_LOST):  # (an SSDLost one waits for `migrate`)
         new = inst.resumed()
         return Transition(new, [], [(new.reason, False)])
     if lost and inst.state not in (State.PENDING, State.TERMINATING, State.NEED_MIGRATION):
@@ -52,6 +56,25 @@ def node_change(inst: Instance, ready: set[str] | frozenset[str],
             events.append(("migrating (migration: auto)", False))
         return Transition(new, [(inst.node, inst.host_ports)] if auto else [], events)
     return None
+
+
+def disk_change(inst: Instance, broken: Mapping[str, str], policy: str) -> Transition | None:
+    """What a broken disk of its own calls for (`broken`: disk id on its node → the error);
+    None if none of its disks is broken."""
+    if inst.state in (State.PENDING, State.TERMINATING, State.NEED_MIGRATION) or not inst.node:
+        return None
+    lost = [d for d in inst.ssds if d.disk in broken]
+    if not lost:
+        return None
+    d = lost[0]
+    why = f"disk {d.disk} of volume {d.volume} on {inst.node} is broken ({broken[d.disk]})"
+    auto = policy == "auto"
+    events = [(f"NeedMigration: SSDLost: {why}; what is left of its data stays on that disk",
+               True)]
+    if auto:
+        events.append(("migrating with new disks (migration: auto)", False))
+    return Transition(inst.lost_ssd(why, auto), [(inst.node, inst.host_ports)] if auto else [],
+                      events)
 
 
 def drain_next(node: str, instances: Iterable[Versioned[Instance]]) -> Versioned[Instance] | None:

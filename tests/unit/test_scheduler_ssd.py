@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import replace
 
 import pytest
 
 from sigmad.api import views
+from sigmad.control import migration
 from sigmad.engine import container_config
 from sigmad.errors import SpecError
 from sigmad.models import SSD_BOUND, SSD_READY, BoundSsd, Instance, Node, Owner, Ssd
@@ -259,3 +261,48 @@ async def test_an_ssd_app_runs_keeps_its_disk_across_restarts_and_releases_it() 
         await lead.api.delete("default", "db")
         await lead.until(lambda: not lead.instances("db"), what="db deleted")
         assert len(lead.cache.table(SSD_CLAIMS)) == 0
+
+
+async def break_disk(lead: Leader, node: str, disk: str) -> None:
+    key = lead.store.keys.ssd(node, disk)
+    v = await lead.store.get(key, Ssd)
+    assert v is not None
+    await lead.store.put(key, replace(v.value, state="broken", error="I/O on /dev/x failed"))
+
+
+async def test_a_broken_disk_moves_its_instance_to_new_disks() -> None:
+    """SSDLost: the containers on the broken disk are stopped first, then the instance is
+    placed anew (migration: auto) with a disk of its own; the broken disk stays claimed."""
+    async with Leader() as lead:
+        await lead.add_node("a", ssds=2)
+        await add_disks(lead, "a", 2)
+        await lead.apply(spec("db", 1) + DB.lstrip())
+        (first,) = await lead.running("db", 1)
+        old = first.containers[0].id
+        await break_disk(lead, "a", first.ssds[0].disk)
+
+        def moved() -> Instance | None:
+            (i,) = lead.instances("db")
+            return i if i.state == "Running" and i.ssds[0].disk != first.ssds[0].disk else None
+
+        now = await lead.until(moved, what="db-0 running on its new disk")
+        assert old not in {c.id for c in lead.engine("a").running()}
+        assert any(t.reason == "SSDLost" and t.container_id == old for t in now.terminations)
+        claims = {k.rsplit("/", 1)[-1]: v.value.owner
+                  for k, v in lead.cache.table(SSD_CLAIMS).items()}
+        assert claims == {"loop0": "default/db-0", "loop1": "default/db-0"}
+
+
+async def test_a_broken_disk_with_manual_migration_waits() -> None:
+    async with Leader() as lead:
+        await lead.add_node("a", ssds=2)
+        await add_disks(lead, "a", 2)
+        await lead.apply(spec("db", 1, migration="manual") + DB.lstrip())
+        (first,) = await lead.running("db", 1)
+        await break_disk(lead, "a", first.ssds[0].disk)
+        waiting = await lead.until(lambda: (i := lead.instances("db")[0]).state ==
+                                   "NeedMigration" and i, what="db-0 NeedMigration")
+        assert waiting.reason.startswith(f"SSDLost: disk {first.ssds[0].disk} of volume data")
+        assert not lead.engine("a").running()  # stopped
+        # and not resumed on its node (as a NodeLost one is when its node is back)
+        assert migration.node_change(waiting, {"a"}, "manual") is None
