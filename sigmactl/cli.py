@@ -138,7 +138,7 @@ def delete(settings: Settings, kind: str, name: str, namespace: str, wait: bool,
 
 
 for command in (commands.update, commands.events, commands.pool, commands.why,
-                commands.migrate, commands.drain, commands.uncordon):
+                commands.migrate, commands.drain, commands.uncordon, commands.ssd):
     cli.add_command(command)
 
 

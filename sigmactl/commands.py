@@ -251,3 +251,22 @@ def uncordon(settings: Settings, node: str) -> None:
     """Let NODE take new instances again (undoes drain)."""
     settings.client().post_json(api_path("nodes", node, "uncordon"), {})
     click.echo(f"node {node} takes new instances again")
+
+
+@click.group()
+def ssd() -> None:
+    """Whole local disks (app spec volumes): see them with 'sigmactl get ssds'."""
+
+
+@ssd.command("release")
+@click.argument("disk", metavar="NODE/ID")
+@click.pass_obj
+def ssd_release(settings: Settings, disk: str) -> None:
+    """Free a retained disk (its instance is gone, or moved when its node was lost): its
+    agent wipes it (a fresh filesystem), then others may claim it. Its data is lost."""
+    node, sep, disk_id = disk.partition("/")
+    if not sep or not node or not disk_id or "/" in disk_id:
+        raise click.UsageError(f"{disk!r}: give NODE/ID as 'sigmactl get ssds' lists it")
+    answer = settings.client().post_json(api_path("ssds", node, disk_id, "release"), {})
+    owner = answer.get("released", "") if isinstance(answer, dict) else ""
+    click.echo(f"disk {node}/{disk_id} released (it held {owner}'s data); its agent wipes it")

@@ -144,6 +144,7 @@ class BoundSsd:
     volume: str
     disk: str
     source: str
+    reclaim: str = "wipe"  # the volume's: wiped when the instance goes, or retained
 
 
 @dataclass(slots=True)

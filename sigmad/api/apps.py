@@ -22,13 +22,13 @@ from sigmad import records
 from sigmad.control import migration
 from sigmad.engine import EnginePool
 from sigmad.errors import Conflict, EngineError, NotFound, SigmaError, SpecError
-from sigmad.models import AppRecord, Instance, Node, now
+from sigmad.models import AppRecord, Instance, Node, Owner, now
 from sigmad.reasons import State
 from sigmad.scheduler.snapshot import node_info
 from sigmad.spec import AppSpec, Resources
-from sigmad.state.cache import APPS, Cache
+from sigmad.state.cache import APPS, SSD_CLAIMS, Cache
 from sigmad.state.writes import Change, Writes, commit
-from sigmad.store import MAX_TXN_OPS, Store, Versioned
+from sigmad.store import MAX_TXN_OPS, Guard, Store, Versioned
 from sigmad.units import format_cpu, format_size
 
 log = logging.getLogger(__name__)
@@ -234,6 +234,29 @@ class AppWrites:
             change += self.writes.release_ports(node, ports)
         await self._commit(change, f"instance {inst.key}")
         return t.new
+
+    async def release_ssd(self, node: str, disk: str) -> str:
+        """`sigmactl ssd release NODE/ID`: delete the claim of a retained disk (its owner is
+        gone or placed elsewhere), so its agent wipes it; the former owner."""
+        claim: Versioned[Owner] | None = self.cache.get(SSD_CLAIMS,
+                                                        self.keys.ssd_claim(node, disk))
+        if claim is None:
+            raise NotFound(f"disk {node}/{disk} is not claimed: see 'sigmactl get ssds'")
+        owner = claim.value.owner
+        ns, _, name = owner.partition("/")
+        app, _, index = name.rpartition("-")
+        key = self.keys.instance(ns, app, int(index)) if app and index.isdigit() else ""
+        v = self.cache.instance(key) if key else None
+        if v is not None and v.value.node == node and any(d.disk == disk
+                                                          for d in v.value.ssds):
+            raise Conflict(f"disk {node}/{disk} is in use by instance {owner}: delete or "
+                           "scale down its app first")
+        change = self.writes.release_ssd(claim)
+        if key:  # the owner's record as judged: not placed here meanwhile
+            change += Change([Guard(key, v.mod_revision if v else 0)], [])
+        await self._commit(change, f"disk {node}/{disk}")
+        log.info("released disk %s/%s of %s", node, disk, owner)
+        return owner
 
     async def set_draining(self, name: str, draining: bool) -> Node:
         """Mark a node Draining (or not); the agent may rewrite its record meanwhile, so the

@@ -106,6 +106,7 @@ def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None 
     app.router.add_get("/v1/events", api.events)
     app.router.add_get("/v1/pool", api.pool)
     app.router.add_get("/v1/ssds", api.list_ssds)
+    app.router.add_post("/v1/ssds/{node}/{id}/release", api.release_ssd)
     app.router.add_get("/v1/instances/{ns}/{name}", api.get_instance)
     app.router.add_post("/v1/instances/{ns}/{name}/migrate", api.migrate)
     app.router.add_get("/v1/masters", api.masters)
@@ -273,6 +274,12 @@ class Api:
     async def list_ssds(self, request: web.Request) -> web.Response:
         """Every node's SSDs with their state and claim (sigmad.api.views.ssds)."""
         return _json({"items": views.ssds(self.cache)}, revision=self.cache.revision)
+
+    async def release_ssd(self, request: web.Request) -> web.Response:
+        """Give up a retained disk's claim: its agent wipes it, then it is free."""
+        node, disk = request.match_info["node"], request.match_info["id"]
+        owner = await self.main(self.writes.release_ssd(node, disk))
+        return _json({"node": node, "id": disk, "released": owner})
 
     async def pool(self, request: web.Request) -> web.Response:
         """The pool as one server (sigmad.api.views.pool)."""

@@ -2,8 +2,9 @@
 new record plus the host-port claims it gives up and the events to tell.
 
 - An instance on a NotReady node becomes NeedMigration (NodeLost); with `migration: auto` it
-  goes straight back to Pending (placed elsewhere with its name, IP and request), with
-  `manual` it waits for `sigmactl migrate`, or for its node to come back.
+  goes straight back to Pending (placed elsewhere with its name, IP and request, and new
+  empty disks: its old disks stay claimed, retained), with `manual` it waits for
+  `sigmactl migrate`, or for its node to come back.
 - An instance whose node is lost while it moves lands on the node booked for the move.
 - A move whose destination is lost is called off.
 - An instance whose disk (an SSD volume's) is broken becomes NeedMigration (SSDLost), and
@@ -54,6 +55,11 @@ def node_change(inst: Instance, ready: set[str] | frozenset[str],
         events = [(f"NeedMigration: NodeLost: node {inst.node} is NotReady", True)]
         if auto:
             events.append(("migrating (migration: auto)", False))
+        if auto and inst.ssds:
+            disks = ", ".join(f"{d.disk} ({d.volume})" for d in inst.ssds)
+            events.append((f"moving with new empty disks: its data stays on {inst.node}, "
+                           f"disk {disks} retained (sigmactl ssd release {inst.node}/DISK "
+                           "frees it)", True))
         return Transition(new, [(inst.node, inst.host_ports)] if auto else [], events)
     return None
 

@@ -9,6 +9,9 @@ Invariants:
 - only a path of the config's allow-list is ever formatted, and only while its record says
   free, formatting or wiping (never bound, retained, ready or broken): a record that says
   bound keeps its data across agent restarts and reboots;
+- a claimed disk is `bound` while its owner's record places it here on it, else `retained`
+  (its owner moved away or is gone, and the claim stays: `reclaim: retain`, a lost node);
+  only the claim's deletion (delete of a `wipe` volume, `sigmactl ssd release`) wipes it;
 - a disk leaves `ready` (to be formatted again) only in a transaction guarding that no claim
   exists and that its record is unchanged, and the master claims only a `ready` disk whose
   record revision it guards: a disk is never claimed while it is being formatted;
@@ -37,7 +40,9 @@ from sigmad.models import (
     SSD_FORMATTING,
     SSD_FREE,
     SSD_READY,
+    SSD_RETAINED,
     SSD_WIPING,
+    Instance,
     Owner,
     Ssd,
     now,
@@ -97,10 +102,11 @@ class Step:
 
 
 def step(path: str, node: str, mount: str, record: Ssd | None, probe: Probe | None,
-         claim: str | None) -> Step:
+         claim: str | None, in_use: bool = True) -> Step:
     """The next thing to do with the allow-listed disk `path`, from its record (None: never
-    seen), what the host says (`probe` None: the device is gone) and its claim's owner
-    (None: unclaimed)."""
+    seen), what the host says (`probe` None: the device is gone), its claim's owner (None:
+    unclaimed) and whether that owner's record places it here on this disk (`in_use`; a
+    claimed disk not in use is retained: its owner moved away or is gone)."""
     disk = disk_id(path)
     base = record or Ssd(node=node, id=disk, path=path)
     if record is not None and record.state == SSD_BROKEN:
@@ -117,15 +123,18 @@ def step(path: str, node: str, mount: str, record: Ssd | None, probe: Probe | No
     if state in (SSD_FREE, SSD_FORMATTING, SSD_WIPING):
         going = SSD_WIPING if state == SSD_WIPING else SSD_FORMATTING
         return Step(FORMAT, _with(facts, state=going, mount="", owner=""), "format")
-    if state == SSD_READY and claim is not None:
-        return Step(RECORD, _with(facts, state=SSD_BOUND, owner=claim, mount=mount), "claimed")
-    if state == SSD_BOUND and claim is None:
+    held = SSD_BOUND if in_use else SSD_RETAINED
+    if state in (SSD_READY, SSD_BOUND, SSD_RETAINED) and claim is not None and \
+            (state, record.owner) != (held, claim):
+        return Step(RECORD, _with(facts, state=held, owner=claim, mount=mount),
+                    "claimed" if in_use else "retained")
+    if state in (SSD_BOUND, SSD_RETAINED) and claim is None:
         return Step(FORMAT, _with(facts, state=SSD_WIPING, mount="", owner=""), "released")
-    if state in (SSD_READY, SSD_BOUND) and probe.fs_uuid != record.fs_uuid:
+    if state in (SSD_READY, SSD_BOUND, SSD_RETAINED) and probe.fs_uuid != record.fs_uuid:
         return Step(BREAK, _with(facts, state=SSD_BROKEN, error=(
             f"its filesystem {probe.fs_uuid or 'is gone'}, not {record.fs_uuid}: replaced "
             "or formatted outside sigma")), "filesystem changed")
-    if state in (SSD_READY, SSD_BOUND) and not probe.mounted:
+    if state in (SSD_READY, SSD_BOUND, SSD_RETAINED) and not probe.mounted:
         return Step(MOUNT, _with(facts, mount=mount), "not mounted")
     if (facts.size, facts.rotational) != (record.size, record.rotational):
         return Step(RECORD, facts, "size changed")
@@ -166,17 +175,30 @@ class DiskKeeper:
                   for v in (await self.store.scan(keys.ssd_claims(self.node), Owner))[0]}
         for path in self.paths:
             disk = disk_id(path)
+            owner = claims.get(disk)
             try:
-                await self.sync_one(path, records.get(disk), claims.get(disk))
+                await self.sync_one(path, records.get(disk), owner,
+                                    await self._in_use(disk, owner) if owner else False)
             except DiskError as exc:
                 log.warning("ssd %s: %s", path, exc)
 
+    async def _in_use(self, disk: str, owner: str) -> bool:
+        """Whether instance `owner` (`ns/app-i`) is placed on this node with this disk."""
+        ns, _, name = owner.partition("/")
+        app, _, index = name.rpartition("-")
+        if not app or not index.isdigit():
+            return False
+        found = await self.store.get(self.store.keys.instance(ns, app, int(index)), Instance)
+        return found is not None and found.value.node == self.node and \
+            any(d.disk == disk for d in found.value.ssds)
+
     async def sync_one(self, path: str, current: Versioned[Ssd] | None,
-                       claim: str | None) -> None:
+                       claim: str | None, in_use: bool = True) -> None:
         disk = disk_id(path)
         mount = mount_point(self.data_dir, disk)
         probe = await self.host.probe(path, mount)
-        todo = step(path, self.node, mount, current.value if current else None, probe, claim)
+        todo = step(path, self.node, mount, current.value if current else None, probe, claim,
+                    in_use)
         if todo.action == NOTHING:
             return
         log.info("ssd %s (%s): %s → %s", disk, path, todo.why, todo.action)

@@ -124,7 +124,7 @@ def plan(snapshot: Snapshot, wanted: Sequence[Versioned[Instance]], apps: dict[s
             continue
         spec = apps[inst.app_key]
         ports = dict(zip([p.name for p in spec.network.ports], binding.ports, strict=True))
-        disks = [BoundSsd(vol.name, d.id, d.source)
+        disks = [BoundSsd(vol.name, d.id, d.source, vol.reclaim)
                  for vol, d in zip(spec.volumes, binding.ssds, strict=True)]
         new = inst.bound(binding.node, ports, disks) if inst.state == State.PENDING else \
             inst.move_booked(binding.node, ports)

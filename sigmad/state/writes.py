@@ -66,13 +66,14 @@ class Writes:
 
     def delete_instance(self, v: Versioned[Instance],
                         ip_owner: Versioned[Owner] | None) -> Change:
-        """Delete an instance with its host-port and disk claims (its agent then wipes the
-        disks), and its IP claim if it holds it."""
+        """Delete an instance with its host-port claims, the claims of its disks whose
+        volume says `reclaim: wipe` (their agent then wipes them; `retain` ones stay claimed
+        until `sigmactl ssd release`), and its IP claim if it holds it."""
         inst = v.value
         change = Change([Guard(v.key, v.mod_revision)], [Op(v.key, delete=True)])
         change += self.release_ports(inst.node, inst.host_ports)
         change += Change([], [Op(self.keys.ssd_claim(inst.node, d.disk), delete=True)
-                              for d in inst.ssds])
+                              for d in inst.ssds if d.reclaim == "wipe"])
         change += self.release_ports(inst.next_node, inst.next_ports)
         if ip_owner is not None and ip_owner.value.owner == inst.key:
             change += Change([Guard(ip_owner.key, ip_owner.mod_revision)],
@@ -104,6 +105,10 @@ class Writes:
             change += Change([Guard(self.keys.ssd(node, d.id), d.revision), Guard(claim, 0)],
                              [Op(claim, Owner(inst.key))])
         return change
+
+    def release_ssd(self, claim: Versioned[Owner]) -> Change:
+        """Give up a retained disk's claim as read (its agent then wipes it)."""
+        return Change([Guard(claim.key, claim.mod_revision)], [Op(claim.key, delete=True)])
 
     def book(self, node: str, lock: int, by: str) -> Change:
         """Guard and bump `node`'s lock (its revision `lock` as read, 0 if absent): any

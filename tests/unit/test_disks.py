@@ -12,7 +12,10 @@ from sigmad.models import (
     SSD_FORMATTING,
     SSD_FREE,
     SSD_READY,
+    SSD_RETAINED,
     SSD_WIPING,
+    BoundSsd,
+    Instance,
     Owner,
     Ssd,
 )
@@ -59,8 +62,9 @@ def test_a_new_disk_is_recorded_free_then_formatted() -> None:
 @pytest.mark.parametrize("state", [SSD_READY, SSD_BOUND])
 def test_a_ready_or_bound_disk_is_never_formatted(state: str) -> None:
     owner = "default/db-0" if state == SSD_BOUND else None
-    assert step(PATH, "h1", MOUNTED, rec(state), GOOD, owner).action == NOTHING
-    unmounted = step(PATH, "h1", MOUNTED, rec(state), replace(GOOD, mounted=False), owner)
+    record = rec(state, owner=owner or "")
+    assert step(PATH, "h1", MOUNTED, record, GOOD, owner).action == NOTHING
+    unmounted = step(PATH, "h1", MOUNTED, record, replace(GOOD, mounted=False), owner)
     assert unmounted.action == MOUNT  # after a reboot: mounted again, data kept
 
 
@@ -71,6 +75,18 @@ def test_a_claim_binds_and_its_release_wipes() -> None:
     released = step(PATH, "h1", MOUNTED, rec(SSD_BOUND, owner="default/db-0"), GOOD, None)
     assert released.action == FORMAT and released.record is not None
     assert (released.record.state, released.record.owner) == (SSD_WIPING, "")
+
+
+def test_a_claimed_disk_not_in_use_is_retained_and_bound_again_when_back() -> None:
+    owner = "default/db-0"
+    retained = step(PATH, "h1", MOUNTED, rec(SSD_BOUND, owner=owner), GOOD, owner, False)
+    assert retained.action == RECORD and retained.record is not None
+    assert (retained.record.state, retained.record.owner) == (SSD_RETAINED, owner)
+    assert step(PATH, "h1", MOUNTED, retained.record, GOOD, owner, False).action == NOTHING
+    back = step(PATH, "h1", MOUNTED, retained.record, GOOD, owner, True)
+    assert back.record is not None and back.record.state == SSD_BOUND
+    released = step(PATH, "h1", MOUNTED, retained.record, GOOD, None)
+    assert released.action == FORMAT  # `sigmactl ssd release` deleted the claim: wiped
 
 
 @pytest.mark.parametrize(("probe", "error"), [
@@ -137,6 +153,10 @@ async def test_keeper_formats_binds_and_wipes_before_ready_again() -> None:
 
     claim = store.keys.ssd_claim("h1", "nvme-A_1")
     await store.create(claim, Owner("default/db-0"))
+    await keeper.sync()
+    assert (await record(store)).state == SSD_RETAINED  # its record does not place it here
+    await store.put(store.keys.instance("default", "db", 0), Instance(
+        "default", "db", 0, 1, node="h1", ssds=[BoundSsd("data", "nvme-A_1", "/x")]))
     await keeper.sync()
     assert (await record(store)).state == SSD_BOUND
     host.files[PATH].add("sentinel")

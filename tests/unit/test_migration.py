@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sigmad.control.migration import drain_next, migrate, node_change
-from sigmad.models import ContainerStatus, Instance
+from sigmad.models import BoundSsd, ContainerStatus, Instance
 from sigmad.store import Versioned
 
 
@@ -71,3 +71,11 @@ def test_migrate_places_anew_keeping_name_ip_and_request() -> None:
     t = migrate(lost.new, "h3")
     assert (t.new.state, t.new.node, t.new.target, t.new.ip) == ("Pending", "", "h3", "10.244.0.2")
     assert t.releases == [("h2", {"sql": 31000})]
+
+
+def test_a_lost_instance_with_disks_moves_with_new_ones_and_says_where_its_data_is() -> None:
+    v = placed(0, "h2", ssds=[BoundSsd("data", "loop3", "/x/loop3/data")])
+    t = node_change(v.value, {"h1"}, "auto")
+    assert t is not None and t.new.ssds == [] and t.new.state == "Pending"
+    assert t.events[-1] == ("moving with new empty disks: its data stays on h2, disk loop3 "
+                            "(data) retained (sigmactl ssd release h2/DISK frees it)", True)

@@ -12,7 +12,7 @@ import pytest
 from sigmad.api import views
 from sigmad.control import migration
 from sigmad.engine import container_config
-from sigmad.errors import SpecError
+from sigmad.errors import Conflict, NotFound, SpecError
 from sigmad.models import SSD_BOUND, SSD_READY, BoundSsd, Instance, Node, Owner, Ssd
 from sigmad.scheduler import NodeInfo, Request, Snapshot, binder
 from sigmad.scheduler import place as place_decision
@@ -306,3 +306,44 @@ async def test_a_broken_disk_with_manual_migration_waits() -> None:
         assert not lead.engine("a").running()  # stopped
         # and not resumed on its node (as a NodeLost one is when its node is back)
         assert migration.node_change(waiting, {"a"}, "manual") is None
+
+
+async def test_a_retained_disk_stays_claimed_until_released() -> None:
+    async with Leader() as lead:
+        await lead.add_node("a", ssds=2)
+        await add_disks(lead, "a", 2)
+        await lead.apply(spec("db", 1) + DB.lstrip().replace("/data}", "/data, reclaim: retain}"))
+        (inst,) = await lead.running("db", 1)
+        disk = inst.ssds[0].disk
+        assert inst.ssds[0].reclaim == "retain"
+        with pytest.raises(Conflict, match="in use by instance default/db-0"):
+            await lead.api.release_ssd("a", disk)
+        await lead.api.delete("default", "db")
+        await lead.until(lambda: not lead.instances("db"), what="db deleted")
+        assert [v.value.owner for v in lead.cache.table(SSD_CLAIMS).values()] == \
+            ["default/db-0"]  # retained: the agent keeps its data
+        assert await lead.api.release_ssd("a", disk) == "default/db-0"
+        assert not lead.cache.table(SSD_CLAIMS)  # released: the agent wipes it
+        with pytest.raises(NotFound):
+            await lead.api.release_ssd("a", disk)
+
+
+async def test_a_lost_node_leaves_the_disk_claimed_and_the_instance_runs_elsewhere() -> None:
+    async with Leader() as lead:
+        await lead.add_node("a", ssds=1)
+        await add_disks(lead, "a", 1)
+        await lead.apply(spec("db", 1) + DB.lstrip())
+        await lead.running("db", 1)
+        await lead.add_node("b", ssds=1)
+        await add_disks(lead, "b", 1)
+        await lead.lose_node("a")
+
+        def elsewhere() -> Instance | None:
+            (i,) = lead.instances("db")
+            return i if i.node == "b" and i.state == "Running" else None
+
+        moved = await lead.until(elsewhere, what="db-0 running on b")
+        assert moved.ssds[0].source == "/srv/b/ssds/loop0/data"
+        owners = {k.removeprefix(lead.store.keys.ssd_claims()): v.value.owner
+                  for k, v in lead.cache.table(SSD_CLAIMS).items()}
+        assert owners == {"a/loop0": "default/db-0", "b/loop0": "default/db-0"}

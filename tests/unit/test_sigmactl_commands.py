@@ -278,3 +278,17 @@ def test_get_wide_and_describe_show_ports(fake: Fake) -> None:
     text = run(fake, "describe", "instance", "web-0").stdout
     assert "Host ports:  http=31007" in text
     assert "  main  3f2a9b8c7d6e  running  yes" in text
+
+
+# ssd
+
+
+def test_ssd_release_posts_and_says_whose_data_goes(fake: Fake) -> None:
+    fake.answer("POST", "/v1/ssds/h1/loop3/release",
+                (200, {"node": "h1", "id": "loop3", "released": "default/db-0"}))
+    result = run(fake, "ssd", "release", "h1/loop3")
+    assert (result.exit_code, result.stdout) == (
+        0, "disk h1/loop3 released (it held default/db-0's data); its agent wipes it\n")
+    assert fake.seen[-1]["path"] == "/v1/ssds/h1/loop3/release"
+    bad = run(fake, "ssd", "release", "loop3")
+    assert bad.exit_code == 2 and "give NODE/ID" in bad.stderr
