@@ -2,13 +2,16 @@
 
 A sentinel written on an instance's SSD survives a container kill (a new container, the same
 disk) and an in-place resize; deleting the app gives the disk back `ready` with a fresh
-filesystem (no sentinel); bad volume specs are refused naming the field, nothing written.
+filesystem (no sentinel); bad volume specs are refused naming the field, nothing written; a
+killed host's instance runs elsewhere on a new disk while its old one is retained until
+`sigmactl ssd release`; a vanished disk gives SSDLost and new disks.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 def db(lab: LabCluster, replicas: int = 1, **volume: Any) -> dict[str, Any]:
-    return {"app": "db", "replicas": replicas, "restart": "always", "containers": [{
+    return {"app": "ssdb", "replicas": replicas, "restart": "always", "containers": [{
         "name": "main", "image": lab.lab.image, "command": ["sh", "-c", "exec sleep 3600"],
         "resources": {"request": {"cpu": "10m", "memory": "8Mi"},
                       "limit": {"memory": "64Mi"}},
@@ -36,19 +39,20 @@ def ssds(lab: LabCluster) -> dict[str, dict[str, Any]]:
 
 
 def all_ready(lab: LabCluster) -> dict[str, dict[str, Any]] | None:
+    """Every SSD of the lab ready (a broken one left by the last test excepted)."""
     found = ssds(lab)
-    return found if len(found) == 6 and all(d["state"] == "ready" for d in found.values()) \
-        else None
+    return found if len(found) == 6 and all(d["state"] in ("ready", "broken")
+                                            for d in found.values()) else None
 
 
 def test_data_survives_restarts_and_is_wiped_on_delete(lab: LabCluster) -> None:
     before = wait_for(lambda: all_ready(lab), 60, "the lab's 6 SSDs ready")
     lab.apply(db(lab))
     try:
-        (inst,) = lab.running("db", 1)
+        (inst,) = lab.running("ssdb", 1)
         (bound,) = inst["ssds"]
         disk = ssds(lab)[f"{inst['node']}/{bound['disk']}"]
-        assert disk["claimed_by"] == "default/db-0"
+        assert disk["claimed_by"] == "default/ssdb-0"
         wait_for(lambda: ssds(lab)[f"{inst['node']}/{bound['disk']}"]["state"] == "bound", 30,
                  "the agent marking the disk bound")
         write = lab.in_instance(inst, "sh", "-c", "echo tenant-1 > /data/sentinel && sync")
@@ -60,24 +64,24 @@ def test_data_survives_restarts_and_is_wiped_on_delete(lab: LabCluster) -> None:
         lab.docker(inst["node"], "kill", "-s", "KILL", inst["containers"][0]["id"])
 
         def restarted() -> dict[str, Any] | None:
-            (now,) = lab.instances("db")
+            (now,) = lab.instances("ssdb")
             return now if now["restarts"] >= 1 and now["state"] == "Running" else None
 
-        again = wait_for(restarted, 60, "db-0 restarted")
+        again = wait_for(restarted, 60, "ssdb-0 restarted")
         assert again["containers"][0]["id"] != inst["containers"][0]["id"]
         assert again["node"] == inst["node"] and again["ssds"] == inst["ssds"]
         assert lab.in_instance(again, "cat", "/data/sentinel").stdout == "tenant-1\n"
 
         # an in-place resize keeps the container, so the disk and its data
-        resized = lab.ctl("update", "db", "--limit-memory", "96Mi")
+        resized = lab.ctl("update", "ssdb", "--limit-memory", "96Mi")
         assert resized.returncode == 0 and "resized in place" in resized.stdout, resized
-        (same,) = lab.instances("db")
+        (same,) = lab.instances("ssdb")
         assert same["containers"][0]["id"] == again["containers"][0]["id"]
         assert lab.in_instance(same, "cat", "/data/sentinel").stdout == "tenant-1\n"
         source = Path(bound["source"])
         assert (source / "sentinel").read_text() == "tenant-1\n"
     finally:
-        lab.delete("db")
+        lab.delete("ssdb")
 
     def wiped() -> dict[str, Any] | None:
         d = ssds(lab)[f"{inst['node']}/{bound['disk']}"]
@@ -108,3 +112,65 @@ def test_a_volume_name_used_twice_is_refused(lab: LabCluster) -> None:
     result = lab.ctl("apply", "-f", "-", stdin=json.dumps(spec))
     assert result.returncode == 1 and "volumes[1].name" in result.stderr, result.stderr
     assert "used twice" in result.stderr
+
+
+def test_kill_host_moves_the_instance_to_a_new_disk_and_retains_the_old(
+        lab: LabCluster) -> None:
+    wait_for(lambda: all_ready(lab), 60, "the lab's 6 SSDs ready")
+    lab.apply(db(lab))
+    try:
+        (first,) = lab.running("ssdb", 1)
+        old = f"{first['node']}/{first['ssds'][0]['disk']}"
+        assert lab.in_instance(first, "sh", "-c", "echo tenant-1 > /data/sentinel").returncode \
+            == 0
+        lab.lab.kill_host(first["node"])
+        try:
+            def elsewhere() -> dict[str, Any] | None:
+                (now,) = lab.instances("ssdb")
+                return now if now["state"] == "Running" and now["node"] != first["node"] \
+                    else None
+
+            moved = wait_for(elsewhere, 90, "ssdb-0 running on another host")
+            assert lab.in_instance(moved, "ls", "/data").stdout == ""  # a new, empty disk
+            assert ssds(lab)[old]["claimed_by"] == "default/ssdb-0"
+            events = lab.ctl("events", "--app", "ssdb", "-o", "json").stdout
+            assert f"its data stays on {first['node']}, disk {first['ssds'][0]['disk']}" \
+                in events
+        finally:
+            lab.lab.heal(first["node"])
+        # back: its agent sees the claim of an instance placed elsewhere, keeps the data
+        wait_for(lambda: ssds(lab)[old]["state"] == "retained", 60, "the old disk retained")
+        assert (Path(first["ssds"][0]["source"]) / "sentinel").read_text() == "tenant-1\n"
+    finally:
+        lab.delete("ssdb")
+    released = lab.ctl("ssd", "release", old)
+    assert released.returncode == 0 and "default/ssdb-0" in released.stdout, released.stderr
+    wait_for(lambda: ssds(lab)[old]["state"] == "ready" and not ssds(lab)[old]["claimed_by"],
+             60, "the released disk wiped and ready")
+    assert os.listdir(first["ssds"][0]["source"]) == []
+
+
+def test_a_vanished_disk_gives_ssd_lost_and_new_disks(lab: LabCluster) -> None:
+    """Runs last: the broken disk stays broken (until an operator acts)."""
+    wait_for(lambda: all_ready(lab), 60, "the lab's 6 SSDs ready")
+    lab.apply(db(lab))
+    try:
+        (first,) = lab.running("ssdb", 1)
+        disk = ssds(lab)[f"{first['node']}/{first['ssds'][0]['disk']}"]
+        state = json.loads((lab.lab.root / "lab.json").read_text())
+        (file,) = [d["file"] for h in state["hosts"] for d in h["ssds"]
+                   if d["device"] == disk["path"] and h["name"] == first["node"]]
+        with open(file, "r+b") as f:
+            f.truncate(0)  # the disk is gone: its size drops to 0
+        subprocess.run(["losetup", "-c", disk["path"]], check=True)
+
+        def moved() -> dict[str, Any] | None:
+            (now,) = lab.instances("ssdb")
+            return now if now["state"] == "Running" and now["ssds"] != first["ssds"] else None
+
+        now = wait_for(moved, 90, "ssdb-0 running on new disks")
+        broken = ssds(lab)[f"{first['node']}/{first['ssds'][0]['disk']}"]
+        assert broken["state"] == "broken" and "vanished" in broken["error"]
+        assert any(t["reason"] == "SSDLost" for t in now["terminations"])
+    finally:
+        lab.delete("ssdb")
