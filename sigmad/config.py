@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ import yaml
 from sigmad.errors import SpecError
 from sigmad.models import DEFAULT_PORT_RANGE, Overcommit
 from sigmad.spec import LABEL_RE, Fields, Resources, quantity, string_map
+from sigmad.tokens import weakness
 from sigmad.units import parse_cpu, parse_size
 
 DEFAULT_ETCD = "http://127.0.0.1:2379"
@@ -43,6 +45,9 @@ class MasterConfig:
     id: str = ""  # "" = HOSTNAME:PORT (see master_id)
     advertise: str = ""  # the API's URL for others; "" = http://LISTEN (see api_url)
     leader_ttl: int = DEFAULT_LEADER_TTL
+    audit_log: str = ""  # a JSON-lines file every audit entry is appended to ("": etcd only)
+    max_requests_per_token: int = 64  # API calls in flight at once per token
+    max_streams_per_token: int = 8  # event streams open at once per token
 
     def master_id(self) -> str:
         """This master's id: `id`, else this host's name and the listen port."""
@@ -126,6 +131,19 @@ def _read(path: str | Path) -> Fields:
     return Fields("", doc, "")
 
 
+def _token_file(path: str) -> str:
+    """The token in the file at `path`, which only its owner may read."""
+    try:
+        with open(path) as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if mode & 0o077:
+                raise SpecError("token_file", f"{path} can be read by others (mode "
+                                f"{mode & 0o777:o}): chmod 600 {path}")
+            return f.read().strip()
+    except OSError as exc:
+        raise SpecError("token_file", f"cannot read {path}: {exc.strerror}") from None
+
+
 def master_config(fields: Fields) -> MasterConfig:
     """A MasterConfig from a parsed mapping (see conf/master.yaml)."""
     token = fields.take("token")
@@ -133,13 +151,16 @@ def master_config(fields: Fields) -> MasterConfig:
     if token_file is not None and not isinstance(token_file, str):
         raise SpecError("token_file", "must be the path of a file holding the token")
     if token_file and not token:
-        try:
-            token = Path(token_file).read_text().strip()
-        except OSError as exc:
-            raise SpecError("token_file", f"cannot read {token_file}: {exc.strerror}") from None
+        token = _token_file(token_file)
     if not isinstance(token, str) or len(token) < 16:
         raise SpecError("token", "is required: a secret of at least 16 characters "
                         "(or token_file: a file holding one)")
+    if why := weakness(token):
+        raise SpecError("token_file" if token_file else "token",
+                        f"{why}: generate one with 'openssl rand -hex 24'")
+    audit_log = fields.take("audit_log", "")
+    if not isinstance(audit_log, str) or (audit_log and not audit_log.startswith("/")):
+        raise SpecError("audit_log", "must be the absolute path of a file (JSON lines)")
     listen = fields.take("listen", DEFAULT_LISTEN)
     if not isinstance(listen, str) or ":" not in listen:
         raise SpecError("listen", "must be HOST:PORT")
@@ -161,6 +182,9 @@ def master_config(fields: Fields) -> MasterConfig:
         workers=_whole(fields, "workers", 64, 1, 4096),
         engine_parallel=_whole(fields, "engine_parallel", 8, 1, 256),
         overlay_cidr=_cidr(fields), id=master_id, advertise=advertise, leader_ttl=ttl,
+        audit_log=audit_log,
+        max_requests_per_token=_whole(fields, "max_requests_per_token", 64, 1, 100_000),
+        max_streams_per_token=_whole(fields, "max_streams_per_token", 8, 1, 10_000),
     )
     fields.done()
     return config

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from sigmad.api import make_app
+from sigmad.api.auth import Limits
 from sigmad.config import MasterConfig
 from sigmad.control.controller import Controller
 from sigmad.leader import Elector
@@ -75,8 +76,8 @@ class ApiThread:
     cache however busy the leader's loop is (a burst of work never delays a GET), and what
     needs etcd or an engine runs on the main loop (sigmad.api.routes)."""
 
-    def __init__(self, store: Store, cache: Cache, token: str, listen: str) -> None:
-        self.store, self.cache, self.token, self.listen = store, cache, token, listen
+    def __init__(self, store: Store, cache: Cache, config: MasterConfig) -> None:
+        self.store, self.cache, self.config, self.listen = store, cache, config, config.listen
         self.main = asyncio.get_running_loop()
         self.loop = asyncio.new_event_loop()
         self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -87,7 +88,10 @@ class ApiThread:
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self.loop)
-        app = make_app(self.store, self.cache, self.token, on_main=self._on_main)
+        c = self.config
+        app = make_app(self.store, self.cache, c.token, on_main=self._on_main,
+                       limits=Limits(c.max_requests_per_token, c.max_streams_per_token),
+                       audit_log=c.audit_log)
         # Open event streams hold requests forever: give them 2 s on shutdown, then cancel.
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         try:
@@ -137,7 +141,7 @@ async def run_master(config: MasterConfig) -> None:
     api: ApiThread | None = None
     try:
         await cache.synced.wait()
-        api = ApiThread(api_store, cache, config.token, config.listen)
+        api = ApiThread(api_store, cache, config)
         await api.start()
         elector = Elector(election, store, config.master_id(), config.api_url(), ttl,
                           keep_in_thread=True)

@@ -130,6 +130,17 @@ class Keys:
         """A master's presence record, leased by it."""
         return self._k("masters", master_id)
 
+    def tokens(self) -> str:
+        return self._k("tokens", "")
+
+    def token(self, token_id: str) -> str:
+        """A scoped API token's record (sigmad.tokens): its hash, never the token."""
+        return self._k("tokens", token_id)
+
+    def audit(self) -> str:
+        """Audit entries, leased (they expire), newest first (sigmad.api.audit)."""
+        return self._k("audit", "")
+
 
 @dataclass(slots=True)
 class Versioned(Generic[T]):

@@ -1,5 +1,6 @@
-"""The HTTP API under /v1 (docs/api.md): a thin adapter. JSON in and out, bearer-token auth,
-errors with field paths (one exception tree, mapped here at the edge). Reads are answered
+"""The HTTP API under /v1 (docs/api.md): a thin adapter. JSON in and out, bearer tokens with
+roles, per-token caps and an audit of every change (sigmad.api.auth), errors with field
+paths (one exception tree, mapped here at the edge). Reads are answered
 from the state cache (sigmad.api.views), writes go through sigmad.api.apps.
 
 The API may be served from a thread of its own (sigmad.master): a leader's loop busy with a
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
@@ -22,13 +22,16 @@ from aiohttp import web
 from sigmad import __version__, records, spec
 from sigmad.api import views
 from sigmad.api.apps import AppWrites, ResourceChange, with_resources
+from sigmad.api.audit import AuditLog
+from sigmad.api.auth import AUDIT_APPS, DEFAULT_LIMITS, GATE, Gate, Limits, TokenApi, caller
 from sigmad.engine import EnginePool
-from sigmad.errors import NotFound, SigmaError, SpecError, StoreUnavailable, Unauthorized
+from sigmad.errors import NotFound, SigmaError, SpecError, StoreUnavailable
 from sigmad.events import Event
 from sigmad.models import Instance
 from sigmad.spec import Fields, quantity
 from sigmad.state.cache import Cache
 from sigmad.store import Store, Versioned
+from sigmad.tokens import check_namespaces
 from sigmad.units import parse_cpu, parse_size
 
 log = logging.getLogger(__name__)
@@ -52,23 +55,27 @@ async def _here(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None = None,
-             on_main: OnMain[Any] = _here) -> web.Application:
+             on_main: OnMain[Any] = _here, limits: Limits = DEFAULT_LIMITS,
+             audit_log: str = "") -> web.Application:
     """The aiohttp application serving the API from `cache`, writing to `store`;
     `on_main(coro)` runs `coro` on the loop that owns the cache and the store (by default
-    the one that serves)."""
+    the one that serves). `token` is the bootstrap admin token; `audit_log` a JSON-lines
+    file that gets every audit entry (sigmad.api.audit)."""
+    audit = AuditLog(store, audit_log, on_main)
+    gate = Gate(cache, token, audit, limits)
+
+    async def fresh(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if cache.stale_for() > STALE_AFTER:
+            raise StoreUnavailable(
+                f"etcd is unreachable (for {cache.stale_for():.0f}s): this master's "
+                f"view stopped at revision {cache.revision}; try again, or another master")
+        return await handler(request)
 
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             if request.path.startswith("/v1/"):
-                given = request.headers.get("Authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                    raise Unauthorized("missing or wrong bearer token")
-                if cache.stale_for() > STALE_AFTER:
-                    raise StoreUnavailable(
-                        f"etcd is unreachable (for {cache.stale_for():.0f}s): this master's "
-                        f"view stopped at revision {cache.revision}; try again, or another "
-                        "master")
+                return await gate.guard(request, lambda r: fresh(r, handler))
             return await handler(request)
         except SigmaError as exc:
             return web.json_response(exc.to_dict(), status=exc.status)
@@ -82,9 +89,11 @@ def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None 
     pool = engines or EnginePool(store.keys.prefix)
     api = Api(store, cache, AppWrites(store, cache, pool), on_main)
     app = web.Application(middlewares=[errors], client_max_size=MAX_BODY)
+    app[GATE] = gate
 
     async def close_engines(_: web.Application) -> None:
         await on_main(pool.close())
+        audit.close()
 
     app.on_cleanup.append(close_engines)
     app.router.add_get("/healthz", api.healthz)
@@ -103,6 +112,7 @@ def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None 
     app.router.add_get("/v1/instances/{ns}/{name}", api.get_instance)
     app.router.add_post("/v1/instances/{ns}/{name}/migrate", api.migrate)
     app.router.add_get("/v1/masters", api.masters)
+    TokenApi(store, cache, audit, on_main).add_routes(app.router)
     return app
 
 
@@ -157,6 +167,8 @@ class Api:
         A change of resources only (and replicas) is applied to running containers in place;
         any other change is a new template generation (a replace)."""
         specs = spec.parse(await request.text())
+        request[AUDIT_APPS] = [f"{s.namespace}/{s.app}" for s in specs]
+        check_namespaces(caller(request), {s.namespace for s in specs})
         results = await self.main(self.writes.apply(specs, _flag(request, "dry_run"),
                                                     _flag(request, "force")))
         return _json({"items": [r.to_dict() for r in results]})

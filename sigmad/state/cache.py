@@ -30,18 +30,21 @@ from sigmad.leader import LeaderRecord, MasterRecord
 from sigmad.models import AppRecord, Instance, Node, NodeLock, Owner
 from sigmad.scheduler.fit import NodeUsage
 from sigmad.store import Op, Store, Versioned, WatchBatch, WatchCompacted
+from sigmad.tokens import TokenRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 NODES, BEATS, APPS, INSTANCES = "nodes", "heartbeats", "apps", "instances"
 IPS, PORTS, LOCKS, LEADER, MASTERS = "ips", "ports", "locks", "leader", "masters"
+TOKENS = "tokens"
 # kind → (its key prefix under the cluster prefix, its record class; None: presence only)
 KINDS: dict[str, tuple[str, type | None]] = {
     NODES: ("nodes/", Node), BEATS: ("heartbeats/", None), APPS: ("apps/", AppRecord),
     INSTANCES: ("instances/", Instance), IPS: ("alloc/ip/", Owner),
     PORTS: ("alloc/port/", Owner), LOCKS: ("alloc/node/", NodeLock),
     LEADER: ("leader", LeaderRecord), MASTERS: ("masters/", MasterRecord),
+    TOKENS: ("tokens/", TokenRecord),
 }
 RELIST_DELAY = 1.0
 LIST_CHUNK = 2000  # records decoded between two turns of the loop
