@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from sigmad.lab.state import lab_context
+
 if TYPE_CHECKING:
     from sigmad.lab.core import Lab
 
@@ -43,10 +45,11 @@ def summary(lab: Lab, credentials: str) -> str:
     hosts = "\n".join(f"    {h.name}  {h.address}  netns {h.netns}  engine {h.engine}"
                       for h in lab.hosts)
     return (
-        f"  server:      {lab.server}\n"
+        f"  servers:     {', '.join(f'http://{m.listen}' for m in lab.masters)}\n"
         f"  token:       {lab.token}\n"
         f"  image:       {lab.image}   (use this ref in app specs)\n"
-        f"  credentials: {credentials}   (sigmactl reads them: try `sigmactl get nodes`)\n"
+        f"  credentials: {credentials}   (context {lab_context(lab.name)}: "
+        "try `sigmactl get nodes`)\n"
         f"  hosts:\n{hosts}\n"
         f"  remove it:   sigmad lab down --name {lab.name}"
     )
