@@ -75,17 +75,21 @@ def _first_line(text: str) -> str:
 
 def decode(status: int, raw: bytes) -> Any:
     """The JSON of a successful answer; CtlError with a useful message otherwise."""
-    if status == 401:
-        raise CtlError(UNAUTHORIZED)
     text = raw.decode("utf-8", "replace")
     try:
         data = json.loads(text) if text.strip() else None
     except ValueError:
+        if status == 401:
+            raise CtlError(UNAUTHORIZED) from None
         line = _first_line(text)
         raise CtlError(f"server answered HTTP {status} with non-JSON: {line}") from None
     if 200 <= status < 300:
         return data
     error = data.get("error") if isinstance(data, dict) else None
+    if status == 401:
+        if isinstance(error, dict) and error.get("code") == "revoked":
+            raise CtlError(f"unauthorized: {error.get('message')}")
+        raise CtlError(UNAUTHORIZED)
     if isinstance(error, dict) and error.get("message"):
         raise CtlError(str(error["message"]))
     raise CtlError(f"server answered HTTP {status}: {_first_line(text)}")

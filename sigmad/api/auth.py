@@ -60,6 +60,12 @@ AUDIT_APPS = web.RequestKey("audit_apps", list[str])  # NAMESPACE/APP a handler 
 WRONG_TOKEN = "missing or wrong bearer token"
 
 
+class Revoked(Unauthorized):
+    """The token was right, and is revoked."""
+
+    code = "revoked"
+
+
 @dataclass(frozen=True)
 class Limits:
     """Per-token caps (MasterConfig: max_requests_per_token, max_streams_per_token)."""
@@ -105,7 +111,7 @@ class Gate:
         if v is None or not matches(v.value, token):
             raise Unauthorized(WRONG_TOKEN)
         if v.value.revoked:
-            raise Unauthorized(f"token {v.value.name} was revoked: ask an admin for a new one")
+            raise Revoked(f"token {v.value.name} was revoked: ask an admin for a new one")
         return principal(v.value)
 
     @contextlib.contextmanager

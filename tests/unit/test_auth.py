@@ -112,7 +112,8 @@ async def test_a_revoked_token_is_refused_at_once(api: Api) -> None:
                               headers=bearer(made["token"]))  # an admin may revoke itself
     assert status == 200 and done["revoked"] > 0 and "token" not in done
     status, body = await call(client, "GET", "/v1/apps", headers=bearer(made["token"]))
-    assert status == 401 and "revoked" in body["error"]["message"]
+    assert status == 401 and body["error"]["code"] == "revoked"
+    assert body["error"]["message"] == "token laptop was revoked: ask an admin for a new one"
     assert (await call(client, "DELETE", f"/v1/tokens/{made['id']}"))[0] == 200  # idempotent
     status, body = await call(client, "DELETE", "/v1/tokens/bootstrap")
     assert status == 400 and body["error"]["field"] == "id"

@@ -275,3 +275,15 @@ def test_a_master_gets_the_short_connect_timeout_then_the_read_timeout(
     monkeypatch.setattr(socket, "create_connection", silent)
     with pytest.raises(module.NotConnected, match="timed out"):
         module._connect(("m1", 7475), 30)
+
+
+def test_a_revoked_token_is_named_as_such() -> None:
+    from sigmactl.client import UNAUTHORIZED, decode
+    body = {"error": {"code": "revoked", "message": "token ci was revoked: ask an admin for "
+                      "a new one", "field": None}}
+    with pytest.raises(CtlError) as err:
+        decode(401, json.dumps(body).encode())
+    assert str(err.value) == "unauthorized: token ci was revoked: ask an admin for a new one"
+    wrong = {"error": {"code": "unauthorized", "message": "missing", "field": None}}
+    with pytest.raises(CtlError, match=UNAUTHORIZED[:20]):
+        decode(401, json.dumps(wrong).encode())
