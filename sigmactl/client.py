@@ -13,6 +13,7 @@ import http.client
 import json
 import os
 import socket
+import ssl
 import sys
 import urllib.error
 import urllib.parse
@@ -63,6 +64,31 @@ def resolve(server: str | None, token: str | None, context: str | None = None
     return servers, token
 
 
+def ca_path(context: str | None = None) -> str | None:
+    """The CA that https:// servers are verified with: `$SIGMA_CA`, else the `ca` of the
+    credentials file's context `context` (else SIGMA_CONTEXT's, else the current one);
+    None: the system's CAs."""
+    found = os.environ.get("SIGMA_CA")
+    if not found:
+        try:
+            creds = contexts.load()
+        except contexts.CredentialsError as exc:
+            raise CtlError(str(exc)) from None
+        name = context or os.environ.get("SIGMA_CONTEXT") or creds.current
+        chosen = creds.contexts.get(name)
+        found = chosen.ca if chosen else ""
+    return found or None
+
+
+def tls_context(ca: str | None) -> ssl.SSLContext:
+    """A context that verifies the server against `ca` (the system's CAs when None)."""
+    try:
+        return ssl.create_default_context(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise CtlError(f"cannot use the CA file {ca} ({exc}): fix SIGMA_CA or the "
+                       f"credentials file's ca") from None
+
+
 def api_path(*parts: str) -> str:
     """`/v1/` followed by the URL-quoted parts."""
     return "/v1/" + "/".join(urllib.parse.quote(p, safe="") for p in parts)
@@ -105,16 +131,25 @@ def _url(server: str) -> str:
 
 class Client:
     """Calls a Sigma cluster, one of its masters at a time (see the module docstring), with
-    a bearer token; every failure is a CtlError."""
+    a bearer token; every failure is a CtlError. An https:// server is verified against
+    `ca` (a CA file; the system's CAs when None)."""
 
     def __init__(self, servers: str | Sequence[str], token: str | None, timeout: float = 30,
-                 say: Callable[[str], None] | None = None) -> None:
+                 ca: str | None = None, say: Callable[[str], None] | None = None) -> None:
         given = contexts.split_servers(servers) if isinstance(servers, str) else list(servers)
         self.servers = [_url(s) for s in given] or [_url("")]
         self.server = self.servers[0]  # the master in use
         self.token = token
         self.timeout = timeout
+        self.ca = ca
         self.say = say or _stderr
+        self.opener, self.stream_opener = _OPENER, _STREAM_OPENER
+        if any(s.startswith("https://") for s in self.servers):
+            context = tls_context(ca)
+            self.opener = urllib.request.build_opener(_HTTPHandler,
+                                                      _HTTPSHandler(context=context))
+            self.stream_opener = urllib.request.build_opener(
+                _StreamHTTPHandler, _StreamHTTPSHandler(context=context))
 
     def get(self, path: str, params: dict[str, str] | None = None) -> Any:
         """GET `path` and return its JSON."""
@@ -139,7 +174,7 @@ class Client:
         answer's headers have the usual timeout; waiting for the next event has none. Ends
         when the server closes the stream."""
         with self._open(lambda: self._request("GET", path, params, accept=EVENT_STREAM),
-                        _STREAM_OPENER) as answer:
+                        self.stream_opener) as answer:
             kind = answer.headers.get_content_type()
             if kind != EVENT_STREAM:
                 raise CtlError(f"server answered {kind}, not an event stream: "
@@ -179,7 +214,7 @@ class Client:
             request = make()
             last = n == len(order) - 1
             try:
-                answer = (opener or _OPENER).open(request, timeout=self.timeout)
+                answer = (opener or self.opener).open(request, timeout=self.timeout)
             except urllib.error.HTTPError as exc:
                 if exc.code != 503 or request.get_method() != "GET" or last:
                     decode(exc.code, exc.read())  # raises: HTTPError is for non-2xx only
@@ -213,6 +248,13 @@ class Client:
     def _unreachable(self, exc: Exception, missed: Sequence[tuple[str, str]] = ()
                      ) -> CtlError:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            where = f"the CA {self.ca}" if self.ca else "the system's CAs"
+            return CtlError(
+                f"the certificate of {self.server} is not trusted by {where} "
+                f"({reason.verify_message or reason}): set SIGMA_CA (or ca in the "
+                "credentials file) to the cluster's CA, ca.crt of 'sigmad pki'"
+            )
         tried = [*(f"{s} ({why})" for s, why in missed), f"{self.server} ({_why(reason)})"]
         return CtlError(
             f"cannot reach sigma at {', '.join(tried)}: "

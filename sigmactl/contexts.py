@@ -5,11 +5,12 @@ master of its HA pair) and a token; one of them is current. Stdlib only: `sigmad
 The file (`$SIGMA_CREDENTIALS`, default ~/.sigma/credentials.json, mode 600):
 
     {"current-context": "lab-demo",
-     "contexts": {"lab-demo": {"servers": ["http://10.0.0.1:7475", "http://10.0.0.2:7475"],
-                               "token": "..."}}}
+     "contexts": {"lab-demo": {"servers": ["https://10.0.0.1:7475", "https://10.0.0.2:7475"],
+                               "token": "...", "ca": "/path/ca.crt"}}}
 
-A file of the first format, `{"server": URL (or "URL,URL"), "token": TOKEN}`, reads as one
-context named "default" (and is written back in this format once changed).
+`ca` (optional) is the CA file https:// servers are verified with. A file of the first
+format, `{"server": URL (or "URL,URL"), "token": TOKEN, "ca": FILE}`, reads as one context
+named "default" (and is written back in this format once changed).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class CredentialsError(Exception):
 class Context:
     servers: list[str]
     token: str | None = None
+    ca: str = ""  # the CA file that https:// servers are verified with ("": the system's)
 
 
 @dataclass
@@ -40,7 +42,8 @@ class Credentials:
 
     def to_dict(self) -> dict[str, Any]:
         return {"current-context": self.current,
-                "contexts": {name: {"servers": c.servers, "token": c.token}
+                "contexts": {name: {"servers": c.servers, "token": c.token,
+                                    **({"ca": c.ca} if c.ca else {})}
                              for name, c in self.contexts.items()}}
 
 
@@ -82,7 +85,7 @@ def load(path: Path | None = None) -> Credentials:
         token = data.get("token")
         return Credentials(LEGACY, {LEGACY: Context(
             _servers(data.get("server") or [], path, LEGACY),
-            None if token is None else str(token))})
+            None if token is None else str(token), str(data.get("ca") or ""))})
     contexts = data["contexts"]
     if not isinstance(contexts, dict):
         raise CredentialsError(f"credentials file {path}: contexts must be an object: "
@@ -94,7 +97,8 @@ def load(path: Path | None = None) -> Credentials:
                                    "object: fix or remove it")
         token = raw.get("token")
         found.contexts[name] = Context(_servers(raw.get("servers", []), path, name),
-                                       None if token is None else str(token))
+                                       None if token is None else str(token),
+                                       str(raw.get("ca") or ""))
     return found
 
 
@@ -114,10 +118,11 @@ def save(creds: Credentials, path: Path | None = None) -> Path:
     return path
 
 
-def remember(name: str, servers: list[str], token: str, path: Path | None = None) -> Path:
+def remember(name: str, servers: list[str], token: str, ca: str = "",
+             path: Path | None = None) -> Path:
     """Add (or replace) context `name` and make it current; the file's path."""
     creds = load(path)
-    creds.contexts[name] = Context(list(servers), token)
+    creds.contexts[name] = Context(list(servers), token, ca)
     creds.current = name
     return save(creds, path)
 

@@ -7,8 +7,8 @@ every call that may change something (sigmad.api.audit). `TokenApi` serves /v1/t
 /v1/audit (admin only).
 
 Invariants:
-- a token holds at most `Limits.requests` calls in flight and `Limits.streams` event streams
-  (`?watch=true`) at once; one more is answered 429 at once, before its handler runs;
+- a token holds at most `TokenCaps.requests` calls in flight and `TokenCaps.streams` event
+  streams (`?watch=true`) at once; one more is answered 429 at once, before its handler runs;
 - a slot is taken before the handler runs and given back however it ends;
 - the API runs on one event loop (one thread): the counters need no lock.
 """
@@ -67,14 +67,14 @@ class Revoked(Unauthorized):
 
 
 @dataclass(frozen=True)
-class Limits:
+class TokenCaps:
     """Per-token caps (MasterConfig: max_requests_per_token, max_streams_per_token)."""
 
     requests: int = 64  # calls in flight at once (event streams not counted)
     streams: int = 8  # event streams open at once
 
 
-DEFAULT_LIMITS = Limits()
+DEFAULT_CAPS = TokenCaps()
 
 
 def is_stream(request: web.Request) -> bool:
@@ -89,12 +89,12 @@ def caller(request: web.Request) -> Principal:
 class Gate:
     """Authentication, role checks, per-token caps and the audit (module docstring)."""
 
-    def __init__(self, cache: Cache, bootstrap: str, audit: AuditLog, limits: Limits) -> None:
+    def __init__(self, cache: Cache, bootstrap: str, audit: AuditLog, caps: TokenCaps) -> None:
         self.cache = cache
         self.keys = cache.keys
         self.bootstrap = bootstrap
         self.audit = audit
-        self.limits = limits
+        self.caps = caps
         self.requests: Counter[str] = Counter()
         self.streams: Counter[str] = Counter()
 
@@ -117,8 +117,8 @@ class Gate:
     @contextlib.contextmanager
     def slot(self, who: Principal, stream: bool) -> Iterator[None]:
         """One of `who`'s slots for the length of a call; TooManyRequests when none is free."""
-        counts, cap = (self.streams, self.limits.streams) if stream else \
-            (self.requests, self.limits.requests)
+        counts, cap = (self.streams, self.caps.streams) if stream else \
+            (self.requests, self.caps.requests)
         if counts[who.id] >= cap:
             what = "event streams open" if stream else "requests in flight"
             raise TooManyRequests(f"token {who.name} has {cap} {what}, the most allowed: "

@@ -82,7 +82,9 @@ def test_sigmactl_follows_the_pair_and_tokens_hold_across_it(pair: PairLab) -> N
                   "--listen", f"127.0.0.1:{free_port(pair=True)}", timeout=240)
     assert up.returncode == 0, up.stdout + up.stderr
     status = pair.status()
-    first, second = (f"http://{m['listen']}" for m in status["masters"])
+    scheme = status["server"].partition("://")[0]
+    assert scheme == "https"  # the lab runs TLS by default: failover is over HTTPS
+    first, second = (f"{scheme}://{m['listen']}" for m in status["masters"])
     creds = json.loads(pair.credentials.read_text())
     context = creds["contexts"][creds["current-context"]]
     assert creds["current-context"] == f"lab-{pair.name}"

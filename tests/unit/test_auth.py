@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from sigmad import tokens
 from sigmad.api import make_app
-from sigmad.api.auth import DEFAULT_LIMITS, GATE, Gate, Limits
+from sigmad.api.auth import DEFAULT_CAPS, GATE, Gate, TokenCaps
 from sigmad.engine import EnginePool
 from sigmad.errors import Forbidden, SpecError, TooManyRequests
 from sigmad.tokens import READ_METHODS, SCOPED, Principal, Role
@@ -32,12 +32,12 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-async def serve(lead: Leader, audit_log: str = "", limits: Limits = DEFAULT_LIMITS,
+async def serve(lead: Leader, audit_log: str = "", caps: TokenCaps = DEFAULT_CAPS,
                 on_main: Callable[[Coroutine[Any, Any, Any]], Awaitable[Any]] | None = None,
                 ) -> TestClient:
     extra: dict[str, Any] = {"on_main": on_main} if on_main else {}
     app = make_app(lead.store, lead.cache, TOKEN, EnginePool("/t", factory=lead._engine),
-                   limits=limits, audit_log=audit_log, **extra)
+                   caps=caps, audit_log=audit_log, **extra)
     client = TestClient(TestServer(app))
     await client.start_server()
     return client
@@ -295,7 +295,7 @@ async def test_requests_in_flight_are_capped_per_token(tmp_path: Path) -> None:
         return await coro
 
     async with lead:
-        client = await serve(lead, limits=Limits(requests=2, streams=1), on_main=held)
+        client = await serve(lead, caps=TokenCaps(requests=2, streams=1), on_main=held)
         try:
             pending = [asyncio.ensure_future(call(client, "GET", "/v1/events"))
                        for _ in range(2)]
@@ -332,7 +332,7 @@ async def test_event_streams_are_capped_per_token(api: Api) -> None:
 
 
 def test_a_slot_is_given_back_however_the_call_ends() -> None:
-    gate = Gate(Leader().cache, TOKEN, None, Limits(requests=1, streams=1))  # type: ignore[arg-type]
+    gate = Gate(Leader().cache, TOKEN, None, TokenCaps(requests=1, streams=1))  # type: ignore[arg-type]
     who = Principal("t", "t", Role.READER)
     with pytest.raises(SpecError), gate.slot(who, False):
         raise SpecError("x", "boom")
