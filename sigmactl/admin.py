@@ -158,11 +158,13 @@ def use_context(name: str) -> None:
 @click.option("--server", "servers", metavar="URL[,URL]", required=True,
               help="Every master's URL, comma-separated, in the order to try them.")
 @click.option("--token", "token_", metavar="TOKEN", required=True, help="The API token.")
+@click.option("--ca", default="", metavar="FILE",
+              help="The cluster's CA certificate, to verify https:// masters.")
 @click.option("--use", is_flag=True, help="Make it the current context.")
-def set_context(name: str, servers: str, token_: str, use: bool) -> None:
+def set_context(name: str, servers: str, token_: str, ca: str, use: bool) -> None:
     """Add or replace the context NAME."""
     creds = _load()
-    creds.contexts[name] = contexts.Context(contexts.split_servers(servers), token_)
+    creds.contexts[name] = contexts.Context(contexts.split_servers(servers), token_, ca)
     if use or not creds.current:
         creds.current = name
     _save(creds)

@@ -287,3 +287,17 @@ def test_a_revoked_token_is_named_as_such() -> None:
     wrong = {"error": {"code": "unauthorized", "message": "missing", "field": None}}
     with pytest.raises(CtlError, match=UNAUTHORIZED[:20]):
         decode(401, json.dumps(wrong).encode())
+
+
+def test_a_context_keeps_its_ca(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sigmactl.client import ca_path
+    made = CliRunner().invoke(cli, ["config", "set-context", "prod", "--server",
+                                    "https://m1:1,https://m2:1", "--token", "t", "--ca",
+                                    "/pki/ca.crt"])
+    assert made.exit_code == 0, made.output
+    contexts.remember("lab-x", ["https://l1:1"], "xt", "/lab/ca.crt")
+    assert ca_path() == "/lab/ca.crt"  # the current context's
+    assert ca_path("prod") == "/pki/ca.crt"
+    assert contexts.load().contexts["prod"].ca == "/pki/ca.crt"
+    monkeypatch.setenv("SIGMA_CA", "/env/ca.crt")
+    assert ca_path("prod") == "/env/ca.crt"
