@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from sigmad import tokens
 from sigmad.api import make_app
 from sigmad.api.auth import DEFAULT_CAPS, GATE, Gate, TokenCaps
+from sigmad.api.serving import Limits
 from sigmad.engine import EnginePool
 from sigmad.errors import Forbidden, SpecError, TooManyRequests
 from sigmad.tokens import READ_METHODS, SCOPED, Principal, Role
@@ -329,6 +330,28 @@ async def test_event_streams_are_capped_per_token(api: Api) -> None:
     assert r.status == 200
     for s in [*streams, r]:
         s.close()
+
+
+async def test_a_gone_stream_client_gives_its_slot_back() -> None:
+    """A watcher that vanishes is noticed by the stream's heartbeats; its slot is free again."""
+    lead = Leader()
+    async with lead:
+        app = make_app(lead.store, lead.cache, TOKEN, EnginePool("/t", factory=lead._engine),
+                       limits=Limits(stream_heartbeat=0.05), caps=TokenCaps(streams=1))
+        client = TestClient(TestServer(app))
+        await client.start_server()
+        try:
+            first = await client.get("/v1/events?watch=true", headers=ADMIN)
+            assert first.status == 200
+            second = await client.get("/v1/events?watch=true", headers=ADMIN)
+            assert second.status == 429
+            first.close()  # the client goes without a word
+            await lead.until(lambda: not app[GATE].streams, what="the slot given back")
+            third = await client.get("/v1/events?watch=true", headers=ADMIN)
+            assert third.status == 200
+            third.close()
+        finally:
+            await client.close()
 
 
 def test_a_slot_is_given_back_however_the_call_ends() -> None:
