@@ -24,7 +24,7 @@ from sigmad.procs import EtcdProcess
 from tests.integration.conftest import free_port, stop_process, wait_for
 from tests.unit.test_spec_fuzz import texts
 
-CASES = 1500
+CASES = 3000
 ROUTES = [
     ("GET", "/v1/nodes"), ("GET", "/v1/nodes/{x}"), ("POST", "/v1/nodes/{x}/drain"),
     ("POST", "/v1/nodes/{x}/uncordon"), ("GET", "/v1/apps"), ("PUT", "/v1/apps"),
@@ -33,6 +33,7 @@ ROUTES = [
     ("GET", "/v1/instances/{x}/{y}"), ("POST", "/v1/instances/{x}/{y}/migrate"),
     ("GET", "/v1/pool"), ("GET", "/v1/masters"), ("GET", "/v1/events"),
     ("PATCH", "/v1/apps"), ("GET", "/v1/{x}"), ("GET", "/{x}"),
+    *[("PUT", "/v1/apps"), ("POST", "/v1/apps/default/web/resources")] * 4,
 ]
 SEGMENTS = ["default", "web", "web-0", "web-%C2%B2", "web-99999999999999999999", "a-b", "..", ".",
             "%2F", "%00", "%ff", "%c3%28", "web%0A", "x" * 300, "node-1", "", "web-0-0"]
