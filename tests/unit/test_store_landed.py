@@ -78,5 +78,5 @@ async def test_a_compacted_history_means_cannot_tell() -> None:
     store = MemoryStore("/t")
     ops = [Op(K, Owner("default/web-0"))]
     assert await store.commit([Guard(K, 0)], ops)
-    store.compact(store.revision)
+    await store.compact(store.revision)
     assert await store.landed([Guard(K, 0)], ops) == 0
