@@ -229,3 +229,16 @@ async def test_bodies_are_parsed_off_the_serving_loop(api: tuple[TestClient, Lea
     assert (await call(client, "POST", "/v1/apps/default/web/resources",
                        {"limit": {"cpu": "1"}}))[0] == 200
     assert len(threads) == 2 and threading.get_ident() not in threads
+
+
+async def test_an_update_that_adds_or_drops_a_container_is_not_a_500(
+        api: tuple[TestClient, Leader]) -> None:
+    """Found by the API fuzz: counting the caps that change zipped the old and new
+    containers, and a spec with another number of them crashed the apply."""
+    client, lead = api
+    assert (await call(client, "PUT", "/v1/apps", spec()))[0] == 200
+    two = spec() + "  - name: side\n    image: img\n"
+    status, body = await call(client, "PUT", "/v1/apps", two)
+    assert status == 200 and body["items"][0]["action"] == "updated", body
+    status, body = await call(client, "PUT", "/v1/apps", spec())
+    assert status == 200 and body["items"][0]["action"] == "updated", body
