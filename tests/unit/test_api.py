@@ -235,7 +235,7 @@ async def test_an_update_that_adds_or_drops_a_container_is_not_a_500(
         api: tuple[TestClient, Leader]) -> None:
     """Found by the API fuzz: counting the caps that change zipped the old and new
     containers, and a spec with another number of them crashed the apply."""
-    client, lead = api
+    client, _ = api
     assert (await call(client, "PUT", "/v1/apps", spec()))[0] == 200
     two = spec() + "  - name: side\n    image: img\n"
     status, body = await call(client, "PUT", "/v1/apps", two)
