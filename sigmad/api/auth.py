@@ -179,8 +179,10 @@ GATE = web.AppKey("gate", Gate)  # the Gate of an app made by make_app
 class TokenApi:
     """/v1/tokens (create, list, revoke) and /v1/audit; the Gate lets only admins in."""
 
-    def __init__(self, store: Store, cache: Cache, audit: AuditLog, on_main: OnMain) -> None:
+    def __init__(self, store: Store, cache: Cache, audit: AuditLog, on_main: OnMain,
+                 read_body: Callable[[web.Request], Awaitable[dict[str, Any]]]) -> None:
         self.store = store
+        self.read_body = read_body  # the API's bounded JSON object reader
         self.cache = cache
         self.writes = Writes(store.keys)
         self.audit = audit
@@ -199,11 +201,7 @@ class TokenApi:
 
     async def create(self, request: web.Request) -> web.Response:
         """A new token: the answer carries it (`token`), and nothing else ever will."""
-        try:
-            body = await request.json()
-        except ValueError:
-            raise SpecError("", "the body must be a JSON object") from None
-        fields = Fields("", body, "")
+        fields = Fields("", await self.read_body(request), "")
         name, role, spaces = fields.take("name"), fields.take("role"), fields.take("namespaces")
         fields.done()
         record, token = new_record(name, role, spaces, time.time())

@@ -130,7 +130,7 @@ def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None 
     app.router.add_post("/v1/instances/{ns}/{name}/migrate", api.migrate)
     app.router.add_get("/v1/masters", api.masters)
     app.router.add_get("/v1/metrics", api.metrics_text)
-    TokenApi(store, cache, audit, on_main).add_routes(app.router)
+    TokenApi(store, cache, audit, on_main, api.body).add_routes(app.router)
     return app
 
 

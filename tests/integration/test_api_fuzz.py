@@ -33,6 +33,8 @@ ROUTES = [
     ("GET", "/v1/instances/{x}/{y}"), ("POST", "/v1/instances/{x}/{y}/migrate"),
     ("GET", "/v1/pool"), ("GET", "/v1/masters"), ("GET", "/v1/events"),
     ("PATCH", "/v1/apps"), ("GET", "/v1/{x}"), ("GET", "/{x}"),
+    ("POST", "/v1/tokens"), ("GET", "/v1/tokens"), ("DELETE", "/v1/tokens/{x}"),
+    ("GET", "/v1/audit"),
     *[("PUT", "/v1/apps"), ("POST", "/v1/apps/default/web/resources")] * 4,
 ]
 SEGMENTS = ["default", "web", "web-0", "web-%C2%B2", "web-99999999999999999999", "a-b", "..", ".",
@@ -95,7 +97,8 @@ bodies = st.one_of(
                  lambda inner: st.one_of(st.lists(inner, max_size=3),
                                          st.dictionaries(st.sampled_from(
                                              ["limit", "request", "cpu", "memory", "to",
-                                              "container", "force"]), inner, max_size=3)),
+                                              "container", "force", "name", "role",
+                                              "namespaces"]), inner, max_size=3)),
                  max_leaves=10).map(lambda v: json.dumps(v).encode()),
     st.sampled_from([b"[" * 50_000 + b"]" * 50_000, b"1" * 5000, b"{\"to\": \"\xff\"}",
                      b"app: " + b"x" * (1 << 20)]),

@@ -153,6 +153,16 @@ async def test_bad_token_requests_are_400_naming_the_field(api: Api, body: dict[
     assert not [k for k in lead.store.data if "/tokens/" in k]
 
 
+async def test_hostile_token_bodies_are_400(api: Api) -> None:
+    """(found by the API fuzz: a deeply nested body was a 500)"""
+    client, lead, _ = api
+    for body in (b"[" * 50_000 + b"]" * 50_000, b"\xff\xfe{", b"[]", b'{"name": "x"'):
+        async with client.post("/v1/tokens", data=body, headers=ADMIN) as r:
+            assert r.status == 400, (body[:20], await r.text())
+            assert (await r.json())["error"]["code"] == "invalid"
+    assert not [k for k in lead.store.data if "/tokens/" in k]
+
+
 # -- roles ----------------------------------------------------------------------------------
 
 
