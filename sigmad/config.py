@@ -21,6 +21,7 @@ DEFAULT_LISTEN = "127.0.0.1:7475"
 DEFAULT_ENGINE = "unix:///var/run/docker.sock"
 DEFAULT_OVERLAY_CIDR = "10.244.0.0/16"
 DEFAULT_LEADER_TTL = 5
+DEFAULT_FENCE_GRACE = 5.0
 MASTER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,62}$")
 
 
@@ -43,6 +44,9 @@ class MasterConfig:
     id: str = ""  # "" = HOSTNAME:PORT (see master_id)
     advertise: str = ""  # the API's URL for others; "" = http://LISTEN (see api_url)
     leader_ttl: int = DEFAULT_LEADER_TTL
+    fence_grace: float = DEFAULT_FENCE_GRACE  # seconds after a node's heartbeat lease lapsed
+    # before its instances' copies count as fenced when its engine cannot stop them (its
+    # agent stops them itself before the lease can lapse: this covers a slow stop)
 
     def master_id(self) -> str:
         """This master's id: `id`, else this host's name and the listen port."""
@@ -161,6 +165,7 @@ def master_config(fields: Fields) -> MasterConfig:
         workers=_whole(fields, "workers", 64, 1, 4096),
         engine_parallel=_whole(fields, "engine_parallel", 8, 1, 256),
         overlay_cidr=_cidr(fields), id=master_id, advertise=advertise, leader_ttl=ttl,
+        fence_grace=_number(fields, "fence_grace", DEFAULT_FENCE_GRACE, 0.0),
     )
     fields.done()
     return config

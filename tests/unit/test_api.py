@@ -114,6 +114,7 @@ async def test_migrate_needs_a_lost_node_and_a_known_target(api: tuple[TestClien
                               {"to": "nowhere"})
     assert status == 404
     await lead.add_node("b")
+    await lead.until(lambda: lead.instances()[0].fence)  # a's engine stopped the old copy
     status, body = await call(client, "POST", "/v1/instances/default/web-0/migrate",
                               {"to": "b"})
     assert status == 200 and body["state"] == "Pending" and body["target"] == "b"
