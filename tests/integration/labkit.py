@@ -169,10 +169,15 @@ class Holders:
         self.limit = limit
         self.samples: list[Sample] = []
         self._stop = threading.Event()
+        self._listed = threading.Event()  # every engine answered once: sampling began
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
     def __enter__(self) -> Holders:
+        """Start sampling, once every engine has answered a first list (bounded)."""
         self._thread.start()
+        if not self._listed.wait(30):
+            self.__exit__()
+            raise AssertionError("the lab's engines did not all answer a first list in 30s")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -190,6 +195,12 @@ class Holders:
         listers = [asyncio.create_task(self._list(e)) for e in self.engines]
         began = time.monotonic()
         try:
+            while not all(e.listed for e in self.engines):
+                if self._stop.is_set() or time.monotonic() - began > 30:
+                    return
+                await asyncio.sleep(0.01)
+            self._listed.set()
+            began = time.monotonic()
             while not self._stop.is_set() and time.monotonic() - began < self.limit:
                 now = time.monotonic()
                 holders: list[Holder] = []
