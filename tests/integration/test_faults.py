@@ -84,16 +84,20 @@ def test_a_broken_host_loses_its_instances_and_rejoins_without_a_second_holder(
         print(f"{fault}: svc-{lost['index']} reachable on its IP again after {took:.1f}s")
         events = lab.ctl("events", "--app", "svc").stdout
         assert f"NeedMigration: NodeLost: node {host} is NotReady" in events, events
-        if fault == "partition":  # the old copy is fenced (stopped), removed when back
-            assert lab.docker(host, "ps", "-aq", "--filter", "label=sigma.app=svc").stdout.strip()
+        if fault == "partition":  # the old copy is fenced: nothing of it runs there
             assert lab.docker(host, "ps", "-q", "--filter", "label=sigma.app=svc").stdout == ""
+        # (a self-fenced copy may be gone already: the master saw it end while the host's
+        # lease still lived, and removed it to restart it; a killed host's engine is dead)
+        left = fault == "kill-host" or lab.docker(host, "ps", "-aq", "--filter",
+                                                   "label=sigma.app=svc").stdout.strip()
         lab.lab.heal(host)
         wait_for(lambda: node_ready(lab, host), 30, f"{host} Ready again")
         assert lab.docker(host, "ps", "-aq", "--filter", "label=sigma.app=svc").stdout == ""
         assert max(live_ips(lab).values()) == 1
         assert lab.fetch(client, lost["ip"]).strip() == f"hello from svc-{lost['index']}"
         events = lab.ctl("events", "--app", "svc").stdout
-        assert f"removed on {host}: KilledBySigma(migrated)" in events, events
+        if left:
+            assert f"removed on {host}: KilledBySigma(migrated)" in events, events
     finally:
         lab.lab.heal(host)
         lab.delete("svc")
