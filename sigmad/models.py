@@ -288,10 +288,15 @@ class Instance:
         return new
 
     def resumed(self) -> Instance:
-        """NeedMigration and its node is back: it resumes there."""
+        """NeedMigration and its node is back: it resumes there. Its containers' NodeLost
+        ends are taken back: they may run on (a hung engine), else their real end is
+        recorded from the engine."""
         new = self.copy()
         new.state, new.reason, new.updated = State.SCHEDULED, f"node {self.node} is back", now()
         new.fence = ""
+        ids = {c.id for c in new.containers}
+        new.terminations = [t for t in new.terminations
+                            if t.reason != NODE_LOST or t.container_id not in ids]
         return new
 
     def flipped(self, containers: list[ContainerStatus]) -> Instance:
