@@ -5,7 +5,9 @@ off: every remote MAC is a static FDB entry towards its node's VTEP, flood entri
 peer) and gives the bridge the anycast gateway MAC. The VXLAN bridge port suppresses ARP for
 the bridge's own address, so the gateway is always answered on the host itself and never across
 the tunnel. Every call is idempotent: it reads the kernel's state and changes only what
-differs, so an agent restart disturbs no traffic.
+differs, so an agent restart disturbs no traffic. The one shortcut: `sync(verify=False)`
+trusts the FDB this object last programmed in full (a burst of instance changes must not dump
+the whole FDB for each); any failure forgets it, so the next sync reads the kernel again.
 
 The calls are blocking netlink requests: the agent runs them in a worker thread.
 """
@@ -67,6 +69,8 @@ class Overlay:
 
     def __init__(self, tunnel: Tunnel) -> None:
         self.t = tunnel
+        # What the last complete sync left in the FDB: (tunnel entries, bridge statics).
+        self._programmed: tuple[set[tuple[str, str]], set[str]] | None = None
 
     def _index(self, ipr: Any, name: str) -> int | None:
         found = ipr.link_lookup(ifname=name)
@@ -119,24 +123,19 @@ class Overlay:
             and not data.get("IFLA_VXLAN_LEARNING")
         )
 
-    def sync(self, remote: dict[str, str], peers: set[str]) -> Changes:
+    def sync(self, remote: dict[str, str], peers: set[str], verify: bool = True) -> Changes:
         """Make the tunnel's FDB exactly: `remote` MAC → VTEP (a tunnel entry, plus a static
-        bridge entry pointing at the tunnel port) and a flood entry to each peer VTEP."""
+        bridge entry pointing at the tunnel port) and a flood entry to each peer VTEP. The
+        kernel's FDB is read first when `verify` (or nothing is known of it)."""
         t = self.t
         done = Changes()
+        known, self._programmed = self._programmed, None
         with _netlink() as ipr:
             vx = self._index(ipr, t.device)
             bridge = self._index(ipr, t.bridge)
             if vx is None or bridge is None:
                 raise OverlayError(f"{t.device} or {t.bridge} is missing: set-up must run first")
-            tunnel: set[tuple[str, str]] = set()  # (mac, vtep)
-            static: set[str] = set()  # macs the bridge sends to the tunnel port
-            for entry in ipr.fdb("dump", ifindex=vx):
-                mac, dst = entry.get("NDA_LLADDR"), entry.get("NDA_DST")
-                if dst is not None:
-                    tunnel.add((mac, dst))
-                elif entry.get("NDA_MASTER") and entry["state"] == NUD_NOARP:
-                    static.add(mac)
+            tunnel, static = known if known and not verify else self._read_fdb(ipr, vx)
             want_tunnel = {(mac, vtep) for mac, vtep in remote.items()}
             want_tunnel |= {(FLOOD, vtep) for vtep in peers}
             for mac, dst in sorted(tunnel - want_tunnel):
@@ -153,7 +152,21 @@ class Overlay:
             for mac in sorted(set(remote) - static):
                 ipr.fdb("add", ifindex=vx, lladdr=mac, master=bridge, state=NUD_NOARP)
                 done.added += 1
+        self._programmed = (want_tunnel, set(remote))
         return done
+
+    @staticmethod
+    def _read_fdb(ipr: Any, vx: int) -> tuple[set[tuple[str, str]], set[str]]:
+        """The tunnel's FDB as (mac, VTEP) tunnel entries and the MACs with a bridge static."""
+        tunnel: set[tuple[str, str]] = set()
+        static: set[str] = set()  # macs the bridge sends to the tunnel port
+        for entry in ipr.fdb("dump", ifindex=vx):
+            mac, dst = entry.get("NDA_LLADDR"), entry.get("NDA_DST")
+            if dst is not None:
+                tunnel.add((mac, dst))
+            elif entry.get("NDA_MASTER") and entry["state"] == NUD_NOARP:
+                static.add(mac)
+        return tunnel, static
 
     def remove(self) -> None:
         """Delete the VXLAN device (its FDB goes with it)."""

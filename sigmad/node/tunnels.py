@@ -1,7 +1,12 @@
 """The agent's overlay work (DESIGN.md §5): the engine's `sigma` network, this host's VXLAN
 device, and its FDB kept in line with etcd as instances and nodes come and go.
 
-The kernel is read back on every sync, so a restarted agent only fills in what is missing.
+Invariants:
+- the nodes and instances come from a state cache (list + watch), never from a scan per
+  change; only a change of an instance's IP or node, or of a node's address, triggers a sync;
+- the engine's network, the tunnel device and the kernel's FDB are read back at start, after
+  any failure and every RESYNC seconds (repairing hand-made damage), so a restarted agent only
+  fills in what is missing; between those, a sync applies what changed since the last one.
 """
 
 from __future__ import annotations
@@ -10,6 +15,9 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import time
+from collections.abc import Iterable
+from typing import Any
 
 from sigmad.config import NodeConfig
 from sigmad.engine import Engine
@@ -17,14 +25,15 @@ from sigmad.errors import SigmaError
 from sigmad.models import Instance, Node
 from sigmad.network.ipam import BRIDGE, MTU, VNI, VXLAN, VXLAN_PORT, OverlayNet, mac_for
 from sigmad.network.overlay import Overlay, OverlayError, Tunnel
-from sigmad.store import Store, WatchCompacted
+from sigmad.state.cache import INSTANCES, NODES, Cache
+from sigmad.store import Store, Versioned
 
 log = logging.getLogger(__name__)
-RESYNC = 10.0  # seconds between syncs when etcd reports nothing (repairs hand-made damage)
-SETTLE = 0.02  # seconds to gather a burst of changes into one sync
+RESYNC = 10.0  # seconds between full syncs, read back from the kernel (repairs hand-made damage)
+SETTLE = 0.1  # seconds to gather a burst of changes into one sync
 
 
-def desired_fdb(me: str, nodes: list[Node], instances: list[Instance]
+def desired_fdb(me: str, nodes: list[Node], instances: Iterable[Instance]
                 ) -> tuple[dict[str, str], set[str]]:
     """What this host's tunnel should hold: remote instance MAC → its node's VTEP, and the
     VTEPs of every peer (flood entries). Instances on this host need no entry."""
@@ -68,51 +77,67 @@ class TunnelKeeper:
                 log.info("tunnel %s set up (VTEP %s)", VXLAN, self.config.address)
 
     async def sync(self) -> None:
-        """Program the FDB from the nodes and instances in etcd."""
+        """Program the FDB from the nodes and instances in etcd now (read back the kernel's)."""
         if self.overlay is None:
             return
         nodes, _ = await self.store.scan(self.store.keys.nodes(), Node)
         instances, _ = await self.store.scan(self.store.keys.instances(), Instance)
-        remote, peers = desired_fdb(
-            self.config.name, [v.value for v in nodes], [v.value for v in instances]
-        )
-        done = await asyncio.to_thread(self.overlay.sync, remote, peers)
+        await self._program([v.value for v in nodes], [v.value for v in instances], True)
+
+    async def _program(self, nodes: list[Node], instances: Iterable[Instance],
+                       verify: bool) -> None:
+        assert self.overlay is not None
+        remote, peers = desired_fdb(self.config.name, nodes, instances)
+        done = await asyncio.to_thread(self.overlay.sync, remote, peers, verify)
         if done.added or done.removed:
             log.info("fdb: %d entries added, %d removed (%d remote instances, %d peers)",
                      done.added, done.removed, len(remote), len(peers))
 
-    async def _watch(self) -> None:
-        keys = self.store.keys
-        while True:
-            try:
-                revision = await self.store.ping()
-                self.changed.set()  # whatever happened before the watch began
-                async for event in self.store.watch(keys.prefix + "/", revision + 1):
-                    if event.key.startswith((keys.instances(), keys.nodes())):
-                        self.changed.set()
-            except (WatchCompacted, SigmaError) as exc:
-                log.info("watch restarted: %s", exc)
-                await asyncio.sleep(1)
+    def _on_change(self, kind: str, key: str, old: Versioned[Any] | None,
+                   new: Versioned[Any] | None) -> None:
+        if kind in (NODES, INSTANCES) and fdb_input(kind, old) != fdb_input(kind, new):
+            self.changed.set()
 
     async def run(self) -> None:
-        """Until cancelled: set up, then sync on every change (and every RESYNC seconds)."""
-        watcher = asyncio.create_task(self._watch())
+        """Until cancelled: set up, then sync on every change that matters (and fully every
+        RESYNC seconds)."""
+        cache = Cache(self.store)
+        cache.subscribe(self._on_change)
+        filling = asyncio.create_task(cache.run())
         delay = 0.5
+        full_at = 0.0  # monotonic time of the next full sync
         try:
+            await cache.synced.wait()
             while True:
+                full = time.monotonic() >= full_at
+                self.changed.clear()
                 try:
-                    await self.setup()
-                    await self.sync()
+                    if full:
+                        await self.setup()
+                    if self.overlay is not None:
+                        await self._program([v.value for v in cache.nodes().values()],
+                                            [v.value for v in cache.instances().values()], full)
                     delay = 0.5
                 except (SigmaError, OverlayError, OSError) as exc:
                     log.warning("overlay: %s; retrying in %gs", exc, delay)
+                    full_at = 0.0
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, RESYNC)
                     continue
+                if full:
+                    full_at = time.monotonic() + RESYNC
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.changed.wait(), RESYNC)
-                self.changed.clear()
+                    await asyncio.wait_for(self.changed.wait(),
+                                           max(0.0, full_at - time.monotonic()))
                 await asyncio.sleep(SETTLE)
         finally:
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
+            filling.cancel()
+            await asyncio.gather(filling, return_exceptions=True)
+
+
+def fdb_input(kind: str, record: Versioned[Any] | None) -> object:
+    """What of a node or instance record the FDB depends on."""
+    if record is None:
+        return None
+    value = record.value
+    return (value.ip, value.node) if kind == INSTANCES else value.address

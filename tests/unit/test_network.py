@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -10,8 +11,11 @@ from sigmad.config import NodeConfig, node_config
 from sigmad.errors import SpecError
 from sigmad.models import Instance, Node
 from sigmad.network.ipam import OverlayNet, choose, mac_for
-from sigmad.node.tunnels import desired_fdb, tunnel_for
+from sigmad.node.tunnels import desired_fdb, fdb_input, tunnel_for
+from sigmad.reasons import State
 from sigmad.spec import Fields, validate
+from sigmad.state.cache import INSTANCES, NODES
+from sigmad.store import Versioned
 
 NET = OverlayNet("10.244.0.0/16")
 
@@ -123,3 +127,20 @@ def test_a_single_host_has_no_tunnel() -> None:
     tunnel = tunnel_for(NodeConfig(address="10.77.0.11"))
     assert tunnel is not None and tunnel.local == "10.77.0.11"
     assert tunnel.gateway_mac == mac_for("10.244.0.1")
+
+
+def test_only_an_ip_node_or_address_change_is_an_fdb_change() -> None:
+    """A burst changes each instance's state several times: only its IP or node (or a
+    node's address) may wake the agent's FDB sync."""
+    def v(value: object) -> Versioned[object]:
+        return Versioned("k", value, 1)
+
+    placed = inst("web", 0, "10.244.0.5", "h1")
+    running = dataclasses.replace(placed, state=State.RUNNING)
+    moved = dataclasses.replace(placed, node="h2")
+    assert fdb_input(INSTANCES, v(placed)) == fdb_input(INSTANCES, v(running))
+    assert fdb_input(INSTANCES, v(placed)) != fdb_input(INSTANCES, v(moved))
+    assert fdb_input(INSTANCES, None) != fdb_input(INSTANCES, v(placed))
+    node = Node("h1", "e", "10.77.0.11")
+    assert fdb_input(NODES, v(node)) != fdb_input(NODES, v(dataclasses.replace(
+        node, address="10.77.0.12")))
