@@ -79,6 +79,7 @@ class Controller:
         self.steps: dict[Key, tuple[asyncio.Task[None], str]] = {}  # worker, node it is on
         self.abandoned: set[Key] = set()  # steps cancelled because their node is lost
         self.lapsed: dict[str, float] = {}  # node → when its heartbeat lease lapsed (monotonic)
+        self.unfenced: dict[str, float] = {}  # node → when its engine last failed a fence
         self.own: dict[str, Instance] = {}  # records a step is writing now (key → record)
         self.dependents: dict[str, set[str]] = {}  # `ns/app` → the apps that depend on it
         self.scheduling = asyncio.Event()
@@ -475,10 +476,17 @@ class Controller:
         node = self.cache.node(inst.node)
         loss = self._loss(inst.node)
         stopped = None
-        if node is not None and not loss.alive:
+        failed = self.unfenced.get(inst.node, 0.0)
+        # (an engine that just failed one fence is not asked again at once for the others:
+        # a dead host's hundreds of instances would each wait FENCE_TIMEOUT for it)
+        if node is not None and not loss.alive and time.monotonic() - failed >= FENCE_RETRY:
             self._watch_engine(node)  # (the engine client of the node's record)
             stopped = await drive.fence(self.watches[node.name].engine, inst.key,
                                         FENCE_TIMEOUT)
+            if stopped is None:
+                self.unfenced[inst.node] = time.monotonic()
+            else:
+                self.unfenced.pop(inst.node, None)
         grace = self.config.fence_grace
         if stopped is not None:
             how = (f"{len(stopped)} container(s) stopped on {inst.node} through its engine"

@@ -83,6 +83,23 @@ async def test_a_lost_node_whose_engine_hangs_moves_only_after_lapse_plus_grace(
         lead.engine("a").release()
 
 
+async def test_a_dead_engine_is_not_waited_for_once_per_instance() -> None:
+    async with Leader(workers=1, fence_grace=0.2) as lead:
+        await lead.add_node("a", cpu_m=8000)
+        await lead.apply(spec(replicas=6))
+        await lead.running("web", 6)
+        await lead.add_node("b", cpu_m=8000)
+        lead.engine("a").hang()
+        calls = len(lead.engine("a").calls)
+        await lead.lose_node("a")
+        await lead.until(lambda: all(i.node == "b" and i.state == "Running"
+                                     for i in lead.instances()), timeout=15,
+                         what="all six Running on b")
+        asked = [c for c in lead.engine("a").calls[calls:] if c[0] == "containers"]
+        assert 1 <= len(asked) < 6  # not FENCE_TIMEOUT for each of the six in turn
+        lead.engine("a").release()
+
+
 async def test_an_alive_agent_whose_engine_hangs_keeps_its_instances() -> None:
     async with Leader(fence_grace=0.1) as lead:
         await lead.add_node("a")
