@@ -18,7 +18,7 @@ APT_PACKAGES := docker.io etcd-server busybox-static docker-registry iproute2 ip
 # Only the source directories that exist (bench/ may not yet).
 LINT_DIRS := $(wildcard sigmad sigmactl tests bench)
 
-.PHONY: help deps system-deps venv lint unit test demo demo-stop clean
+.PHONY: help deps system-deps venv lock lint unit test demo demo-stop clean
 
 help:
 	@echo "make demo       (root) build a 3-host lab here, or reuse it (sigmad lab up: netns + dockerd"
@@ -28,7 +28,8 @@ help:
 	@echo "make test       lint (ruff, mypy) and run unit + integration tests (root)"
 	@echo "make unit       the unit tests only (no root, no etcd, no Docker: fakes)"
 	@echo "make lint       ruff and mypy only"
-	@echo "make deps       install missing system packages and the .venv"
+	@echo "make deps       install missing system packages and the .venv (from requirements.lock)"
+	@echo "make lock       update requirements.lock (pinned, with hashes) from setup.cfg"
 	@echo "make clean      remove .venv and caches"
 
 deps: system-deps venv
@@ -62,11 +63,18 @@ venv: $(STAMP)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Re-installed only when the package metadata changes (editable: code changes need nothing).
-$(STAMP): setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+# Re-installed only when the lock or the package metadata changes (editable: code changes need
+# nothing). Every dependency comes from requirements.lock, pinned with its hashes.
+$(STAMP): requirements.lock setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --require-hashes -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
+
+# The one command that updates requirements.lock (after a change to setup.cfg's requirements).
+lock: | $(BIN)/python
+	$(BIN)/pip install --quiet pip-tools
+	$(BIN)/pip-compile --quiet --generate-hashes --extra test --strip-extras --allow-unsafe \
+	  --no-emit-index-url --no-emit-find-links -o requirements.lock setup.cfg
 
 lint: venv
 	$(BIN)/ruff check $(LINT_DIRS)

@@ -36,6 +36,7 @@ import platform
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -213,9 +214,11 @@ def free_port(pair: bool = False) -> int:
 class Api:
     """Sigma's HTTP API (docs/api.md): the only way this benchmark talks to Sigma."""
 
-    def __init__(self, server: str, token: str) -> None:
+    def __init__(self, server: str, token: str, ca: str = "") -> None:
         self.server = server.rstrip("/")
         self.token = token
+        # The lab's API is HTTPS with a CA of its own (`ca`); "" for plain HTTP.
+        self.context = ssl.create_default_context(cafile=ca) if ca else None
 
     def call(self, method: str, path: str, body: bytes | None = None,
              timeout: float = 30.0) -> Any:
@@ -224,7 +227,7 @@ class Api:
             headers={"Authorization": f"Bearer {self.token}",
                      "Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
+            with urllib.request.urlopen(req, timeout=timeout, context=self.context) as r:
                 return json.loads(r.read() or b"null")
         except urllib.error.HTTPError as exc:
             raise BenchError(f"{method} {path}: HTTP {exc.code}: "
@@ -979,7 +982,7 @@ def parse() -> argparse.Namespace:
 
 def bench(lab: Lab, args: argparse.Namespace, load_start: str) -> dict[str, Any]:
     """Every measurement, on `lab`; the result object."""
-    api = Api(lab.server, lab.token)
+    api = Api(lab.server, lab.token, lab.ca)
     engines = [Engine(h, url) for h, url in sorted(lab.engines.items())]
     ctx = Context(api, engines, lab.image, args.poll, args.timeout,
                   {"cpu": args.limit_cpu, "memory": args.limit_memory},

@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -32,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.docs import write_section  # noqa: E402
 from sigmad.lab import Lab, LabConfig  # noqa: E402
+from sigmad.lab.services import master_url  # noqa: E402
 
 T = TypeVar("T")
 HTTPD = ("mkdir -p /www && echo hello from $SIGMA_INSTANCE > /www/index.html && "
@@ -58,6 +60,8 @@ def until(check: Callable[[], T | None], timeout: float, what: str) -> T:
 class Bench:
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
+        # The lab's API is HTTPS with a CA of its own ("" for a lab made with --no-tls).
+        self.context = ssl.create_default_context(cafile=lab.ca) if lab.ca else None
 
     def api(self, method: str, path: str, body: Any = None, server: str = "") -> Any:
         data = json.dumps(body).encode() if body is not None else None
@@ -66,14 +70,14 @@ class Bench:
             headers={"Authorization": f"Bearer {self.lab.token}",
                      "Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(req, timeout=10) as r:
+        with urllib.request.urlopen(req, timeout=10, context=self.context) as r:
             return json.loads(r.read())
 
     def apply(self, spec: dict[str, Any]) -> None:
         data = json.dumps(spec).encode()
         req = urllib.request.Request(f"{self.lab.server}/v1/apps", data=data, method="PUT",
                                      headers={"Authorization": f"Bearer {self.lab.token}"})
-        urllib.request.urlopen(req, timeout=10).close()
+        urllib.request.urlopen(req, timeout=10, context=self.context).close()
 
     def web(self, app: str, replicas: int, placement: dict[str, Any]) -> None:
         self.apply({"app": app, "replicas": replicas, "placement": placement, "containers": [{
@@ -142,7 +146,8 @@ class Bench:
         """GET /v1/masters from the first master that answers."""
         for m in self.lab.masters:
             try:
-                return self.api("GET", "/v1/masters", server=f"http://{m.listen}")["items"]
+                server = master_url(m.listen, self.lab.ca)
+                return self.api("GET", "/v1/masters", server=server)["items"]
             except OSError:
                 continue
         return None

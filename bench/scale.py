@@ -229,8 +229,6 @@ class Scale:
         self.etcd = EtcdProcess(
             root / "etcd", etcd_port, free_port(), name="scale",
             extra_args=("--quota-backend-bytes", str(8 << 30),
-                        "--auto-compaction-mode", "periodic",
-                        "--auto-compaction-retention", "5m",
                         "--max-request-bytes", str(8 << 20)),
         )
         self.master: subprocess.Popen[bytes] | None = None

@@ -209,7 +209,7 @@ says the lab is half built, then 'make demo' again"
   lab_status || die "the lab was built but 'sigmad lab status' does not find it"
 }
 
-# Sets SERVER, IMAGE, LAB_DIR and exports SIGMA_SERVER/SIGMA_TOKEN, so sigmactl talks to the lab
+# Sets SERVER, IMAGE, LAB_DIR and exports SIGMA_SERVER/SIGMA_TOKEN/SIGMA_CA, so sigmactl talks to the lab
 # whatever ~/.sigma/credentials.json says.
 use_lab() {
   SERVER=$(helper field "$STATUS" server)
@@ -221,6 +221,8 @@ use_lab() {
   export SIGMA_SERVER=$SERVER
   SIGMA_TOKEN=$(<"$LAB_DIR/token")
   export SIGMA_TOKEN
+  SIGMA_CA=$(helper field "$STATUS" ca)  # the lab's CA: its API is HTTPS ("" with --no-tls)
+  export SIGMA_CA
   echo "server $SERVER, image $IMAGE"
 }
 

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from sigmactl import output
-from sigmactl.client import Client, CtlError, resolve
+from sigmactl.client import Client, CtlError, ca_path, resolve
 
 namespace_option = click.option(
     "-n", "--namespace", default="default", show_default=True, help="Namespace of the object."
@@ -30,7 +30,7 @@ class Settings:
 
     def client(self) -> Client:
         """A client for the resolved server and token."""
-        return Client(*resolve(self.server, self.token))
+        return Client(*resolve(self.server, self.token), ca=ca_path())
 
 
 def items(answer: Any) -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -55,6 +56,22 @@ def resolve(server: str | None, token: str | None) -> tuple[str, str | None]:
     return str(server), None if token is None else str(token)
 
 
+def ca_path() -> str | None:
+    """The CA that https:// servers are verified with: `$SIGMA_CA`, else the credentials
+    file's `ca`; None: the system's CAs."""
+    found = os.environ.get("SIGMA_CA") or _read_credentials(credentials_path()).get("ca")
+    return str(found) if found else None
+
+
+def tls_context(ca: str | None) -> ssl.SSLContext:
+    """A context that verifies the server against `ca` (the system's CAs when None)."""
+    try:
+        return ssl.create_default_context(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise CtlError(f"cannot use the CA file {ca} ({exc}): fix SIGMA_CA or the "
+                       f"credentials file's ca") from None
+
+
 def api_path(*parts: str) -> str:
     """`/v1/` followed by the URL-quoted parts."""
     return "/v1/" + "/".join(urllib.parse.quote(p, safe="") for p in parts)
@@ -84,14 +101,24 @@ def decode(status: int, raw: bytes) -> Any:
 
 
 class Client:
-    """Calls one Sigma server with a bearer token; every failure is a CtlError."""
+    """Calls one Sigma server with a bearer token; every failure is a CtlError. An
+    https:// server is verified against `ca` (a CA file; the system's CAs when None)."""
 
-    def __init__(self, server: str, token: str | None, timeout: float = 30) -> None:
+    def __init__(self, server: str, token: str | None, timeout: float = 30,
+                 ca: str | None = None) -> None:
         if "://" not in server:
             server = f"http://{server}"
         self.server = server.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.ca = ca
+        self.opener, self.stream_opener = _OPENER, _STREAM_OPENER
+        if self.server.startswith("https://"):
+            context = tls_context(ca)
+            self.opener = urllib.request.build_opener(
+                urllib.request.HTTPSHandler(context=context))
+            self.stream_opener = urllib.request.build_opener(
+                _StreamHTTPHandler, _StreamHTTPSHandler(context=context))
 
     def get(self, path: str, params: dict[str, str] | None = None) -> Any:
         """GET `path` and return its JSON."""
@@ -116,7 +143,7 @@ class Client:
         answer's headers have the usual timeout; waiting for the next event has none. Ends
         when the server closes the stream."""
         request = self._request("GET", path, params, accept=EVENT_STREAM)
-        with self._open(request, _STREAM_OPENER) as answer:
+        with self._open(request, self.stream_opener) as answer:
             kind = answer.headers.get_content_type()
             if kind != EVENT_STREAM:
                 raise CtlError(f"server answered {kind}, not an event stream: "
@@ -148,7 +175,7 @@ class Client:
         """The open answer to `request` (a context manager); CtlError for an HTTP error
         status (decoded from its body) or an unreachable server."""
         try:
-            return (opener or _OPENER).open(request, timeout=self.timeout)
+            return (opener or self.opener).open(request, timeout=self.timeout)
         except urllib.error.HTTPError as exc:
             decode(exc.code, exc.read())  # raises: urllib raises HTTPError for non-2xx only
             raise
@@ -169,6 +196,13 @@ class Client:
 
     def _unreachable(self, exc: Exception) -> CtlError:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            where = f"the CA {self.ca}" if self.ca else "the system's CAs"
+            return CtlError(
+                f"the certificate of {self.server} is not trusted by {where} "
+                f"({reason.verify_message or reason}): set SIGMA_CA (or ca in the "
+                "credentials file) to the cluster's CA, ca.crt of 'sigmad pki'"
+            )
         return CtlError(
             f"cannot reach sigma at {self.server} ({reason or type(exc).__name__}): "
             "is sigmad running? Start one with 'sigmad dev' or set --server/SIGMA_SERVER"

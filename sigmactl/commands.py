@@ -112,18 +112,22 @@ def _until_interrupted() -> Iterator[None]:
 @click.option("-n", "--namespace", help="Only this namespace (default: all).")
 @click.option("--app", help="Only this app.")
 @click.option("--kind", type=click.Choice(["instance", "node"]), help="Only this kind.")
-@click.option("--limit", type=click.IntRange(min=0), metavar="N",
-              help="At most N recent events (the server's default is 100).")
+@click.option("--limit", type=click.IntRange(min=0, max=1000), metavar="N",
+              help="At most N recent events, the newest (the server's default is 100).")
+@click.option("--since", type=click.IntRange(min=0), metavar="REVISION",
+              help="Only events written after this etcd revision (GET /v1/events says "
+                   "which revision each answer was read at).")
 @output_option("table", "json", default="table")
 @click.pass_obj
 def events(settings: Settings, watch: bool, namespace: str | None, app: str | None,
-           kind: str | None, limit: int | None, fmt: str) -> None:
+           kind: str | None, limit: int | None, since: int | None, fmt: str) -> None:
     """Show recent events, or watch them (-w).
 
-    Instance state changes with their reasons and node changes, oldest first. -o json
-    prints one JSON object per line."""
+    Instance state changes with their reasons and node changes: the newest, oldest first.
+    -o json prints one JSON object per line."""
     params = {k: str(v) for k, v in (("namespace", namespace), ("app", app), ("kind", kind),
-                                     ("limit", limit)) if v not in (None, "")}
+                                     ("limit", limit), ("since", since))
+              if v not in (None, "")}
     client = settings.client()
 
     def show(event: Any) -> str:
@@ -132,13 +136,17 @@ def events(settings: Settings, watch: bool, namespace: str | None, app: str | No
             views.event_cells(event))
 
     if not watch:
-        found = [obj(e, "an event") for e in items(client.get(api_path("events"), params))]
+        answer = client.get(api_path("events"), params)
+        found = [obj(e, "an event") for e in items(answer)]
         if not found:
             click.echo("No events found.", err=True)
         elif fmt == "table":
             click.echo(views.events_table(found))
         else:
             click.echo("\n".join(show(e) for e in found))
+        if isinstance(answer, dict) and answer.get("more") and found:
+            click.echo(f"(older events not shown: --limit up to 1000, or filter by "
+                       f"--namespace/--app; revision {answer.get('revision')})", err=True)
         return
     with _until_interrupted(), \
             contextlib.closing(client.events(api_path("events"), {**params, "watch": "true"})) \

@@ -1,4 +1,4 @@
-"""`sigmad master | node | dev | lab`."""
+"""`sigmad master | node | dev | lab | pki`."""
 
 from __future__ import annotations
 
@@ -97,6 +97,104 @@ def dev(data_dir: Path, listen: str, engine: str, etcd_port: int, name: str) -> 
 
 
 @cli.group()
+def pki() -> None:
+    """The cluster's CA and the certificates of etcd, masters, agents and engines (TLS
+    everywhere), and etcd's users and roles."""
+
+
+def _pki_dir(func: Any) -> Any:
+    from sigmad.pki import DEFAULT_DIR
+
+    return click.option("--dir", "directory", type=click.Path(path_type=Path),
+                        default=DEFAULT_DIR, show_default=True,
+                        help="the pki directory (made 0700)")(func)
+
+
+def _say_written(written: list[Any]) -> None:
+    width = max(len(str(w.path)) for w in written)
+    for w in written:
+        click.echo(f"wrote {w.path!s:<{width}}  {w.purpose}")
+    click.echo("(each file mode 0600)")
+
+
+@pki.command("init")
+@_pki_dir
+@click.option("--force", is_flag=True, help="replace an existing CA (every certificate it "
+              "signed stops being trusted)")
+@click.option("--days", default=3650, show_default=True, type=click.IntRange(1, 36500))
+@click.option("--name", default="sigma", show_default=True, help="the CA's name")
+def pki_init(directory: Path, force: bool, days: int, name: str) -> None:
+    """Make the cluster's CA: DIR/ca.crt and DIR/ca.key."""
+    from sigmad.pki import PkiError, init_ca
+
+    try:
+        _say_written(init_ca(directory, force=force, days=days, name=name))
+    except PkiError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@pki.command("issue")
+@click.argument("kind", type=click.Choice(["etcd", "master", "node", "root"]))
+@click.argument("name", required=False, default="")
+@click.option("--host", "hosts", multiple=True,
+              help="an address or DNS name the part is reached at (repeatable; etcd, "
+                   "master and node need at least one)")
+@_pki_dir
+@click.option("--days", default=825, show_default=True, type=click.IntRange(1, 36500))
+def pki_issue(kind: str, name: str, hosts: tuple[str, ...], directory: Path,
+              days: int) -> None:
+    """Sign the certificates of one part with the CA in DIR.
+
+    \b
+    etcd NAME    etcd member NAME: server (clients) and peer certificates
+    master NAME  master NAME: HTTPS API, etcd client (user sigma-master), engines' client
+    node NAME    node NAME: the agent's client (etcd user sigma-node-NAME; its engine) and
+                 the dockerd server certificate (--tlsverify)
+    root         etcd user root, for 'sigmad pki etcd-auth' only"""
+    from sigmad.pki import PkiError, issue
+
+    try:
+        _say_written(issue(directory, kind, name, hosts, days))
+    except PkiError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@pki.command("etcd-auth")
+@click.option("--etcd", "etcd_url", required=True,
+              help="etcd endpoint(s), https://, comma-separated")
+@click.option("--prefix", default="/sigma/v1", show_default=True, help="etcd key prefix")
+@click.option("--node", "nodes", multiple=True, help="a node's name (repeatable)")
+@_pki_dir
+def pki_etcd_auth(etcd_url: str, prefix: str, nodes: tuple[str, ...], directory: Path) -> None:
+    """Make etcd's users and roles and enable auth (as root: DIR/root.crt): masters may
+    write the prefix, each node's agent only its own node record and heartbeat. Run it
+    again to add nodes."""
+    from sigmad.etcd_access import plan
+    from sigmad.store import EtcdStore, Keys
+    from sigmad.tls import TlsFiles
+
+    tls = TlsFiles(str(directory / "ca.crt"), str(directory / "root.crt"),
+                   str(directory / "root.key"))
+    for path in (tls.ca, tls.cert, tls.key):
+        if not Path(path).exists():
+            raise click.ClickException(f"{path} is missing: run 'sigmad pki init' and "
+                                       "'sigmad pki issue root' first")
+
+    async def apply() -> list[str]:
+        store = EtcdStore(etcd_url.split(","), prefix, retry_for=10.0, tls=tls)
+        try:
+            return await store.apply_access(plan(Keys(prefix), list(nodes)))
+        finally:
+            await store.close()
+
+    try:
+        for step in asyncio.run(apply()):
+            click.echo(step)
+    except (SigmaError, ValueError) as exc:
+        raise click.ClickException(str(getattr(exc, "message", exc))) from None
+
+
+@cli.group()
 def lab() -> None:
     """Several test hosts on one Linux machine (root only): netns + dockerd + agent each, an
     underlay bridge, etcd, a registry and a master."""
@@ -145,9 +243,12 @@ def _open_lab(name: str, directory: Path | None) -> Lab:
 @click.option("--heartbeat-ttl", default=5, show_default=True, type=int)
 @click.option("--port-range", default="31000-31099", show_default=True,
               help="host ports of each node")
+@click.option("--tls/--no-tls", default=True, show_default=True,
+              help="etcd (client certificates, per-node users), engines (--tlsverify) and "
+                   "the API (HTTPS) over TLS, with a CA of the lab's own")
 def lab_up(hosts: int, name: str, directory: Path | None, subnet: str, overlay_cidr: str,
            etcd_port: int, registry_port: int, listen: str, masters: int, heartbeat_ttl: int,
-           port_range: str) -> None:
+           port_range: str, tls: bool) -> None:
     """Build a lab: bridge, hosts h1..hN, etcd, registry, image, master(s), agents."""
     from sigmad.lab import Lab, LabConfig, LabError
     from sigmad.lab.config import parse_port_range
@@ -157,7 +258,8 @@ def lab_up(hosts: int, name: str, directory: Path | None, subnet: str, overlay_c
         config = LabConfig(hosts=hosts, name=name, dir=directory, subnet=subnet,
                            overlay_cidr=overlay_cidr, etcd_port=etcd_port,
                            registry_port=registry_port, listen=listen, masters=masters,
-                           heartbeat_ttl=heartbeat_ttl, port_range=parse_port_range(port_range))
+                           heartbeat_ttl=heartbeat_ttl, port_range=parse_port_range(port_range),
+                           tls=tls)
         the_lab = Lab(config, out=click.echo)
         fresh = the_lab.state is None  # else `up` refuses: the lab exists
         try:

@@ -13,6 +13,7 @@ import yaml
 from sigmad.errors import SpecError
 from sigmad.models import DEFAULT_PORT_RANGE, Overcommit
 from sigmad.spec import LABEL_RE, Fields, Resources, quantity, string_map
+from sigmad.tls import TlsFiles, endpoint_problem, take_tls, tls_section
 from sigmad.units import parse_cpu, parse_size
 
 DEFAULT_ETCD = "http://127.0.0.1:2379"
@@ -29,6 +30,7 @@ MASTER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,62}$")
 class EtcdConfig:
     endpoints: list[str] = field(default_factory=lambda: [DEFAULT_ETCD])
     prefix: str = DEFAULT_PREFIX
+    tls: TlsFiles | None = None  # CA and client certificate of https:// endpoints
 
 
 @dataclass
@@ -47,20 +49,28 @@ class MasterConfig:
     fence_grace: float = DEFAULT_FENCE_GRACE  # seconds after a node's heartbeat lease lapsed
     # before its instances' copies count as fenced when its engine cannot stop them (its
     # agent stops them itself before the lease can lapse: this covers a slow stop)
+    header_timeout: float = 10.0  # seconds a connection has to send a request's head
+    body_timeout: float = 30.0  # seconds a request's body has to arrive
+    max_connections: int = 1024  # API connections served at once (more are answered 503)
+    stream_heartbeat: float = 5.0  # seconds between heartbeats of an idle event stream
+    history_keep: float = 300.0  # seconds of etcd history the leader keeps (compacting older)
+    compact_interval: float = 60.0  # seconds between the leader's compactions
+    tls: TlsFiles | None = None  # the API's certificate and key: HTTPS
+    engine_tls: TlsFiles | None = None  # CA and client certificate for tcp:// engines
 
     def master_id(self) -> str:
         """This master's id: `id`, else this host's name and the listen port."""
         return self.id or f"{socket.gethostname()}:{self.listen.rpartition(':')[2]}"
 
     def api_url(self) -> str:
-        """The URL others reach this master's API at: `advertise`, else http://LISTEN (with
-        this host's name for a wildcard listen address)."""
+        """The URL others reach this master's API at: `advertise`, else http(s)://LISTEN
+        (with this host's name for a wildcard listen address)."""
         if self.advertise:
             return self.advertise.rstrip("/")
         host, _, port = self.listen.rpartition(":")
         if host in ("", "0.0.0.0", "::", "[::]"):
             host = socket.gethostname()
-        return f"http://{host}:{port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{port}"
 
 
 @dataclass
@@ -75,6 +85,7 @@ class NodeConfig:
     heartbeat_ttl: int = 5
     overlay_cidr: str = DEFAULT_OVERLAY_CIDR
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
+    engine_tls: TlsFiles | None = None  # CA and client certificate of a tcp:// engine
 
 
 def _etcd(fields: Fields) -> EtcdConfig:
@@ -87,8 +98,39 @@ def _etcd(fields: Fields) -> EtcdConfig:
     prefix = raw.take("prefix", DEFAULT_PREFIX)
     if not isinstance(prefix, str) or not prefix.startswith("/"):
         raise SpecError(raw.at("prefix"), "must be a key prefix starting with /")
+    tls = take_tls(raw)
     raw.done()
-    return EtcdConfig(endpoints, prefix)
+    if problem := endpoint_problem(endpoints, tls):
+        raise SpecError(raw.at("endpoints"), problem)
+    return EtcdConfig(endpoints, prefix, tls)
+
+
+def _api_tls(fields: Fields) -> TlsFiles | None:
+    """The API's certificate and key (`tls`): the API is then served over HTTPS."""
+    tls = tls_section(fields, "tls", ca=False, cert=True)
+    if tls is not None and tls.ca:
+        raise SpecError("tls.ca", "is not used: clients prove who they are with tokens "
+                        "(remove it; sigmactl takes the CA as ca or SIGMA_CA)")
+    return tls
+
+
+def _engine(fields: Fields) -> tuple[str, TlsFiles | None]:
+    """The node's engine URL and the TLS files of a tcp:// one (required: a plain TCP
+    engine gives root on its host to whoever reaches the port)."""
+    engine = fields.take("engine", DEFAULT_ENGINE)
+    if not isinstance(engine, str) or not engine.startswith(("unix://", "tcp://")):
+        raise SpecError("engine", "must be unix:///path/docker.sock or tcp://HOST:PORT "
+                        "(with engine_tls)")
+    tls = tls_section(fields, "engine_tls", ca=True, cert=True)
+    if engine.startswith("tcp://") and tls is None:
+        raise SpecError("engine_tls", f"is required for the remote engine {engine}: a "
+                        "plain TCP engine gives root on this host to anyone who reaches it. "
+                        "Set ca, cert and key (sigmad pki issue node NAME) and run dockerd "
+                        "with --tlsverify, or use the unix socket")
+    if engine.startswith("unix://") and tls is not None:
+        raise SpecError("engine_tls", f"is only for tcp:// engines ({engine} is a unix "
+                        "socket): remove it")
+    return engine, tls
 
 
 def _number(fields: Fields, key: str, default: float, minimum: float) -> float:
@@ -166,6 +208,14 @@ def master_config(fields: Fields) -> MasterConfig:
         engine_parallel=_whole(fields, "engine_parallel", 8, 1, 256),
         overlay_cidr=_cidr(fields), id=master_id, advertise=advertise, leader_ttl=ttl,
         fence_grace=_number(fields, "fence_grace", DEFAULT_FENCE_GRACE, 0.0),
+        header_timeout=_number(fields, "header_timeout", 10.0, 0.1),
+        body_timeout=_number(fields, "body_timeout", 30.0, 0.1),
+        max_connections=_whole(fields, "max_connections", 1024, 1, 1_000_000),
+        stream_heartbeat=_number(fields, "stream_heartbeat", 5.0, 0.1),
+        history_keep=_number(fields, "history_keep", 300.0, 1.0),
+        compact_interval=_number(fields, "compact_interval", 60.0, 0.1),
+        tls=_api_tls(fields),
+        engine_tls=tls_section(fields, "engine_tls", ca=True, cert=True),
     )
     fields.done()
     return config
@@ -177,9 +227,7 @@ def node_config(fields: Fields) -> NodeConfig:
     name = fields.take("name") or defaults.name
     if not isinstance(name, str):
         raise SpecError("name", "must be a string")
-    engine = fields.take("engine", DEFAULT_ENGINE)
-    if not isinstance(engine, str) or not engine.startswith(("unix://", "tcp://", "http://")):
-        raise SpecError("engine", "must be unix:///path/docker.sock or tcp://HOST:PORT")
+    engine, engine_tls = _engine(fields)
     reserved = Fields("reserved", fields.take("reserved") or {}, "")
     reserve = Resources(
         quantity("reserved.cpu", reserved.take("cpu", 0), parse_cpu),
@@ -209,6 +257,7 @@ def node_config(fields: Fields) -> NodeConfig:
         heartbeat_ttl=int(_number(fields, "heartbeat_ttl", 5, 2)),
         overlay_cidr=_cidr(fields),
         etcd=_etcd(fields),
+        engine_tls=engine_tls,
     )
     fields.done()
     return config

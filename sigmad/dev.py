@@ -22,12 +22,13 @@ def credentials_path() -> Path:
     return Path(os.environ.get("SIGMA_CREDENTIALS", Path.home() / ".sigma" / "credentials.json"))
 
 
-def write_credentials(server: str, token: str) -> Path:
+def write_credentials(server: str, token: str, ca: str = "") -> Path:
+    """The file sigmactl reads: the server, the token and the CA of an https:// server."""
     path = credentials_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump({"server": server, "token": token}, f)
+        json.dump({"server": server, "token": token, **({"ca": ca} if ca else {})}, f)
     return path
 
 

@@ -3,8 +3,8 @@
 The only module that speaks Docker. Everything Docker-shaped stays here: the rest of sigma
 sees the `Engine` protocol, `ContainerState` and plain dicts of container config.
 
-The Engine API is plain HTTP/1.1 over a Unix socket or TCP, spoken by a small client of our
-own (`_Http`): kept-alive connections per engine, Content-Length and chunked bodies, streamed
+The Engine API is HTTP/1.1 over a Unix socket or over TLS on TCP, spoken by a small client
+of our own (`_Http`): kept-alive connections per engine, Content-Length and chunked bodies, streamed
 JSON lines for events and pulls. A burst drives hundreds of thousands of calls through the
 leader, and this client costs ~50 µs of CPU per call where aiodocker over aiohttp cost ~190
 (bench/scale.py).
@@ -12,6 +12,9 @@ leader, and this client costs ~50 µs of CPU per call where aiodocker over aioht
 Invariants:
 - a call that cannot reach the engine, or times out, raises EngineError "… is unreachable";
   an engine's error answer raises EngineError with its status (`engine_status`);
+- a `tcp://` engine is only ever spoken to over TLS, verified against the CA and with a
+  client certificate (`tls`, an ssl context); without one every call is refused: a plain
+  TCP engine gives root on its host to whoever reaches it;
 - with a `cluster` (its etcd prefix), the containers it creates carry it as a label and
   `containers`/`find`/`events` see only that cluster's containers, so clusters sharing an
   engine never touch each other's.
@@ -23,6 +26,7 @@ import asyncio
 import json
 import logging
 import re
+import ssl
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
@@ -341,11 +345,12 @@ def _query(params: dict[str, Any] | None) -> str:
 class _Http:
     """A minimal HTTP/1.1 client for one engine (see the module docstring)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, tls: ssl.SSLContext | None = None) -> None:
         self.url = url
         parts = urlsplit(url)
         self.unix = parts.path if parts.scheme == "unix" else ""
-        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 2375
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 2376
+        self.tls = tls
         self.idle: list[_Conn] = []
         self.slots = asyncio.Semaphore(CONNECTIONS)  # requests in flight (streams aside)
         self.prefix = ""  # "/v1.41" once negotiated
@@ -355,9 +360,14 @@ class _Http:
                            f"{str(exc) or type(exc).__name__}")
 
     async def _connect(self) -> _Conn:
+        if not self.unix and self.tls is None:
+            raise EngineError(f"engine {self.url} is remote and this process has no TLS "
+                              "files for it: refusing plain TCP (set engine_tls: ca, cert, "
+                              "key, and run that dockerd with --tlsverify)")
         try:
             opening = asyncio.open_unix_connection(self.unix, limit=1 << 20) if self.unix \
-                else asyncio.open_connection(self.host, self.port, limit=1 << 20)
+                else asyncio.open_connection(self.host, self.port, limit=1 << 20, ssl=self.tls,
+                                             ssl_handshake_timeout=CONNECT_TIMEOUT)
             reader, writer = await asyncio.wait_for(opening, CONNECT_TIMEOUT)
         except (OSError, TimeoutError) as exc:
             raise self.unreachable(exc) from None
@@ -460,14 +470,15 @@ class _Http:
 
 
 class DockerEngine:
-    """A client for one host's Docker engine (`unix:///path.sock` or `tcp://host:port`)."""
+    """A client for one host's Docker engine (`unix:///path.sock`, or `tcp://host:port` with
+    `tls`: a client context with the CA and a client certificate)."""
 
     def __init__(self, url: str, request_timeout: float = REQUEST_TIMEOUT,
-                 cluster: str = "") -> None:
+                 cluster: str = "", tls: ssl.SSLContext | None = None) -> None:
         self.url = url
         self.cluster = cluster
         self.timeout = request_timeout
-        self._http = _Http(url)
+        self._http = _Http(url, tls)
         self._images: set[str] = set()  # refs known to be present (never forgotten: a
         # create that finds one gone answers 404 "No such image", and the image is pulled)
 
@@ -653,12 +664,15 @@ class DockerEngine:
 
 
 class EnginePool:
-    """One client per node engine URL, made on first use and replaced if the URL changes."""
+    """One client per node engine URL, made on first use and replaced if the URL changes;
+    `tls` (a client context) is used for the tcp:// ones."""
 
     def __init__(self, cluster: str = "",
-                 factory: Callable[[str, str], Engine] | None = None) -> None:
+                 factory: Callable[[str, str], Engine] | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.cluster = cluster
-        self.factory = factory or (lambda url, cluster: DockerEngine(url, cluster=cluster))
+        self.factory = factory or (
+            lambda url, cluster: DockerEngine(url, cluster=cluster, tls=tls))
         self.engines: dict[str, Engine] = {}
         self._closing: set[asyncio.Task[None]] = set()
 

@@ -95,7 +95,7 @@ class Elector:
         if watcher is None:  # a store of its own for watches, with the election's timeouts
             assert isinstance(self.store, EtcdStore)
             watcher = EtcdStore(self.store.endpoints, self.keys.prefix, self.store.retry_for,
-                                self.store.rpc_timeout)
+                                self.store.rpc_timeout, tls=self.store.tls)
         try:
             while True:
                 await self._term(lead, watcher)
@@ -157,7 +157,8 @@ class Elector:
         if self.keep_in_thread:
             assert isinstance(self.store, EtcdStore)
             keeper = LeaseKeeper(self.store.endpoints, lease, self.ttl,
-                                 lambda: time.monotonic() - self.beat < self.ttl)
+                                 lambda: time.monotonic() - self.beat < self.ttl,
+                                 tls=self.store.tls)
             keeper.start()
         try:
             return await self._hold_until_lost(lease, expires, keeper)

@@ -8,20 +8,24 @@ import concurrent.futures
 import gc
 import logging
 import resource
+import ssl
 import sys
 import threading
 import time
 from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 
-from aiohttp import web
-
 from sigmad.api import make_app
+from sigmad.api.serving import Limits, Served
 from sigmad.config import MasterConfig
+from sigmad.control.compaction import Compactor
 from sigmad.control.controller import Controller
+from sigmad.engine import EnginePool
 from sigmad.leader import Elector
+from sigmad.metrics import Metrics
 from sigmad.state.cache import Cache
 from sigmad.store import EtcdStore, Store
+from sigmad.tls import client_context, server_context
 
 log = logging.getLogger(__name__)
 API_RETRY_FOR = 3.0  # an API call waits this long for etcd, then answers 503
@@ -73,10 +77,15 @@ def raise_file_limit() -> None:
 class ApiThread:
     """The API served from a thread of its own, on its own event loop: reads answer from the
     cache however busy the leader's loop is (a burst of work never delays a GET), and what
-    needs etcd or an engine runs on the main loop (sigmad.api.routes)."""
+    needs etcd or an engine runs on the main loop (sigmad.api.routes). It is served within
+    `limits` (sigmad.api.serving)."""
 
-    def __init__(self, store: Store, cache: Cache, token: str, listen: str) -> None:
+    def __init__(self, store: Store, cache: Cache, token: str, listen: str, limits: Limits,
+                 metrics: Metrics, tls: ssl.SSLContext | None = None,
+                 engines: EnginePool | None = None) -> None:
         self.store, self.cache, self.token, self.listen = store, cache, token, listen
+        self.limits, self.metrics = limits, metrics
+        self.tls, self.engines = tls, engines
         self.main = asyncio.get_running_loop()
         self.loop = asyncio.new_event_loop()
         self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -87,14 +96,13 @@ class ApiThread:
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self.loop)
-        app = make_app(self.store, self.cache, self.token, on_main=self._on_main)
-        # Open event streams hold requests forever: give them 2 s on shutdown, then cancel.
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+        app = make_app(self.store, self.cache, self.token, self.engines,
+                       on_main=self._on_main, limits=self.limits, metrics=self.metrics)
+        served = Served(app, self.limits, self.metrics)
         try:
-            self.loop.run_until_complete(runner.setup())
             host, _, port = self.listen.rpartition(":")
-            self.loop.run_until_complete(web.TCPSite(runner, host or "0.0.0.0",
-                                                     int(port)).start())
+            self.loop.run_until_complete(served.start(host or "0.0.0.0", int(port),
+                                                      self.tls))
         except BaseException as exc:
             self.ready.set_exception(exc)
             return
@@ -102,13 +110,18 @@ class ApiThread:
         try:
             self.loop.run_forever()
         finally:
-            self.loop.run_until_complete(runner.cleanup())
+            self.loop.run_until_complete(served.stop())
             self.loop.close()
 
     async def start(self) -> None:
         self.thread.start()
         await asyncio.wrap_future(self.ready)
-        log.info("API listening on http://%s", self.listen)
+        log.info("API listening on %s://%s", "https" if self.tls else "http", self.listen)
+        host = self.listen.rpartition(":")[0].strip("[]")
+        if self.tls is None and host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("the API on %s is plain HTTP beyond this host: tokens cross the "
+                        "network in clear. Set tls (cert, key) in the master config "
+                        "(sigmad pki issue master NAME)", self.listen)
 
     async def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -125,25 +138,39 @@ async def run_master(config: MasterConfig) -> None:
     raise_file_limit()
     tune_gc()
     sys.setswitchinterval(SWITCH_INTERVAL)
-    endpoints, prefix = config.etcd.endpoints, config.etcd.prefix
-    reads = EtcdStore(endpoints, prefix)
+    endpoints, prefix, tls = config.etcd.endpoints, config.etcd.prefix, config.etcd.tls
+    reads = EtcdStore(endpoints, prefix, tls=tls)
     cache = Cache(reads)
     filling = asyncio.create_task(cache.run())
     freezing = asyncio.create_task(freeze_gc())
-    api_store = EtcdStore(endpoints, prefix, retry_for=API_RETRY_FOR)
+    api_store = EtcdStore(endpoints, prefix, retry_for=API_RETRY_FOR, tls=tls)
     ttl = config.leader_ttl
-    election = EtcdStore(endpoints, prefix, retry_for=ttl / 3, rpc_timeout=max(1.0, ttl / 3))
-    store = EtcdStore(endpoints, prefix)
+    election = EtcdStore(endpoints, prefix, retry_for=ttl / 3, rpc_timeout=max(1.0, ttl / 3),
+                         tls=tls)
+    store = EtcdStore(endpoints, prefix, tls=tls)
+    metrics = Metrics()
+    limits = Limits(config.header_timeout, config.body_timeout, config.max_connections,
+                    config.stream_heartbeat)
     api: ApiThread | None = None
     try:
         await cache.synced.wait()
-        api = ApiThread(api_store, cache, config.token, config.listen)
+        engine_tls = client_context(config.engine_tls) if config.engine_tls else None
+        api = ApiThread(api_store, cache, config.token, config.listen, limits, metrics,
+                        server_context(config.tls) if config.tls else None,
+                        EnginePool(prefix, tls=engine_tls))
         await api.start()
         elector = Elector(election, store, config.master_id(), config.api_url(), ttl,
                           keep_in_thread=True)
 
         async def lead() -> None:
-            await Controller(store, cache, config).run()
+            compactor = Compactor(store, config.history_keep, config.compact_interval,
+                                  metrics)
+            compacting = asyncio.create_task(compactor.run())
+            try:
+                await Controller(store, cache, config).run()
+            finally:
+                compacting.cancel()
+                await asyncio.gather(compacting, return_exceptions=True)
 
         log.info("master %s (API %s) campaigns for leadership (lease TTL %ds)",
                  elector.id, elector.api, ttl)

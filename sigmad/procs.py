@@ -9,17 +9,29 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from sigmad.tls import TlsFiles
+
 log = logging.getLogger(__name__)
+AUTO_COMPACTION = "5m"  # history etcd keeps when it compacts by itself
 
 
 class EtcdProcess:
     """A single-member etcd listening on 127.0.0.1 (and on the extra `hosts` addresses, e.g.
     a bridge address that other network namespaces reach), with its data under `data_dir`;
-    `extra_args` go to etcd as they are (e.g. a bigger --quota-backend-bytes)."""
+    `extra_args` go to etcd as they are (e.g. a bigger --quota-backend-bytes).
+
+    With `tls` (the CA, and the server certificate and key), clients reach it over https
+    only and must present a certificate the CA signed (--client-cert-auth: its common name
+    is their etcd user); `peer_tls` does the same for its peer URL.
+
+    It compacts its own history, keeping `history` of it (etcd's periodic auto-compaction:
+    "5m", "1h"; "" for none), as the leader does too (sigmad.control.compaction)."""
 
     def __init__(
         self, data_dir: Path, client_port: int, peer_port: int, name: str = "sigma",
         hosts: tuple[str, ...] = (), extra_args: tuple[str, ...] = (),
+        tls: TlsFiles | None = None, peer_tls: TlsFiles | None = None,
+        history: str = AUTO_COMPACTION,
     ) -> None:
         self.data_dir = data_dir
         self.client_port = client_port
@@ -27,30 +39,50 @@ class EtcdProcess:
         self.name = name
         self.hosts = ("127.0.0.1", *(h for h in hosts if h != "127.0.0.1"))
         self.extra_args = extra_args
+        self.tls, self.peer_tls = tls, peer_tls
+        self.history = history
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{self.scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def endpoints(self) -> list[str]:
         """Every client URL it listens on, 127.0.0.1 first."""
-        return [f"http://{host}:{self.client_port}" for host in self.hosts]
+        return [f"{self.scheme}://{host}:{self.client_port}" for host in self.hosts]
+
+    def _tls_args(self) -> list[str]:
+        args = []
+        if self.tls:
+            args += ["--cert-file", self.tls.cert, "--key-file", self.tls.key,
+                     "--trusted-ca-file", self.tls.ca, "--client-cert-auth"]
+        if self.peer_tls:
+            args += ["--peer-cert-file", self.peer_tls.cert, "--peer-key-file",
+                     self.peer_tls.key, "--peer-trusted-ca-file", self.peer_tls.ca,
+                     "--peer-client-cert-auth"]
+        return args
 
     def start(self) -> None:
         binary = shutil.which("etcd")
         if binary is None:
             raise RuntimeError("etcd is not installed: apt-get install etcd-server")
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        peer = f"{'https' if self.peer_tls else 'http'}://127.0.0.1:{self.peer_port}"
         urls = ",".join(self.endpoints)
         args = [
             binary, "--name", self.name, "--data-dir", str(self.data_dir / "data"),
             "--listen-client-urls", urls, "--advertise-client-urls", urls,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"{self.name}={peer}", *self.extra_args,
+            "--initial-cluster", f"{self.name}={peer}", *self._tls_args(), *self.extra_args,
         ]
+        if self.history:
+            args += ["--auto-compaction-mode=periodic",
+                     f"--auto-compaction-retention={self.history}"]
         with open(self.data_dir / "etcd.log", "ab") as logfile:
             self.proc = subprocess.Popen(
                 args, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True

@@ -13,7 +13,10 @@ Invariants:
   MAX_TXN_OPS operations: etcd's `--max-txn-ops` counts each list on its own;
 - a committed transaction answers with its revision, which is the mod_revision of every key
   it wrote (0 means a guard failed and nothing was written);
-- a fenced store writes nothing once its fence (the leader key as won) fails: `Deposed`.
+- a fenced store writes nothing once its fence (the leader key as won) fails: `Deposed`;
+- an `https://` endpoint is only ever reached over TLS, verified against the configured CA
+  (and with the client certificate, whose common name is the etcd user); endpoints are all
+  `https://` with TLS files or all `http://` without (`endpoint_problem`).
 """
 
 from __future__ import annotations
@@ -27,17 +30,22 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import aetcd
 import aetcd.exceptions
 import aetcd.rpc
 import aetcd.utils
+import aetcd.watcher
 import grpc
 
 from sigmad import records
 from sigmad.errors import SigmaError, StoreUnavailable
+from sigmad.tls import TlsFiles, endpoint_problem
+
+if TYPE_CHECKING:
+    from sigmad.etcd_access import Access
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -213,6 +221,16 @@ class WatchBatch:
     broken: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class Span:
+    """At most `limit` keys of a range [start, end) in key order, the revision they were
+    read at, and whether the range holds more keys after the last one (`more`)."""
+
+    items: list[Item]
+    revision: int
+    more: bool
+
+
 @dataclass
 class Outcome:
     """A transaction's answer: its revision if it committed (0 if a guard failed), and
@@ -252,6 +270,7 @@ class Store(Protocol):
     async def get_raw(self, key: str) -> Item | None: ...
     async def range_raw(self, prefix: str, keys_only: bool = False, limit: int = 0,
                         revision: int = 0) -> tuple[list[Item], int]: ...
+    async def span(self, start: str, end: str, limit: int, revision: int = 0) -> Span: ...
     async def get(self, key: str, cls: type[T]) -> Versioned[T] | None: ...
     async def scan(self, prefix: str, cls: type[T]) -> tuple[list[Versioned[T]], int]: ...
     async def keys_under(self, prefix: str) -> list[str]: ...
@@ -269,11 +288,49 @@ class Store(Protocol):
     async def grant(self, ttl: int) -> int: ...
     async def keepalive(self, lease_id: int) -> bool: ...
     async def revoke(self, lease_id: int) -> None: ...
+    async def compact(self, revision: int) -> int: ...
 
 
 def prefix_end(prefix: str) -> str:
     """The end of the key range of every key starting with `prefix`."""
     return aetcd.utils.prefix_range_end(prefix.encode()).decode()
+
+
+class _TlsClient(aetcd.Client):
+    """aetcd's client on a TLS channel (aetcd 1.0 opens plain channels only): `connect`
+    is aetcd's, with `grpc.aio.secure_channel` (and no password login: the user is the
+    client certificate's common name)."""
+
+    def __init__(self, credentials: grpc.ChannelCredentials, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        rpc = aetcd.rpc
+        self.channel = rpc.secure_channel(f"{self._host}:{self._port}", self._credentials,
+                                          options=list(self._options.items()))
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._watcher = aetcd.watcher.Watcher(rpc.WatchStub(self.channel),
+                                              timeout=self._timeout, metadata=self.metadata)
+        self._connected.set()
+
+
+def _credentials(tls: TlsFiles | None) -> grpc.ChannelCredentials | None:
+    if tls is None:
+        return None
+    ca, key, cert = tls.pem()
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                        certificate_chain=cert)
+
+
+def _target(endpoint: str) -> tuple[str, int]:
+    url = urlsplit(endpoint)
+    return url.hostname or "127.0.0.1", url.port or 2379
 
 
 class StoreOps:
@@ -376,15 +433,21 @@ class EtcdStore(StoreOps):
     leader writes nothing and sees `Deposed`; `on_deposed` is then called too.
 
     `shared_leases`: lease keepalives go over one shared stream (`LeaseStream`), for a
-    process that keeps many leases alive (hollow hosts); otherwise each is its own call."""
+    process that keeps many leases alive (hollow hosts); otherwise each is its own call.
+
+    `tls`: the CA (and client certificate) of `https://` endpoints."""
 
     def __init__(
         self, endpoints: list[str], prefix: str = "/sigma/v1", retry_for: float = 30.0,
-        rpc_timeout: float = 5.0, shared_leases: bool = False,
+        rpc_timeout: float = 5.0, shared_leases: bool = False, tls: TlsFiles | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
+        if problem := endpoint_problem(endpoints, tls):
+            raise ValueError(f"etcd endpoints {', '.join(endpoints)}: {problem}")
         self.endpoints = endpoints
+        self.tls = tls
+        self._channel_credentials = _credentials(tls)
         self.keys = Keys(prefix)
         self.retry_for = retry_for
         self.rpc_timeout = rpc_timeout
@@ -397,13 +460,13 @@ class EtcdStore(StoreOps):
         self._leases: LeaseStream | None = None
 
     def _new_client(self) -> aetcd.Client:
-        url = urlsplit(self.endpoints[self._current])
-        return aetcd.Client(
-            host=url.hostname or "127.0.0.1", port=url.port or 2379,
-            timeout=self.rpc_timeout,
-            # A cache lists every record at start: answers bigger than gRPC's 4 MiB default.
-            options={"grpc.max_receive_message_length": 256 << 20},
-        )
+        host, port = _target(self.endpoints[self._current])
+        # A cache lists every record at start: answers bigger than gRPC's 4 MiB default.
+        options = {"grpc.max_receive_message_length": 256 << 20}
+        if self._channel_credentials is not None:
+            return _TlsClient(self._channel_credentials, host=host, port=port,
+                              timeout=self.rpc_timeout, options=options)
+        return aetcd.Client(host=host, port=port, timeout=self.rpc_timeout, options=options)
 
     async def close(self) -> None:
         if self._leases is not None:
@@ -436,7 +499,11 @@ class EtcdStore(StoreOps):
                     raise
                 if isinstance(exc, aetcd.rpc.AioRpcError) and exc.code() not in \
                         _TRANSIENT_CODES:
-                    raise StoreUnavailable(f"etcd refused {what}: {exc.details()}") from None
+                    hint = "" if exc.code() != aetcd.rpc.StatusCode.PERMISSION_DENIED else \
+                        (" (etcd auth: this certificate's user may not do that; see "
+                         "'sigmad pki etcd-auth')")
+                    raise StoreUnavailable(f"etcd refused {what}: {exc.details()}{hint}") \
+                        from None
                 if not self._outage:
                     log.warning("etcd %s failed (%s); retrying", what, _short(exc))
                     self._outage = True
@@ -459,9 +526,12 @@ class EtcdStore(StoreOps):
         return await call(request, timeout=self.rpc_timeout, metadata=client.metadata)
 
     async def ping(self) -> int:
-        """The current revision (raises StoreUnavailable if etcd is down)."""
-        _, revision = await self.range_raw("\0", keys_only=True, limit=1)
-        return revision
+        """The current revision (raises StoreUnavailable if etcd is down). It reads one key
+        of the cluster's: etcd auth lets sigma's users read nothing else."""
+        request = aetcd.rpc.RangeRequest(key=self.keys.leader().encode(), keys_only=True)
+        response = await self._call("ping", functools.partial(self._stub, method="Range",
+                                                              request=request))
+        return int(response.header.revision)
 
     async def get_raw(self, key: str) -> Item | None:
         request = aetcd.rpc.RangeRequest(key=key.encode())
@@ -490,6 +560,31 @@ class EtcdStore(StoreOps):
             if not response.more or (limit and len(items) >= limit):
                 return items, revision
             start = response.kvs[-1].key + b"\0"
+
+    async def span(self, start: str, end: str, limit: int, revision: int = 0) -> Span:
+        """One range read of at most `limit` keys (etcd stops at the limit: no sort and no
+        revision filter, which would make it read the whole range first)."""
+        request = aetcd.rpc.RangeRequest(key=start.encode(), range_end=end.encode(),
+                                         limit=limit, revision=revision)
+        response = await self._call("range", functools.partial(
+            self._stub, method="Range", request=request))
+        return Span([Item(kv.key.decode(), kv.value, int(kv.mod_revision), int(kv.lease))
+                     for kv in response.kvs], int(response.header.revision),
+                    bool(response.more))
+
+    async def compact(self, revision: int) -> int:
+        """Drop etcd's history before `revision` (watches from older revisions then fail
+        with WatchCompacted, and their caches relist). A revision at or below one already
+        compacted is no error: the answer is then 0, else `revision`."""
+        request = aetcd.rpc.CompactionRequest(revision=revision)
+        try:
+            await self._call("compaction", functools.partial(
+                self._stub, method="Compact", request=request))
+        except StoreUnavailable as exc:
+            if "compacted" in exc.message:
+                return 0
+            raise
+        return revision
 
     async def txn(self, guards: Sequence[Guard], ops: Sequence[Op]) -> Outcome:
         rpc = aetcd.rpc
@@ -563,8 +658,7 @@ class EtcdStore(StoreOps):
                                                                  metadata=client.metadata)
                 async for response in call:
                     if response.compact_revision:
-                        raise WatchCompacted(f"{prefix} (compacted to "
-                                             f"{response.compact_revision})")
+                        raise WatchCompacted(prefix, int(response.compact_revision))
                     if response.canceled:
                         raise aetcd.exceptions.ClientError(
                             f"watch canceled: {response.cancel_reason}")
@@ -597,6 +691,53 @@ class EtcdStore(StoreOps):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
             await self._reconnect(client)
+
+    async def apply_access(self, access: Access) -> list[str]:
+        """Make etcd auth's users and roles as `access` says (sigmad.etcd_access), then
+        enable auth. Run as root (its certificate); each step is idempotent, so a second run
+        (say with more nodes) adds what is missing. What was done, in words."""
+        rpc = aetcd.rpc
+        kinds = {"read": rpc.Permission.READ, "write": rpc.Permission.WRITE,
+                 "readwrite": rpc.Permission.READWRITE}
+        done: list[str] = []
+
+        async def auth(method: str, request: Any, what: str) -> None:
+            async def call(client: aetcd.Client) -> Any:
+                await client.connect()
+                stub = rpc.AuthStub(client.channel)
+                return await getattr(stub, method)(request, timeout=self.rpc_timeout)
+
+            try:
+                await self._call(what, call)
+            except StoreUnavailable as exc:
+                if "already exists" not in exc.message and \
+                        "already granted" not in exc.message:
+                    raise
+            else:
+                done.append(what)
+
+        no_password = rpc.UserAddOptions(no_password=True)
+        await auth("UserAdd", rpc.AuthUserAddRequest(name=access.root, options=no_password),
+                   f"user {access.root}")
+        await auth("UserGrantRole", rpc.AuthUserGrantRoleRequest(user=access.root,
+                                                                 role="root"),
+                   f"role root granted to {access.root}")
+        for user, role in access.users:
+            await auth("RoleAdd", rpc.AuthRoleAddRequest(name=role.name), f"role {role.name}")
+            for p in role.permissions:
+                perm = rpc.Permission(permType=kinds[p.kind], key=p.key.encode(),
+                                      range_end=p.range_end.encode())
+                span = f"[{p.key}, {p.range_end})" if p.range_end else p.key
+                await auth("RoleGrantPermission", rpc.AuthRoleGrantPermissionRequest(
+                    name=role.name, perm=perm), f"role {role.name}: {p.kind} {span}")
+            await auth("UserAdd", rpc.AuthUserAddRequest(name=user, options=no_password),
+                       f"user {user}")
+            await auth("UserGrantRole", rpc.AuthUserGrantRoleRequest(user=user,
+                                                                     role=role.name),
+                       f"role {role.name} granted to {user}")
+        # Enabling it again is a no-op (etcd 3.4 has no AuthStatus to ask first).
+        await auth("AuthEnable", rpc.AuthEnableRequest(), "auth enabled")
+        return done
 
     async def grant(self, ttl: int) -> int:
         """A new lease of `ttl` seconds; its id."""
@@ -763,7 +904,12 @@ def _holds(fence: Guard, found: list[int]) -> bool:
 
 
 class WatchCompacted(Exception):
-    """The watch's start revision was compacted away: relist, then watch again."""
+    """The watch's start revision was compacted away: relist, then watch again.
+    `revision`: the oldest revision etcd still holds."""
+
+    def __init__(self, prefix: str, revision: int) -> None:
+        super().__init__(f"{prefix} (compacted to {revision})")
+        self.revision = revision
 
 
 def _short(exc: BaseException) -> str:
@@ -783,8 +929,9 @@ class LeaseKeeper:
     that it is gone."""
 
     def __init__(self, endpoints: list[str], lease: int, ttl: int,
-                 alive: Callable[[], bool]) -> None:
+                 alive: Callable[[], bool], tls: TlsFiles | None = None) -> None:
         self.endpoints = endpoints
+        self.tls = tls
         self.lease = lease
         self.ttl = ttl
         self.alive = alive
@@ -806,9 +953,10 @@ class LeaseKeeper:
         try:
             while not self._stop.is_set():
                 if channel is None:
-                    url = urlsplit(self.endpoints[current])
-                    channel = grpc.insecure_channel(f"{url.hostname or '127.0.0.1'}:"
-                                                    f"{url.port or 2379}")
+                    host, port = _target(self.endpoints[current])
+                    credentials = _credentials(self.tls)
+                    channel = grpc.insecure_channel(f"{host}:{port}") if credentials is None \
+                        else grpc.secure_channel(f"{host}:{port}", credentials)
                 if self.alive():
                     try:
                         stub = aetcd.rpc.LeaseStub(channel)

@@ -10,21 +10,21 @@ an engine, or writes to the cache, runs on the cache's own loop (`on_main`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
-import json
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from aiohttp import web
 
-from sigmad import __version__, records, spec
-from sigmad.api import views
+from sigmad import __version__, events, records, spec
+from sigmad.api import sse, views
 from sigmad.api.apps import AppWrites, ResourceChange, with_resources
+from sigmad.api.serving import Limits, read_body
 from sigmad.engine import EnginePool
 from sigmad.errors import NotFound, SigmaError, SpecError, StoreUnavailable, Unauthorized
 from sigmad.events import Event
+from sigmad.metrics import Metrics
 from sigmad.models import Instance
 from sigmad.spec import Fields, quantity
 from sigmad.state.cache import Cache
@@ -52,10 +52,12 @@ async def _here(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None = None,
-             on_main: OnMain[Any] = _here) -> web.Application:
+             on_main: OnMain[Any] = _here, limits: Limits | None = None,
+             metrics: Metrics | None = None) -> web.Application:
     """The aiohttp application serving the API from `cache`, writing to `store`;
     `on_main(coro)` runs `coro` on the loop that owns the cache and the store (by default
-    the one that serves)."""
+    the one that serves). `limits` bound bodies and event streams (sigmad.api.serving);
+    `metrics` counts what they bound."""
 
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -80,8 +82,11 @@ def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None 
             return web.json_response(body, status=exc.status)
 
     pool = engines or EnginePool(store.keys.prefix)
-    api = Api(store, cache, AppWrites(store, cache, pool), on_main)
-    app = web.Application(middlewares=[errors], client_max_size=MAX_BODY)
+    limits = limits or Limits()
+    metrics = metrics or Metrics()
+    api = Api(store, cache, AppWrites(store, cache, pool), on_main, limits, metrics)
+    app = web.Application(middlewares=[errors, read_body(limits, metrics)],
+                          client_max_size=MAX_BODY)
 
     async def close_engines(_: web.Application) -> None:
         await on_main(pool.close())
@@ -103,6 +108,7 @@ def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None 
     app.router.add_get("/v1/instances/{ns}/{name}", api.get_instance)
     app.router.add_post("/v1/instances/{ns}/{name}/migrate", api.migrate)
     app.router.add_get("/v1/masters", api.masters)
+    app.router.add_get("/v1/metrics", api.metrics_text)
     return app
 
 
@@ -110,12 +116,14 @@ class Api:
     """Route handlers."""
 
     def __init__(self, store: Store, cache: Cache, writes: AppWrites,
-                 on_main: OnMain[Any]) -> None:
+                 on_main: OnMain[Any], limits: Limits, metrics: Metrics) -> None:
         self.store = store
         self.cache = cache
         self.keys = store.keys
         self.writes = writes
         self.main = on_main
+        self.limits = limits
+        self.metrics = metrics
         self.encoded = views.Encoded()
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -216,40 +224,50 @@ class Api:
         return _json(views.instance_view(await self.main(self.writes.migrate(v, to))))
 
     async def events(self, request: web.Request) -> web.StreamResponse:
-        """Recent events (`?limit=`, default 100), or with `?watch=true` a server-sent event
-        stream of them followed by every new one."""
+        """The newest events (`?limit=`, default 100, at most events.MAX_LIMIT; `?since=R`:
+        only those written after store revision R), oldest first, read by range
+        (sigmad.events.recent); or with `?watch=true` a server-sent event stream of them
+        followed by every new one, with heartbeats while idle (sigmad.api.sse)."""
         match = _event_filter(request)
-        try:
-            limit = int(request.query.get("limit", "100"))
-        except ValueError:
-            raise SpecError("limit", "must be a whole number") from None
-        items, revision = await self.main(self.store.scan(self.keys.events(), Event))
-        recent = [v.value for v in items if match(v.value)][-limit:] if limit > 0 else []
+        limit = _whole(request, "limit", 100, events.MAX_LIMIT)
+        since = _whole(request, "since", 0, 2**63 - 1)
+        found = await self.main(events.recent(self.store, limit, match, since))
         if not _flag(request, "watch"):
-            return _json({"items": recent})
-        response = web.StreamResponse(headers={
-            "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-        })
-        await response.prepare(request)
-        for event in recent:
-            await response.write(_sse(event))
-        # The watch runs on the store's loop and hands each event over to this one.
-        arrived: asyncio.Queue[Event] = asyncio.Queue(EVENT_BACKLOG)
-        here = asyncio.get_running_loop()
+            return _json({"items": found.items, "revision": found.revision,
+                          "more": found.more}, revision=found.revision)
+        stream = sse.Stream(EVENT_BACKLOG)
+        metrics = self.metrics
 
         async def follow() -> None:
-            async for change in self.store.watch(self.keys.events(), revision + 1):
-                if change.value is not None:
-                    event = records.loads(Event, change.value)
-                    if match(event):
-                        here.call_soon_threadsafe(_offer, arrived, event)
+            """On the store's loop: hand each new event that matches to the stream."""
+            metrics.api_watches_open += 1
+            try:
+                async for change in self.store.watch(self.keys.events(), found.revision + 1):
+                    if change.value is None:
+                        continue
+                    event = events.decode(change.value)
+                    if event is not None and match(event):
+                        stream.offer(change.value)
+            finally:
+                metrics.api_watches_open -= 1
+
+        def ended(done: asyncio.Future[None]) -> None:
+            if not done.cancelled():
+                why = done.exception() or "the watch ended"
+                stream.end(f"the event watch ended ({why}): reconnect to go on watching")
 
         following = asyncio.ensure_future(self.main(follow()))
+        following.add_done_callback(ended)
         try:
-            while True:
-                await response.write(_sse(await arrived.get()))
+            return await stream.serve(
+                request, [sse.message(records.dumps(e)) for e in found.items],
+                self.limits.stream_heartbeat, metrics)
         finally:
             following.cancel()
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        """This master's gauges and counters in Prometheus' text format (sigmad.metrics)."""
+        return web.Response(text=self.metrics.render(), content_type="text/plain")
 
     async def pool(self, request: web.Request) -> web.Response:
         """The pool as one server (sigmad.api.views.pool)."""
@@ -260,12 +278,6 @@ class Api:
         return _json(views.masters(self.cache), revision=self.cache.revision)
 
 
-def _offer(queue: asyncio.Queue[Event], event: Event) -> None:
-    """Queue an event for a watching client; one too slow to keep up loses the excess."""
-    with contextlib.suppress(asyncio.QueueFull):
-        queue.put_nowait(event)
-
-
 def _event_filter(request: web.Request) -> Callable[[Event], bool]:
     namespace, app, kind = (request.query.get(k, "") for k in ("namespace", "app", "kind"))
 
@@ -274,6 +286,16 @@ def _event_filter(request: web.Request) -> Callable[[Event], bool]:
                 and (not kind or e.kind == kind))
 
     return match
+
+
+def _whole(request: web.Request, name: str, default: int, most: int) -> int:
+    """The query parameter `name`: a whole number from 0 to `most` (`default` if absent)."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or int(raw) > most:
+        raise SpecError(name, f"must be a whole number from 0 to {most}")
+    return int(raw)
 
 
 def _flag(request: web.Request, name: str) -> bool:
@@ -309,8 +331,4 @@ def _change(body: dict[str, Any]) -> ResourceChange:
     if all(v is None for v in values.values()):
         raise SpecError("limit", "nothing to change: give a limit or request (cpu or memory)")
     return ResourceChange(container, **values)
-
-
-def _sse(event: Event) -> bytes:
-    return f"data: {json.dumps(records.to_dict(event))}\n\n".encode()
 

@@ -45,6 +45,7 @@ from sigmad.scheduler import binder
 from sigmad.state.cache import APPS, BEATS, INSTANCES, IPS, NODES, Cache
 from sigmad.state.writes import Writer, Writes
 from sigmad.store import Store, Versioned
+from sigmad.tls import client_context
 
 log = logging.getLogger(__name__)
 Key = tuple[str, ...]
@@ -69,7 +70,9 @@ class Controller:
         self.writes = Writes(self.keys)
         self.writer = Writer(store, cache)
         self.queue: WorkQueue[Key] = WorkQueue()
-        self.engines = engines or EnginePool(self.keys.prefix)
+        self.engines = engines or EnginePool(
+            self.keys.prefix, tls=client_context(config.engine_tls) if config.engine_tls
+            else None)
         self.watches: dict[str, EngineWatch] = {}
         self.watch_tasks: dict[str, asyncio.Task[None]] = {}
         self.gates: dict[str, asyncio.Semaphore] = {}

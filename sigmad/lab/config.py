@@ -42,6 +42,7 @@ class LabConfig:
     heartbeat_ttl: int = 5
     port_range: tuple[int, int] = (31000, 31099)
     masters: int = 1  # 2 for an HA pair: they listen on consecutive ports from --listen's
+    tls: bool = True  # etcd, engines and the API over TLS with the lab's own CA
 
     @property
     def root(self) -> Path:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sigmad.lab import net, preflight, services, system, teardown
+from sigmad.lab import net, preflight, services, system, teardown, trust
 from sigmad.lab.config import RUN_ROOT, LabConfig, LabError
 from sigmad.lab.state import (
     STATE_FILE,
@@ -106,6 +106,16 @@ class Lab:
     def masters(self) -> list[MasterState]:
         return list(self._state().masters)
 
+    @property
+    def ca(self) -> str:
+        """The lab's CA certificate ("" without TLS): sigmactl's SIGMA_CA."""
+        return self._state().ca
+
+    @property
+    def tls_root(self) -> Path | None:
+        """The lab's directory when it runs with TLS (its pki is under it)."""
+        return Path(self._state().dir) if self._state().ca else None
+
     def restart_master(self, listen: str) -> None:
         """Start the master listening on `listen` again (after a crash) with its config."""
         s = self._state()
@@ -132,11 +142,16 @@ class Lab:
         RUN_ROOT.mkdir(parents=True, exist_ok=True)
         pointer(cfg.name).write_text(f"{cfg.root}\n")
         self._up_network(state)
+        if cfg.tls:
+            self.say(f"making the lab's CA and certificates in {trust.pki_dir(cfg.root)}")
+            trust.make_pki(cfg, state.hosts)
+            state.ca = trust.ca_file(cfg.root)
+            state.save()
         self._up_services(state)
         self._up_sigma(state)
         from sigmad.dev import write_credentials  # late: it imports the master and the agent
 
-        state.credentials = str(write_credentials(state.server, state.token))
+        state.credentials = str(write_credentials(state.server, state.token, state.ca))
         state.ready = True
         state.save()
         self.say(f"lab {cfg.name} is up ({cfg.hosts} hosts) in {time.monotonic() - started:.1f}s")
@@ -176,6 +191,11 @@ class Lab:
             asyncio.run(etcd.wait_ready())
         except RuntimeError as exc:
             raise LabError(str(exc)) from None
+        if cfg.tls:
+            names = [h.name for h in state.hosts]
+            self.say(f"etcd auth: user sigma-master writes {services.PREFIX}/, users "
+                     f"sigma-node-{span(state.hosts)} only their own node keys")
+            trust.setup_access(cfg, etcd.endpoint, services.PREFIX, names)
         self.say(f"starting registry on {cfg.registry_addr}")
         state.registry = services.start_registry(cfg)
         state.save()
@@ -183,7 +203,7 @@ class Lab:
         self.say(f"starting dockerd on {span(state.hosts)}")
         procs = []
         for host in state.hosts:
-            proc = services.dockerd(host, cfg.registry_addr)
+            proc = services.dockerd(host, cfg.registry_addr, self.tls_root)
             proc.start()
             assert proc.proc is not None
             host.dockerd_pid = proc.proc.pid
@@ -205,10 +225,10 @@ class Lab:
                  f"{', '.join(listens)}")
         for i, listen in enumerate(listens, 1):
             state.masters.append(services.start_master(
-                cfg, state.token, listen, services.master_config_path(cfg, i),
+                cfg, state.token, listen, services.master_config_path(cfg, i), i,
                 f"m{i}" if len(listens) > 1 else ""))
             state.save()
-        state.server = f"http://{listens[0]}"
+        state.server = services.master_url(listens[0], state.ca)
         state.save()
         self.say(f"starting agents on {span(state.hosts)}")
         for i, host in enumerate(state.hosts, 1):
@@ -216,7 +236,8 @@ class Lab:
             host.agent_pid = services.start_agent(host)
             state.save()
         self.say(f"waiting for {len(state.hosts)} nodes Ready")
-        services.wait_nodes(state.server, state.token, state.masters, state.hosts)
+        services.wait_nodes(state.server, state.token, state.masters, state.hosts,
+                            ca=state.ca)
 
     # -- status -----------------------------------------------------------------------------
 
@@ -243,15 +264,17 @@ class Lab:
                    "alive": system.owned(s.registry.pid, s.registry.config),
                    "answers": answer is not None and answer[0] == 200}
         masters = []
-        roles = services.master_roles(s.masters, s.token) if s.token else {}
+        roles = services.master_roles(s.masters, s.token, s.ca) if s.token else {}
         for m in s.masters:
-            answer = system.http_get(f"http://{m.listen}/healthz", timeout=2)
+            answer = system.http_get(f"{services.master_url(m.listen, s.ca)}/healthz",
+                                     timeout=2, ca=s.ca)
             alive = system.owned(m.pid, m.config)
             masters.append({"pid": m.pid, "listen": m.listen, "config": m.config,
+                            "url": services.master_url(m.listen, s.ca),
                             "alive": alive,
                             "healthy": answer is not None and answer[0] == 200,
                             "role": roles.get(m.listen, "") if alive else ""})
-        return {"name": s.name, "dir": s.dir, "ready": s.ready, "server": s.server,
+        return {"name": s.name, "dir": s.dir, "ready": s.ready, "server": s.server, "ca": s.ca,
                 "image": s.image, "bridge": s.bridge, "bridge_ip": s.bridge_ip,
                 "hosts": hosts, "etcd": etcd, "registry": reg, "masters": masters}
 
@@ -293,7 +316,7 @@ class Lab:
             # as a zombie until init reaps it.
             teardown.remove_stale_pidfiles(host)
             proc = services.dockerd(host, s.registry.addr if s.registry else
-                                    self.config.registry_addr)
+                                    self.config.registry_addr, self.tls_root)
             proc.start()
             assert proc.proc is not None
             host.dockerd_pid = proc.proc.pid
@@ -304,7 +327,8 @@ class Lab:
             s.save()
             if s.masters and s.token:
                 self.say(f"{name}: agent started; waiting for the node Ready")
-                services.wait_nodes(s.server, s.token, s.masters, [host], timeout=30)
+                services.wait_nodes(s.server, s.token, s.masters, [host], timeout=30,
+                                    ca=s.ca)
         return True
 
     def restart_agent(self, name: str) -> None:

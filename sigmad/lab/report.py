@@ -32,7 +32,8 @@ def status_table(status: dict[str, Any]) -> str:
                      f"answers {_yes(reg['answers'])}")
     for m in status["masters"]:
         role = f"  {m['role']}" if m.get("role") else ""
-        lines.append(f"master:   http://{m['listen']}  pid {m['pid']}  "
+        url = m.get("url") or f"http://{m['listen']}"
+        lines.append(f"master:   {url}  pid {m['pid']}  "
                      f"running {_yes(m.get('alive'))}  healthy {_yes(m['healthy'])}{role}")
     if status["image"]:
         lines.append(f"image:    {status['image']}")
@@ -40,11 +41,20 @@ def status_table(status: dict[str, Any]) -> str:
 
 
 def summary(lab: Lab, credentials: str) -> str:
-    hosts = "\n".join(f"    {h.name}  {h.address}  netns {h.netns}  engine {h.engine}"
+    from sigmad.lab.trust import engine_url
+
+    def engines(h: Any) -> str:
+        return f"{engine_url(h)} (TLS), {h.engine}" if lab.ca else h.engine
+
+    hosts = "\n".join(f"    {h.name}  {h.address}  netns {h.netns}  engine {engines(h)}"
                       for h in lab.hosts)
+    trust = (f"  CA:          {lab.ca}   (TLS everywhere: etcd, engines, API; "
+             "sigmactl reads it from the credentials)\n") if lab.ca else \
+        "  TLS:         off (--no-tls)\n"
     return (
         f"  server:      {lab.server}\n"
         f"  token:       {lab.token}\n"
+        f"{trust}"
         f"  image:       {lab.image}   (use this ref in app specs)\n"
         f"  credentials: {credentials}   (sigmactl reads them: try `sigmactl get nodes`)\n"
         f"  hosts:\n{hosts}\n"

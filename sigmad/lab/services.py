@@ -11,10 +11,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
 import sigmad
+from sigmad.lab import trust
 from sigmad.lab.config import LabConfig, LabError
 from sigmad.lab.net import inside
 from sigmad.lab.state import EtcdState, HostState, MasterState, RegistryState
@@ -41,8 +43,10 @@ def write_private(path: Path, text: str) -> None:
 
 
 def start_etcd(config: LabConfig) -> tuple[EtcdProcess, EtcdState]:
+    server, peer = trust.etcd_tls(config) if config.tls else (None, None)
     etcd = EtcdProcess(config.root / "etcd", config.etcd_port, config.etcd_port + 1,
-                       name=f"lab-{config.name}", hosts=(config.bridge_ip,))
+                       name=trust.etcd_name(config), hosts=(config.bridge_ip,), tls=server,
+                       peer_tls=peer)
     etcd.start()
     assert etcd.proc is not None
     state = EtcdState(etcd.proc.pid, etcd.client_port, etcd.peer_port, etcd.endpoints,
@@ -78,11 +82,15 @@ def wait_registry(reg: RegistryState, log: Path, timeout: float = 20.0) -> None:
                    f"(log: {log})")
 
 
-def dockerd(host: HostState, registry: str) -> DockerdProcess:
+def dockerd(host: HostState, registry: str, tls_root: Path | None = None) -> DockerdProcess:
+    """Host `host`'s dockerd: its unix socket (for the tests and the docker CLI), and with
+    `tls_root` (the lab's directory) tcp://ADDRESS:2376 with --tlsverify, which the masters
+    and the agent use."""
+    tls = trust.dockerd_args(tls_root, host) if tls_root else ()
     return DockerdProcess(
         Path(host.root), Path(host.exec_root), netns=host.netns,
         extra_args=("--cgroup-parent", host.cgroup_parent, "--userland-proxy=false",
-                    "--insecure-registry", registry),
+                    "--insecure-registry", registry, *tls),
     )
 
 
@@ -120,20 +128,28 @@ def master_config_path(config: LabConfig, index: int) -> Path:
 
 
 def write_master_config(config: LabConfig, token: str, listen: str, path: Path,
-                        master_id: str = "") -> None:
+                        index: int, master_id: str = "") -> None:
+    etcd: dict[str, object] = {"endpoints": [f"http://127.0.0.1:{config.etcd_port}"],
+                               "prefix": PREFIX}
+    tls: dict[str, object] = {}
+    if config.tls:
+        etcd = {"endpoints": [f"https://127.0.0.1:{config.etcd_port}"], "prefix": PREFIX,
+                **trust.section(trust.master_etcd(config.root, index))}
+        tls = trust.master_sections(config.root, index)
     write_private(path, yaml.safe_dump({
         **({"id": master_id} if master_id else {}),
         "listen": listen,
         "token": token,
-        "etcd": {"endpoints": [f"http://127.0.0.1:{config.etcd_port}"], "prefix": PREFIX},
+        "etcd": etcd,
         "reconcile_interval": 1,
         "overlay_cidr": config.overlay_cidr,
+        **tls,
     }))
 
 
-def start_master(config: LabConfig, token: str, listen: str, path: Path,
+def start_master(config: LabConfig, token: str, listen: str, path: Path, index: int,
                  master_id: str = "") -> MasterState:
-    write_master_config(config, token, listen, path, master_id)
+    write_master_config(config, token, listen, path, index, master_id)
     return MasterState(spawn_master(path), listen, str(path))
 
 
@@ -143,31 +159,44 @@ def spawn_master(config: Path) -> int:
                  config.with_suffix(".log"), env=sigma_env())
 
 
-def master_roles(masters: list[MasterState], token: str) -> dict[str, str]:
+def master_url(listen: str, ca: str) -> str:
+    """The URL of the master listening on `listen` (https when the lab has a CA)."""
+    return f"{'https' if ca else 'http'}://{listen}"
+
+
+def master_roles(masters: list[MasterState], token: str, ca: str = "") -> dict[str, str]:
     """listen → role ("leader" or "standby") as the first master that answers tells
     (GET /v1/masters); empty when none answers."""
     for m in masters:
-        answer = http_get(f"http://{m.listen}/v1/masters",
-                          {"Authorization": f"Bearer {token}"}, timeout=2)
+        answer = http_get(f"{master_url(m.listen, ca)}/v1/masters",
+                          {"Authorization": f"Bearer {token}"}, timeout=2, ca=ca)
         if answer is None or answer[0] != 200:
             continue
         items = json.loads(answer[1]).get("items", [])
-        return {api.removeprefix("http://"): str(i.get("role", ""))
+        return {urlsplit(api).netloc: str(i.get("role", ""))
                 for i in items if isinstance(api := i.get("api"), str)}
     return {}
 
 
 def write_node_config(config: LabConfig, host: HostState, index: int) -> None:
-    Path(host.node_config).write_text(yaml.safe_dump({
+    etcd: dict[str, object] = {"endpoints": [f"http://{config.bridge_ip}:{config.etcd_port}"],
+                               "prefix": PREFIX}
+    engine: dict[str, object] = {"engine": host.engine}
+    if config.tls:
+        files = trust.node_files(config.root, host.name)
+        etcd = {"endpoints": [f"https://{config.bridge_ip}:{config.etcd_port}"],
+                "prefix": PREFIX, **trust.section(files)}
+        engine = {"engine": trust.engine_url(host),
+                  "engine_tls": trust.section(files)}
+    write_private(Path(host.node_config), yaml.safe_dump({
         "name": host.name,
-        "engine": host.engine,
+        **engine,
         "address": host.address,
         "labels": {"zone": "room-a" if index % 2 else "room-b", "host": host.name},
         "port_range": list(config.port_range),
         "heartbeat_ttl": config.heartbeat_ttl,
         "overlay_cidr": config.overlay_cidr,
-        "etcd": {"endpoints": [f"http://{config.bridge_ip}:{config.etcd_port}"],
-                 "prefix": PREFIX},
+        "etcd": etcd,
     }))
 
 
@@ -178,9 +207,10 @@ def start_agent(host: HostState) -> int:
     return spawn(args, Path(host.root) / "node.log", env=sigma_env())
 
 
-def ready_nodes(server: str, token: str) -> set[str] | None:
+def ready_nodes(server: str, token: str, ca: str = "") -> set[str] | None:
     """Names of the Ready nodes the master lists, or None when it does not answer."""
-    answer = http_get(f"{server}/v1/nodes", {"Authorization": f"Bearer {token}"}, timeout=3)
+    answer = http_get(f"{server}/v1/nodes", {"Authorization": f"Bearer {token}"}, timeout=3,
+                      ca=ca)
     if answer is None or answer[0] != 200:
         return None
     items = json.loads(answer[1]).get("items", [])
@@ -188,7 +218,7 @@ def ready_nodes(server: str, token: str) -> set[str] | None:
 
 
 def wait_nodes(server: str, token: str, masters: list[MasterState], hosts: list[HostState],
-               timeout: float = 60.0) -> None:
+               timeout: float = 60.0, ca: str = "") -> None:
     """Until the master is healthy and lists every host's node Ready (bounded)."""
     want = {h.name for h in hosts}
     deadline = time.monotonic() + timeout
@@ -201,7 +231,7 @@ def wait_nodes(server: str, token: str, masters: list[MasterState], hosts: list[
             if not alive(h.agent_pid):
                 log = Path(h.root) / "node.log"
                 raise LabError(f"the agent of {h.name} exited: {tail(log, 3)} (log: {log})")
-        seen = ready_nodes(server, token)
+        seen = ready_nodes(server, token, ca)
         if seen is not None and want <= seen:
             return
         time.sleep(0.5)

@@ -79,6 +79,7 @@ class LabState:
     token: str = ""
     server: str = ""
     credentials: str = ""  # the credentials file `up` wrote
+    ca: str = ""           # the lab's CA certificate ("" for a lab without TLS)
     ready: bool = False    # `up` finished
 
     @property

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -195,11 +196,14 @@ def remove_cgroups(component: str) -> list[str]:
 
 
 def http_get(url: str, headers: dict[str, str] | None = None,
-             timeout: float = 3.0) -> tuple[int, bytes] | None:
-    """(status, body) of a GET, or None when nothing answers."""
+             timeout: float = 3.0, ca: str = "") -> tuple[int, bytes] | None:
+    """(status, body) of a GET, or None when nothing answers; an https:// server is
+    verified against the CA file `ca`."""
     req = urllib.request.Request(url, headers=headers or {})
+    context = ssl.create_default_context(cafile=ca) if ca and url.startswith("https:") \
+        else None
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as r:
             return int(r.status), r.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()

@@ -31,6 +31,7 @@ from sigmad.node.tunnels import TunnelKeeper
 from sigmad.reasons import Kill, Reason
 from sigmad.spec import Resources
 from sigmad.store import EtcdStore, Store
+from sigmad.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,9 @@ class Agent:
         self.config = config
         self.store = store
         # Only this cluster's containers: an engine may be shared.
-        self.engine = DockerEngine(config.engine, cluster=config.etcd.prefix)
+        self.engine = DockerEngine(config.engine, cluster=config.etcd.prefix,
+                                   tls=client_context(config.engine_tls)
+                                   if config.engine_tls else None)
         self.tunnels = TunnelKeeper(config, store, self.engine) if overlay else None
         self.events = EventLog(store)
         self.lease = 0
@@ -231,7 +234,7 @@ class Agent:
 
 async def run_agent(config: NodeConfig) -> None:
     """Run the agent of `config` until cancelled."""
-    store = EtcdStore(config.etcd.endpoints, config.etcd.prefix)
+    store = EtcdStore(config.etcd.endpoints, config.etcd.prefix, tls=config.etcd.tls)
     try:
         await Agent(config, store).run()
     finally:

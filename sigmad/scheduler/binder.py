@@ -2,7 +2,10 @@
 
 A round takes a snapshot (the state cache at revision R: nodes, what each has booked, each
 node lock's revision), plans every wanted booking purely (`plan`), and commits it through the
-Writer (`commit`). Three kinds of booking go through here, so capacity is booked in one place:
+Writer (`commit`). Rounds of Pending instances only go on with the last round's snapshot and
+placer (what it booked, and the lock revisions its commits wrote) while every change of the
+last round won and the snapshot is younger than REUSE seconds; any other round takes a fresh
+snapshot. Three kinds of booking go through here, so capacity is booked in one place:
 - a Pending instance (with its overlay IP) gets a node and host ports;
 - an instance asked to move live gets its next node (`next_node`), booked beside the old;
 - an instance whose request grew (a resize or a new template) books the growth on its node.
@@ -19,12 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sigmad.models import Instance
 from sigmad.reasons import State
-from sigmad.scheduler.placer import Decision, Request, place
+from sigmad.scheduler.placer import Decision, Placer, Request, place
 from sigmad.scheduler.snapshot import Snapshot, snapshot_of
 from sigmad.spec import AppSpec, Resources
 from sigmad.state.cache import LOCKS, Cache
@@ -32,6 +36,7 @@ from sigmad.state.writes import Writer, Writes
 from sigmad.store import MAX_TXN_OPS, Versioned
 
 ROUND = 1000  # instances planned per round (the event loop runs between rounds)
+REUSE = 2.0  # seconds a snapshot serves consecutive rounds of one `schedule` call
 
 
 @dataclass
@@ -85,15 +90,17 @@ def wants_a_rebooking(inst: Instance, spec: AppSpec) -> bool:
 
 
 def plan(snapshot: Snapshot, wanted: Sequence[Versioned[Instance]], apps: dict[str, AppSpec],
-         rng: random.Random | None = None) -> RoundPlan:
+         rng: random.Random | None = None, placer: Placer | None = None) -> RoundPlan:
     """Pure: the bookings for `wanted` instances (see the module docstring) and the new
-    waiting reason of those that fit nowhere. The snapshot's nodes take the bookings."""
+    waiting reason of those that fit nowhere. The snapshot's nodes take the bookings of
+    re-bookings and targeted placements; a `placer` (of this snapshot, for rounds of free
+    placements only) keeps the others for the next round."""
     result = RoundPlan()
     placing = [v for v in wanted if wants_a_node(v.value)]
     for v in wanted:
         if not wants_a_node(v.value):
             _rebook(snapshot, v, apps[v.value.app_key], result)
-    decision = place_all(snapshot, placing, apps, rng)
+    decision = place_all(snapshot, placing, apps, rng, placer)
     for v in placing:
         inst = v.value
         binding = decision.placed.get(v.key)
@@ -133,7 +140,8 @@ def _rebook(snapshot: Snapshot, v: Versioned[Instance], spec: AppSpec,
 
 
 def place_all(snapshot: Snapshot, pending: Sequence[Versioned[Instance]],
-              apps: dict[str, AppSpec], rng: random.Random | None) -> Decision:
+              apps: dict[str, AppSpec], rng: random.Random | None,
+              placer: Placer | None = None) -> Decision:
     """Place instances that must go to one node (`sigmactl migrate --to`) on that node alone,
     booking them into the snapshot, then everything else."""
     decision = Decision()
@@ -151,7 +159,7 @@ def place_all(snapshot: Snapshot, pending: Sequence[Versioned[Instance]],
             if info is not None and r.key in one.placed:
                 info.book(r.request)
                 info.ports.update(one.placed[r.key].ports)
-    rest = place(snapshot, free, rng)
+    rest = (placer or Placer(snapshot, rng)).place(free)
     decision.placed.update(rest.placed)
     decision.unplaced.update(rest.unplaced)
     return decision
@@ -194,6 +202,8 @@ async def commit(writer: Writer, writes: Writes, snapshot: Snapshot,
             if not lock:
                 result.conflicts += 1
                 return
+            if name in snapshot.nodes:
+                snapshot.nodes[name].lock = lock  # a next round on this snapshot guards it
             result.placed += len(piece)
             result.scheduled.update((b.new.key, (b.node, b.new.ip)) for b in piece if b.node)
 
@@ -227,6 +237,7 @@ async def schedule(cache: Cache, writer: Writer, writes: Writes, apps: dict[str,
     todo = list(keys)
     for _ in range(max_rounds):
         lost: list[str] = []
+        reuse: tuple[Snapshot, Placer, float] | None = None  # snapshot, placer, taken at
         for start in range(0, len(todo), ROUND):
             wanted = []
             for key in todo[start:start + ROUND]:
@@ -237,10 +248,19 @@ async def schedule(cache: Cache, writer: Writer, writes: Writes, apps: dict[str,
                     wanted.append(v)
             if not wanted:
                 continue
-            snapshot = cache_snapshot(cache)
-            one = await commit(writer, writes, snapshot, plan(snapshot, wanted, apps, rng))
+            placer: Placer | None = None
+            if not all(wants_a_node(v.value) and not v.value.target for v in wanted):
+                snapshot, reuse = cache_snapshot(cache), None
+            else:
+                if reuse is None or time.monotonic() - reuse[2] > REUSE:
+                    snapshot = cache_snapshot(cache)
+                    reuse = (snapshot, Placer(snapshot, rng), time.monotonic())
+                snapshot, placer, _ = reuse
+            one = await commit(writer, writes, snapshot, plan(snapshot, wanted, apps, rng, placer))
             one.rounds = 1
             result.add(one)
+            if one.conflicts:
+                reuse = None
             if one.conflicts:
                 lost += [v.key for v in wanted if cache.instance(v.key) is v]
             await asyncio.sleep(0)

@@ -63,18 +63,30 @@ def place(
 ) -> Decision:
     """Place `requests` in order; each one sees what the earlier ones took. The snapshot is
     not changed. `rng` breaks ties between equal scores (seed it for repeatable results)."""
-    work = _Work(snapshot, rng or random.Random())
-    decision = Decision()
-    for req in requests:
-        cls = work.cls(req)
-        if cls.unplaced is None:
-            node = cls.pick()
-            if node is not None:
-                decision.placed[req.key] = work.bind(node, req)
-                continue
-            cls.unplaced = work.explain(req)
-        decision.unplaced[req.key] = cls.unplaced
-    return decision
+    return Placer(snapshot, rng).place(requests)
+
+
+class Placer:
+    """Several `place` calls on one snapshot: each call sees what the earlier calls took (the
+    indexes, classes and rooms are built once, not per call). The snapshot is not changed."""
+
+    def __init__(self, snapshot: Snapshot, rng: random.Random | None = None) -> None:
+        self.work = _Work(snapshot, rng or random.Random())
+
+    def place(self, requests: list[Request]) -> Decision:
+        """Place `requests` in order (see `place`)."""
+        work = self.work
+        decision = Decision()
+        for req in requests:
+            cls = work.cls(req)
+            if cls.unplaced is None:
+                node = cls.pick()
+                if node is not None:
+                    decision.placed[req.key] = work.bind(node, req)
+                    continue
+                cls.unplaced = work.explain(req)
+            decision.unplaced[req.key] = cls.unplaced
+        return decision
 
 
 class _Window:

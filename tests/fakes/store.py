@@ -31,6 +31,7 @@ from sigmad.store import (
     Keys,
     Op,
     Outcome,
+    Span,
     StoreOps,
     WatchBatch,
     WatchCompacted,
@@ -62,6 +63,8 @@ class MemoryStore(StoreOps):
         self._breaks = 0
         self._failures = 0
         self.transactions = 0
+        self.spans = 0  # range reads by `span`
+        self.items_read = 0  # keys answered by range reads (range_raw and span)
 
     # -- test controls ------------------------------------------------------------------------
 
@@ -73,9 +76,14 @@ class MemoryStore(StoreOps):
             self._failures -= 1
             raise StoreUnavailable("etcd is unreachable (memory store told to fail)")
 
-    def compact(self, revision: int) -> None:
+    async def compact(self, revision: int) -> int:
+        """History up to `revision` goes: a watch from there on fails with WatchCompacted."""
+        self._check()
+        if revision <= self.compacted:
+            return 0
         self.compacted = revision
         self.history = [(r, e) for r, e in self.history if r > revision]
+        return revision
 
     async def break_watches(self) -> None:
         self._breaks += 1
@@ -113,7 +121,17 @@ class MemoryStore(StoreOps):
         self._check()
         items = [Item(k, b"" if keys_only else e.value, e.mod_revision, e.lease)
                  for k, e in sorted(self.data.items()) if k.startswith(prefix)]
-        return (items[:limit] if limit else items), self.revision
+        items = items[:limit] if limit else items
+        self.items_read += len(items)
+        return items, self.revision
+
+    async def span(self, start: str, end: str, limit: int, revision: int = 0) -> Span:
+        self._check()
+        self.spans += 1
+        keys = [k for k in sorted(self.data) if start <= k < end]
+        self.items_read += min(limit, len(keys))
+        return Span([Item(k, self.data[k].value, self.data[k].mod_revision, self.data[k].lease)
+                     for k in keys[:limit]], self.revision, len(keys) > limit)
 
     def _holds(self, g: Guard) -> bool:
         e = self.data.get(g.key)
@@ -164,7 +182,7 @@ class MemoryStore(StoreOps):
     async def watch_batches(self, prefix: str, start_revision: int,
                             end: str | None = None) -> AsyncIterator[WatchBatch]:
         if start_revision <= self.compacted:
-            raise WatchCompacted(f"{prefix} (compacted to {self.compacted})")
+            raise WatchCompacted(prefix, self.compacted)
         seen = start_revision - 1
         breaks = self._breaks
         yield WatchBatch(self.revision, [])
@@ -186,7 +204,7 @@ class MemoryStore(StoreOps):
                 breaks = self._breaks
                 yield WatchBatch(0, [], broken=True)
                 if seen < self.compacted:  # resuming from a revision that is gone
-                    raise WatchCompacted(f"{prefix} (compacted to {self.compacted})")
+                    raise WatchCompacted(prefix, self.compacted)
 
     async def grant(self, ttl: int) -> int:
         self._check()

@@ -17,10 +17,11 @@ import yaml
 
 from sigmad.engine import LABEL_INSTANCE, DockerEngine
 from sigmad.errors import EngineError
-from sigmad.lab import Lab, LabConfig
+from sigmad.lab import Lab, LabConfig, trust
 from sigmad.lab.services import PREFIX
 from sigmad.models import Owner
 from sigmad.store import EtcdStore
+from sigmad.tls import TlsFiles
 from tests.integration.conftest import REPO, free_port, wait_for
 
 HTTPD = ("mkdir -p /www && echo hello from $SIGMA_INSTANCE > /www/index.html && "
@@ -33,7 +34,8 @@ class LabCluster:
     def __init__(self, lab: Lab, root: Path) -> None:
         self.lab = lab
         self.env = {**os.environ, "SIGMA_SERVER": lab.server, "SIGMA_TOKEN": lab.token,
-                    "SIGMA_CREDENTIALS": str(root / "none.json"), "PYTHONPATH": str(REPO)}
+                    "SIGMA_CA": lab.ca, "SIGMA_CREDENTIALS": str(root / "none.json"),
+                    "PYTHONPATH": str(REPO)}
 
     def ctl(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "sigmactl", *args], capture_output=True,
@@ -78,7 +80,7 @@ class LabCluster:
     def port_claims(self) -> dict[str, str]:
         """The host-port claims in the lab's etcd: `node/port` → owner instance."""
         async def read() -> dict[str, str]:
-            store = EtcdStore([f"http://127.0.0.1:{self.lab.config.etcd_port}"], PREFIX)
+            store = self.etcd()
             try:
                 claims, _ = await store.scan(store.keys.ports(), Owner)
             finally:
@@ -86,6 +88,14 @@ class LabCluster:
             return {v.key.removeprefix(store.keys.ports()): v.value.owner for v in claims}
 
         return asyncio.run(read())
+
+    def etcd(self, tls: TlsFiles | None = None) -> EtcdStore:
+        """A store on the lab's etcd: as a master (or as `tls` says) when the lab has TLS."""
+        port = self.lab.config.etcd_port
+        if not self.lab.ca:
+            return EtcdStore([f"http://127.0.0.1:{port}"], PREFIX)
+        return EtcdStore([f"https://127.0.0.1:{port}"], PREFIX,
+                         tls=tls or trust.master_etcd(self.lab.root, 1))
 
     def in_host(self, node: str, *command: str) -> str:
         return subprocess.run(

@@ -5,6 +5,7 @@ One lab (the session's `lab` fixture) serves every lab test; each cleans its app
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import time
 import uuid
@@ -13,12 +14,43 @@ from typing import Any
 import pytest
 import yaml
 
+from sigmad.errors import StoreUnavailable
+from sigmad.lab import trust
+from sigmad.lab.services import PREFIX
 from sigmad.network.ipam import VXLAN_PORT
+from sigmad.store import EtcdStore
 from tests.integration.conftest import wait_for
 from tests.integration.labkit import LabCluster, web
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 GATEWAY = "10.244.0.1"
+
+
+def test_the_lab_runs_over_tls(lab: LabCluster) -> None:
+    """The API is HTTPS (sigmactl verifies it with the lab's CA), the masters reach every
+    engine over TLS, etcd refuses plain text, and h1's agent may not write h2's keys."""
+    assert lab.lab.server.startswith("https://") and lab.lab.ca
+    nodes = yaml.safe_load(lab.ctl("get", "nodes", "-o", "json").stdout)
+    assert {n["name"]: n["engine"] for n in nodes} == {
+        h.name: f"tcp://{h.address}:2376" for h in lab.lab.hosts}
+    assert all(n["status"] == "Ready" for n in nodes)  # so the masters reach them
+
+    async def check() -> None:
+        h1 = lab.etcd(trust.node_files(lab.lab.root, "h1"))
+        plain = EtcdStore([f"http://127.0.0.1:{lab.lab.config.etcd_port}"], PREFIX,
+                          retry_for=1.0, rpc_timeout=0.5)
+        try:
+            assert await h1.get_raw(h1.keys.node("h2")) is not None  # it reads
+            for key in (h1.keys.node("h2"), h1.keys.heartbeat("h2")):
+                with pytest.raises(StoreUnavailable, match="permission denied"):
+                    await h1.create(key, {"forged": True})
+            with pytest.raises(StoreUnavailable, match="unreachable"):
+                await plain.ping()
+        finally:
+            await h1.close()
+            await plain.close()
+
+    asyncio.run(check())
 
 
 def test_six_replicas_spread_over_three_hosts_reach_each_other(lab: LabCluster) -> None:

@@ -99,7 +99,7 @@ async def test_a_compacted_watch_relists_and_tells_what_changed() -> None:
         store._changed = asyncio.Condition()  # the cache's stream hears nothing from now on
         await store.put("/t/instances/ns/web/1", inst(1, "a"))
         await store.delete("/t/instances/ns/web/0")
-        store.compact(store.revision)  # and the history it missed is compacted away
+        await store.compact(store.revision)  # and the history it missed is compacted away
         store._changed = stream
         await store.break_watches()  # it resumes, finds its revision gone, and relists
         await until(lambda: list(cache.instances()) == ["/t/instances/ns/web/1"])

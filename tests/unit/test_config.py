@@ -173,7 +173,7 @@ def test_node_defaults():
 def test_node_all_fields():
     cfg = node_config(Fields("", {
         "name": "host-1",
-        "engine": "tcp://10.0.0.1:2375",
+        "engine": "unix:///run/docker.sock",  # tcp:// needs engine_tls (tests/unit/test_tls.py)
         "address": "10.0.0.1",
         "labels": {"zone": "bj-1", "isp": "ctc", "ssd": True},
         "reserved": {"cpu": "500m", "memory": "1Gi"},
@@ -181,7 +181,7 @@ def test_node_all_fields():
         "etcd": {"endpoints": ["http://10.0.0.9:2379"]},
     }, ""))
     assert cfg.name == "host-1"
-    assert cfg.engine == "tcp://10.0.0.1:2375"
+    assert cfg.engine == "unix:///run/docker.sock"
     assert cfg.address == "10.0.0.1"
     assert cfg.labels == {"zone": "bj-1", "isp": "ctc", "ssd": "true"}
     assert cfg.reserved == Resources(cpu_m=500, memory=2**30)
@@ -228,9 +228,16 @@ def test_bad_engine_url(engine):
     assert "unix:///path/docker.sock or tcp://HOST:PORT" in err.message
 
 
-@pytest.mark.parametrize("engine", ["unix:///run/docker.sock", "tcp://h:2375", "http://h:2375"])
-def test_good_engine_urls(engine):
+def test_a_unix_socket_engine_needs_no_tls():
+    engine = "unix:///run/docker.sock"
     assert node_config(Fields("", {"engine": engine}, "")).engine == engine
+
+
+@pytest.mark.parametrize("engine", ["http://h:2375", "https://h:2376"])
+def test_http_engine_urls_are_refused(engine):
+    err = node_error(engine=engine)
+    assert err.field == "engine"
+    assert "(with engine_tls)" in err.message
 
 
 def test_bad_node_label_name():

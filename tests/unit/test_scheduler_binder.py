@@ -3,11 +3,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
+from collections import Counter
+
+import pytest
+
 from sigmad.models import Instance, Node
+from sigmad.scheduler import binder
 from sigmad.scheduler.binder import Booking, pieces, plan, wants_a_node, wants_a_rebooking
 from sigmad.scheduler.snapshot import build_snapshot
 from sigmad.spec import Resources, parse
+from sigmad.state.cache import Cache
+from sigmad.state.writes import Writer, Writes
 from sigmad.store import MAX_TXN_OPS, Versioned
+from tests.fakes.store import MemoryStore
 
 SPEC = parse("""
 app: web
@@ -65,3 +75,32 @@ def test_a_grown_request_is_booked_on_its_own_node_or_waits() -> None:
     assert not waits.by_node and waits.waiting == 1
     assert waits.unplaced[0][1].reason.startswith(
         "update waits: the new request does not fit on a (insufficient cpu)")
+
+
+async def test_rounds_share_a_snapshot_and_fill_each_node_exactly(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rounds of one `schedule` call go on with one snapshot: each sees what the earlier ones
+    booked and guards the lock revisions they wrote (no lost race, no node over-booked)."""
+    monkeypatch.setattr(binder, "ROUND", 3)
+    store = MemoryStore("/t")
+    for name in ("a", "b"):  # 2 cpu each: four instances of 500m
+        await store.put(store.keys.node(name), node(name))
+        await store.put(store.keys.heartbeat(name), {"node": name}, lease=await store.grant(5))
+    keys = [store.keys.instance("default", "web", i) for i in range(10)]
+    for i, key in enumerate(keys):
+        await store.put(key, Instance("default", "web", i, 1, ip=f"10.244.0.{i + 2}",
+                                      request=SPEC.request()))
+    cache = Cache(store)
+    writer = Writer(store, cache)
+    tasks = [asyncio.create_task(cache.run()), asyncio.create_task(writer.run())]
+    try:
+        await cache.synced.wait()
+        result = await binder.schedule(cache, writer, Writes(store.keys),
+                                       {"default/web": SPEC}, keys, random.Random(1))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert (result.placed, result.unplaced, result.conflicts, result.rounds) == (8, 2, 0, 4)
+    on = Counter(v.value.node for v in cache.instances().values() if v.value.node)
+    assert on == {"a": 4, "b": 4}

@@ -129,8 +129,9 @@ def serving() -> Iterator[Fake]:
 
 
 def isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """No SIGMA_SERVER/SIGMA_TOKEN, and a credentials file path that does not exist yet."""
-    for name in ("SIGMA_SERVER", "SIGMA_TOKEN"):
+    """No SIGMA_SERVER/SIGMA_TOKEN/SIGMA_CA, and a credentials file path that does not exist
+    yet."""
+    for name in ("SIGMA_SERVER", "SIGMA_TOKEN", "SIGMA_CA"):
         monkeypatch.delenv(name, raising=False)
     path = tmp_path / "credentials.json"
     monkeypatch.setenv("SIGMA_CREDENTIALS", str(path))
