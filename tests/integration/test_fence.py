@@ -5,7 +5,9 @@ ever has two running holders of one instance or one IP.
 - (a) only the agent is killed (its dockerd and containers live on): the master stops the
   old copy through the host's engine before it starts the new one;
 - (b) the host's link is cut: its agent cannot renew its lease and stops its containers
-  itself before the lease lapses; the master, which still reaches the engine, confirms it;
+  itself before the lease lapses; the master, which cannot reach that engine either (the
+  lab's engines are reached over the underlay, with TLS), moves the instance once the lease
+  has lapsed plus the grace: so this is the self-fence's test end to end;
 - (c) dockerd is frozen (SIGSTOP): nothing can stop the copy it runs, and the agent, alive,
   says so, so the right outcome is that the instance is NOT moved: it keeps serving from its
   host (its container runs on), its node is NotReady (nothing new lands there), and once the
