@@ -1,8 +1,13 @@
-"""Configuration files of `sigmad master` and `sigmad node` (see conf/*.yaml)."""
+"""Configuration files of `sigmad master` and `sigmad node` (see conf/*.yaml).
+
+Every value is checked at load, with the field named: numbers are finite and within their
+range (an `overcommit: .inf` would make every placement pass raise), names that become etcd
+keys match their pattern as a whole."""
 
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import socket
 from dataclasses import dataclass, field
@@ -11,8 +16,8 @@ from pathlib import Path
 import yaml
 
 from sigmad.errors import SpecError
-from sigmad.models import DEFAULT_PORT_RANGE, Overcommit
-from sigmad.spec import LABEL_RE, Fields, Resources, quantity, string_map
+from sigmad.models import DEFAULT_PORT_RANGE, MAX_OVERCOMMIT, Overcommit
+from sigmad.spec import LABEL_RE, Fields, Resources, quantity, shown, string_map
 from sigmad.tls import TlsFiles, endpoint_problem, take_tls, tls_section
 from sigmad.units import parse_cpu, parse_size
 
@@ -23,7 +28,8 @@ DEFAULT_ENGINE = "unix:///var/run/docker.sock"
 DEFAULT_OVERLAY_CIDR = "10.244.0.0/16"
 DEFAULT_LEADER_TTL = 5
 DEFAULT_FENCE_GRACE = 5.0
-MASTER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,62}$")
+MASTER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,62}")  # fullmatch
+NODE_NAME_RE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,251}[A-Za-z0-9])?")  # fullmatch
 
 
 @dataclass
@@ -133,10 +139,13 @@ def _engine(fields: Fields) -> tuple[str, TlsFiles | None]:
     return engine, tls
 
 
-def _number(fields: Fields, key: str, default: float, minimum: float) -> float:
+def _number(fields: Fields, key: str, default: float, minimum: float,
+            maximum: float) -> float:
     value = fields.take(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
-        raise SpecError(fields.at(key), f"must be a number of at least {minimum}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            math.isfinite(value) and minimum <= value <= maximum):
+        raise SpecError(fields.at(key), f"must be a number of at least {minimum:g} and at "
+                        f"most {maximum:g}")
     return float(value)
 
 
@@ -158,6 +167,16 @@ def _cidr(fields: Fields) -> str:
         raise SpecError("overlay_cidr", "must be an IPv4 network like 10.244.0.0/16 "
                         "(prefix length 8 to 24)")
     return str(net)
+
+
+def _address(fields: Fields) -> str:
+    """The node's underlay (VTEP) address: an IPv4 address, or "" to leave it unset."""
+    value = fields.take("address") or ""
+    try:
+        return str(ipaddress.IPv4Address(value if isinstance(value, str) else "")) \
+            if value else ""
+    except ValueError:
+        raise SpecError("address", f"{shown(value)} is not an IPv4 address") from None
 
 
 def _read(path: str | Path) -> Fields:
@@ -190,7 +209,7 @@ def master_config(fields: Fields) -> MasterConfig:
     if not isinstance(listen, str) or ":" not in listen:
         raise SpecError("listen", "must be HOST:PORT")
     master_id = fields.take("id", "")
-    if not isinstance(master_id, str) or (master_id and not MASTER_ID_RE.match(master_id)):
+    if not isinstance(master_id, str) or (master_id and not MASTER_ID_RE.fullmatch(master_id)):
         raise SpecError("id", "must be 1 to 63 letters, digits, '.', '_', ':' or '-' "
                         "(default: HOSTNAME:PORT)")
     advertise = fields.take("advertise", "")
@@ -203,17 +222,17 @@ def master_config(fields: Fields) -> MasterConfig:
         raise SpecError("leader_ttl", "must be a whole number of seconds, at least 2")
     config = MasterConfig(
         token=token, listen=listen, etcd=_etcd(fields),
-        reconcile_interval=_number(fields, "reconcile_interval", 300.0, 0.1),
+        reconcile_interval=_number(fields, "reconcile_interval", 300.0, 0.1, 86400.0),
         workers=_whole(fields, "workers", 64, 1, 4096),
         engine_parallel=_whole(fields, "engine_parallel", 8, 1, 256),
         overlay_cidr=_cidr(fields), id=master_id, advertise=advertise, leader_ttl=ttl,
-        fence_grace=_number(fields, "fence_grace", DEFAULT_FENCE_GRACE, 0.0),
-        header_timeout=_number(fields, "header_timeout", 10.0, 0.1),
-        body_timeout=_number(fields, "body_timeout", 30.0, 0.1),
+        fence_grace=_number(fields, "fence_grace", DEFAULT_FENCE_GRACE, 0.0, 3600.0),
+        header_timeout=_number(fields, "header_timeout", 10.0, 0.1, 3600.0),
+        body_timeout=_number(fields, "body_timeout", 30.0, 0.1, 3600.0),
         max_connections=_whole(fields, "max_connections", 1024, 1, 1_000_000),
-        stream_heartbeat=_number(fields, "stream_heartbeat", 5.0, 0.1),
-        history_keep=_number(fields, "history_keep", 300.0, 1.0),
-        compact_interval=_number(fields, "compact_interval", 60.0, 0.1),
+        stream_heartbeat=_number(fields, "stream_heartbeat", 5.0, 0.1, 3600.0),
+        history_keep=_number(fields, "history_keep", 300.0, 1.0, 30 * 86400.0),
+        compact_interval=_number(fields, "compact_interval", 60.0, 0.1, 86400.0),
         tls=_api_tls(fields),
         engine_tls=tls_section(fields, "engine_tls", ca=True, cert=True),
     )
@@ -225,8 +244,9 @@ def node_config(fields: Fields) -> NodeConfig:
     """A NodeConfig from a parsed mapping (see conf/node.yaml)."""
     defaults = NodeConfig()
     name = fields.take("name") or defaults.name
-    if not isinstance(name, str):
-        raise SpecError("name", "must be a string")
+    if not isinstance(name, str) or not NODE_NAME_RE.fullmatch(name):
+        raise SpecError("name", "must be a host name: 1 to 253 letters, digits, '-', '_' or "
+                        "'.', starting and ending with a letter or digit")
     engine, engine_tls = _engine(fields)
     reserved = Fields("reserved", fields.take("reserved") or {}, "")
     reserve = Resources(
@@ -236,7 +256,8 @@ def node_config(fields: Fields) -> NodeConfig:
     reserved.done()
     ratios = Fields("overcommit", fields.take("overcommit") or {}, "")
     overcommit = Overcommit(
-        _number(ratios, "cpu", 1.0, 1.0), _number(ratios, "memory", 1.0, 1.0)
+        _number(ratios, "cpu", 1.0, 1.0, MAX_OVERCOMMIT),
+        _number(ratios, "memory", 1.0, 1.0, MAX_OVERCOMMIT),
     )
     ratios.done()
     port_range = fields.take("port_range", DEFAULT_PORT_RANGE)
@@ -249,12 +270,12 @@ def node_config(fields: Fields) -> NodeConfig:
     config = NodeConfig(
         name=name,
         engine=engine,
-        address=str(fields.take("address") or ""),
+        address=_address(fields),
         labels=string_map("labels", fields.take("labels"), LABEL_RE, "label"),
         reserved=reserve,
         overcommit=overcommit,
         port_range=list(port_range),
-        heartbeat_ttl=int(_number(fields, "heartbeat_ttl", 5, 2)),
+        heartbeat_ttl=int(_number(fields, "heartbeat_ttl", 5, 2, 3600)),
         overlay_cidr=_cidr(fields),
         etcd=_etcd(fields),
         engine_tls=engine_tls,

@@ -12,6 +12,7 @@ Invariants:
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -36,10 +37,22 @@ def now() -> float:
 
 @dataclass(slots=True)
 class Overcommit:
-    """How far a node's requests may exceed its allocatable: 1.0 = not at all."""
+    """How far a node's requests may exceed its allocatable: 1.0 = not at all, at most
+    MAX_OVERCOMMIT (checked in the node's config)."""
 
     cpu: float = 1.0
     memory: float = 1.0
+
+
+MAX_OVERCOMMIT = 100.0
+_INSTANCE_NAME = re.compile(r"(?P<app>[a-z0-9]([-a-z0-9]*[a-z0-9])?)-(?P<index>[0-9]{1,9})")
+
+
+def split_name(name: str) -> tuple[str, int] | None:
+    """(app, index) of an instance name `APP-INDEX`, or None if `name` is not one (the whole
+    of it, ASCII digits only: "web-²" and "web-0\n" are not)."""
+    match = _INSTANCE_NAME.fullmatch(name)
+    return None if match is None else (match["app"], int(match["index"]))
 
 
 DEFAULT_PORT_RANGE = [31000, 32767]

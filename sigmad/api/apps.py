@@ -184,8 +184,9 @@ class AppWrites:
                 elif not only_replicas(old.spec, s):
                     template = old.generation + 1
                 rec = AppRecord(s, old.generation + 1, template, old.created, now())
+                in_place = action == "resized in place"  # the same containers, new caps
                 result = Result(s.key, action, rec.generation,
-                                caps_changing(self.cache, old.spec, s))
+                                caps_changing(self.cache, old.spec, s) if in_place else 0)
             change += self.writes.put_app(key, rec, current.mod_revision if current else 0)
             results.append(result)
         if change.ops and not dry_run:

@@ -38,7 +38,7 @@ from sigmad.control.queue import WorkQueue
 from sigmad.engine import ContainerState, Engine, EnginePool
 from sigmad.errors import Conflict, EngineError, SigmaError
 from sigmad.events import EventLog
-from sigmad.models import AppRecord, Instance, Node, now
+from sigmad.models import AppRecord, Instance, Node, now, split_name
 from sigmad.network import ipam
 from sigmad.reasons import Kill, Reason, State
 from sigmad.scheduler import binder
@@ -323,8 +323,8 @@ class Controller:
     def _record_key(self, owner: str) -> str:
         """The record key of instance `ns/app-i` ("" if it is not one)."""
         ns, _, name = owner.partition("/")
-        app, _, index = name.rpartition("-")
-        return self.keys.instance(ns, app, int(index)) if app and index.isdigit() else ""
+        parts = split_name(name)
+        return self.keys.instance(ns, *parts) if parts else ""
 
     # -- engines -----------------------------------------------------------------------------
 

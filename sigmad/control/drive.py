@@ -77,12 +77,11 @@ def parse_time(stamp: str) -> float:
     return datetime.fromisoformat(f"{head}.{(frac + '000000')[:6]}+00:00").timestamp()
 
 
-def _ours(c: ContainerState, instance: str, cluster: str) -> bool:
-    """Whether a container is this cluster's: it carries our cluster label, or (made before
-    containers carried one) no cluster label but this instance's label."""
-    if LABEL_CLUSTER in c.labels:
-        return c.labels[LABEL_CLUSTER] == cluster
-    return c.labels.get(LABEL_INSTANCE) == instance
+def _same_instance(c: ContainerState, instance: str, cluster: str) -> bool:
+    """Whether a container is a copy of `instance` made by this cluster: it carries this
+    instance's label, and our cluster label (or, made before containers carried one, none)."""
+    return c.labels.get(LABEL_INSTANCE) == instance and \
+        c.labels.get(LABEL_CLUSTER, cluster) == cluster
 
 
 async def fence(engine: Engine, instance: str, timeout: float) -> list[str] | None:
@@ -327,17 +326,17 @@ class Runner:
             if exc.engine_status != 409:
                 await self._failed(Reason.failed_to_start(exc.message))
                 return None
-            # The name is taken: by a leftover of ours (an older generation, a crash between
-            # create and the record write), which is replaced, or by a container that is not
-            # this cluster's, which is left alone.
+            # The name is taken: by a leftover copy of this instance (an older generation, a
+            # crash between create and the record write), which is replaced (by its id: the
+            # name may change hands meanwhile), or by anything else, which is left alone.
             taken = await self.engine.inspect(name)
-            if taken is not None and not _ours(taken, inst.key, self.engine.cluster):
+            if taken is not None and not _same_instance(taken, inst.key, self.engine.cluster):
                 await self._failed(Reason.failed_to_start(
-                    f"container name {name} is taken by a container this cluster does not own"))
+                    f"container name {name} is taken by a container that is not a copy of "
+                    f"{inst.key} in this cluster: remove or rename it"))
                 return None
-            await self.engine.remove(name)
             if taken is not None:
-                self.watch.drop(taken.id)
+                await self._remove(taken.id)
             cid = await self.engine.create(name, config)
         inst.next_start = 0.0
         labels = {**config["Labels"], **({LABEL_CLUSTER: self.engine.cluster}

@@ -13,7 +13,9 @@ Invariants:
   whose agent holds its heartbeat lease) are kept in step with the tables, change by change;
   a node is Ready while its heartbeat is there and says its engine answers (sigmad.models.Beat);
 - subscribers are called after each change is applied, in revision order, never for events
-  (events/ is not cached).
+  (events/ is not cached);
+- a value that does not decode is logged and ignored: the key keeps its last good record
+  (or stays absent), and the rest of the cluster loads.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ KINDS: dict[str, tuple[str, type | None]] = {
     LEADER: ("leader", LeaderRecord), MASTERS: ("masters/", MasterRecord),
 }
 RELIST_DELAY = 1.0
+MALFORMED = object()  # what `_decode` returns for a value that is not a record
 LIST_CHUNK = 2000  # records decoded between two turns of the loop
 
 Change = tuple[str, str, "Versioned[Any] | None", "Versioned[Any] | None"]  # kind, key, old, new
@@ -204,7 +207,11 @@ class Cache:
                                                              revision=revision)
             table = fresh[kind] = {}
             for n, i in enumerate(items, 1):
-                table[i.key] = Versioned(i.key, _decode(cls, i.value), i.mod_revision)
+                record = _decode(cls, i.value, i.key)
+                if record is not MALFORMED:
+                    table[i.key] = Versioned(i.key, record, i.mod_revision)
+                elif i.key in self._tables[kind]:
+                    table[i.key] = self._tables[kind][i.key]  # keep what it was
                 if n % LIST_CHUNK == 0:
                     await asyncio.sleep(0)  # a big list must not hold the loop
         changes: list[Change] = []
@@ -265,7 +272,9 @@ class Cache:
                 self._tombstones.get(key, 0) >= revision:
             return
         if data:
-            record = _decode(cls, data)
+            record = _decode(cls, data, key)
+            if record is MALFORMED:
+                return  # (logged) the last good record stays
         self._set(kind, key, old, Versioned(key, record, revision))
 
     def _remove(self, kind: str, key: str, revision: int, local: bool = False) -> None:
@@ -333,5 +342,14 @@ class Cache:
                                                             ports.values(), sign)
 
 
-def _decode(cls: type | None, data: bytes) -> Any:
-    return records.loads(cls, data) if cls is not None else None
+def _decode(cls: type | None, data: bytes, key: str) -> Any:
+    """The record at `key`, or MALFORMED (logged) when it is not one of `cls`: one bad value
+    written by hand must not stop the cache from loading everything else."""
+    if cls is None:
+        return None
+    try:
+        return records.loads(cls, data)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        log.error("cache: %s is not a valid %s record (%s): ignored; fix or delete the key",
+                  key, cls.__name__, exc)
+        return MALFORMED

@@ -319,3 +319,51 @@ def test_config_must_be_a_mapping(tmp_path: Path):
     with pytest.raises(SpecError) as info:
         load_node(path)
     assert "must be a mapping, got a list" in info.value.message
+
+
+# --- hostile values (issue 16) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio", [float("inf"), float("nan"), float("-inf"), 0.5, 101, "2"])
+def test_overcommit_must_be_a_finite_ratio_from_1(ratio):
+    for key in ("cpu", "memory"):
+        err = node_error(overcommit={key: ratio})
+        assert err.field == f"overcommit.{key}"
+        assert "at least 1 and at most 100" in err.message
+
+
+def test_overcommit_inf_from_yaml_is_refused(tmp_path: Path):
+    path = tmp_path / "node.yaml"
+    path.write_text("overcommit: {cpu: .inf}\n")
+    with pytest.raises(SpecError) as info:
+        load_node(path)
+    assert info.value.field == "overcommit.cpu"
+    path.write_text("overcommit: {memory: .nan}\n")
+    with pytest.raises(SpecError) as info:
+        load_node(path)
+    assert info.value.field == "overcommit.memory"
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 10**6])
+def test_other_numbers_must_be_finite_and_bounded(value):
+    assert node_error(heartbeat_ttl=value).field == "heartbeat_ttl"
+    assert master_error(token=TOKEN, reconcile_interval=value).field == "reconcile_interval"
+
+
+@pytest.mark.parametrize("name", ["h1\n", "a/b", "../x", "-h1", "h 1", "h" * 254])
+def test_node_names_become_keys_so_they_are_matched_whole(name):
+    assert node_error(name=name).field == "name"
+
+
+def test_node_names_like_hosts_are_fine():
+    for name in ("h1", "lab-h1", "host.example.com", "hollow_00001", "H" * 253):
+        assert node_config(Fields("", {"name": name}, "")).name == name
+
+
+@pytest.mark.parametrize("address", ["10.0.0", "host", 7, "10.0.0.1\n"])
+def test_node_address_must_be_ipv4(address):
+    assert node_error(address=address).field == "address"
+
+
+def test_master_id_is_matched_whole():
+    assert master_error(token=TOKEN, id="m1\n").field == "id"
