@@ -29,6 +29,7 @@ DEFAULT_LISTEN = "127.0.0.1:7475"
 DEFAULT_ENGINE = "unix:///var/run/docker.sock"
 DEFAULT_OVERLAY_CIDR = "10.244.0.0/16"
 DEFAULT_LEADER_TTL = 5
+DEFAULT_FENCE_GRACE = 5.0
 MASTER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,62}")  # fullmatch
 NODE_NAME_RE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,251}[A-Za-z0-9])?")  # fullmatch
 
@@ -56,6 +57,9 @@ class MasterConfig:
     audit_log: str = ""  # a JSON-lines file every audit entry is appended to ("": etcd only)
     max_requests_per_token: int = 64  # API calls in flight at once per token
     max_streams_per_token: int = 8  # event streams open at once per token
+    fence_grace: float = DEFAULT_FENCE_GRACE  # seconds after a node's heartbeat lease lapsed
+    # before its instances' copies count as fenced when its engine cannot stop them (its
+    # agent stops them itself before the lease can lapse: this covers a slow stop)
     header_timeout: float = 10.0  # seconds a connection has to send a request's head
     body_timeout: float = 30.0  # seconds a request's body has to arrive
     max_connections: int = 1024  # API connections served at once (more are answered 503)
@@ -246,6 +250,7 @@ def master_config(fields: Fields) -> MasterConfig:
         audit_log=audit_log,
         max_requests_per_token=_whole(fields, "max_requests_per_token", 64, 1, 100_000),
         max_streams_per_token=_whole(fields, "max_streams_per_token", 8, 1, 10_000),
+        fence_grace=_number(fields, "fence_grace", DEFAULT_FENCE_GRACE, 0.0, 3600.0),
         header_timeout=_number(fields, "header_timeout", 10.0, 0.1, 3600.0),
         body_timeout=_number(fields, "body_timeout", 30.0, 0.1, 3600.0),
         max_connections=_whole(fields, "max_connections", 1024, 1, 1_000_000),

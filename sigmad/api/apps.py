@@ -218,13 +218,17 @@ class AppWrites:
         return Result(f"{namespace}/{name}", "deleted", v.value.generation)
 
     async def migrate(self, v: Versioned[Instance], to: str) -> Instance:
-        """Place a NeedMigration instance anew (only on `to` if given)."""
+        """Place a NeedMigration instance anew (only on `to` if given), once its copy on its
+        lost node is fenced (at most one live copy: DESIGN.md §6)."""
         inst = v.value
         if to and self.cache.node(to) is None:
             raise NotFound(f"node {to} not found: see 'sigmactl get nodes'")
         if inst.state != State.NEED_MIGRATION:
             raise Conflict(f"instance {inst.key} is {inst.state}, not NeedMigration: only an "
                            "instance whose node is lost is migrated")
+        wait = migration.unfenced(inst, self.cache.ready)
+        if wait:
+            raise Conflict(f"instance {inst.key} cannot move yet: {wait}")
         t = migration.migrate(inst, to)
         change = self.writes.update_instance(v, t.new)
         for node, ports in t.releases:

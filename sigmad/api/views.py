@@ -43,6 +43,14 @@ def node_status(node: Node, ready: bool) -> str:
     return DRAINING if node.draining else READY if ready else NOT_READY
 
 
+def heartbeat(cache: Cache, name: str) -> str:
+    """What the node's heartbeat says: its agent and engine answer, or its agent is alive
+    but its engine does not (its instances stay: nothing can stop them), or it lapsed."""
+    if name in cache.ready:
+        return "ok"
+    return "engine not answering" if name in cache.alive else "lapsed"
+
+
 def node_view(cache: Cache, node: Node) -> dict[str, Any]:
     """A node with its status, what it has booked, its capacity for requests and what is
     free of it."""
@@ -50,6 +58,7 @@ def node_view(cache: Cache, node: Node) -> dict[str, Any]:
     info = node_info(node, node.name in cache.ready, usage)
     view: dict[str, Any] = records.to_dict(node)
     view["status"] = node_status(node, info.ready)
+    view["heartbeat"] = heartbeat(cache, node.name)
     view["requested"] = resources(info.requested)
     view["schedulable"] = resources(info.capacity())
     view["free"] = resources(info.free())

@@ -15,6 +15,7 @@ appear, change or be lifted (0 = none) this way.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from datetime import datetime
@@ -81,6 +82,24 @@ def _same_instance(c: ContainerState, instance: str, cluster: str) -> bool:
     instance's label, and our cluster label (or, made before containers carried one, none)."""
     return c.labels.get(LABEL_INSTANCE) == instance and \
         c.labels.get(LABEL_CLUSTER, cluster) == cluster
+
+
+async def fence(engine: Engine, instance: str, timeout: float) -> list[str] | None:
+    """Stop every running container of `instance` (`ns/app-i`) on a lost node's `engine`,
+    at once (SIGKILL: a fence does not wait for a graceful end); the ids it stopped, or None
+    when the engine did not answer within `timeout` seconds (nothing is confirmed then)."""
+    async def stop_all() -> list[str]:
+        found = await engine.containers({LABEL_INSTANCE: instance})
+        running = [c.id for c in found if c.running]
+        await asyncio.gather(*(engine.stop(cid, timeout=0) for cid in running))
+        return running
+
+    try:
+        return await asyncio.wait_for(stop_all(), timeout)
+    except (EngineError, TimeoutError) as exc:
+        log.info("%s: its lost node's engine did not fence it: %s", instance,
+                 exc.message if isinstance(exc, EngineError) else f"no answer in {timeout:g}s")
+        return None
 
 
 class Runner:

@@ -9,8 +9,9 @@ Invariants:
   the key is dropped. So this process's own writes (`written`, with the revision the
   transaction answered) are seen at once, and their echo from the watch is a no-op; a delete
   leaves a tombstone until the watch has passed it;
-- the indexes (instances by app and by node, what each node has booked, Ready nodes) are
-  kept in step with the tables, change by change;
+- the indexes (instances by app and by node, what each node has booked, Ready nodes, nodes
+  whose agent holds its heartbeat lease) are kept in step with the tables, change by change;
+  a node is Ready while its heartbeat is there and says its engine answers (sigmad.models.Beat);
 - subscribers are called after each change is applied, in revision order, never for events
   (events/ is not cached);
 - a value that does not decode is logged and ignored: the key keeps its last good record
@@ -29,7 +30,7 @@ from typing import Any, TypeVar
 from sigmad import records
 from sigmad.errors import SigmaError
 from sigmad.leader import LeaderRecord, MasterRecord
-from sigmad.models import AppRecord, Instance, Node, NodeLock, Owner
+from sigmad.models import AppRecord, Beat, Instance, Node, NodeLock, Owner
 from sigmad.scheduler.fit import NodeUsage
 from sigmad.store import Op, Store, Versioned, WatchBatch, WatchCompacted
 from sigmad.tokens import TokenRecord
@@ -42,7 +43,7 @@ IPS, PORTS, LOCKS, LEADER, MASTERS = "ips", "ports", "locks", "leader", "masters
 TOKENS = "tokens"
 # kind → (its key prefix under the cluster prefix, its record class; None: presence only)
 KINDS: dict[str, tuple[str, type | None]] = {
-    NODES: ("nodes/", Node), BEATS: ("heartbeats/", None), APPS: ("apps/", AppRecord),
+    NODES: ("nodes/", Node), BEATS: ("heartbeats/", Beat), APPS: ("apps/", AppRecord),
     INSTANCES: ("instances/", Instance), IPS: ("alloc/ip/", Owner),
     PORTS: ("alloc/port/", Owner), LOCKS: ("alloc/node/", NodeLock),
     LEADER: ("leader", LeaderRecord), MASTERS: ("masters/", MasterRecord),
@@ -81,7 +82,8 @@ class Cache:
         self._tables: dict[str, dict[str, Versioned[Any]]] = {k: {} for k in KINDS}
         self._shared: set[str] = set()  # tables a View holds: copied before the next write
         self._tombstones: dict[str, int] = {}  # key → revision it was deleted at (locally)
-        self.ready: set[str] = set()
+        self.ready: set[str] = set()  # nodes whose heartbeat says their engine answers
+        self.alive: set[str] = set()  # nodes whose agent holds its heartbeat lease
         self.by_app: dict[str, dict[str, Versioned[Instance]]] = {}  # `ns/app` → key → inst
         self.by_node: dict[str, set[str]] = {}  # node → keys of instances on it or moving there
         self.usage: dict[str, NodeUsage] = {}
@@ -305,9 +307,13 @@ class Cache:
         elif kind == BEATS:
             name = key.rsplit("/", 1)[-1]
             if new is None:
-                self.ready.discard(name)
+                self.alive.discard(name)
             else:
+                self.alive.add(name)
+            if new is not None and new.value.engine:
                 self.ready.add(name)
+            else:
+                self.ready.discard(name)
         for fn in self._subscribers:
             try:
                 fn(kind, key, old, new)

@@ -55,12 +55,26 @@ async def test_apply_then_read_it_back_from_the_cache(api: tuple[TestClient, Lea
     status, one = await call(client, "GET", "/v1/instances/default/web-1")
     assert one["name"] == "web-1" and one["ip"] == listed["items"][1]["ip"]
     status, node = await call(client, "GET", "/v1/nodes/a")
-    assert node["status"] == "Ready" and node["instances"] == 2
+    assert node["status"] == "Ready" and node["instances"] == 2 and node["heartbeat"] == "ok"
     assert node["requested"] == {"cpu_m": 200, "memory": 128 << 20}
     assert node["free"]["cpu_m"] == 4000 - 200
     status, pool = await call(client, "GET", "/v1/pool")
     assert pool["requested"] == node["requested"] and pool["instances"] == 2
     assert pool["by_label"]["zone"]["z1"]["limits"] == {"cpu_m": 1000, "memory": 256 << 20}
+
+
+async def test_a_node_says_why_it_is_not_ready(api: tuple[TestClient, Leader]) -> None:
+    client, lead = api
+    await lead.add_node("a")
+    await lead.beat("a", engine=False)  # its agent is alive, its engine does not answer
+    await lead.until(lambda: "a" not in lead.cache.ready)
+    status, node = await call(client, "GET", "/v1/nodes/a")
+    assert status == 200
+    assert (node["status"], node["heartbeat"]) == ("NotReady", "engine not answering")
+    await lead.lose_node("a")
+    await lead.until(lambda: "a" not in lead.cache.alive)
+    status, node = await call(client, "GET", "/v1/nodes/a")
+    assert status == 200 and (node["status"], node["heartbeat"]) == ("NotReady", "lapsed")
 
 
 async def test_every_bad_input_is_a_400_naming_the_field(api: tuple[TestClient, Leader]) -> None:
@@ -114,6 +128,7 @@ async def test_migrate_needs_a_lost_node_and_a_known_target(api: tuple[TestClien
                               {"to": "nowhere"})
     assert status == 404
     await lead.add_node("b")
+    await lead.until(lambda: lead.instances()[0].fence)  # a's engine stopped the old copy
     status, body = await call(client, "POST", "/v1/instances/default/web-0/migrate",
                               {"to": "b"})
     assert status == 200 and body["state"] == "Pending" and body["target"] == "b"

@@ -127,7 +127,7 @@ async def test_a_lost_node_moves_its_instances_keeping_their_ips() -> None:
             lambda: all(i.node == "b" and i.state == "Running" for i in lead.instances())
             and lead.instances(), what="both Running on b")
         assert {i.name: i.ip for i in after} == before
-        assert all(t.reason == "NodeLost" for i in after for t in i.terminations)
+        assert all(t.reason == "KilledBySigma(fenced)" for i in after for t in i.terminations)
 
 
 async def test_a_step_hung_on_a_lost_nodes_engine_is_abandoned() -> None:
