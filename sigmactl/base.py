@@ -27,10 +27,12 @@ class Settings:
 
     server: str | None
     token: str | None
+    context: str | None = None
 
     def client(self) -> Client:
-        """A client for the resolved server and token."""
-        return Client(*resolve(self.server, self.token), ca=ca_path())
+        """A client for the resolved servers and token."""
+        return Client(*resolve(self.server, self.token, self.context),
+                      ca=ca_path(self.context))
 
 
 def items(answer: Any) -> list[dict[str, Any]]:

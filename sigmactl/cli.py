@@ -7,7 +7,7 @@ from typing import IO, Any
 
 import click
 
-from sigmactl import commands, output, waits
+from sigmactl import admin, commands, output, waits
 from sigmactl.base import Settings, emit, items, namespace_option
 from sigmactl.client import CtlError, api_path
 from sigmad import __version__
@@ -34,14 +34,19 @@ class Group(click.Group):
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--server", metavar="URL", help="Sigma master URL [env: SIGMA_SERVER].")
+@click.option("--server", metavar="URL[,URL]", help="Sigma master URLs, comma-separated: "
+              "the first that answers is used [env: SIGMA_SERVER].")
 @click.option("--token", metavar="TOKEN", help="API bearer token [env: SIGMA_TOKEN].")
+@click.option("--context", metavar="NAME", help="Context of the credentials file to use "
+              "instead of its current one [env: SIGMA_CONTEXT].")
 @click.version_option(__version__, prog_name="sigmactl")
 @click.pass_context
-def cli(ctx: click.Context, server: str | None, token: str | None) -> None:
+def cli(ctx: click.Context, server: str | None, token: str | None,
+        context: str | None) -> None:
     """Control a Sigma cluster. Without --server/--token, SIGMA_SERVER/SIGMA_TOKEN or the
-    credentials file $SIGMA_CREDENTIALS (default ~/.sigma/credentials.json) are used."""
-    ctx.obj = Settings(server, token)
+    current context of the credentials file $SIGMA_CREDENTIALS (default
+    ~/.sigma/credentials.json; see 'sigmactl config') are used."""
+    ctx.obj = Settings(server, token, context)
 
 
 @cli.command()
@@ -138,7 +143,8 @@ def delete(settings: Settings, kind: str, name: str, namespace: str, wait: bool,
 
 
 for command in (commands.update, commands.events, commands.pool, commands.why,
-                commands.migrate, commands.drain, commands.uncordon, commands.ssd):
+                commands.migrate, commands.drain, commands.uncordon, commands.ssd, admin.token,
+                admin.audit, admin.config):
     cli.add_command(command)
 
 

@@ -1,8 +1,14 @@
-"""Configuration files of `sigmad master` and `sigmad node` (see conf/*.yaml)."""
+"""Configuration files of `sigmad master` and `sigmad node` (see conf/*.yaml).
+
+Every value is checked at load, with the field named: numbers are finite and within their
+range (an `overcommit: .inf` would make every placement pass raise), names that become etcd
+keys match their pattern as a whole."""
 
 from __future__ import annotations
 
 import ipaddress
+import math
+import os
 import re
 import socket
 from dataclasses import dataclass, field
@@ -11,9 +17,10 @@ from pathlib import Path
 import yaml
 
 from sigmad.errors import SpecError
-from sigmad.models import DEFAULT_PORT_RANGE, Overcommit
-from sigmad.spec import LABEL_RE, Fields, Resources, quantity, string_map
+from sigmad.models import DEFAULT_PORT_RANGE, MAX_OVERCOMMIT, Overcommit
+from sigmad.spec import LABEL_RE, Fields, Resources, quantity, shown, string_map
 from sigmad.tls import TlsFiles, endpoint_problem, take_tls, tls_section
+from sigmad.tokens import weakness
 from sigmad.units import parse_cpu, parse_size
 
 DEFAULT_ETCD = "http://127.0.0.1:2379"
@@ -22,13 +29,15 @@ DEFAULT_LISTEN = "127.0.0.1:7475"
 DEFAULT_ENGINE = "unix:///var/run/docker.sock"
 DEFAULT_OVERLAY_CIDR = "10.244.0.0/16"
 DEFAULT_LEADER_TTL = 5
+DEFAULT_FENCE_GRACE = 5.0
 DEFAULT_DATA_DIR = "/var/lib/sigma"
 # Devices the agent may format: stable names only (a /dev/sdX can name another disk after a
 # reboot), and loop devices for test hosts.
-SSD_PATH_RE = re.compile(r"^/dev/(disk/by-(id|path|uuid|partuuid)/[A-Za-z0-9._:+@-]+|loop[0-9]+"
-                         r"|mapper/[A-Za-z0-9._-]+)$")
+SSD_PATH_RE = re.compile(r"/dev/(disk/by-(id|path|uuid|partuuid)/[A-Za-z0-9._:+@-]+|loop[0-9]+"
+                         r"|mapper/[A-Za-z0-9._-]+)")  # fullmatch
 MAX_SSDS = 64
-MASTER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,62}$")
+MASTER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,62}")  # fullmatch
+NODE_NAME_RE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,251}[A-Za-z0-9])?")  # fullmatch
 
 
 @dataclass
@@ -51,6 +60,12 @@ class MasterConfig:
     id: str = ""  # "" = HOSTNAME:PORT (see master_id)
     advertise: str = ""  # the API's URL for others; "" = http://LISTEN (see api_url)
     leader_ttl: int = DEFAULT_LEADER_TTL
+    audit_log: str = ""  # a JSON-lines file every audit entry is appended to ("": etcd only)
+    max_requests_per_token: int = 64  # API calls in flight at once per token
+    max_streams_per_token: int = 8  # event streams open at once per token
+    fence_grace: float = DEFAULT_FENCE_GRACE  # seconds after a node's heartbeat lease lapsed
+    # before its instances' copies count as fenced when its engine cannot stop them (its
+    # agent stops them itself before the lease can lapse: this covers a slow stop)
     header_timeout: float = 10.0  # seconds a connection has to send a request's head
     body_timeout: float = 30.0  # seconds a request's body has to arrive
     max_connections: int = 1024  # API connections served at once (more are answered 503)
@@ -137,10 +152,13 @@ def _engine(fields: Fields) -> tuple[str, TlsFiles | None]:
     return engine, tls
 
 
-def _number(fields: Fields, key: str, default: float, minimum: float) -> float:
+def _number(fields: Fields, key: str, default: float, minimum: float,
+            maximum: float) -> float:
     value = fields.take(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
-        raise SpecError(fields.at(key), f"must be a number of at least {minimum}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            math.isfinite(value) and minimum <= value <= maximum):
+        raise SpecError(fields.at(key), f"must be a number of at least {minimum:g} and at "
+                        f"most {maximum:g}")
     return float(value)
 
 
@@ -170,9 +188,9 @@ def _ssds(fields: Fields) -> list[str]:
     if not isinstance(value, list) or len(value) > MAX_SSDS:
         raise SpecError("ssds", f"must be a list of at most {MAX_SSDS} device paths")
     for i, path in enumerate(value):
-        if not isinstance(path, str) or not SSD_PATH_RE.match(path) \
+        if not isinstance(path, str) or not SSD_PATH_RE.fullmatch(path) \
                 or path.endswith(("/.", "/..")):
-            raise SpecError(f"ssds[{i}]", f"{path!r} is not a stable device path: use "
+            raise SpecError(f"ssds[{i}]", f"{shown(path)} is not a stable device path: use "
                             "/dev/disk/by-id/NAME (or by-path, by-uuid), /dev/mapper/NAME "
                             "or /dev/loopN (a /dev/sdX name can change at reboot)")
         if value.index(path) != i:
@@ -185,6 +203,14 @@ def _data_dir(fields: Fields) -> str:
     if not isinstance(value, str) or not value.startswith("/") or value.rstrip("/") == "":
         raise SpecError("data_dir", "must be an absolute directory path other than /")
     return value.rstrip("/")
+def _address(fields: Fields) -> str:
+    """The node's underlay (VTEP) address: an IPv4 address, or "" to leave it unset."""
+    value = fields.take("address") or ""
+    try:
+        return str(ipaddress.IPv4Address(value if isinstance(value, str) else "")) \
+            if value else ""
+    except ValueError:
+        raise SpecError("address", f"{shown(value)} is not an IPv4 address") from None
 
 
 def _read(path: str | Path) -> Fields:
@@ -199,6 +225,19 @@ def _read(path: str | Path) -> Fields:
     return Fields("", doc, "")
 
 
+def _token_file(path: str) -> str:
+    """The token in the file at `path`, which only its owner may read."""
+    try:
+        with open(path) as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if mode & 0o077:
+                raise SpecError("token_file", f"{path} can be read by others (mode "
+                                f"{mode & 0o777:o}): chmod 600 {path}")
+            return f.read().strip()
+    except OSError as exc:
+        raise SpecError("token_file", f"cannot read {path}: {exc.strerror}") from None
+
+
 def master_config(fields: Fields) -> MasterConfig:
     """A MasterConfig from a parsed mapping (see conf/master.yaml)."""
     token = fields.take("token")
@@ -206,18 +245,21 @@ def master_config(fields: Fields) -> MasterConfig:
     if token_file is not None and not isinstance(token_file, str):
         raise SpecError("token_file", "must be the path of a file holding the token")
     if token_file and not token:
-        try:
-            token = Path(token_file).read_text().strip()
-        except OSError as exc:
-            raise SpecError("token_file", f"cannot read {token_file}: {exc.strerror}") from None
+        token = _token_file(token_file)
     if not isinstance(token, str) or len(token) < 16:
         raise SpecError("token", "is required: a secret of at least 16 characters "
                         "(or token_file: a file holding one)")
+    if why := weakness(token):
+        raise SpecError("token_file" if token_file else "token",
+                        f"{why}: generate one with 'openssl rand -hex 24'")
+    audit_log = fields.take("audit_log", "")
+    if not isinstance(audit_log, str) or (audit_log and not audit_log.startswith("/")):
+        raise SpecError("audit_log", "must be the absolute path of a file (JSON lines)")
     listen = fields.take("listen", DEFAULT_LISTEN)
     if not isinstance(listen, str) or ":" not in listen:
         raise SpecError("listen", "must be HOST:PORT")
     master_id = fields.take("id", "")
-    if not isinstance(master_id, str) or (master_id and not MASTER_ID_RE.match(master_id)):
+    if not isinstance(master_id, str) or (master_id and not MASTER_ID_RE.fullmatch(master_id)):
         raise SpecError("id", "must be 1 to 63 letters, digits, '.', '_', ':' or '-' "
                         "(default: HOSTNAME:PORT)")
     advertise = fields.take("advertise", "")
@@ -230,16 +272,20 @@ def master_config(fields: Fields) -> MasterConfig:
         raise SpecError("leader_ttl", "must be a whole number of seconds, at least 2")
     config = MasterConfig(
         token=token, listen=listen, etcd=_etcd(fields),
-        reconcile_interval=_number(fields, "reconcile_interval", 300.0, 0.1),
+        reconcile_interval=_number(fields, "reconcile_interval", 300.0, 0.1, 86400.0),
         workers=_whole(fields, "workers", 64, 1, 4096),
         engine_parallel=_whole(fields, "engine_parallel", 8, 1, 256),
         overlay_cidr=_cidr(fields), id=master_id, advertise=advertise, leader_ttl=ttl,
-        header_timeout=_number(fields, "header_timeout", 10.0, 0.1),
-        body_timeout=_number(fields, "body_timeout", 30.0, 0.1),
+        audit_log=audit_log,
+        max_requests_per_token=_whole(fields, "max_requests_per_token", 64, 1, 100_000),
+        max_streams_per_token=_whole(fields, "max_streams_per_token", 8, 1, 10_000),
+        fence_grace=_number(fields, "fence_grace", DEFAULT_FENCE_GRACE, 0.0, 3600.0),
+        header_timeout=_number(fields, "header_timeout", 10.0, 0.1, 3600.0),
+        body_timeout=_number(fields, "body_timeout", 30.0, 0.1, 3600.0),
         max_connections=_whole(fields, "max_connections", 1024, 1, 1_000_000),
-        stream_heartbeat=_number(fields, "stream_heartbeat", 5.0, 0.1),
-        history_keep=_number(fields, "history_keep", 300.0, 1.0),
-        compact_interval=_number(fields, "compact_interval", 60.0, 0.1),
+        stream_heartbeat=_number(fields, "stream_heartbeat", 5.0, 0.1, 3600.0),
+        history_keep=_number(fields, "history_keep", 300.0, 1.0, 30 * 86400.0),
+        compact_interval=_number(fields, "compact_interval", 60.0, 0.1, 86400.0),
         tls=_api_tls(fields),
         engine_tls=tls_section(fields, "engine_tls", ca=True, cert=True),
     )
@@ -251,8 +297,9 @@ def node_config(fields: Fields) -> NodeConfig:
     """A NodeConfig from a parsed mapping (see conf/node.yaml)."""
     defaults = NodeConfig()
     name = fields.take("name") or defaults.name
-    if not isinstance(name, str):
-        raise SpecError("name", "must be a string")
+    if not isinstance(name, str) or not NODE_NAME_RE.fullmatch(name):
+        raise SpecError("name", "must be a host name: 1 to 253 letters, digits, '-', '_' or "
+                        "'.', starting and ending with a letter or digit")
     engine, engine_tls = _engine(fields)
     reserved = Fields("reserved", fields.take("reserved") or {}, "")
     reserve = Resources(
@@ -262,7 +309,8 @@ def node_config(fields: Fields) -> NodeConfig:
     reserved.done()
     ratios = Fields("overcommit", fields.take("overcommit") or {}, "")
     overcommit = Overcommit(
-        _number(ratios, "cpu", 1.0, 1.0), _number(ratios, "memory", 1.0, 1.0)
+        _number(ratios, "cpu", 1.0, 1.0, MAX_OVERCOMMIT),
+        _number(ratios, "memory", 1.0, 1.0, MAX_OVERCOMMIT),
     )
     ratios.done()
     port_range = fields.take("port_range", DEFAULT_PORT_RANGE)
@@ -275,12 +323,12 @@ def node_config(fields: Fields) -> NodeConfig:
     config = NodeConfig(
         name=name,
         engine=engine,
-        address=str(fields.take("address") or ""),
+        address=_address(fields),
         labels=string_map("labels", fields.take("labels"), LABEL_RE, "label"),
         reserved=reserve,
         overcommit=overcommit,
         port_range=list(port_range),
-        heartbeat_ttl=int(_number(fields, "heartbeat_ttl", 5, 2)),
+        heartbeat_ttl=int(_number(fields, "heartbeat_ttl", 5, 2, 3600)),
         overlay_cidr=_cidr(fields),
         etcd=_etcd(fields),
         engine_tls=engine_tls,

@@ -63,8 +63,21 @@ _EXIT_STATUS = re.compile(r"^Exited \((-?\d+)\)")
 
 
 def container_name(instance: Instance, container: str) -> str:
-    """A deterministic name, so the engine itself refuses a second copy."""
-    return f"sigma-{instance.namespace}-{instance.name}-{container}"
+    """A deterministic name, so the engine itself refuses a second copy:
+    `sigma-NAMESPACE_APP-INDEX_CONTAINER`. The '_' separators appear in no namespace, app or
+    container name, so two instances never share a name (with '-', namespace a-b's app c and
+    namespace a's app b-c did)."""
+    return f"sigma-{instance.namespace}_{instance.name}_{container}"
+
+
+def pull_params(ref: str) -> dict[str, str]:
+    """The Engine API's pull parameters for an image reference (sigmad.spec.IMAGE_RE): the
+    repository, and its digest, else its tag, else `latest`."""
+    name, _, digest = ref.partition("@")
+    repo, colon, tag = name.rpartition(":")
+    if not colon or "/" in tag:  # no tag: the ':' (if any) was a registry's port
+        repo, tag = name, ""
+    return {"fromImage": repo, "tag": digest or tag or "latest"}
 
 
 def pull_failure(ref: str, error: str) -> str:
@@ -339,14 +352,14 @@ class _Conn:
                 yield data
 
 
-_PLAIN = re.compile(r"^[A-Za-z0-9._/-]*$")
+_PLAIN = re.compile(r"[A-Za-z0-9._/-]*")  # fullmatch: "a\n" is not plain
 
 
 def _query(params: dict[str, Any] | None) -> str:
     """`?k=v&…` of `params` (plain names and numbers go as they are: the common case)."""
     if not params:
         return ""
-    if all(_PLAIN.match(str(v)) for v in params.values()):
+    if all(_PLAIN.fullmatch(str(v)) for v in params.values()):
         return "?" + "&".join(f"{k}={v}" for k, v in params.items())
     return "?" + urlencode(params)
 
@@ -562,8 +575,7 @@ class DockerEngine:
         """Pull `ref` unless the engine has it; `progress` gets human-readable pull status."""
         if await self.has_image(ref):
             return
-        repo, _, tag = ref.rpartition(":") if ":" in ref.rsplit("/", 1)[-1] else (ref, "", "")
-        params = {"fromImage": repo, "tag": tag or "latest"}
+        params = pull_params(ref)
         try:
             async for message in self._http.lines("POST", "/images/create", params,
                                                   f"pull {ref}"):

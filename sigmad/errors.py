@@ -46,6 +46,20 @@ class Unauthorized(SigmaError):
     status = 401
 
 
+class Forbidden(SigmaError):
+    """The token is valid but its role or namespaces do not allow the call."""
+
+    code = "forbidden"
+    status = 403
+
+
+class TooManyRequests(SigmaError):
+    """A per-token cap (requests in flight, event streams) is reached."""
+
+    code = "too_many_requests"
+    status = 429
+
+
 class StoreUnavailable(SigmaError):
     """etcd could not be reached within the retry budget."""
 

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 
 from sigmad.api import make_app
+from sigmad.api.auth import DEFAULT_CAPS, TokenCaps
 from sigmad.api.serving import Limits, Served
 from sigmad.config import MasterConfig
 from sigmad.control.compaction import Compactor
@@ -82,10 +83,12 @@ class ApiThread:
 
     def __init__(self, store: Store, cache: Cache, token: str, listen: str, limits: Limits,
                  metrics: Metrics, tls: ssl.SSLContext | None = None,
-                 engines: EnginePool | None = None) -> None:
+                 engines: EnginePool | None = None, caps: TokenCaps = DEFAULT_CAPS,
+                 audit_log: str = "") -> None:
         self.store, self.cache, self.token, self.listen = store, cache, token, listen
         self.limits, self.metrics = limits, metrics
         self.tls, self.engines = tls, engines
+        self.caps, self.audit_log = caps, audit_log
         self.main = asyncio.get_running_loop()
         self.loop = asyncio.new_event_loop()
         self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -97,7 +100,8 @@ class ApiThread:
     def _serve(self) -> None:
         asyncio.set_event_loop(self.loop)
         app = make_app(self.store, self.cache, self.token, self.engines,
-                       on_main=self._on_main, limits=self.limits, metrics=self.metrics)
+                       on_main=self._on_main, limits=self.limits, metrics=self.metrics,
+                       caps=self.caps, audit_log=self.audit_log)
         served = Served(app, self.limits, self.metrics)
         try:
             host, _, port = self.listen.rpartition(":")
@@ -157,7 +161,9 @@ async def run_master(config: MasterConfig) -> None:
         engine_tls = client_context(config.engine_tls) if config.engine_tls else None
         api = ApiThread(api_store, cache, config.token, config.listen, limits, metrics,
                         server_context(config.tls) if config.tls else None,
-                        EnginePool(prefix, tls=engine_tls))
+                        EnginePool(prefix, tls=engine_tls),
+                        TokenCaps(config.max_requests_per_token, config.max_streams_per_token),
+                        config.audit_log)
         await api.start()
         elector = Elector(election, store, config.master_id(), config.api_url(), ttl,
                           keep_in_thread=True)

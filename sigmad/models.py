@@ -12,6 +12,7 @@ Invariants:
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -36,10 +37,22 @@ def now() -> float:
 
 @dataclass(slots=True)
 class Overcommit:
-    """How far a node's requests may exceed its allocatable: 1.0 = not at all."""
+    """How far a node's requests may exceed its allocatable: 1.0 = not at all, at most
+    MAX_OVERCOMMIT (checked in the node's config)."""
 
     cpu: float = 1.0
     memory: float = 1.0
+
+
+MAX_OVERCOMMIT = 100.0
+_INSTANCE_NAME = re.compile(r"(?P<app>[a-z0-9]([-a-z0-9]*[a-z0-9])?)-(?P<index>[0-9]{1,9})")
+
+
+def split_name(name: str) -> tuple[str, int] | None:
+    """(app, index) of an instance name `APP-INDEX`, or None if `name` is not one (the whole
+    of it, ASCII digits only: "web-²" and "web-0\n" are not)."""
+    match = _INSTANCE_NAME.fullmatch(name)
+    return None if match is None else (match["app"], int(match["index"]))
 
 
 DEFAULT_PORT_RANGE = [31000, 32767]
@@ -91,6 +104,18 @@ class Ssd:
     fs_uuid: str = ""  # the filesystem made by the last format (a wipe makes a new one)
     owner: str = ""  # the instance key it is bound to or retained for
     updated: float = 0.0
+
+
+@dataclass(slots=True)
+class Beat:
+    """The value of the leased `heartbeats/{node}` key. Its presence says the node's agent
+    is alive (it holds its lease); `engine` says whether the node's engine answers it. A
+    node is Ready when both hold; an alive agent whose engine does not answer cannot fence
+    the containers that engine runs, so the master never counts its lease as lapsed."""
+
+    node: str = ""
+    since: float = 0.0
+    engine: bool = True
 
 
 @dataclass(slots=True)
@@ -175,6 +200,7 @@ class Instance:
     move: str = ""  # why a live move was asked for (e.g. "drain h2"); the scheduler books it
     next_node: str = ""  # a live move in progress: booked there too, started there first
     next_ports: dict[str, int] = field(default_factory=dict)  # host ports booked on it
+    fence: str = ""  # how the copy on its lost node was fenced (set before any copy elsewhere)
     request: Resources = field(default_factory=Resources)
     ssds: list[BoundSsd] = field(default_factory=list)  # its volumes' disks on `node`
     containers: list[ContainerStatus] = field(default_factory=list)
@@ -235,6 +261,7 @@ class Instance:
         new.state, new.node, new.host_ports = State.SCHEDULED, node, ports
         new.ssds = list(ssds or [])
         new.reason, new.unschedulable, new.target, new.updated = "", {}, "", now()
+        new.fence = ""
         return new
 
     def move_asked(self, why: str) -> Instance:
@@ -270,16 +297,37 @@ class Instance:
         new.state, new.reason, new.updated = State.TERMINATING, reason, now()
         return new
 
-    def lost_node(self, auto: bool) -> Instance:
-        """Its node is NotReady: NeedMigration (NodeLost), and with `auto` straight back to
-        Pending to be placed elsewhere (release `host_ports` of `node`)."""
+    def lost_node(self) -> Instance:
+        """Its node is NotReady: NeedMigration (NodeLost). It keeps its node (and a move's
+        next node) until its copy there is fenced (`fenced`): only then may a copy start
+        elsewhere."""
         new = self.copy()
         for c in new.containers:
             if c.id and not c.finished_at:
                 new.terminated(c.name, NODE_LOST, c.id)
         new.state, new.reason = State.NEED_MIGRATION, f"{NODE_LOST}: node {self.node} is NotReady"
+        new.fence, new.updated = "", now()
+        return new
+
+    def waiting_for_fence(self, why: str) -> Instance:
+        """NeedMigration, and why its old copy does not count as fenced yet."""
+        new = self.copy()
+        new.reason = f"{NODE_LOST}: node {self.node} is NotReady; {why}"
         new.updated = now()
-        return new.unbound(f"migrating: {new.reason}") if auto else new
+        return new
+
+    def fenced(self, how: str, stopped: list[str]) -> Instance:
+        """Its copy on its lost node is fenced (`how`); the containers `stopped` through
+        the node's engine end as KilledBySigma(fenced) instead of NodeLost."""
+        new = self.copy()
+        killed = Reason.killed(Kill.FENCED)
+        new.terminations = [Termination(t.container, killed, t.at, t.container_id)
+                            if t.container_id in stopped and t.reason == NODE_LOST else t
+                            for t in new.terminations]
+        new.fence = how
+        new.reason = f"{NODE_LOST}: node {self.node} is NotReady; fenced: {how}"
+        new.updated = now()
+        return new
 
     def lost_ssd(self, why: str, auto: bool) -> Instance:
         """A disk of one of its volumes broke (`why`): NeedMigration (SSDLost), and with
@@ -307,9 +355,15 @@ class Instance:
         return new
 
     def resumed(self) -> Instance:
-        """NeedMigration and its node is back: it resumes there."""
+        """NeedMigration and its node is back: it resumes there. Its containers' NodeLost
+        ends are taken back: they may run on (a hung engine), else their real end is
+        recorded from the engine."""
         new = self.copy()
         new.state, new.reason, new.updated = State.SCHEDULED, f"node {self.node} is back", now()
+        new.fence = ""
+        ids = {c.id for c in new.containers}
+        new.terminations = [t for t in new.terminations
+                            if t.reason != NODE_LOST or t.container_id not in ids]
         return new
 
     def flipped(self, containers: list[ContainerStatus]) -> Instance:

@@ -2,6 +2,13 @@
 
 Validation happens before anything is written: every error names the field path and the
 reason, e.g. `containers[0].resources.limit.memory: "8GG" is not a size`.
+
+Invariants of `parse` (the API runs it off its event loop, on a body of at most 1 MiB):
+- nothing but SpecError escapes it, whatever the text (tests/unit/test_spec_fuzz.py);
+- its cost is bounded by the text's length: YAML aliases are never expanded (an alias is
+  refused at the field it stands for), nesting stops at MAX_DEPTH, a number's digits at
+  MAX_NUMBER_CHARS, documents at MAX_DOCUMENTS, list checks use sets;
+- names match their pattern as a whole (`fullmatch`: "web\n" is not a name).
 """
 
 from __future__ import annotations
@@ -13,14 +20,47 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from yaml.composer import Composer, ComposerError
+from yaml.constructor import ConstructorError, SafeConstructor
+from yaml.events import AliasEvent
+from yaml.nodes import MappingNode, Node, ScalarNode
+from yaml.resolver import Resolver
 
 from sigmad.errors import SpecError
 from sigmad.units import parse_cpu, parse_size
 
-NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-LABEL_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?$")
+try:
+    from yaml._yaml import CParser as _Events  # libyaml's scanner and parser: fast
+except ImportError:  # pragma: no cover - PyYAML built without libyaml
+    from yaml.parser import Parser
+    from yaml.reader import Reader
+    from yaml.scanner import Scanner
+
+    class _Events(Reader, Scanner, Parser):  # type: ignore[no-redef]
+        def __init__(self, stream: str) -> None:
+            Reader.__init__(self, stream)
+            Scanner.__init__(self)
+            Parser.__init__(self)
+
+# Patterns are used with fullmatch only.
+NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+LABEL_RE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?")
+# Docker's image reference grammar (distribution/reference): [domain[:port]/]path[:tag][@digest]
+# with lowercase path components joined by '.', '_', '__' or dashes.
+_PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOMAIN_PART = r"(?:[A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9-]*[A-Za-z0-9])"
+_DOMAIN = rf"(?:{_DOMAIN_PART}(?:\.{_DOMAIN_PART})*|\[[0-9A-Fa-f:.]+\])(?::[0-9]+)?"
+IMAGE_RE = re.compile(
+    rf"(?P<name>(?:{_DOMAIN}/)?{_PATH_PART}(?:/{_PATH_PART})*)"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9A-Fa-f]{32,})?")
+MAX_IMAGE = 512  # characters of a whole reference (Docker: 255 for the name)
+MAX_IMAGE_NAME = 255
 MAX_NAME = 40
+MAX_DEPTH = 16  # nesting levels of a document (the spec itself needs 5)
+MAX_NUMBER_CHARS = 24  # characters of an integer scalar (beyond 64 bits is never meant)
+MAX_DOCUMENTS = 100  # apps in one file: one apply is one transaction (sigmad.api.apps)
 MAX_REPLICAS = 10_000
 RESTART_POLICIES = ("always", "on-failure", "never")
 NETWORK_MODES = ("overlay", "host-compat")
@@ -204,6 +244,12 @@ class Fields:
             raise SpecError(self.at(key), "unknown field")
 
 
+def shown(value: object, width: int = 60) -> str:
+    """`value` as an error message quotes it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width] + "…"
+
+
 def _kind(value: object) -> str:
     return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
         type(value), type(value).__name__
@@ -211,10 +257,10 @@ def _kind(value: object) -> str:
 
 
 def _name(path: str, value: object) -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value) or len(value) > MAX_NAME:
+    if not isinstance(value, str) or len(value) > MAX_NAME or not NAME_RE.fullmatch(value):
         raise SpecError(
             path,
-            f"{value!r} is not a valid name (lowercase letters, digits and '-', "
+            f"{shown(value)} is not a valid name (lowercase letters, digits and '-', "
             f"at most {MAX_NAME} characters, starting and ending with a letter or digit)",
         )
     return value
@@ -261,7 +307,7 @@ def string_map(path: str, value: object, key_re: re.Pattern[str], what: str) -> 
         raise SpecError(path, f"must be a mapping, got {_kind(value)}")
     out: dict[str, str] = {}
     for key, item in value.items():
-        if not isinstance(key, str) or not key_re.match(key):
+        if not isinstance(key, str) or not key_re.fullmatch(key):
             raise SpecError(f"{path}.{key}", f"is not a valid {what} name")
         if isinstance(item, dict | list) or item is None:
             raise SpecError(f"{path}.{key}", f"must be a string, got {_kind(item)}")
@@ -272,9 +318,7 @@ def string_map(path: str, value: object, key_re: re.Pattern[str], what: str) -> 
 def _container(path: str, value: object) -> ContainerSpec:
     fields = Fields(path, value, "containers[]")
     name = _name(fields.at("name"), fields.take("name", required=True))
-    image = fields.take("image", required=True)
-    if not isinstance(image, str) or not image or any(ch.isspace() for ch in image):
-        raise SpecError(fields.at("image"), f"{image!r} is not an image reference")
+    image = image_reference(fields.at("image"), fields.take("image", required=True))
     command = fields.take("command", [])
     if not isinstance(command, list) or not all(isinstance(a, str | int) for a in command):
         raise SpecError(fields.at("command"), "must be a list of strings, e.g. [httpd, -f]")
@@ -290,9 +334,20 @@ def _container(path: str, value: object) -> ContainerSpec:
     return spec
 
 
+def image_reference(path: str, value: object) -> str:
+    """`value` if it is a Docker image reference, e.g. `lab-registry:5000/sigma/busybox:1.36`
+    or `busybox@sha256:<hex>` (see IMAGE_RE)."""
+    match = IMAGE_RE.fullmatch(value) if isinstance(value, str) and len(value) <= MAX_IMAGE \
+        else None
+    if not isinstance(value, str) or match is None or len(match["name"]) > MAX_IMAGE_NAME:
+        raise SpecError(path, f"{shown(value)} is not an image reference "
+                        "(REPOSITORY[:TAG][@DIGEST], lowercase, e.g. registry:5000/team/app:1.2)")
+    return value
+
+
 def _port_number(path: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise SpecError(path, f"{value!r} is not a port number (1-65535)")
+        raise SpecError(path, f"{shown(value)} is not a port number (1-65535)")
     return value
 
 
@@ -380,7 +435,7 @@ def _volumes(value: object) -> list[VolumeSpec]:
 
 def _choice(path: str, value: object, choices: tuple[str, ...]) -> str:
     if value not in choices:
-        raise SpecError(path, f"{value!r} is not one of {', '.join(choices)}")
+        raise SpecError(path, f"{shown(value)} is not one of {', '.join(choices)}")
     return str(value)
 
 
@@ -394,8 +449,8 @@ def _placement(value: object) -> Placement:
     for i, item in enumerate(raw):
         ex = Fields(f"placement.expressions[{i}]", item, "")
         key = ex.take("key", required=True)
-        if not isinstance(key, str) or not LABEL_RE.match(key):
-            raise SpecError(ex.at("key"), f"{key!r} is not a label name")
+        if not isinstance(key, str) or not LABEL_RE.fullmatch(key):
+            raise SpecError(ex.at("key"), f"{shown(key)} is not a label name")
         op = _choice(ex.at("operator"), ex.take("operator", required=True), OPERATORS)
         values = ex.take("values", [])
         if not isinstance(values, list) or not all(isinstance(v, str | int) for v in values):
@@ -407,20 +462,21 @@ def _placement(value: object) -> Placement:
         ex.done()
         expressions.append(Expression(key, op, [str(v) for v in values]))
     spread = fields.take("spread", "")
-    if not isinstance(spread, str) or (spread and not LABEL_RE.match(spread)):
-        raise SpecError("placement.spread", f"{spread!r} is not a label name")
+    if not isinstance(spread, str) or (spread and not LABEL_RE.fullmatch(spread)):
+        raise SpecError("placement.spread", f"{shown(spread)} is not a label name")
     strategy = _choice("placement.strategy", fields.take("strategy", "spread"), STRATEGIES)
     fields.done()
     return Placement(labels, expressions, spread, strategy)
 
 
-def _network(value: object) -> NetworkSpec:
+def _network(value: object, replicas: int) -> NetworkSpec:
     fields = Fields("network", value or {}, "network")
     mode = _choice("network.mode", fields.take("mode", "overlay"), NETWORK_MODES)
     raw = fields.take("ports") or []
     if not isinstance(raw, list):
         raise SpecError("network.ports", "must be a list")
     ports: list[Port] = []
+    names: set[str] = set()
     for i, item in enumerate(raw):
         pf = Fields(f"network.ports[{i}]", item, "")
         port = Port(
@@ -429,31 +485,40 @@ def _network(value: object) -> NetworkSpec:
             _choice(pf.at("protocol"), pf.take("protocol", "tcp"), ("tcp", "udp")),
         )
         pf.done()
-        if any(p.name == port.name for p in ports):
+        if port.name in names:
             raise SpecError(pf.at("name"), f"{port.name!r} is used twice")
+        names.add(port.name)
         ports.append(port)
-    ips = _fixed_ips(fields.take("ip"))
+    ips = _fixed_ips(fields.take("ip"), replicas)
     fields.done()
     return NetworkSpec(mode, ports, ips)
 
 
-def _fixed_ips(value: object) -> list[str]:
-    """`network.ip`: one IPv4 address (one replica) or a list, one per replica in order."""
+def _fixed_ips(value: object, replicas: int) -> list[str]:
+    """`network.ip`: one IPv4 address (one replica) or a list, exactly one per replica in
+    index order, no address twice."""
     if value is None:
         return []
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items:
         raise SpecError("network.ip", "must be an IPv4 address, or a list of them (one per "
                         "replica)")
+    if len(items) != replicas:
+        raise SpecError("network.ip", f"{len(items)} fixed IP(s) for {replicas} replicas: "
+                        "give one per replica, or drop network.ip to let the cluster pick")
+    ips: list[str] = []
+    seen: set[str] = set()
     for i, item in enumerate(items):
         where = "network.ip" if isinstance(value, str) else f"network.ip[{i}]"
         try:
-            ipaddress.IPv4Address(item if isinstance(item, str) else "")
+            ip = str(ipaddress.IPv4Address(item if isinstance(item, str) else ""))
         except ValueError:
-            raise SpecError(where, f"{item!r} is not an IPv4 address") from None
-        if items.index(item) != i:
-            raise SpecError(where, f"{item} is listed twice")
-    return [str(ipaddress.IPv4Address(i)) for i in items]
+            raise SpecError(where, f"{shown(item)} is not an IPv4 address") from None
+        if ip in seen:
+            raise SpecError(where, f"{ip} is listed twice")
+        seen.add(ip)
+        ips.append(ip)
+    return ips
 
 
 def _depends_on(value: object) -> list[str]:
@@ -475,7 +540,8 @@ def validate(doc: object) -> AppSpec:
     if isinstance(replicas, bool) or not isinstance(replicas, int) or not (
         0 <= replicas <= MAX_REPLICAS
     ):
-        raise SpecError("replicas", f"{replicas!r} is not a whole number from 0 to {MAX_REPLICAS}")
+        raise SpecError("replicas",
+                        f"{shown(replicas)} is not a whole number from 0 to {MAX_REPLICAS}")
     raw = fields.take("containers", required=True)
     if not isinstance(raw, list) or not raw:
         raise SpecError("containers", "must be a non-empty list")
@@ -486,7 +552,7 @@ def validate(doc: object) -> AppSpec:
             raise SpecError(f"containers[{i}].name", f"{c.name!r} is used twice")
         seen.add(c.name)
     placement = _placement(fields.take("placement"))
-    network = _network(fields.take("network"))
+    network = _network(fields.take("network"), replicas)
     restart = _choice("restart", fields.take("restart", "always"), RESTART_POLICIES)
     depends_on = _depends_on(fields.take("depends_on"))
     migration = _choice("migration", fields.take("migration", "auto"), MIGRATION_POLICIES)
@@ -494,9 +560,6 @@ def validate(doc: object) -> AppSpec:
     if app in depends_on:
         raise SpecError("depends_on", f"an app cannot depend on itself ({app})")
     fields.done()
-    if network.ips and len(network.ips) < replicas:
-        raise SpecError("network.ip", f"{len(network.ips)} fixed IP(s) for {replicas} replicas: "
-                        "give one per replica, or drop network.ip to let the cluster pick")
     return AppSpec(
         app=app, namespace=namespace, replicas=replicas, containers=containers,
         placement=placement, network=network, restart=restart, depends_on=depends_on,
@@ -504,14 +567,135 @@ def validate(doc: object) -> AppSpec:
     )
 
 
-def parse(text: str) -> list[AppSpec]:
-    """Every app in a YAML (or JSON) text of one or more documents; all valid or SpecError."""
+class Refused:
+    """What the loader builds instead of a value it will not build (an alias, a number too
+    long); validation refuses it at its field (`_refused`)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return "<refused>"
+
+
+_ALIAS = "tag:sigma,2026:alias"
+
+
+class _Loader(Composer, _Events, SafeConstructor, Resolver):
+    """PyYAML's safe loader (libyaml's parser when present) bounded as the module docstring
+    says: an alias composes to a node of its own (never the anchored one), nesting stops at
+    MAX_DEPTH, long integers and values that fail their tag become `Refused`."""
+
+    def __init__(self, text: str) -> None:
+        _Events.__init__(self, text)
+        Composer.__init__(self)
+        SafeConstructor.__init__(self)
+        Resolver.__init__(self)
+        self.depth = 0
+
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
+        if self.check_event(AliasEvent):
+            event: Any = self.get_event()
+            return ScalarNode(_ALIAS, event.anchor, event.start_mark, event.end_mark)
+        if self.depth >= MAX_DEPTH:
+            following: Any = self.peek_event()
+            raise ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                following.start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_object(self, node: Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, AttributeError, IndexError, KeyError, OverflowError):
+            # e.g. `!!int abc`, `!!timestamp now`: PyYAML lets these escape unconverted
+            return Refused(f"is not a valid {node.tag.rpartition(':')[2]} value")
+
+    def flatten_mapping(self, node: MappingNode) -> None:
+        for key, value in node.value:
+            if key.tag == "tag:yaml.org,2002:merge" and any(
+                    n.tag == _ALIAS for n in [value, *getattr(value, "value", [])]
+                    if isinstance(n, Node)):
+                raise ConstructorError(None, None, "a merge key (<<) takes a YAML alias: "
+                                       "aliases are not accepted, write the values out",
+                                       key.start_mark)
+        super().flatten_mapping(node)
+
+    def construct_alias(self, node: ScalarNode) -> Refused:
+        return Refused(f"is a YAML alias (*{node.value}): aliases are not accepted, write "
+                       "the value out")
+
+    def construct_yaml_int(self, node: ScalarNode) -> Any:
+        if len(node.value) > MAX_NUMBER_CHARS:
+            return Refused(f"is a number of {len(node.value)} characters: too large")
+        return super().construct_yaml_int(node)
+
+
+_Loader.add_constructor(_ALIAS, _Loader.construct_alias)  # type: ignore[type-var]
+_Loader.add_constructor("tag:yaml.org,2002:int",  # type: ignore[type-var]
+                        _Loader.construct_yaml_int)
+
+
+def _refused(doc: object) -> None:
+    """SpecError at the first `Refused` value (or key) in `doc` (in document order), naming
+    its field."""
+    stack: list[tuple[object, str]] = [(doc, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, Refused):
+            raise SpecError(path, value.reason)
+        if isinstance(value, dict):
+            for key in value:
+                if isinstance(key, Refused):
+                    raise SpecError(f"{path}.{key}" if path else str(key), key.reason)
+            stack.extend((value[key], f"{path}.{key}" if path else str(key))
+                         for key in reversed(value))
+        elif isinstance(value, list | tuple | set | frozenset):
+            items = list(value)
+            stack.extend((items[i], f"{path}[{i}]") for i in reversed(range(len(items))))
+
+
+def load(text: str) -> list[object]:
+    """The documents of a YAML (or JSON) text, bounded as the module docstring says; empty
+    documents left out. SpecError for text that is not YAML or holds a refused value."""
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        loader = _Loader(text)
+    except UnicodeError:  # a lone surrogate: no UTF-8 text can hold it
+        raise SpecError("", "the text is not valid Unicode") from None
+    docs: list[object] = []
+    count = 0
+    try:
+        while loader.check_data():
+            count += 1
+            if count > MAX_DOCUMENTS:
+                raise SpecError("", f"more than {MAX_DOCUMENTS} documents in one file: one "
+                                "apply is one transaction; split the file")
+            doc = loader.get_data()
+            _refused(doc)
+            if doc is not None:
+                docs.append(doc)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SpecError("", f"not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        problem = getattr(exc, "problem", None) or exc
+        raise SpecError("", f"not valid YAML{where}: {problem}") from None
+    except RecursionError:  # pragma: no cover - nesting is bounded above
+        raise SpecError("", f"nested deeper than {MAX_DEPTH} levels") from None
+    finally:
+        loader.dispose()
+    return docs
+
+
+def parse(text: str) -> list[AppSpec]:
+    """Every app in a YAML (or JSON) text of one or more documents; all valid or SpecError."""
+    docs = load(text)
     if not docs:
         raise SpecError("", "the file holds no app spec")
     specs = []
@@ -522,8 +706,9 @@ def parse(text: str) -> list[AppSpec]:
             if len(docs) > 1:
                 exc.message = f"document {n + 1}: {exc.message}"
             raise
-    keys = [s.key for s in specs]
-    for key in keys:
-        if keys.count(key) > 1:
-            raise SpecError("app", f"{key} appears more than once in the file")
+    seen: set[str] = set()
+    for s in specs:
+        if s.key in seen:
+            raise SpecError("app", f"{s.key} appears more than once in the file")
+        seen.add(s.key)
     return specs

@@ -16,7 +16,10 @@ Invariants:
 - a fenced store writes nothing once its fence (the leader key as won) fails: `Deposed`;
 - an `https://` endpoint is only ever reached over TLS, verified against the configured CA
   (and with the client certificate, whose common name is the etcd user); endpoints are all
-  `https://` with TLS files or all `http://` without (`endpoint_problem`).
+  `https://` with TLS files or all `http://` without (`endpoint_problem`);
+- a transaction sent again after its answer was lost (a timeout, a broken connection) is
+  not reported as a conflict when its first attempt committed: the store reads back
+  whether it did (`StoreOps.landed`) and answers with that revision.
 """
 
 from __future__ import annotations
@@ -152,6 +155,17 @@ class Keys:
     def master(self, master_id: str) -> str:
         """A master's presence record, leased by it."""
         return self._k("masters", master_id)
+
+    def tokens(self) -> str:
+        return self._k("tokens", "")
+
+    def token(self, token_id: str) -> str:
+        """A scoped API token's record (sigmad.tokens): its hash, never the token."""
+        return self._k("tokens", token_id)
+
+    def audit(self) -> str:
+        """Audit entries, leased (they expire), newest first (sigmad.api.audit)."""
+        return self._k("audit", "")
 
 
 @dataclass(slots=True)
@@ -425,6 +439,49 @@ class StoreOps:
                           "write refused")
         return outcome.revision
 
+    async def landed(self, guards: Sequence[Guard], ops: Sequence[Op]) -> int:
+        """The revision at which this very transaction committed, if the store shows that it
+        did (0 if not, or if it cannot tell): asked after an attempt whose answer was lost.
+
+        With puts: every key put holds its value (and lease) at one revision R, every key
+        deleted is absent at R, and every guard (the fence too) held at R - 1, so the
+        transaction at R was this one (or one identical to it). With deletes only: every key
+        deleted is absent now, every guard is on a key it deletes, and the fence holds; what
+        was asked is done (the key is gone), so it is reported done."""
+        puts = [op for op in ops if not op.delete]
+        deletes = [op.key for op in ops if op.delete]
+        compares = [*guards, *([self.fence] if self.fence else [])]
+        try:
+            if not puts:
+                if not deletes or any(g.key not in deletes for g in guards):
+                    return 0
+                for key in deletes:
+                    if await self.get_raw(key) is not None:
+                        return 0
+                if self.fence is not None and not _held(self.fence,
+                                                       await self.get_raw(self.fence.key)):
+                    return 0
+                _, now = await self.range_raw(deletes[0], keys_only=True, limit=1)
+                return now
+            found = await asyncio.gather(*(self.get_raw(op.key) for op in puts))
+            revisions = {item.mod_revision for item in found if item is not None}
+            if len(revisions) != 1 or any(
+                    item is None or item.value != op.encoded() or item.lease != op.lease
+                    for item, op in zip(found, puts, strict=True)):
+                return 0
+            (revision,) = revisions
+            gone = await asyncio.gather(*(self._at(key, revision) for key in deletes))
+            before = await asyncio.gather(*(self._at(g.key, revision - 1) for g in compares))
+            held = all(_held(g, item) for g, item in zip(compares, before, strict=True))
+            return revision if held and not any(gone) else 0
+        except SigmaError:  # e.g. history compacted: cannot tell
+            return 0
+
+    async def _at(self, key: str, revision: int) -> Item | None:
+        """`key` as it was at `revision`."""
+        items, _ = await self.range_raw(key, limit=1, revision=revision)
+        return items[0] if items and items[0].key == key else None
+
     async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
         """Changes under `prefix` from `start_revision` on; resumes after an outage. Raises
         `WatchCompacted` if history is gone; callers then relist."""
@@ -615,10 +672,22 @@ class EtcdStore(StoreOps):
         failure = [rpc.RequestOp(request_range=rpc.RangeRequest(key=fence.key.encode()))] \
             if fence else []
         request = rpc.TxnRequest(compare=compare, success=success, failure=failure)
-        response = await self._call("transaction", functools.partial(
-            self._stub, method="Txn", request=request))
+        attempts = 0
+
+        async def send(client: aetcd.Client) -> Any:
+            nonlocal attempts
+            attempts += 1
+            return await self._stub(client, "Txn", request)
+
+        response = await self._call("transaction", send)
         if response.succeeded:
             return Outcome(int(response.header.revision))
+        if attempts > 1:  # an earlier attempt may have committed, its answer lost
+            revision = await self.landed(guards, ops)
+            if revision:
+                log.info("a transaction whose answer was lost had committed (revision %d)",
+                         revision)
+                return Outcome(revision)
         if fence is None:
             return Outcome(0)
         found = response.responses[0].response_range.kvs if response.responses else []
@@ -906,6 +975,15 @@ def _compare(g: Guard) -> Any:
                            version=0)
     return rpc.Compare(key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD,
                        mod_revision=-1)  # never true
+
+
+def _held(g: Guard, item: Item | None) -> bool:
+    """Whether guard `g` holds for `item` (the key as read, None if absent)."""
+    if g.mod_revision < 0:
+        return False
+    if g.mod_revision == 0:
+        return item is None
+    return item is not None and item.mod_revision == g.mod_revision
 
 
 def _holds(fence: Guard, found: list[int]) -> bool:

@@ -22,7 +22,7 @@ from sigmad import records
 from sigmad.control import migration
 from sigmad.engine import EnginePool
 from sigmad.errors import Conflict, EngineError, NotFound, SigmaError, SpecError
-from sigmad.models import AppRecord, Instance, Node, Owner, now
+from sigmad.models import AppRecord, Instance, Node, Owner, now, split_name
 from sigmad.reasons import State
 from sigmad.scheduler.snapshot import node_info
 from sigmad.spec import AppSpec, Resources
@@ -188,8 +188,9 @@ class AppWrites:
                 elif not only_replicas(old.spec, s):
                     template = old.generation + 1
                 rec = AppRecord(s, old.generation + 1, template, old.created, now())
+                in_place = action == "resized in place"  # the same containers, new caps
                 result = Result(s.key, action, rec.generation,
-                                caps_changing(self.cache, old.spec, s))
+                                caps_changing(self.cache, old.spec, s) if in_place else 0)
             change += self.writes.put_app(key, rec, current.mod_revision if current else 0)
             results.append(result)
         if change.ops and not dry_run:
@@ -221,13 +222,17 @@ class AppWrites:
         return Result(f"{namespace}/{name}", "deleted", v.value.generation)
 
     async def migrate(self, v: Versioned[Instance], to: str) -> Instance:
-        """Place a NeedMigration instance anew (only on `to` if given)."""
+        """Place a NeedMigration instance anew (only on `to` if given), once its copy on its
+        lost node is fenced (at most one live copy: DESIGN.md §6)."""
         inst = v.value
         if to and self.cache.node(to) is None:
             raise NotFound(f"node {to} not found: see 'sigmactl get nodes'")
         if inst.state != State.NEED_MIGRATION:
             raise Conflict(f"instance {inst.key} is {inst.state}, not NeedMigration: only an "
                            "instance whose node is lost is migrated")
+        wait = migration.unfenced(inst, self.cache.ready)
+        if wait:
+            raise Conflict(f"instance {inst.key} cannot move yet: {wait}")
         t = migration.migrate(inst, to)
         change = self.writes.update_instance(v, t.new)
         for node, ports in t.releases:
@@ -244,8 +249,8 @@ class AppWrites:
             raise NotFound(f"disk {node}/{disk} is not claimed: see 'sigmactl get ssds'")
         owner = claim.value.owner
         ns, _, name = owner.partition("/")
-        app, _, index = name.rpartition("-")
-        key = self.keys.instance(ns, app, int(index)) if app and index.isdigit() else ""
+        parts = split_name(name)
+        key = self.keys.instance(ns, *parts) if parts else ""
         v = self.cache.instance(key) if key else None
         if v is not None and v.value.node == node and any(d.disk == disk
                                                           for d in v.value.ssds):

@@ -1,6 +1,11 @@
-"""The HTTP API under /v1 (docs/api.md): a thin adapter. JSON in and out, bearer-token auth,
-errors with field paths (one exception tree, mapped here at the edge). Reads are answered
+"""The HTTP API under /v1 (docs/api.md): a thin adapter. JSON in and out, bearer tokens with
+roles, per-token caps and an audit of every change (sigmad.api.auth), errors with field
+paths (one exception tree, mapped here at the edge). Reads are answered
 from the state cache (sigmad.api.views), writes go through sigmad.api.apps.
+
+Bad input is a 4xx, never a 500: a body is at most MAX_BODY bytes of UTF-8, and it is
+decoded and parsed on a thread of PARSERS (`Api.parsed`), never on a serving loop, by
+parsers bounded in cost (sigmad.spec); names in paths are checked before use.
 
 The API may be served from a thread of its own (sigmad.master): a leader's loop busy with a
 burst then never delays a read. Reads only read the cache; everything that talks to etcd or
@@ -10,9 +15,10 @@ an engine, or writes to the cache, runs on the cache's own loop (`on_main`).
 from __future__ import annotations
 
 import asyncio
-import hmac
+import json
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -20,20 +26,24 @@ from aiohttp import web
 from sigmad import __version__, events, records, spec
 from sigmad.api import sse, views
 from sigmad.api.apps import AppWrites, ResourceChange, with_resources
+from sigmad.api.audit import AuditLog
+from sigmad.api.auth import AUDIT_APPS, DEFAULT_CAPS, GATE, Gate, TokenApi, TokenCaps, caller
 from sigmad.api.serving import Limits, read_body
 from sigmad.engine import EnginePool
-from sigmad.errors import NotFound, SigmaError, SpecError, StoreUnavailable, Unauthorized
+from sigmad.errors import NotFound, SigmaError, SpecError, StoreUnavailable
 from sigmad.events import Event
 from sigmad.metrics import Metrics
-from sigmad.models import Instance
+from sigmad.models import Instance, split_name
 from sigmad.spec import Fields, quantity
 from sigmad.state.cache import Cache
 from sigmad.store import Store, Versioned
+from sigmad.tokens import check_namespaces
 from sigmad.units import parse_cpu, parse_size
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY = 1 << 20
+PARSERS = 2  # threads that decode and parse request bodies
 T = TypeVar("T")
 STALE_AFTER = 1.0  # seconds without etcd after which reads are refused, not served stale
 EVENT_BACKLOG = 10_000  # events queued for one watching client
@@ -53,24 +63,29 @@ async def _here(coro: Coroutine[Any, Any, T]) -> T:
 
 def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None = None,
              on_main: OnMain[Any] = _here, limits: Limits | None = None,
-             metrics: Metrics | None = None) -> web.Application:
+             metrics: Metrics | None = None, caps: TokenCaps = DEFAULT_CAPS,
+             audit_log: str = "") -> web.Application:
     """The aiohttp application serving the API from `cache`, writing to `store`;
     `on_main(coro)` runs `coro` on the loop that owns the cache and the store (by default
     the one that serves). `limits` bound bodies and event streams (sigmad.api.serving);
-    `metrics` counts what they bound."""
+    `metrics` counts what they bound. `token` is the bootstrap admin token; `caps` bound
+    each token's calls; `audit_log` is a JSON-lines file that gets every audit entry
+    (sigmad.api.audit)."""
+    audit = AuditLog(store, audit_log, on_main)
+    gate = Gate(cache, token, audit, caps)
+
+    async def fresh(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if cache.stale_for() > STALE_AFTER:
+            raise StoreUnavailable(
+                f"etcd is unreachable (for {cache.stale_for():.0f}s): this master's "
+                f"view stopped at revision {cache.revision}; try again, or another master")
+        return await handler(request)
 
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             if request.path.startswith("/v1/"):
-                given = request.headers.get("Authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                    raise Unauthorized("missing or wrong bearer token")
-                if cache.stale_for() > STALE_AFTER:
-                    raise StoreUnavailable(
-                        f"etcd is unreachable (for {cache.stale_for():.0f}s): this master's "
-                        f"view stopped at revision {cache.revision}; try again, or another "
-                        "master")
+                return await gate.guard(request, lambda r: fresh(r, handler))
             return await handler(request)
         except SigmaError as exc:
             return web.json_response(exc.to_dict(), status=exc.status)
@@ -87,11 +102,17 @@ def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None 
     api = Api(store, cache, AppWrites(store, cache, pool), on_main, limits, metrics)
     app = web.Application(middlewares=[errors, read_body(limits, metrics)],
                           client_max_size=MAX_BODY)
+    app[GATE] = gate
 
     async def close_engines(_: web.Application) -> None:
         await on_main(pool.close())
+        audit.close()
+
+    async def stop_parsers(_: web.Application) -> None:
+        api.parsers.shutdown(wait=False, cancel_futures=True)
 
     app.on_cleanup.append(close_engines)
+    app.on_cleanup.append(stop_parsers)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/v1/nodes", api.list_nodes)
     app.router.add_get("/v1/nodes/{name}", api.get_node)
@@ -111,6 +132,7 @@ def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None 
     app.router.add_post("/v1/instances/{ns}/{name}/migrate", api.migrate)
     app.router.add_get("/v1/masters", api.masters)
     app.router.add_get("/v1/metrics", api.metrics_text)
+    TokenApi(store, cache, audit, on_main, api.body).add_routes(app.router)
     return app
 
 
@@ -127,6 +149,18 @@ class Api:
         self.limits = limits
         self.metrics = metrics
         self.encoded = views.Encoded()
+        self.parsers = ThreadPoolExecutor(PARSERS, thread_name_prefix="api-parse")
+
+    async def parsed(self, request: web.Request, parse: Callable[[str], T]) -> T:
+        """`parse` of the request's body (UTF-8, at most MAX_BODY bytes: 413 beyond), run on
+        a parser thread so a big or hostile body never holds up this loop."""
+        raw = await request.read()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.parsers, _decoded_then, parse, raw)
+
+    async def body(self, request: web.Request) -> dict[str, Any]:
+        """The request's body as a JSON object (SpecError if it is not one)."""
+        return await self.parsed(request, _json_object)
 
     async def healthz(self, request: web.Request) -> web.Response:
         return _json({"ok": True, "version": __version__})
@@ -166,7 +200,9 @@ class Api:
 
         A change of resources only (and replicas) is applied to running containers in place;
         any other change is a new template generation (a replace)."""
-        specs = spec.parse(await request.text())
+        specs = await self.parsed(request, spec.parse)
+        request[AUDIT_APPS] = [f"{s.namespace}/{s.app}" for s in specs]
+        check_namespaces(caller(request), {s.namespace for s in specs})
         results = await self.main(self.writes.apply(specs, _flag(request, "dry_run"),
                                                     _flag(request, "force")))
         return _json({"items": [r.to_dict() for r in results]})
@@ -175,7 +211,7 @@ class Api:
         """Change an app's limits/requests; its running containers take them in place."""
         ns, name = request.match_info["ns"], request.match_info["app"]
         current = self.writes.app(ns, name)
-        body = await _body(request)
+        body = await self.body(request)
         new = with_resources(current.value.spec, _change(body))
         force = body.get("force", False)
         if not isinstance(force, bool):
@@ -203,10 +239,10 @@ class Api:
 
     def _instance(self, request: web.Request) -> Versioned[Instance]:
         ns, name = request.match_info["ns"], request.match_info["name"]
-        app, _, index = name.rpartition("-")
-        if not app or not index.isdigit():
-            raise SpecError("name", f"{name!r} is not an instance name (APP-INDEX)")
-        v = self.cache.instance(self.keys.instance(ns, app, int(index)))
+        parts = split_name(name)
+        if parts is None:
+            raise SpecError("name", f"{spec.shown(name)} is not an instance name (APP-INDEX)")
+        v = self.cache.instance(self.keys.instance(ns, *parts))
         if v is None:
             raise NotFound(f"instance {ns}/{name} not found")
         return v
@@ -220,7 +256,7 @@ class Api:
         """Move a NeedMigration instance (its node is lost) to a node that fits, or to the
         node `to`; it keeps its name, IP and request."""
         v = self._instance(request)
-        to = (await _body(request)).get("to") or ""
+        to = (await self.body(request)).get("to") or ""
         if not isinstance(to, str):
             raise SpecError("to", "must be a node name")
         return _json(views.instance_view(await self.main(self.writes.migrate(v, to))))
@@ -314,10 +350,21 @@ def _flag(request: web.Request, name: str) -> bool:
     return request.query.get(name, "").lower() in ("1", "true", "yes")
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
+def _decoded_then(parse: Callable[[str], T], raw: bytes) -> T:
+    """`parse` of `raw` decoded as UTF-8 (SpecError naming the first bad byte)."""
     try:
-        body = await request.json()
-    except ValueError:
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
+        raise SpecError("", f"the body is not UTF-8 text (byte {raw[exc.start]:#04x} at "
+                        f"offset {exc.start})") from None
+    return parse(text)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """A JSON object from `text` (SpecError if it is not one, however it fails)."""
+    try:
+        body = json.loads(text)
+    except (ValueError, RecursionError):
         raise SpecError("", "the body must be a JSON object") from None
     if not isinstance(body, dict):
         raise SpecError("", "the body must be a JSON object")

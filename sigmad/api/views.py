@@ -43,6 +43,14 @@ def node_status(node: Node, ready: bool) -> str:
     return DRAINING if node.draining else READY if ready else NOT_READY
 
 
+def heartbeat(cache: Cache, name: str) -> str:
+    """What the node's heartbeat says: its agent and engine answer, or its agent is alive
+    but its engine does not (its instances stay: nothing can stop them), or it lapsed."""
+    if name in cache.ready:
+        return "ok"
+    return "engine not answering" if name in cache.alive else "lapsed"
+
+
 def _claims(cache: Cache) -> dict[tuple[str, str], str]:
     """(node, disk id) → owner instance of every SSD claim."""
     prefix = cache.keys.ssd_claims()
@@ -82,6 +90,7 @@ def node_view(cache: Cache, node: Node, free: dict[str, list[FreeSsd]] | None = 
     info = node_info(node, node.name in cache.ready, usage)
     view: dict[str, Any] = records.to_dict(node)
     view["status"] = node_status(node, info.ready)
+    view["heartbeat"] = heartbeat(cache, node.name)
     view["requested"] = resources(info.requested)
     view["schedulable"] = resources(info.capacity())
     view["free"] = resources(info.free())

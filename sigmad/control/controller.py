@@ -14,6 +14,9 @@ Invariants:
   bounded (`engine_parallel`), so many engines are driven in parallel and none is flooded;
 - a step stuck on the engine of a node that is lost is abandoned, so the instance moves
   without waiting for the engine to time out;
+- at most one live copy (DESIGN.md §6): an instance on a lost node moves only once its copy
+  there is fenced, by that node's engine stopping it or by the node's lease having lapsed
+  `fence_grace` seconds ago (sigmad.control.migration decides; `_fence` asks the engine);
 - containers carry labels: a new leader adopts what runs instead of starting copies.
 """
 
@@ -22,19 +25,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Coroutine, Iterable
 from typing import Any
 
 from sigmad.config import MasterConfig
-from sigmad.control import migration, moves, reconcile
+from sigmad.control import drive, migration, moves, reconcile
 from sigmad.control.containers import EngineWatch
 from sigmad.control.drive import Report, Runner
-from sigmad.control.migration import Transition
+from sigmad.control.migration import Loss, Transition
 from sigmad.control.queue import WorkQueue
 from sigmad.engine import ContainerState, Engine, EnginePool
 from sigmad.errors import Conflict, EngineError, SigmaError
 from sigmad.events import EventLog
-from sigmad.models import SSD_BROKEN, AppRecord, Instance, Node, now
+from sigmad.models import SSD_BROKEN, AppRecord, Instance, Node, now, split_name
 from sigmad.network import ipam
 from sigmad.reasons import SSD_LOST, Kill, Reason, State
 from sigmad.scheduler import binder
@@ -49,6 +53,8 @@ STEP_AGAIN = 0.5  # seconds before the next step of a starting instance (readine
 SETTLE = 0.02  # seconds the scheduler lets a burst of changes gather before a round
 RETRY_UNPLACED = 10.0  # seconds between rounds for instances that fit nowhere
 ABANDONED = "abandoned"
+FENCE_TIMEOUT = 3.0  # seconds a lost node's engine has to stop an instance's copy
+FENCE_RETRY = 1.0  # seconds between fence attempts while neither engine nor lapse fences
 
 
 class Controller:
@@ -75,6 +81,8 @@ class Controller:
         self.taken: set[str] = set()  # claimed overlay IPs
         self.steps: dict[Key, tuple[asyncio.Task[None], str]] = {}  # worker, node it is on
         self.abandoned: set[Key] = set()  # steps cancelled because their node is lost
+        self.lapsed: dict[str, float] = {}  # node → when its heartbeat lease lapsed (monotonic)
+        self.unfenced: dict[str, float] = {}  # node → when its engine last failed a fence
         self.own: dict[str, Instance] = {}  # records a step is writing now (key → record)
         self.dependents: dict[str, set[str]] = {}  # `ns/app` → the apps that depend on it
         self.scheduling = asyncio.Event()
@@ -88,6 +96,9 @@ class Controller:
         await self.cache.synced.wait()
         self.cache.subscribe(self._changed)
         self.taken = {k.rsplit("/", 1)[-1] for k in self.cache.table(IPS)}
+        for name in self._node_names():  # lapsed before this master led: count from now
+            if name not in self.cache.alive:
+                self.lapsed[name] = time.monotonic()
         for a in self.cache.apps().values():
             self._note_dependencies(None, a.value)
         for v in self.cache.nodes().values():
@@ -207,7 +218,14 @@ class Controller:
             self.queue.add(("node", node.name))
             self.scheduling.set()
         elif kind == BEATS:
-            self._readiness_changed(key.rsplit("/", 1)[-1], new is not None)
+            name = key.rsplit("/", 1)[-1]
+            if new is None:
+                self.lapsed[name] = time.monotonic()
+            else:
+                self.lapsed.pop(name, None)
+            was = old is not None and old.value.engine
+            if was != (name in self.cache.ready):
+                self._readiness_changed(name, not was)
         elif kind == SSDS and new is not None and new.value.state == SSD_BROKEN:
             claim = self.cache.get(SSD_CLAIMS, self.keys.ssd_claim(new.value.node, new.value.id))
             owner = self._record_key(claim.value.owner) if claim is not None else ""
@@ -310,8 +328,8 @@ class Controller:
     def _record_key(self, owner: str) -> str:
         """The record key of instance `ns/app-i` ("" if it is not one)."""
         ns, _, name = owner.partition("/")
-        app, _, index = name.rpartition("-")
-        return self.keys.instance(ns, app, int(index)) if app and index.isdigit() else ""
+        parts = split_name(name)
+        return self.keys.instance(ns, *parts) if parts else ""
 
     # -- engines -----------------------------------------------------------------------------
 
@@ -400,6 +418,9 @@ class Controller:
         if t is not None:
             await self._write(v, t)
             return
+        if migration.needs_fence(inst, self.cache.ready):
+            await self._fence(key, v, policy)
+            return
         t = migration.disk_change(inst, self._broken_disks(inst), policy)
         if t is not None:
             await self._lose_disk(key, v, app, t)
@@ -456,6 +477,55 @@ class Controller:
         await self._write(v, t)
         if t.new.node == inst.next_node:  # flipped: the old copy is now a stray
             self.queue.add_after(("stray", inst.node, inst.key), moves.FLIP_GRACE)
+
+    async def _fence(self, key: Key, v: Versioned[Instance], policy: str) -> None:
+        """Fence the copy of an instance on its lost node: the node's engine stops it, else
+        it counts as fenced once the node's lease has lapsed plus the grace; until then the
+        instance waits (NeedMigration), saying why, and is looked at again. A node whose
+        agent is alive says its engine does not answer: it is not asked (a stop that reached
+        the engine as it woke would kill a copy that is about to resume there)."""
+        inst = v.value
+        node = self.cache.node(inst.node)
+        loss = self._loss(inst.node)
+        stopped = None
+        failed = self.unfenced.get(inst.node, 0.0)
+        # (an engine that just failed one fence is not asked again at once for the others:
+        # a dead host's hundreds of instances would each wait FENCE_TIMEOUT for it)
+        if node is not None and not loss.alive and time.monotonic() - failed >= FENCE_RETRY:
+            self._watch_engine(node)  # (the engine client of the node's record)
+            stopped = await drive.fence(self.watches[node.name].engine, inst.key,
+                                        FENCE_TIMEOUT)
+            if stopped is None:
+                self.unfenced[inst.node] = time.monotonic()
+            else:
+                self.unfenced.pop(inst.node, None)
+        grace = self.config.fence_grace
+        if stopped is not None:
+            how = (f"{len(stopped)} container(s) stopped on {inst.node} through its engine"
+                   if stopped else f"{inst.node}'s engine runs no container of it")
+        else:
+            wait = migration.fence_wait(loss, grace, time.monotonic())
+            if wait is None or wait > 0:
+                why = ("waiting for a fence: its engine does not answer and its agent is "
+                       "alive, so the copy there may still run" if wait is None else
+                       "waiting for a fence: its engine does not answer; the copy there "
+                       f"counts as fenced {grace:g}s after its heartbeat lease lapsed")
+                if not inst.reason.endswith(why):
+                    await self._write(v, Transition(inst.waiting_for_fence(why), [],
+                                                    [(why, True)]))
+                self.queue.add_after(key, FENCE_RETRY if wait is None else
+                                     min(wait, FENCE_RETRY))
+                return
+            how = (f"the heartbeat lease of {inst.node} lapsed {grace:g}s ago and its "
+                   "engine does not answer")
+        await self._write(v, migration.fenced(inst, how, stopped or [], self.cache.ready,
+                                              policy))
+
+    def _loss(self, node: str) -> Loss:
+        """What this master knows of lost `node` (a lapse it did not see counts from now)."""
+        if node in self.cache.alive:
+            return Loss(alive=True)
+        return Loss(alive=False, lapsed=self.lapsed.setdefault(node, time.monotonic()))
 
     async def _terminate(self, key: Key, v: Versioned[Instance],
                          app: Versioned[AppRecord] | None) -> None:

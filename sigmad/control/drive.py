@@ -15,6 +15,7 @@ appear, change or be lifted (0 = none) this way.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from datetime import datetime
@@ -76,12 +77,29 @@ def parse_time(stamp: str) -> float:
     return datetime.fromisoformat(f"{head}.{(frac + '000000')[:6]}+00:00").timestamp()
 
 
-def _ours(c: ContainerState, instance: str, cluster: str) -> bool:
-    """Whether a container is this cluster's: it carries our cluster label, or (made before
-    containers carried one) no cluster label but this instance's label."""
-    if LABEL_CLUSTER in c.labels:
-        return c.labels[LABEL_CLUSTER] == cluster
-    return c.labels.get(LABEL_INSTANCE) == instance
+def _same_instance(c: ContainerState, instance: str, cluster: str) -> bool:
+    """Whether a container is a copy of `instance` made by this cluster: it carries this
+    instance's label, and our cluster label (or, made before containers carried one, none)."""
+    return c.labels.get(LABEL_INSTANCE) == instance and \
+        c.labels.get(LABEL_CLUSTER, cluster) == cluster
+
+
+async def fence(engine: Engine, instance: str, timeout: float) -> list[str] | None:
+    """Stop every running container of `instance` (`ns/app-i`) on a lost node's `engine`,
+    at once (SIGKILL: a fence does not wait for a graceful end); the ids it stopped, or None
+    when the engine did not answer within `timeout` seconds (nothing is confirmed then)."""
+    async def stop_all() -> list[str]:
+        found = await engine.containers({LABEL_INSTANCE: instance})
+        running = [c.id for c in found if c.running]
+        await asyncio.gather(*(engine.stop(cid, timeout=0) for cid in running))
+        return running
+
+    try:
+        return await asyncio.wait_for(stop_all(), timeout)
+    except (EngineError, TimeoutError) as exc:
+        log.info("%s: its lost node's engine did not fence it: %s", instance,
+                 exc.message if isinstance(exc, EngineError) else f"no answer in {timeout:g}s")
+        return None
 
 
 class Runner:
@@ -308,17 +326,17 @@ class Runner:
             if exc.engine_status != 409:
                 await self._failed(Reason.failed_to_start(exc.message))
                 return None
-            # The name is taken: by a leftover of ours (an older generation, a crash between
-            # create and the record write), which is replaced, or by a container that is not
-            # this cluster's, which is left alone.
+            # The name is taken: by a leftover copy of this instance (an older generation, a
+            # crash between create and the record write), which is replaced (by its id: the
+            # name may change hands meanwhile), or by anything else, which is left alone.
             taken = await self.engine.inspect(name)
-            if taken is not None and not _ours(taken, inst.key, self.engine.cluster):
+            if taken is not None and not _same_instance(taken, inst.key, self.engine.cluster):
                 await self._failed(Reason.failed_to_start(
-                    f"container name {name} is taken by a container this cluster does not own"))
+                    f"container name {name} is taken by a container that is not a copy of "
+                    f"{inst.key} in this cluster: remove or rename it"))
                 return None
-            await self.engine.remove(name)
             if taken is not None:
-                self.watch.drop(taken.id)
+                await self._remove(taken.id)
             cid = await self.engine.create(name, config)
         inst.next_start = 0.0
         labels = {**config["Labels"], **({LABEL_CLUSTER: self.engine.cluster}

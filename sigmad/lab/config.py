@@ -12,7 +12,7 @@ from typing import Any
 from sigmad.config import DEFAULT_OVERLAY_CIDR
 from sigmad.units import parse_size
 
-NAME_RE = re.compile(r"^[a-z0-9]{1,8}$")
+NAME_RE = re.compile(r"[a-z0-9]{1,8}")  # fullmatch
 LAB_ROOT = Path("/var/lib/sigma-lab")
 # Exec roots of the labs' dockerds: short, containerd's socket paths must fit 108 bytes.
 RUN_ROOT = Path("/run/sigma-lab")
@@ -85,7 +85,7 @@ class LabConfig:
 
     def validate(self) -> None:
         """Raise LabError naming the first bad option."""
-        if not NAME_RE.match(self.name):
+        if not NAME_RE.fullmatch(self.name):
             raise LabError(f"--name {self.name!r}: use 1 to 8 lowercase letters or digits "
                            "(interface names NAME-br, NAME-h1 must fit 15 characters)")
         if not 1 <= self.hosts <= MAX_HOSTS:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sigmactl import contexts
 from sigmad.lab import net, preflight, services, system, teardown, trust
 from sigmad.lab.config import RUN_ROOT, LabConfig, LabError
 from sigmad.lab.state import (
@@ -18,6 +19,7 @@ from sigmad.lab.state import (
     LabState,
     LoopDisk,
     MasterState,
+    lab_context,
     pointer,
     resolve_dir,
     span,
@@ -150,9 +152,9 @@ class Lab:
             state.save()
         self._up_services(state)
         self._up_sigma(state)
-        from sigmad.dev import write_credentials  # late: it imports the master and the agent
-
-        state.credentials = str(write_credentials(state.server, state.token, state.ca))
+        state.credentials = str(contexts.remember(
+            lab_context(cfg.name), [services.master_url(m.listen, state.ca) for m in state.masters],
+            state.token, state.ca))
         state.ready = True
         state.save()
         self.say(f"lab {cfg.name} is up ({cfg.hosts} hosts) in {time.monotonic() - started:.1f}s")

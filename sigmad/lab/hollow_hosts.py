@@ -11,8 +11,8 @@ tick. All agents share one etcd client, whose lease keepalives share one gRPC st
 A control endpoint, `DIR/control.sock` (HTTP), breaks and heals hosts while it runs:
     POST /kill   {"hosts": ["h1", ...]}  power loss: the agent stops (its lease lapses after
                                           the TTL), the engine's containers die, its socket goes
-    POST /freeze {"hosts": [...]}         the engine stops answering (the agent withdraws the
-                                          heartbeat, as with a SIGSTOPped dockerd)
+    POST /freeze {"hosts": [...]}         the engine stops answering (the agent's heartbeat
+                                          says so: NotReady, as with a SIGSTOPped dockerd)
     POST /heal   {"hosts": [...]}         the engine answers again; a killed host's agent
                                           starts over (stale copies removed before Ready)
     GET  /stats                           hosts, ready, killed, frozen, containers, running,

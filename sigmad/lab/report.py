@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from sigmad.lab.state import lab_context
+
 if TYPE_CHECKING:
     from sigmad.lab.core import Lab
 
@@ -41,6 +43,7 @@ def status_table(status: dict[str, Any]) -> str:
 
 
 def summary(lab: Lab, credentials: str) -> str:
+    from sigmad.lab.services import master_url
     from sigmad.lab.trust import engine_url
 
     def engines(h: Any) -> str:
@@ -52,11 +55,12 @@ def summary(lab: Lab, credentials: str) -> str:
              "sigmactl reads it from the credentials)\n") if lab.ca else \
         "  TLS:         off (--no-tls)\n"
     return (
-        f"  server:      {lab.server}\n"
+        f"  servers:     {', '.join(master_url(m.listen, lab.ca) for m in lab.masters)}\n"
         f"  token:       {lab.token}\n"
         f"{trust}"
         f"  image:       {lab.image}   (use this ref in app specs)\n"
-        f"  credentials: {credentials}   (sigmactl reads them: try `sigmactl get nodes`)\n"
+        f"  credentials: {credentials}   (context {lab_context(lab.name)}: "
+        "try `sigmactl get nodes`)\n"
         f"  hosts:\n{hosts}\n"
         f"  remove it:   sigmad lab down --name {lab.name}"
     )

@@ -71,6 +71,11 @@ class MasterState:
     config: str
 
 
+
+def lab_context(name: str) -> str:
+    """The credentials context (sigmactl.contexts) a lab's `up` writes: every master's URL."""
+    return f"lab-{name}"
+
 @dataclass
 class LabState:
     name: str

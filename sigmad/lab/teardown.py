@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sigmactl import contexts
 from sigmad.lab import net, system
 from sigmad.lab.config import LAB_ROOT, RUN_ROOT
-from sigmad.lab.state import STATE_FILE, HostState, LabState, pointer, span
+from sigmad.lab.state import STATE_FILE, HostState, LabState, lab_context, pointer, span
 
 Say = Callable[[str], None]
 
@@ -94,12 +94,7 @@ def remove_files(s: LabState) -> list[str]:
         problems.append(f"cannot remove {path}: {exc[1] if isinstance(exc, tuple) else exc}")
 
     if s.credentials and s.token:
-        path = Path(s.credentials)
-        try:
-            if json.loads(path.read_text()).get("token") == s.token:
-                path.unlink()
-        except (OSError, ValueError):
-            pass
+        contexts.forget(lab_context(s.name), s.token, Path(s.credentials))
     root = Path(s.dir)
     children = list(root.iterdir()) if root.exists() else []
     for child in children:

@@ -1,20 +1,33 @@
 """`sigmad node`: registers its host and keeps a heartbeat lease (DESIGN.md §1, §6).
 
 The agent is not in the container data path: the master talks to the engine directly.
+
+Invariants:
+- the heartbeat (sigmad.models.Beat) says whether the engine answers; it says so only after
+  `before_ready` has removed the copies of instances that moved away while this node was not
+  Ready, so the overlay never has two holders of one IP;
+- while the engine does not answer, the agent keeps its lease (the node is NotReady but
+  alive): the containers that engine runs cannot be fenced, so the master must not count
+  them as gone;
+- an agent that cannot renew its lease stops its instances' containers before the lease can
+  lapse (sigmad.node.fence); once its lease is found lapsed it rejoins with a new one, as a
+  node that comes back (`before_ready` first).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from sigmad.config import NodeConfig
 from sigmad.engine import LABEL_INSTANCE, ContainerState, DockerEngine
 from sigmad.errors import EngineError, SigmaError
 from sigmad.events import EventLog
-from sigmad.models import Instance, Node, now
+from sigmad.models import Beat, Instance, Node, now
 from sigmad.network.overlay import OverlayError
 from sigmad.node.disks import DiskKeeper, LinuxHost
+from sigmad.node.fence import SelfFence
 from sigmad.node.tunnels import TunnelKeeper
 from sigmad.reasons import Kill, Reason
 from sigmad.spec import Resources
@@ -77,6 +90,8 @@ class Agent:
         self.lease = 0
         self.disks = DiskKeeper(config.name, config.data_dir, config.ssds, store, LinuxHost()) \
             if config.ssds else None
+        self.said: bool | None = None  # what the heartbeat says of the engine (None: no beat)
+        self.fence = SelfFence(lambda: self.engine, config.heartbeat_ttl)
 
     async def _engine_info(self) -> dict[str, object]:
         delay = 0.5
@@ -111,29 +126,56 @@ class Agent:
         return node
 
     async def heartbeat(self) -> None:
-        """Hold a leased heartbeat key while the engine answers; re-grant the lease if it
-        lapsed (e.g. an etcd outage or a network partition), but only after the host is
-        made safe to rejoin (see `before_ready`). An engine that stops answering makes the
-        node NotReady: its instances are then moved elsewhere."""
+        """Hold a leased heartbeat key saying whether the engine answers, renewed every
+        third of the TTL; re-grant the lease if it lapsed (e.g. an etcd outage or a network
+        partition). The heartbeat says the engine answers only once the host is made safe
+        to rejoin (see `before_ready`). An engine that stops answering makes the node
+        NotReady, but its instances stay put until the engine answers again (nothing can
+        stop the copies it runs); see the module docstring."""
         ttl = self.config.heartbeat_ttl
+        fence = asyncio.create_task(self.fence.run())
+        try:
+            while True:
+                tick = time.monotonic()
+                try:
+                    await self.beat()
+                except SigmaError as exc:
+                    log.warning("heartbeat failed: %s", exc.message)
+                await asyncio.sleep(max(tick + ttl / 3 - time.monotonic(), 0.0))
+        finally:
+            fence.cancel()
+            await asyncio.gather(fence, return_exceptions=True)
+
+    async def beat(self) -> None:
+        """One heartbeat: renew the lease (or get a new one) while asking the engine, and say
+        what changed."""
         key = self.store.keys.heartbeat(self.config.name)
-        while True:
-            try:
-                if not await self._engine_answers():
-                    if self.lease:
-                        log.warning("the engine stopped answering: withdrawing the heartbeat")
-                        await self.store.delete(key)
-                        self.lease = 0
-                elif not self.lease or not await self.store.keepalive(self.lease):
-                    await self.before_ready()
-                    self.lease = await self.store.grant(ttl)
-                    await self.store.put(key, {"node": self.config.name, "since": now()},
-                                         lease=self.lease)
-                    log.info("heartbeat lease %x granted (ttl %ds)", self.lease, ttl)
-            except SigmaError as exc:
-                log.warning("heartbeat failed: %s", exc.message)
-                self.lease = 0
-            await asyncio.sleep(ttl / 3)
+        sent = time.monotonic()
+        if self.lease:
+            answers, renewed = await asyncio.gather(self._engine_answers(),
+                                                    self.store.keepalive(self.lease))
+            if renewed:
+                self.fence.renewed(sent)
+            else:
+                log.warning("heartbeat lease %x lapsed", self.lease)
+                self.lease, self.said = 0, None
+        else:
+            answers = await self._engine_answers()
+        if not self.lease:
+            sent = time.monotonic()
+            self.lease = await self.store.grant(self.config.heartbeat_ttl)
+            self.fence.renewed(sent)
+            log.info("heartbeat lease %x granted (ttl %ds)", self.lease,
+                     self.config.heartbeat_ttl)
+        if answers == self.said:
+            return
+        if answers:
+            await self.before_ready()
+        else:
+            log.warning("the engine does not answer: the node is NotReady (its instances "
+                        "stay until it answers)")
+        await self.store.put(key, Beat(self.config.name, now(), answers), lease=self.lease)
+        self.said = answers
 
     async def _engine_answers(self) -> bool:
         """Whether the engine answers a ping within a third of the TTL (hollow hosts

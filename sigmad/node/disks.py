@@ -46,6 +46,7 @@ from sigmad.models import (
     Owner,
     Ssd,
     now,
+    split_name,
 )
 from sigmad.store import Guard, Op, Store, Versioned
 
@@ -185,10 +186,10 @@ class DiskKeeper:
     async def _in_use(self, disk: str, owner: str) -> bool:
         """Whether instance `owner` (`ns/app-i`) is placed on this node with this disk."""
         ns, _, name = owner.partition("/")
-        app, _, index = name.rpartition("-")
-        if not app or not index.isdigit():
+        parts = split_name(name)
+        if parts is None:
             return False
-        found = await self.store.get(self.store.keys.instance(ns, app, int(index)), Instance)
+        found = await self.store.get(self.store.keys.instance(ns, *parts), Instance)
         return found is not None and found.value.node == self.node and \
             any(d.disk == disk for d in found.value.ssds)
 

@@ -9,7 +9,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from sigmad.models import DEFAULT_PORT_RANGE, SSD_READY, Instance, Node, Overcommit, Ssd
+from sigmad.models import (
+    DEFAULT_PORT_RANGE,
+    MAX_OVERCOMMIT,
+    SSD_READY,
+    Instance,
+    Node,
+    Overcommit,
+    Ssd,
+)
 from sigmad.node.disks import data_path
 from sigmad.scheduler.fit import NodeUsage, fit, match_ssds
 from sigmad.spec import Resources
@@ -80,6 +88,14 @@ class Snapshot:
     nodes: dict[str, NodeInfo]
 
 
+def _ratio(value: float) -> float:
+    """An overcommit ratio as recorded, or 1.0 (none) for one that is not a number from 1 to
+    MAX_OVERCOMMIT (a record its agent's config check did not write: NaN or infinity would
+    make every placement pass raise)."""
+    return float(value) if isinstance(value, int | float) and \
+        1.0 <= value <= MAX_OVERCOMMIT else 1.0
+
+
 def node_info(node: Node, ready: bool, usage: NodeUsage | None, lock: int = 0,
               ssds: list[FreeSsd] | None = None) -> NodeInfo:
     """The scheduler's NodeInfo of `node` with what `usage` books on it (copied) and its
@@ -88,7 +104,7 @@ def node_info(node: Node, ready: bool, usage: NodeUsage | None, lock: int = 0,
         node.name, dict(node.labels), Resources(node.allocatable.cpu_m, node.allocatable.memory),
         ready, node.draining,
         requested=usage.requested if usage else Resources(),
-        overcommit=Overcommit(node.overcommit.cpu, node.overcommit.memory),
+        overcommit=Overcommit(_ratio(node.overcommit.cpu), _ratio(node.overcommit.memory)),
         ports=set(usage.ports) if usage else set(),
         port_range=(node.port_range[0], node.port_range[1]),
         apps=dict(usage.apps) if usage else {},

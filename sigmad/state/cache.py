@@ -9,10 +9,13 @@ Invariants:
   the key is dropped. So this process's own writes (`written`, with the revision the
   transaction answered) are seen at once, and their echo from the watch is a no-op; a delete
   leaves a tombstone until the watch has passed it;
-- the indexes (instances by app and by node, what each node has booked, Ready nodes) are
-  kept in step with the tables, change by change;
+- the indexes (instances by app and by node, what each node has booked, Ready nodes, nodes
+  whose agent holds its heartbeat lease) are kept in step with the tables, change by change;
+  a node is Ready while its heartbeat is there and says its engine answers (sigmad.models.Beat);
 - subscribers are called after each change is applied, in revision order, never for events
-  (events/ is not cached).
+  (events/ is not cached);
+- a value that does not decode is logged and ignored: the key keeps its last good record
+  (or stays absent), and the rest of the cluster loads.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from typing import Any, TypeVar
 from sigmad import records
 from sigmad.errors import SigmaError
 from sigmad.leader import LeaderRecord, MasterRecord
-from sigmad.models import AppRecord, Instance, Node, NodeLock, Owner, Ssd
+from sigmad.models import AppRecord, Beat, Instance, Node, NodeLock, Owner, Ssd
 from sigmad.scheduler.fit import NodeUsage
 from sigmad.store import Op, Store, Versioned, WatchBatch, WatchCompacted
+from sigmad.tokens import TokenRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,15 +41,18 @@ T = TypeVar("T")
 NODES, BEATS, APPS, INSTANCES = "nodes", "heartbeats", "apps", "instances"
 IPS, PORTS, LOCKS, LEADER, MASTERS = "ips", "ports", "locks", "leader", "masters"
 SSDS, SSD_CLAIMS = "ssds", "ssd_claims"
+TOKENS = "tokens"
 # kind → (its key prefix under the cluster prefix, its record class; None: presence only)
 KINDS: dict[str, tuple[str, type | None]] = {
-    NODES: ("nodes/", Node), BEATS: ("heartbeats/", None), APPS: ("apps/", AppRecord),
+    NODES: ("nodes/", Node), BEATS: ("heartbeats/", Beat), APPS: ("apps/", AppRecord),
     INSTANCES: ("instances/", Instance), IPS: ("alloc/ip/", Owner),
     PORTS: ("alloc/port/", Owner), LOCKS: ("alloc/node/", NodeLock),
     LEADER: ("leader", LeaderRecord), MASTERS: ("masters/", MasterRecord),
     SSDS: ("ssds/", Ssd), SSD_CLAIMS: ("alloc/ssd/", Owner),
+    TOKENS: ("tokens/", TokenRecord),
 }
 RELIST_DELAY = 1.0
+MALFORMED = object()  # what `_decode` returns for a value that is not a record
 LIST_CHUNK = 2000  # records decoded between two turns of the loop
 
 Change = tuple[str, str, "Versioned[Any] | None", "Versioned[Any] | None"]  # kind, key, old, new
@@ -77,7 +84,8 @@ class Cache:
         self._tables: dict[str, dict[str, Versioned[Any]]] = {k: {} for k in KINDS}
         self._shared: set[str] = set()  # tables a View holds: copied before the next write
         self._tombstones: dict[str, int] = {}  # key → revision it was deleted at (locally)
-        self.ready: set[str] = set()
+        self.ready: set[str] = set()  # nodes whose heartbeat says their engine answers
+        self.alive: set[str] = set()  # nodes whose agent holds its heartbeat lease
         self.by_app: dict[str, dict[str, Versioned[Instance]]] = {}  # `ns/app` → key → inst
         self.by_node: dict[str, set[str]] = {}  # node → keys of instances on it or moving there
         self.usage: dict[str, NodeUsage] = {}
@@ -204,7 +212,11 @@ class Cache:
                                                              revision=revision)
             table = fresh[kind] = {}
             for n, i in enumerate(items, 1):
-                table[i.key] = Versioned(i.key, _decode(cls, i.value), i.mod_revision)
+                record = _decode(cls, i.value, i.key)
+                if record is not MALFORMED:
+                    table[i.key] = Versioned(i.key, record, i.mod_revision)
+                elif i.key in self._tables[kind]:
+                    table[i.key] = self._tables[kind][i.key]  # keep what it was
                 if n % LIST_CHUNK == 0:
                     await asyncio.sleep(0)  # a big list must not hold the loop
         changes: list[Change] = []
@@ -265,7 +277,9 @@ class Cache:
                 self._tombstones.get(key, 0) >= revision:
             return
         if data:
-            record = _decode(cls, data)
+            record = _decode(cls, data, key)
+            if record is MALFORMED:
+                return  # (logged) the last good record stays
         self._set(kind, key, old, Versioned(key, record, revision))
 
     def _remove(self, kind: str, key: str, revision: int, local: bool = False) -> None:
@@ -295,9 +309,13 @@ class Cache:
         elif kind == BEATS:
             name = key.rsplit("/", 1)[-1]
             if new is None:
-                self.ready.discard(name)
+                self.alive.discard(name)
             else:
+                self.alive.add(name)
+            if new is not None and new.value.engine:
                 self.ready.add(name)
+            else:
+                self.ready.discard(name)
         for fn in self._subscribers:
             try:
                 fn(kind, key, old, new)
@@ -329,5 +347,14 @@ class Cache:
                                                             ports.values(), sign)
 
 
-def _decode(cls: type | None, data: bytes) -> Any:
-    return records.loads(cls, data) if cls is not None else None
+def _decode(cls: type | None, data: bytes, key: str) -> Any:
+    """The record at `key`, or MALFORMED (logged) when it is not one of `cls`: one bad value
+    written by hand must not stop the cache from loading everything else."""
+    if cls is None:
+        return None
+    try:
+        return records.loads(cls, data)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        log.error("cache: %s is not a valid %s record (%s): ignored; fix or delete the key",
+                  key, cls.__name__, exc)
+        return MALFORMED

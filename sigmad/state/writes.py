@@ -24,6 +24,7 @@ from sigmad.models import AppRecord, Instance, Node, NodeLock, Owner
 from sigmad.scheduler.snapshot import FreeSsd
 from sigmad.state.cache import Cache
 from sigmad.store import MAX_TXN_OPS, Guard, Keys, Op, Store, Versioned
+from sigmad.tokens import TokenRecord
 
 log = logging.getLogger(__name__)
 IN_FLIGHT = 2  # transactions the Writer has in flight at once
@@ -127,6 +128,17 @@ class Writes:
 
     def update_node(self, v: Versioned[Node], node: Node) -> Change:
         return Change([Guard(v.key, v.mod_revision)], [Op(v.key, node)])
+
+    # -- API tokens --------------------------------------------------------------------------
+
+    def create_token(self, rec: TokenRecord) -> Change:
+        """A new token record (its id unused so far)."""
+        key = self.keys.token(rec.id)
+        return Change([Guard(key, 0)], [Op(key, rec)])
+
+    def update_token(self, v: Versioned[TokenRecord], rec: TokenRecord) -> Change:
+        """Rewrite a token record as read (a revocation)."""
+        return Change([Guard(v.key, v.mod_revision)], [Op(v.key, rec)])
 
 
 async def commit(store: Store, cache: Cache | None, change: Change) -> int:

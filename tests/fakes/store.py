@@ -10,7 +10,9 @@
   older start revisions fail with WatchCompacted; `break_watches()` breaks live streams
   (they say so, then resume);
 - leases: `expire(lease)` deletes the lease's keys (as a lapsed TTL would);
-- `fail_next(n)` makes the next n calls raise StoreUnavailable (an outage).
+- `fail_next(n)` makes the next n calls raise StoreUnavailable (an outage);
+- a range read at an older revision replays the history (as etcd's MVCC answers it), and
+  fails once anything was compacted.
 """
 
 from __future__ import annotations
@@ -119,11 +121,28 @@ class MemoryStore(StoreOps):
     async def range_raw(self, prefix: str, keys_only: bool = False, limit: int = 0,
                         revision: int = 0) -> tuple[list[Item], int]:
         self._check()
+        data = self.data if not revision or revision >= self.revision else \
+            self._as_of(revision)
         items = [Item(k, b"" if keys_only else e.value, e.mod_revision, e.lease)
-                 for k, e in sorted(self.data.items()) if k.startswith(prefix)]
+                 for k, e in sorted(data.items()) if k.startswith(prefix)]
         items = items[:limit] if limit else items
         self.items_read += len(items)
-        return items, self.revision
+        return items, revision or self.revision
+
+    def _as_of(self, revision: int) -> dict[str, _Entry]:
+        """Every key as it was at `revision`, replayed from the history (leases not kept)."""
+        if self.compacted:
+            raise StoreUnavailable("etcd refused range: etcdserver: mvcc: required revision "
+                                   "has been compacted")
+        data: dict[str, _Entry] = {}
+        for r, e in self.history:
+            if r > revision:
+                break
+            if e.value is None:
+                data.pop(e.key, None)
+            else:
+                data[e.key] = _Entry(e.value, e.mod_revision)
+        return data
 
     async def span(self, start: str, end: str, limit: int, revision: int = 0) -> Span:
         self._check()

@@ -6,11 +6,17 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from sigmad.engine import LABEL_INSTANCE, DockerEngine
+from sigmad.errors import EngineError
 from sigmad.lab import Lab, LabConfig, trust
 from sigmad.lab.services import PREFIX
 from sigmad.models import Owner
@@ -117,3 +123,129 @@ def build_lab(root: Path) -> Lab:
         registry_port=free_port(), listen=f"127.0.0.1:{free_port()}", heartbeat_ttl=2,
         ssds=2, ssd_size=1 << 30,
     ))
+
+
+SAMPLE_EVERY = 0.1  # seconds between two samples of the holders
+ANSWER_WITHIN = 0.3  # an engine whose last list is older than this is not answering
+
+
+@dataclass(frozen=True)
+class Holder:
+    node: str
+    container: str
+    instance: str
+    ip: str
+
+
+@dataclass
+class Sample:
+    at: float  # seconds since sampling began
+    holders: list[Holder]
+    silent: list[str]  # engines that did not answer (their holders: by process liveness)
+
+    def doubles(self) -> list[str]:
+        """Instances and IPs with more than one running holder in this sample."""
+        out = []
+        for what, count in (("instance", Counter(h.instance for h in self.holders)),
+                            ("IP", Counter(h.ip for h in self.holders if h.ip))):
+            out += [f"{what} {k} held {n}x: {[h for h in self.holders if k in (h.instance, h.ip)]}"
+                    for k, n in count.items() if n > 1]
+        return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+@dataclass
+class _Engine:
+    node: str
+    client: DockerEngine
+    running: list[Holder] = field(default_factory=list)
+    pids: dict[str, int] = field(default_factory=dict)  # container → its init process
+    listed: float = 0.0  # monotonic time of the last list the engine answered
+
+
+class Holders:
+    """Samples every SAMPLE_EVERY s, from a thread of its own, the running sigma containers
+    of every lab engine: each engine is listed by a task of its own, and an engine that does
+    not answer (frozen) counts the containers it last listed whose init process still lives.
+    Bounded: it stops by itself after `limit` seconds."""
+
+    def __init__(self, engines: dict[str, str], limit: float = 240.0) -> None:
+        self.engines = [_Engine(n, DockerEngine(url)) for n, url in engines.items()]
+        self.limit = limit
+        self.samples: list[Sample] = []
+        self._stop = threading.Event()
+        self._listed = threading.Event()  # every engine answered once: sampling began
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def __enter__(self) -> Holders:
+        """Start sampling, once every engine has answered a first list (bounded)."""
+        self._thread.start()
+        if not self._listed.wait(30):
+            self.__exit__()
+            raise AssertionError("the lab's engines did not all answer a first list in 30s")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def doubles(self) -> list[str]:
+        """Every sample's doubles (one line each), or [] if none ever had two holders."""
+        return [f"at {s.at:.1f}s: {d}" for s in self.samples for d in s.doubles()]
+
+    def holders_of(self, instance: str) -> list[list[Holder]]:
+        return [[h for h in s.holders if h.instance == instance] for s in self.samples]
+
+    async def _run(self) -> None:
+        listers = [asyncio.create_task(self._list(e)) for e in self.engines]
+        began = time.monotonic()
+        try:
+            while not all(e.listed for e in self.engines):
+                if self._stop.is_set() or time.monotonic() - began > 30:
+                    return
+                await asyncio.sleep(0.01)
+            self._listed.set()
+            began = time.monotonic()
+            while not self._stop.is_set() and time.monotonic() - began < self.limit:
+                now = time.monotonic()
+                holders: list[Holder] = []
+                silent: list[str] = []
+                for e in self.engines:
+                    if now - e.listed <= ANSWER_WITHIN:
+                        holders += e.running
+                    else:
+                        silent.append(e.node)
+                        holders += [h for h in e.running
+                                    if h.container not in e.pids or _alive(e.pids[h.container])]
+                self.samples.append(Sample(now - began, holders, silent))
+                await asyncio.sleep(SAMPLE_EVERY)
+        finally:
+            for task in listers:
+                task.cancel()
+            await asyncio.gather(*listers, return_exceptions=True)
+            for e in self.engines:
+                await e.client.close()
+
+    async def _list(self, e: _Engine) -> None:
+        while True:
+            try:
+                found = await asyncio.wait_for(e.client.containers({LABEL_INSTANCE: ""}), 2.0)
+                running = [c for c in found if c.running]
+                for c in running:
+                    if c.id not in e.pids:
+                        state = await asyncio.wait_for(e.client.inspect(c.id), 2.0)
+                        if state is not None and state.pid:
+                            e.pids[c.id] = state.pid
+                e.running = [Holder(e.node, c.id, c.labels[LABEL_INSTANCE], c.ip)
+                             for c in running]
+                e.listed = time.monotonic()
+            except (EngineError, TimeoutError):
+                pass  # not answering: the sampler judges its last list by process liveness
+            await asyncio.sleep(SAMPLE_EVERY)

@@ -32,6 +32,14 @@ def _ctl(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           text=True, env=env, timeout=60)
 
 
+def _dev_token(tmp_path: Path) -> str:
+    """The token of the credentials context `sigmad dev` writes (and makes current)."""
+    creds = json.loads((tmp_path / "creds.json").read_text())
+    assert creds["current-context"] == "dev"
+    assert len(creds["contexts"]["dev"]["servers"]) == 1
+    return str(creds["contexts"]["dev"]["token"])
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> int:
     proc.send_signal(signal.SIGINT)
     return proc.wait(30)
@@ -43,7 +51,7 @@ def test_dev_runs_everything_and_keeps_state(tmp_path: Path, engine: EngineHost)
     try:
         creds = wait_for(lambda: (tmp_path / "creds.json").exists(), 30, "credentials file")
         assert creds
-        token = json.loads((tmp_path / "creds.json").read_text())["token"]
+        token = _dev_token(tmp_path)
 
         def node_ready() -> bool:
             out = _ctl(tmp_path, "get", "nodes", "-o", "json")
@@ -70,7 +78,7 @@ def test_dev_runs_everything_and_keeps_state(tmp_path: Path, engine: EngineHost)
 
         proc = _dev(tmp_path, engine, port, etcd_port)
         wait_for(node_ready, 30, "the dev node Ready after a restart")
-        assert json.loads((tmp_path / "creds.json").read_text())["token"] == token
+        assert _dev_token(tmp_path) == token
         out = _ctl(tmp_path, "get", "apps", "-o", "json")
         assert [a["app"] for a in json.loads(out.stdout)] == ["web"]
         wait_for(running, 30, "web-0 still Running after a restart")

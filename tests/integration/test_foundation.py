@@ -204,7 +204,7 @@ def test_orphans_of_this_cluster_go_others_stay(cluster: Cluster, engine: Engine
         ).stdout.strip()
 
     ours = plant("sigma-test-ours", cluster.prefix)
-    theirs = plant("sigma-default-web-0-main", "/another/cluster")  # the name web-0 would use
+    theirs = plant("sigma-default_web-0_main", "/another/cluster")  # the name web-0 would use
     try:
         cluster.stop("master")
         cluster.start_master()
@@ -214,7 +214,7 @@ def test_orphans_of_this_cluster_go_others_stay(cluster: Cluster, engine: Engine
         inst = wait_for(lambda: next((i for i in cluster.instances("web")
                                       if i["state"] == "FailedToStart"), None), 20,
                         "web-0 refused the foreign name")
-        assert "taken by a container this cluster does not own" in inst["reason"]
+        assert "taken by a container that is not a copy of" in inst["reason"]
         assert theirs in engine.sigma_containers()
         engine.docker("rm", "-f", theirs)
         cluster.wait_running("web", 1)

@@ -1,6 +1,6 @@
 """Hollow hosts (sigmad lab hollow) against a real etcd: the agents register their hollow
-engine's capacity and hold heartbeats; a killed host's heartbeat lapses, a frozen host's is
-withdrawn, and both come back when healed."""
+engine's capacity and hold heartbeats; a killed host's heartbeat lapses, a frozen host's says
+its engine does not answer, and both come back when healed."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sigmad.lab.hollow_hosts import HollowConfig, HollowHosts
-from sigmad.models import Node
+from sigmad.models import Beat, Node
 from sigmad.procs import EtcdProcess
 from sigmad.store import EtcdStore
 
@@ -22,7 +22,8 @@ async def wait_beats(store: EtcdStore, expected: set[str], timeout: float = 15) 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
-        beats = {k.rsplit("/", 1)[-1] for k in await store.keys_under(store.keys.heartbeats())}
+        found, _ = await store.scan(store.keys.heartbeats(), Beat)
+        beats = {v.key.rsplit("/", 1)[-1] for v in found if v.value.engine}
         if beats == expected:
             return
         assert loop.time() < deadline, f"heartbeats {sorted(beats)}, expected {sorted(expected)}"
@@ -48,7 +49,7 @@ async def test_hollow_hosts_register_beat_die_and_heal(etcd: EtcdProcess, tmp_pa
         await hosts.kill(["h1"])
         hosts.freeze(["h2"])
         assert not (tmp_path / "hosts" / "h1.sock").exists()
-        await wait_beats(store, {"h3", "h4"})  # h1's lease lapsed, h2's beat was withdrawn
+        await wait_beats(store, {"h3", "h4"})  # h1's lease lapsed, h2's engine is frozen
         await hosts.heal(["h1", "h2"])
         await wait_beats(store, everyone)
         stats = hosts.stats()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shutil
 import socket
 import ssl
@@ -223,7 +224,7 @@ async def test_a_tls_engine_answers_only_clients_with_a_certificate(pki: Path,
 def test_the_master_serves_https_that_sigmactl_verifies(pki: Path, secure_etcd: SecureEtcd,
                                                         tmp_path: Path) -> None:
     port = free_port()
-    token = "t" * 32
+    token = secrets.token_hex(16)  # (a weak token such as "t" * 32 is refused)
     api = files(pki, "master-m1-api")
     config = tmp_path / "master.yaml"
     config.write_text(yaml.safe_dump({

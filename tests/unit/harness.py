@@ -13,7 +13,8 @@ from sigmad.api.apps import AppWrites
 from sigmad.config import MasterConfig
 from sigmad.control.controller import Controller
 from sigmad.engine import Engine, EnginePool
-from sigmad.models import Instance, Node, Overcommit
+from sigmad.events import Event
+from sigmad.models import Beat, Instance, Node, Overcommit
 from sigmad.spec import Resources, parse
 from sigmad.state.cache import Cache
 from tests.fakes.engine import FakeEngine
@@ -27,12 +28,14 @@ TOKEN = "0123456789abcdef0123"
 class Leader:
     """A store, its cache and a running controller (see the module docstring)."""
 
-    def __init__(self, workers: int = 4, resync: float = 300.0) -> None:
+    def __init__(self, workers: int = 4, resync: float = 300.0,
+                 fence_grace: float = 0.2) -> None:
         self.store = MemoryStore("/t")
         self.cache = Cache(self.store)
         self.engines: dict[str, FakeEngine] = {}
         self.pool = EnginePool("/t", factory=self._engine)
-        self.config = MasterConfig(token=TOKEN, reconcile_interval=resync, workers=workers)
+        self.config = MasterConfig(token=TOKEN, reconcile_interval=resync, workers=workers,
+                                   fence_grace=fence_grace)
         self.controller = Controller(self.store, self.cache, self.config, self.pool)
         self.api = AppWrites(self.store, self.cache, self.pool)
         self.leases: dict[str, int] = {}
@@ -67,7 +70,11 @@ class Leader:
                     port_range=[31000, 31000 + ports - 1], ssds=ssds)
         await self.store.put(self.store.keys.node(name), node)
         self.leases[name] = await self.store.grant(5)
-        await self.store.put(self.store.keys.heartbeat(name), {"node": name},
+        await self.beat(name)
+
+    async def beat(self, name: str, engine: bool = True) -> None:
+        """Its agent's heartbeat, saying whether its engine answers."""
+        await self.store.put(self.store.keys.heartbeat(name), Beat(name, 0.0, engine),
                              lease=self.leases[name])
 
     async def lose_node(self, name: str) -> None:
@@ -76,6 +83,12 @@ class Leader:
 
     async def apply(self, text: str, force: bool = False) -> list[Any]:
         return await self.api.apply(parse(text), dry_run=False, force=force)
+
+    def events(self) -> list[str]:
+        """The messages of the events written so far, oldest first."""
+        prefix = self.store.keys.events()
+        return [self.store.value(k, Event).message for k in sorted(self.store.data)
+                if k.startswith(prefix)]
 
     def instances(self, app: str = "") -> list[Instance]:
         return sorted((v.value for v in self.cache.instances().values()

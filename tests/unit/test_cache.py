@@ -119,3 +119,21 @@ async def test_a_broken_watch_makes_the_cache_stale_until_it_resumes() -> None:
         await until(lambda: cache.stale_for() == 0)
     finally:
         task.cancel()
+
+
+async def test_a_malformed_record_is_ignored_and_the_rest_loads() -> None:
+    """A value written by hand that is not a record must not stop the cache: it is skipped
+    at the list, and a later bad value leaves the last good record in place."""
+    store = MemoryStore("/t")
+    await store.put("/t/nodes/bad", {"name": "bad"})  # no engine, no address: not a Node
+    await store.put("/t/instances/ns/web/0", inst(0, "a"))
+    cache, task = await started(store)
+    try:
+        assert "/t/nodes/bad" not in cache.nodes()
+        assert list(cache.instances()) == ["/t/instances/ns/web/0"]
+        await store.put("/t/instances/ns/web/0", "not a record")
+        await store.put("/t/instances/ns/web/1", inst(1, "a"))
+        await until(lambda: "/t/instances/ns/web/1" in cache.instances())
+        assert cache.instance("/t/instances/ns/web/0").value == inst(0, "a")  # type: ignore[union-attr]
+    finally:
+        task.cancel()

@@ -22,7 +22,7 @@ from sigmad.config import (
 from sigmad.errors import SpecError
 from sigmad.spec import Fields, Resources
 
-TOKEN = "0123456789abcdef"  # exactly 16 characters
+TOKEN = "9f3c1e7a5b2d8046"  # exactly 16 characters, no pattern
 
 
 def master(**doc: object) -> MasterConfig:
@@ -81,21 +81,59 @@ def test_token_too_short_or_missing(token):
     assert "at least 16 characters" in err.message
 
 
+def private(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
 def test_token_file_is_read_and_stripped(tmp_path: Path):
-    path = tmp_path / "token"
-    path.write_text(f"  {TOKEN}\n")
+    path = private(tmp_path / "token", f"  {TOKEN}\n")
     assert master(token_file=str(path)).token == TOKEN
 
 
 def test_token_wins_over_token_file(tmp_path: Path):
-    path = tmp_path / "token"
-    path.write_text("f" * 32)
+    path = private(tmp_path / "token", "f" * 32)
     assert master(token=TOKEN, token_file=str(path)).token == TOKEN
 
 
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644, 0o660, 0o666, 0o700 | 0o004])
+def test_token_file_others_can_read_is_refused(tmp_path: Path, mode: int):
+    path = private(tmp_path / "token", TOKEN)
+    path.chmod(mode)
+    err = master_error(token_file=str(path))
+    assert err.field == "token_file"
+    assert f"can be read by others (mode {mode:o}): chmod 600 {path}" in err.message
+    path.chmod(0o400)
+    assert master(token_file=str(path)).token == TOKEN
+
+
+@pytest.mark.parametrize("token", [
+    "change-me-0123456789abcdef",  # conf/master.yaml's
+    "changeme-changeme-changeme", "replace-me-with-a-secret", "example-token-1234",
+    "aaaaaaaaaaaaaaaaaaaaaaaa", "abcabcabcabcabcabcabc", "0123456789abcdef", "abcdefghijklmnop",
+    "ponmlkjihgfedcba", "x" + "0123456789" + "zqwkp",
+])
+def test_placeholder_and_weak_tokens_are_refused(token: str):
+    err = master_error(token=token)
+    assert err.field == "token"
+    assert err.message.endswith("generate one with 'openssl rand -hex 24'")
+
+
+def test_a_weak_token_in_a_token_file_names_the_file_field(tmp_path: Path):
+    path = private(tmp_path / "token", "change-me-0123456789abcdef\n")
+    assert master_error(token_file=str(path)).field == "token_file"
+
+
+def test_the_shipped_example_config_is_refused_until_its_token_is_changed():
+    example = Path(__file__).parents[2] / "conf" / "master.yaml"
+    with pytest.raises(SpecError) as info:
+        load_master(example)
+    assert info.value.field == "token" and "placeholder" in info.value.message
+
+
 def test_token_file_with_short_token(tmp_path: Path):
-    path = tmp_path / "token"
-    path.write_text("short\n")
+    path = private(tmp_path / "token", "short\n")
     err = master_error(token_file=str(path))
     assert err.field == "token"
 
@@ -272,6 +310,7 @@ def test_node_ssds_and_data_dir():
     ("/dev/loop1", "ssds", "must be a list"),
     ([3], "ssds[0]", "not a stable device path"),
     (["/dev/disk/by-id/.."], "ssds[0]", "not a stable device path"),
+    (["/dev/loop1\n"], "ssds[0]", "not a stable device path"),
 ])
 def test_bad_node_ssds(ssds, where, text):
     err = node_error(ssds=ssds)
@@ -345,3 +384,60 @@ def test_config_must_be_a_mapping(tmp_path: Path):
     with pytest.raises(SpecError) as info:
         load_node(path)
     assert "must be a mapping, got a list" in info.value.message
+
+
+def test_audit_log_and_per_token_caps():
+    cfg = master(token=TOKEN, audit_log="/var/log/sigma/audit.jsonl",
+                 max_requests_per_token=5, max_streams_per_token=2)
+    assert (cfg.audit_log, cfg.max_requests_per_token, cfg.max_streams_per_token) == (
+        "/var/log/sigma/audit.jsonl", 5, 2)
+    assert master_error(token=TOKEN, audit_log="audit.jsonl").field == "audit_log"
+    assert master_error(token=TOKEN, max_streams_per_token=0).field == "max_streams_per_token"
+    assert master_error(token=TOKEN, max_requests_per_token=True).field == \
+        "max_requests_per_token"
+# --- hostile values (issue 16) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio", [float("inf"), float("nan"), float("-inf"), 0.5, 101, "2"])
+def test_overcommit_must_be_a_finite_ratio_from_1(ratio):
+    for key in ("cpu", "memory"):
+        err = node_error(overcommit={key: ratio})
+        assert err.field == f"overcommit.{key}"
+        assert "at least 1 and at most 100" in err.message
+
+
+def test_overcommit_inf_from_yaml_is_refused(tmp_path: Path):
+    path = tmp_path / "node.yaml"
+    path.write_text("overcommit: {cpu: .inf}\n")
+    with pytest.raises(SpecError) as info:
+        load_node(path)
+    assert info.value.field == "overcommit.cpu"
+    path.write_text("overcommit: {memory: .nan}\n")
+    with pytest.raises(SpecError) as info:
+        load_node(path)
+    assert info.value.field == "overcommit.memory"
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 10**6])
+def test_other_numbers_must_be_finite_and_bounded(value):
+    assert node_error(heartbeat_ttl=value).field == "heartbeat_ttl"
+    assert master_error(token=TOKEN, reconcile_interval=value).field == "reconcile_interval"
+
+
+@pytest.mark.parametrize("name", ["h1\n", "a/b", "../x", "-h1", "h 1", "h" * 254])
+def test_node_names_become_keys_so_they_are_matched_whole(name):
+    assert node_error(name=name).field == "name"
+
+
+def test_node_names_like_hosts_are_fine():
+    for name in ("h1", "lab-h1", "host.example.com", "hollow_00001", "H" * 253):
+        assert node_config(Fields("", {"name": name}, "")).name == name
+
+
+@pytest.mark.parametrize("address", ["10.0.0", "host", 7, "10.0.0.1\n"])
+def test_node_address_must_be_ipv4(address):
+    assert node_error(address=address).field == "address"
+
+
+def test_master_id_is_matched_whole():
+    assert master_error(token=TOKEN, id="m1\n").field == "id"

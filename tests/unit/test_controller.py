@@ -127,7 +127,7 @@ async def test_a_lost_node_moves_its_instances_keeping_their_ips() -> None:
             lambda: all(i.node == "b" and i.state == "Running" for i in lead.instances())
             and lead.instances(), what="both Running on b")
         assert {i.name: i.ip for i in after} == before
-        assert all(t.reason == "NodeLost" for i in after for t in i.terminations)
+        assert all(t.reason == "KilledBySigma(fenced)" for i in after for t in i.terminations)
 
 
 async def test_a_step_hung_on_a_lost_nodes_engine_is_abandoned() -> None:
@@ -235,3 +235,56 @@ async def test_a_new_leader_places_what_its_predecessor_left_pending() -> None:
     async with after:
         await after.add_node("a")
         await after.running("web", 3)
+
+
+async def test_a_taken_name_is_freed_only_from_a_copy_of_the_same_instance() -> None:
+    """A 409 on create removes the container holding the name only if it is labelled with
+    this very instance (a leftover copy); this cluster's container of another instance stays."""
+    from tests.fakes.engine import FakeContainer
+
+    async with Leader() as lead:
+        await lead.add_node("a")
+        await lead.apply(spec(app="db", replicas=1))
+        await lead.running("db", 1)
+        engine = lead.engine("a")
+        # db-0's name-twin: a container of this cluster, of instance db-0, holding the name
+        # web-0 will want (planted behind the engine watch's back).
+        other = FakeContainer("f" * 64, "sigma-default_web-0_main", {"Image": "img", "Labels": {
+            "sigma.instance": "default/db-0", "sigma.cluster": "/t",
+            "sigma.container": "main"}}, status="running")
+        engine.by_id[other.id] = other
+        await lead.apply(spec(replicas=1))
+        (inst,) = await lead.until(lambda: [i for i in lead.instances("web")
+                                            if i.state == "FailedToStart"], what="refused")
+        assert "is taken by a container that is not a copy of default/web-0" in inst.reason
+        assert engine.by_id.get(other.id) is other and other.status == "running"
+        # A leftover copy of web-0 itself is replaced.
+        del engine.by_id[other.id]
+        leftover = FakeContainer("e" * 64, "sigma-default_web-0_main", {"Image": "img",
+                                 "Labels": {"sigma.instance": "default/web-0",
+                                            "sigma.cluster": "/t", "sigma.container": "main"}})
+        engine.by_id[leftover.id] = leftover
+        await lead.until(lambda: [i for i in lead.instances("web") if i.state == "Running"],
+                         timeout=10, what="web-0 running after its backoff")
+        assert leftover.id not in engine.by_id
+
+
+async def test_a_resize_of_many_instances_on_one_node_is_applied_whole() -> None:
+    """150 instances on one node: the new requests are booked in pieces that each fit one
+    transaction (etcd's 128 ops), every container gets its new caps, and etcd agrees."""
+    async with Leader(workers=16) as lead:
+        await lead.add_node("a", cpu_m=64_000, memory=64 * GI)
+        await lead.apply(spec(replicas=150))
+        await lead.running("web", 150, timeout=30)
+        bigger = spec(replicas=150).replace("cpu: 100m", "cpu: 200m").replace("128Mi", "256Mi")
+        (r,) = await lead.apply(bigger)
+        assert r.action == "resized in place" and r.containers == 150
+        engine = lead.engine("a")
+        await lead.until(lambda: all(c.caps.get("Memory") == 256 << 20
+                                     for c in engine.running()), timeout=30, what="the caps")
+        await lead.until(lambda: all(i.request == Resources(200, 64 << 20)
+                                     and i.containers[0].limit == Resources(500, 256 << 20)
+                                     for i in lead.instances("web")), timeout=30,
+                         what="every record booked and saying so")
+        assert len(engine.running()) == 150
+        assert all(i.state == "Running" for i in lead.instances("web"))

@@ -19,6 +19,7 @@ from sigmad.engine import (
     cap_config,
     container_config,
     container_name,
+    pull_params,
 )
 from sigmad.models import Instance
 from sigmad.spec import AppSpec, ContainerSpec, Resources, ResourceSpec, validate
@@ -159,10 +160,43 @@ def test_env_without_user_variables():
 
 def test_container_name_is_deterministic():
     inst, _, _ = make()
-    assert container_name(inst, "main") == "sigma-prod-web-3-main"
+    assert container_name(inst, "main") == "sigma-prod_web-3_main"
     assert container_name(inst, "side") != container_name(inst, "main")
     other = Instance(namespace="dev", app="web", index=3, generation=9, ip="10.244.1.8")
     assert container_name(other, "main") != container_name(inst, "main")
+
+
+@pytest.mark.parametrize(("a", "b"), [
+    (("a-b", "c", 0, "m"), ("a", "b-c", 0, "m")),  # the same name with '-' separators
+    (("a", "b", 1, "c-d"), ("a", "b-1-c", 0, "d")),  # ... and again
+    (("a", "b-1", 2, "m"), ("a", "b", 1, "2-m")),
+])
+def test_container_names_of_different_instances_never_collide(a, b):
+    def name(ns: str, app: str, index: int, container: str) -> str:
+        inst = Instance(namespace=ns, app=app, index=index, generation=1, ip="10.244.0.1")
+        return container_name(inst, container)
+
+    assert name(*a) != name(*b)
+
+
+@pytest.mark.parametrize(("ref", "params"), [
+    ("busybox", {"fromImage": "busybox", "tag": "latest"}),
+    ("busybox:1.36", {"fromImage": "busybox", "tag": "1.36"}),
+    ("reg:5000/team/app", {"fromImage": "reg:5000/team/app", "tag": "latest"}),
+    ("reg:5000/team/app:v1", {"fromImage": "reg:5000/team/app", "tag": "v1"}),
+    ("app@sha256:" + "a" * 64, {"fromImage": "app", "tag": "sha256:" + "a" * 64}),
+    ("reg:5000/app:v1@sha256:" + "b" * 64, {"fromImage": "reg:5000/app",
+                                           "tag": "sha256:" + "b" * 64}),
+])
+def test_pull_params_of_every_reference_form(ref, params):
+    assert pull_params(ref) == params
+
+
+def test_a_query_value_with_a_newline_is_encoded():
+    from sigmad.engine import _query
+
+    assert _query({"name": "sigma-a_b-0_c"}) == "?name=sigma-a_b-0_c"
+    assert _query({"name": "web\n"}) == "?name=web%0A"  # never raw in the request line
 
 
 # --- inspect → ContainerState ------------------------------------------------------------------

@@ -20,7 +20,7 @@ from sigmad.spec import Fields
 from sigmad.store import EtcdStore, Guard
 from tests.unit.test_sigmactl_client import Fake, run
 
-TOKEN = "0123456789abcdef"
+TOKEN = "9f3c1e7a5b2d8046"  # 16 characters, no pattern
 
 
 # the masters view

@@ -222,3 +222,13 @@ def test_terminated_below_the_cap_keeps_all():
         ("main", "OOMKilled", ""),
         ("side", "Exited(1)", "x"),
     ]
+
+
+def test_instance_names_are_split_whole_with_ascii_digits() -> None:
+    from sigmad.models import split_name
+
+    assert split_name("web-0") == ("web", 0)
+    assert split_name("a-b-c-12") == ("a-b-c", 12)
+    for bad in ("web", "web-", "-1", "web-\u00b2", "web-0\n", "web-1x", "Web-1",
+                "web-" + "9" * 10, "web-\u0663"):
+        assert split_name(bad) is None, bad

@@ -64,16 +64,21 @@ def test_never_restarts_nothing(reason):
     assert should_restart("never", reason) is False
 
 
-def test_container_ownership_by_cluster_label():
-    from sigmad.control.drive import _ours
+def test_a_taken_name_is_replaced_only_for_a_copy_of_the_same_instance():
+    from sigmad.control.drive import _same_instance
     from sigmad.engine import ContainerState
 
     def c(**labels: str) -> ContainerState:
         return ContainerState("id", "n", labels, False, "exited", 0, False, "", "", "", 0, "")
 
-    mine = "default/web-0"
-    assert _ours(c(**{"sigma.cluster": "/sigma/v1", "sigma.instance": mine}), mine, "/sigma/v1")
-    assert not _ours(c(**{"sigma.cluster": "/other", "sigma.instance": mine}), mine, "/sigma/v1")
-    # Made before containers carried a cluster label: ours only if it is this instance's.
-    assert _ours(c(**{"sigma.instance": mine}), mine, "/sigma/v1")
-    assert not _ours(c(), mine, "/sigma/v1")
+    mine, ours = "default/web-0", "/sigma/v1"
+    assert _same_instance(c(**{"sigma.cluster": ours, "sigma.instance": mine}), mine, ours)
+    assert not _same_instance(c(**{"sigma.cluster": "/other", "sigma.instance": mine}), mine,
+                              ours)
+    # This cluster's container, but another instance's: never removed for this one.
+    assert not _same_instance(c(**{"sigma.cluster": ours, "sigma.instance": "a/b-c-0"}), mine,
+                              ours)
+    assert not _same_instance(c(**{"sigma.cluster": ours}), mine, ours)
+    # Made before containers carried a cluster label: only if it is this instance's.
+    assert _same_instance(c(**{"sigma.instance": mine}), mine, ours)
+    assert not _same_instance(c(), mine, ours)

@@ -473,3 +473,21 @@ def test_migrate_to_a_node_places_only_there() -> None:
     pinned.target = "b"
     decision = place_all(s, [Versioned("/k/0", pinned, 1)], {"ns/web": spec}, None)
     assert decision.placed["/k/0"].node == "b"
+
+
+def test_a_node_record_with_a_ratio_that_is_not_a_number_overcommits_nothing() -> None:
+    """A record its agent's config check did not write (`overcommit: .inf`, NaN) neither
+    raises in a placement pass nor books the node without bound."""
+    from sigmad.scheduler.snapshot import node_info
+
+    for bad in (float("inf"), float("nan"), float("-inf"), 0.0, 1e9):
+        record = Node("a", "fake://a", capacity=Resources(4000, 8 * GI),
+                      allocatable=Resources(4000, 8 * GI), overcommit=Overcommit(bad, bad))
+        info = node_info(record, True, None)
+        assert info.capacity() == Resources(4000, 8 * GI)
+        decision = place_decision(Snapshot(1, {"a": info}), [
+            Request("default/web-0", "default/web", Resources(5000, GI), Placement(), 0)])
+        assert "default/web-0" in decision.unplaced
+    good = Node("a", "fake://a", capacity=Resources(4000, 8 * GI),
+                allocatable=Resources(4000, 8 * GI), overcommit=Overcommit(2.0, 1.5))
+    assert node_info(good, True, None).capacity() == Resources(8000, 12 * GI)

@@ -129,9 +129,9 @@ def serving() -> Iterator[Fake]:
 
 
 def isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """No SIGMA_SERVER/SIGMA_TOKEN/SIGMA_CA, and a credentials file path that does not exist
-    yet."""
-    for name in ("SIGMA_SERVER", "SIGMA_TOKEN", "SIGMA_CA"):
+    """No SIGMA_SERVER/SIGMA_TOKEN/SIGMA_CA/SIGMA_CONTEXT, and a credentials file path that
+    does not exist yet."""
+    for name in ("SIGMA_SERVER", "SIGMA_TOKEN", "SIGMA_CA", "SIGMA_CONTEXT"):
         monkeypatch.delenv(name, raising=False)
     path = tmp_path / "credentials.json"
     monkeypatch.setenv("SIGMA_CREDENTIALS", str(path))
@@ -155,20 +155,20 @@ def test_resolve_prefers_options_then_env_then_file(
     monkeypatch: pytest.MonkeyPatch, clean_env: Path
 ) -> None:
     clean_env.write_text(json.dumps({"server": "http://file:1", "token": "ft"}))
-    assert resolve(None, None) == ("http://file:1", "ft")
+    assert resolve(None, None) == (["http://file:1"], "ft")
     monkeypatch.setenv("SIGMA_SERVER", "http://env:2")
     monkeypatch.setenv("SIGMA_TOKEN", "et")
-    assert resolve(None, None) == ("http://env:2", "et")
-    assert resolve("http://opt:3", "ot") == ("http://opt:3", "ot")
+    assert resolve(None, None) == (["http://env:2"], "et")
+    assert resolve("http://opt:3", "ot") == (["http://opt:3"], "ot")
     monkeypatch.delenv("SIGMA_TOKEN")
-    assert resolve("http://opt:3", None) == ("http://opt:3", "ft")
+    assert resolve("http://opt:3", None) == (["http://opt:3"], "ft")
 
 
 def test_resolve_without_anything(clean_env: Path) -> None:
     with pytest.raises(CtlError) as err:
         resolve(None, None)
     assert str(err.value) == NO_SERVER
-    assert resolve("h:1", None) == ("h:1", None)
+    assert resolve("h:1", None) == (["h:1"], None)
 
 
 def test_resolve_bad_credentials_file(clean_env: Path) -> None:

@@ -480,3 +480,108 @@ def test_spec_error_is_an_api_400():
     assert err.to_dict() == {
         "error": {"code": "invalid", "message": "bogus: unknown field", "field": "bogus"}
     }
+
+
+# --- hostile input (issue 16: every bad input is a 400 naming the field) -------------------
+
+
+def test_an_alias_is_refused_at_its_field_and_never_expanded():
+    err = error_of(MINIMAL + "x: &a [1, 2]\nnamespace: *a\n")
+    assert err.field == "namespace"
+    assert "is a YAML alias (*a): aliases are not accepted" in err.message
+    # The billion laughs: 9 levels of 9 aliases would be 9^9 items once expanded.
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    err = error_of(MINIMAL + "\n".join(levels) + "\n")
+    assert err.field == "a1[0]" and "is a YAML alias (*a0)" in err.message
+    err = error_of("base: &b {app: web}\n<<: *b\ncontainers: [{name: m, image: busybox}]\n")
+    assert "a merge key (<<) takes a YAML alias" in err.message
+
+
+def test_nesting_is_bounded():
+    err = error_of(MINIMAL + "env: " + "[" * 500 + "]" * 500 + "\n")
+    assert err.field is None and "nested deeper than 16 levels" in err.message
+    err = error_of("a:\n" + "".join("  " * i + f"- k{i}:\n" for i in range(1, 40)))
+    assert "nested deeper than 16 levels" in err.message
+
+
+def test_a_huge_integer_is_refused_at_its_field():
+    err = error_of(MINIMAL + "replicas: " + "9" * 4301 + "\n")
+    assert err.field == "replicas" and "is a number of 4301 characters: too large" in err.message
+    err = error_of(MINIMAL.replace("busybox", "busybox\n    command: [1:" + "1:" * 3000 + "1]"))
+    assert err.field == "containers[0].command[0]"
+
+
+@pytest.mark.parametrize(("value", "field"), [
+    ("!!int abc", "replicas"), ("!!float x", "replicas"), ("!!timestamp now", "replicas"),
+    ("!!int ''", "replicas"),
+])
+def test_a_value_that_fails_its_tag_is_refused_at_its_field(value, field):
+    err = error_of(MINIMAL + f"replicas: {value}\n")
+    assert err.field == field and "is not a valid" in err.message
+
+
+def test_documents_per_file_are_bounded():
+    err = error_of("---\n".join([MINIMAL.replace("web", f"web{i}") for i in range(101)]))
+    assert "more than 100 documents in one file" in err.message
+    assert len(parse("---\n".join([MINIMAL.replace("web", f"w{i}") for i in range(100)]))) == 100
+
+
+@pytest.mark.parametrize("name", ["web\n", "web\n\n", "\nweb", "we\nb"])
+def test_names_are_matched_whole(name):
+    assert invalid(app=name).field == "app"
+    assert invalid(namespace=name).field == "namespace"
+    assert container_error(env={name: "x"}).field == f"containers[0].env.{name}"
+    assert invalid(placement={"labels": {name: "x"}}).field == f"placement.labels.{name}"
+
+
+@pytest.mark.parametrize("image", [
+    "busybox", "busybox:1.36", "lab-registry:5000/sigma/busybox:latest", "localhost/a_b/c__d",
+    "registry.example.com:443/team/app-x.y:v1.2-rc_3", "[::1]:5000/busybox",
+    "busybox@sha256:" + "a" * 64, "reg:5000/b:v1@sha256:" + "0" * 64, "a" * 255,
+])
+def test_good_image_references(image):
+    assert validate({"app": "a", "containers": [{"name": "m", "image": image}]}) \
+        .containers[0].image == image
+
+
+@pytest.mark.parametrize("image", [
+    "Busybox", "busybox:", ":tag", "busybox::1", "-busybox", "busybox/", "a//b", "a/-b",
+    "busybox@sha256:abc", "busybox:" + "t" * 129, "http://reg/busybox", "busybox\n",
+    "busybox:1\n", "a" * 256, "a/" * 300 + "a", "reg:port/busybox", "busy$box",
+])
+def test_bad_image_references(image):
+    err = container_error(image=image)
+    assert err.field == "containers[0].image"
+    assert "is not an image reference" in err.message
+    assert len(err.message) < 200  # a long value is quoted cut short
+
+
+def test_fixed_ips_are_one_per_replica_and_checked_in_linear_time():
+    ips = [f"10.244.{i // 250}.{i % 250 + 1}" for i in range(10_000)]
+    spec = validate({"app": "a", "replicas": 10_000, "network": {"ip": ips},
+                     "containers": [{"name": "m", "image": "busybox"}]})
+    assert spec.network.ips == ips
+    err = invalid(replicas=2, network={"ip": ips})
+    assert err.field == "network.ip" and "10000 fixed IP(s) for 2 replicas" in err.message
+    err = invalid(replicas=3, network={"ip": ["10.244.0.1", "10.244.0.2", "10.244.0.1"]})
+    assert err.field == "network.ip[2]" and "10.244.0.1 is listed twice" in err.message
+
+
+def test_port_names_are_checked_in_linear_time():
+    ports = [{"name": f"p{i}", "container": 1 + i % 65535} for i in range(20_000)]
+    assert len(validate({"app": "a", "network": {"ports": ports},
+                         "containers": [{"name": "m", "image": "busybox"}]}).network.ports) \
+        == 20_000
+
+
+@pytest.mark.parametrize(("resources", "field"), [
+    ({"limit": {"memory": 2**70}}, "containers[0].resources.limit.memory"),
+    ({"limit": {"memory": "9" * 50 + "Gi"}}, "containers[0].resources.limit.memory"),
+    ({"request": {"cpu": 10**20}}, "containers[0].resources.request.cpu"),
+    ({"request": {"cpu": float("inf")}}, "containers[0].resources.request.cpu"),
+    ({"request": {"cpu": float("nan")}}, "containers[0].resources.request.cpu"),
+])
+def test_quantities_are_bounded(resources, field):
+    err = container_error(resources=resources)
+    assert err.field == field

@@ -26,7 +26,7 @@ from sigmad.store import EtcdStore
 from sigmad.tls import TlsFiles, client_context, server_context
 from tests.unit.test_sigmactl_client import TOKEN, Fake, QuietServer, _handler
 
-TOKEN16 = "0123456789abcdef"
+TOKEN16 = "9f3c1e7a5b2d8046"  # 16 characters, no pattern (a weak token is refused)
 
 
 @pytest.fixture(scope="module")
