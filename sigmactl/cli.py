@@ -104,7 +104,7 @@ def get(settings: Settings, kind: str, namespace: str | None, app: str | None,
 
 
 @cli.command()
-@click.argument("kind", type=click.Choice(["app", "instance"], case_sensitive=False))
+@click.argument("kind", type=click.Choice(["app", "instance", "ssd"], case_sensitive=False))
 @click.argument("name")
 @namespace_option
 @click.option("-o", "--output", "fmt", type=click.Choice(["json", "yaml"]),
@@ -112,8 +112,19 @@ def get(settings: Settings, kind: str, namespace: str | None, app: str | None,
 @click.pass_obj
 def describe(settings: Settings, kind: str, name: str, namespace: str,
              fmt: str | None) -> None:
-    """Show one app, or one instance (NAME is APP-INDEX), in detail."""
+    """Show one app, one instance (NAME is APP-INDEX) or one SSD (NAME is NODE/ID) in
+    detail."""
     kind = kind.lower()
+    if kind == "ssd":
+        found = [d for d in items(settings.client().get(api_path("ssds")))
+                 if f"{d.get('node')}/{d.get('id')}" == name]
+        if not found:
+            raise CtlError(f"ssd {name} not found: see 'sigmactl get ssds' (NAME is NODE/ID)")
+        if fmt:
+            emit(found[0], fmt)
+        else:
+            click.echo(output.describe_ssd(found[0], time.time()))
+        return
     answer = settings.client().get(api_path(KINDS[kind], namespace, name))
     if fmt:
         emit(answer, fmt)

@@ -226,6 +226,8 @@ def describe_instance(i: Item, now: float) -> str:
     """A multi-line description of an instance, its containers and last terminations."""
     request = i.get("request") or {}
     next_start = i.get("next_start") or 0
+    disks = ", ".join(f"{d.get('volume')}={i.get('node')}/{d.get('disk')}"
+                      for d in i.get("ssds") or [])
     head = fields([
         ("Name", i["name"]),
         ("Namespace", i["namespace"]),
@@ -236,6 +238,7 @@ def describe_instance(i: Item, now: float) -> str:
         ("Node", i.get("node")),
         ("IP", i.get("ip")),
         ("Host ports", host_ports(i.get("host_ports"), "=")),
+        *([("Disks", disks)] if disks else []),
         ("Request", f"cpu {format_cpu(request.get('cpu_m', 0))}, "
                     f"memory {format_size(request.get('memory', 0))}"),
         ("Restarts", i.get("restarts", 0)),
@@ -260,6 +263,23 @@ def describe_instance(i: Item, now: float) -> str:
                  ["NAME", "ID", "STATE", "READY", "EXIT", "STARTED", "FINISHED"], containers),
         _section("Terminations:", ["TIME", "CONTAINER", "REASON", "CONTAINER ID"],
                  terminations),
+    ])
+
+
+def describe_ssd(d: Item, now: float) -> str:
+    """A multi-line description of one SSD."""
+    return fields([
+        ("Node", d.get("node")),
+        ("ID", d.get("id")),
+        ("Path", d.get("path")),
+        ("State", d.get("state")),
+        ("Error", d.get("error") or None),
+        ("Size", format_size(int(d.get("size", 0)))),
+        ("Rotational", "yes" if d.get("rotational") else "no"),
+        ("Claimed by", d.get("claimed_by") or NONE),
+        ("Mount", d.get("mount") or NONE),
+        ("Filesystem", d.get("fs_uuid") or NONE),
+        ("Updated", _when(d.get("updated"), now)),
     ])
 
 

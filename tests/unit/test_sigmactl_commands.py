@@ -292,3 +292,17 @@ def test_ssd_release_posts_and_says_whose_data_goes(fake: Fake) -> None:
     assert fake.seen[-1]["path"] == "/v1/ssds/h1/loop3/release"
     bad = run(fake, "ssd", "release", "loop3")
     assert bad.exit_code == 2 and "give NODE/ID" in bad.stderr
+
+
+def test_describe_ssd_finds_it_by_node_and_id(fake: Fake) -> None:
+    disk = {"node": "h1", "id": "loop3", "path": "/dev/loop3", "state": "retained", "error": "",
+            "size": 10 << 30, "rotational": False, "claimed_by": "default/db-0",
+            "mount": "/var/lib/sigma/ssds/loop3", "fs_uuid": "u-1", "updated": 0}
+    fake.answer("GET", "/v1/ssds", (200, {"items": [disk]}))
+    result = run(fake, "describe", "ssd", "h1/loop3")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[3].split() == ["State:", "retained"]
+    assert "Claimed by:  default/db-0" in result.stdout and "Error:" in result.stdout
+    missing = run(fake, "describe", "ssd", "h2/loop3")
+    assert missing.exit_code == 1 and "ssd h2/loop3 not found" in missing.stderr

@@ -217,3 +217,9 @@ def test_progress_rewrites_in_place_on_a_terminal() -> None:
     progress.show("b")
     progress.clear()
     assert stream.getvalue() == "\r\033[Ka\r\033[Kb\r\033[K"
+
+
+def test_describe_instance_lists_its_disks() -> None:
+    with_disks = {**INSTANCE, "ssds": [{"volume": "data", "disk": "loop3", "source": "/x"}]}
+    assert "Disks:       data=h1/loop3" in output.describe_instance(with_disks, NOW)
+    assert "Disks:" not in output.describe_instance(INSTANCE, NOW)
