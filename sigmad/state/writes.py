@@ -3,8 +3,9 @@
 
 Invariants:
 - a change that depends on what was read guards it: the mod_revision of every record it
-  rewrites, the absence of every key it claims (`alloc/ip`, `alloc/port`, a new instance),
-  and the revision of the node lock of every node it books capacity on;
+  rewrites, the absence of every key it claims (`alloc/ip`, `alloc/port`, `alloc/ssd`, a new
+  instance), the revision of the node lock of every node it books capacity on, and that of
+  every disk record it claims a disk by (as seen `ready`);
 - a change is all-or-nothing: the Writer packs whole changes into transactions (never a
   change across two), and when a packed transaction loses, each of its changes is retried
   alone, so one conflict never fails a neighbour;
