@@ -258,15 +258,41 @@ def ssd() -> None:
     """Whole local disks (app spec volumes): see them with 'sigmactl get ssds'."""
 
 
+def _disk(disk: str) -> tuple[str, str]:
+    node, sep, disk_id = disk.partition("/")
+    if not sep or not node or not disk_id or "/" in disk_id:
+        raise click.UsageError(f"{disk!r}: give NODE/ID as 'sigmactl get ssds' lists it")
+    return node, disk_id
+
+
 @ssd.command("release")
 @click.argument("disk", metavar="NODE/ID")
 @click.pass_obj
 def ssd_release(settings: Settings, disk: str) -> None:
     """Free a retained disk (its instance is gone, or moved when its node was lost): its
     agent wipes it (a fresh filesystem), then others may claim it. Its data is lost."""
-    node, sep, disk_id = disk.partition("/")
-    if not sep or not node or not disk_id or "/" in disk_id:
-        raise click.UsageError(f"{disk!r}: give NODE/ID as 'sigmactl get ssds' lists it")
+    node, disk_id = _disk(disk)
     answer = settings.client().post_json(api_path("ssds", node, disk_id, "release"), {})
     owner = answer.get("released", "") if isinstance(answer, dict) else ""
     click.echo(f"disk {node}/{disk_id} released (it held {owner}'s data); its agent wipes it")
+
+
+@ssd.command("cordon")
+@click.argument("disk", metavar="NODE/ID")
+@click.pass_obj
+def ssd_cordon(settings: Settings, disk: str) -> None:
+    """Keep a free disk out of scheduling (e.g. to replace it); its data is kept."""
+    node, disk_id = _disk(disk)
+    settings.client().post_json(api_path("ssds", node, disk_id, "cordon"), {})
+    click.echo(f"disk {node}/{disk_id} cordoned: nothing is placed on it")
+
+
+@ssd.command("uncordon")
+@click.argument("disk", metavar="NODE/ID")
+@click.pass_obj
+def ssd_uncordon(settings: Settings, disk: str) -> None:
+    """Give a cordoned or broken disk back: its agent formats it afresh (its data is lost),
+    then it is ready; a disk still broken is reported broken again."""
+    node, disk_id = _disk(disk)
+    settings.client().post_json(api_path("ssds", node, disk_id, "uncordon"), {})
+    click.echo(f"disk {node}/{disk_id} uncordoned: its agent formats it afresh")

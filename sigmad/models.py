@@ -84,6 +84,7 @@ class Node:
 # become broken (vanished device, I/O error, a format that failed its check).
 SSD_FREE, SSD_FORMATTING, SSD_READY, SSD_BOUND = "free", "formatting", "ready", "bound"
 SSD_RETAINED, SSD_WIPING, SSD_BROKEN = "retained", "wiping", "broken"
+CORDONED = "cordoned"  # the owner of a claim made by `sigmactl ssd cordon` (no instance's key)
 SSD_STATES = (SSD_FREE, SSD_FORMATTING, SSD_READY, SSD_BOUND, SSD_RETAINED, SSD_WIPING,
               SSD_BROKEN)
 

@@ -22,13 +22,24 @@ from sigmad import records
 from sigmad.control import migration
 from sigmad.engine import EnginePool
 from sigmad.errors import Conflict, EngineError, NotFound, SigmaError, SpecError
-from sigmad.models import AppRecord, Instance, Node, Owner, now, split_name
+from sigmad.models import (
+    CORDONED,
+    SSD_BROKEN,
+    SSD_FREE,
+    AppRecord,
+    Instance,
+    Node,
+    Owner,
+    Ssd,
+    now,
+    split_name,
+)
 from sigmad.reasons import State
 from sigmad.scheduler.snapshot import node_info
 from sigmad.spec import AppSpec, Resources
-from sigmad.state.cache import APPS, SSD_CLAIMS, Cache
+from sigmad.state.cache import APPS, SSD_CLAIMS, SSDS, Cache
 from sigmad.state.writes import Change, Writes, commit
-from sigmad.store import MAX_TXN_OPS, Guard, Store, Versioned
+from sigmad.store import MAX_TXN_OPS, Guard, Op, Store, Versioned
 from sigmad.units import format_cpu, format_size
 
 log = logging.getLogger(__name__)
@@ -262,6 +273,40 @@ class AppWrites:
         await self._commit(change, f"disk {node}/{disk}")
         log.info("released disk %s/%s of %s", node, disk, owner)
         return owner
+
+    async def cordon_ssd(self, node: str, disk: str) -> None:
+        """`sigmactl ssd cordon NODE/ID`: claim a disk for no instance, so nothing is placed
+        on it (its agent keeps it as it is, `retained`); 409 if it is claimed already."""
+        if self.cache.get(SSDS, self.keys.ssd(node, disk)) is None:
+            raise NotFound(f"disk {node}/{disk} not found: see 'sigmactl get ssds'")
+        claim = self.keys.ssd_claim(node, disk)
+        if not await commit(self.store, self.cache,
+                            Change([Guard(claim, 0)], [Op(claim, Owner(CORDONED))])):
+            raise Conflict(f"disk {node}/{disk} is claimed: release it first")
+        log.info("cordoned disk %s/%s", node, disk)
+
+    async def uncordon_ssd(self, node: str, disk: str) -> str:
+        """`sigmactl ssd uncordon NODE/ID`: a cordoned disk's claim is deleted, a broken
+        disk (unclaimed, or claimed by a cordon) is made `free` again; either way its agent
+        makes a fresh filesystem before it is `ready` (a disk still broken is reported
+        broken again). What was done, in words."""
+        record: Versioned[Ssd] | None = self.cache.get(SSDS, self.keys.ssd(node, disk))
+        if record is None:
+            raise NotFound(f"disk {node}/{disk} not found: see 'sigmactl get ssds'")
+        claim: Versioned[Owner] | None = self.cache.get(SSD_CLAIMS,
+                                                        self.keys.ssd_claim(node, disk))
+        if claim is not None and claim.value.owner != CORDONED:
+            raise Conflict(f"disk {node}/{disk} is claimed by {claim.value.owner}: "
+                           "sigmactl ssd release it first")
+        change = Change() if claim is None else self.writes.release_ssd(claim)
+        if record.value.state == SSD_BROKEN:
+            fresh = replace(record.value, state=SSD_FREE, error="", updated=now())
+            change += Change([Guard(record.key, record.mod_revision)], [Op(record.key, fresh)])
+        elif claim is None:
+            raise Conflict(f"disk {node}/{disk} is neither cordoned nor broken")
+        await self._commit(change, f"disk {node}/{disk}")
+        log.info("uncordoned disk %s/%s", node, disk)
+        return "formatted afresh, then ready"
 
     async def set_draining(self, name: str, draining: bool) -> Node:
         """Mark a node Draining (or not); the agent may rewrite its record meanwhile, so the

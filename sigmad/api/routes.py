@@ -128,6 +128,8 @@ def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None 
     app.router.add_get("/v1/pool", api.pool)
     app.router.add_get("/v1/ssds", api.list_ssds)
     app.router.add_post("/v1/ssds/{node}/{id}/release", api.release_ssd)
+    app.router.add_post("/v1/ssds/{node}/{id}/cordon", api.cordon_ssd)
+    app.router.add_post("/v1/ssds/{node}/{id}/uncordon", api.uncordon_ssd)
     app.router.add_get("/v1/instances/{ns}/{name}", api.get_instance)
     app.router.add_post("/v1/instances/{ns}/{name}/migrate", api.migrate)
     app.router.add_get("/v1/masters", api.masters)
@@ -316,6 +318,18 @@ class Api:
         node, disk = request.match_info["node"], request.match_info["id"]
         owner = await self.main(self.writes.release_ssd(node, disk))
         return _json({"node": node, "id": disk, "released": owner})
+
+    async def cordon_ssd(self, request: web.Request) -> web.Response:
+        """Keep a disk out of scheduling (claimed for no instance)."""
+        node, disk = request.match_info["node"], request.match_info["id"]
+        await self.main(self.writes.cordon_ssd(node, disk))
+        return _json({"node": node, "id": disk, "cordoned": True})
+
+    async def uncordon_ssd(self, request: web.Request) -> web.Response:
+        """Give a cordoned or broken disk back: its agent formats it afresh."""
+        node, disk = request.match_info["node"], request.match_info["id"]
+        done = await self.main(self.writes.uncordon_ssd(node, disk))
+        return _json({"node": node, "id": disk, "uncordoned": done})
 
     async def pool(self, request: web.Request) -> web.Response:
         """The pool as one server (sigmad.api.views.pool)."""

@@ -19,7 +19,7 @@ from sigmad.scheduler import place as place_decision
 from sigmad.scheduler.fit import match_ssds
 from sigmad.scheduler.snapshot import FreeSsd, free_ssds
 from sigmad.spec import Resources, parse
-from sigmad.state.cache import SSD_CLAIMS, Cache
+from sigmad.state.cache import SSD_CLAIMS, SSDS, Cache
 from sigmad.state.writes import Writer, Writes
 from sigmad.store import Versioned
 from tests.fakes.store import MemoryStore
@@ -347,3 +347,31 @@ async def test_a_lost_node_leaves_the_disk_claimed_and_the_instance_runs_elsewhe
         owners = {k.removeprefix(lead.store.keys.ssd_claims()): v.value.owner
                   for k, v in lead.cache.table(SSD_CLAIMS).items()}
         assert owners == {"a/loop0": "default/db-0", "b/loop0": "default/db-0"}
+
+
+async def test_cordon_keeps_a_disk_out_and_uncordon_gives_it_back() -> None:
+    async with Leader() as lead:
+        await lead.add_node("a", ssds=2)
+        await add_disks(lead, "a", 2)
+        await lead.until(lambda: len(lead.cache.table(SSDS)) == 2, what="the disks cached")
+        await lead.api.cordon_ssd("a", "loop0")
+        with pytest.raises(Conflict, match="is claimed"):
+            await lead.api.cordon_ssd("a", "loop0")
+        await lead.apply(spec("db", 2) + DB.lstrip())
+        await lead.until(lambda: len([i for i in lead.instances("db") if i.node]) == 1,
+                         what="one db placed")
+        placed = [i for i in lead.instances("db") if i.node]
+        assert [i.ssds[0].disk for i in placed] == ["loop1"]  # never the cordoned one
+        with pytest.raises(Conflict, match="claimed by default/db-"):
+            await lead.api.uncordon_ssd("a", "loop1")
+        await lead.api.uncordon_ssd("a", "loop0")  # its claim goes: the agent wipes it
+        assert lead.store.keys.ssd_claim("a", "loop0") not in lead.cache.table(SSD_CLAIMS)
+        await break_disk(lead, "a", "loop0")
+        key = lead.store.keys.ssd("a", "loop0")
+        await lead.until(lambda: lead.cache.table(SSDS)[key].value.state == "broken",
+                         what="the broken disk cached")
+        await lead.api.uncordon_ssd("a", "loop0")  # broken → free: the agent reformats it
+        again = await lead.store.get(lead.store.keys.ssd("a", "loop0"), Ssd)
+        assert again is not None and (again.value.state, again.value.error) == ("free", "")
+        with pytest.raises(Conflict, match="neither cordoned nor broken"):
+            await lead.api.uncordon_ssd("a", "loop0")

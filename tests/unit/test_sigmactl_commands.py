@@ -306,3 +306,15 @@ def test_describe_ssd_finds_it_by_node_and_id(fake: Fake) -> None:
     assert "Claimed by:  default/db-0" in result.stdout and "Error:" in result.stdout
     missing = run(fake, "describe", "ssd", "h2/loop3")
     assert missing.exit_code == 1 and "ssd h2/loop3 not found" in missing.stderr
+
+
+def test_ssd_cordon_and_uncordon(fake: Fake) -> None:
+    fake.answer("POST", "/v1/ssds/h1/loop3/cordon", (200, {"cordoned": True}))
+    fake.answer("POST", "/v1/ssds/h1/loop3/uncordon", (200, {"uncordoned": "x"}))
+    cordon = run(fake, "ssd", "cordon", "h1/loop3")
+    assert (cordon.exit_code, cordon.stdout) == (
+        0, "disk h1/loop3 cordoned: nothing is placed on it\n")
+    uncordon = run(fake, "ssd", "uncordon", "h1/loop3")
+    assert (uncordon.exit_code, uncordon.stdout) == (
+        0, "disk h1/loop3 uncordoned: its agent formats it afresh\n")
+    assert fake.seen[-1]["path"] == "/v1/ssds/h1/loop3/uncordon"
