@@ -597,14 +597,14 @@ def load(text: str) -> list[object]:
     try:
         loader = _Loader(text)
     except UnicodeError:  # a lone surrogate: no UTF-8 text can hold it
-        raise SpecError("", "the text is not valid Unicode") from None
+        raise SpecError("spec", "is not valid Unicode text") from None
     docs: list[object] = []
     count = 0
     try:
         while loader.check_data():
             count += 1
             if count > MAX_DOCUMENTS:
-                raise SpecError("", f"more than {MAX_DOCUMENTS} documents in one file: one "
+                raise SpecError("spec", f"more than {MAX_DOCUMENTS} documents in one file: one "
                                 "apply is one transaction; split the file")
             doc = loader.get_data()
             _refused(doc)
@@ -614,9 +614,9 @@ def load(text: str) -> list[object]:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or exc
-        raise SpecError("", f"not valid YAML{where}: {problem}") from None
+        raise SpecError("spec", f"is not valid YAML{where}: {problem}") from None
     except RecursionError:  # pragma: no cover - nesting is bounded above
-        raise SpecError("", f"nested deeper than {MAX_DEPTH} levels") from None
+        raise SpecError("spec", f"is nested deeper than {MAX_DEPTH} levels") from None
     finally:
         loader.dispose()
     return docs
@@ -626,7 +626,7 @@ def parse(text: str) -> list[AppSpec]:
     """Every app in a YAML (or JSON) text of one or more documents; all valid or SpecError."""
     docs = load(text)
     if not docs:
-        raise SpecError("", "the file holds no app spec")
+        raise SpecError("spec", "holds no app")
     specs = []
     for n, doc in enumerate(docs):
         try:
