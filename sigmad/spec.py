@@ -385,11 +385,11 @@ def _ready(path: str, value: object) -> ReadyCheck | None:
 def _mount(path: str, value: object) -> str:
     """An absolute container path, normalised, not / and not one of the runtime's own."""
     if not isinstance(value, str) or not value.startswith("/") or len(value) > MAX_MOUNT:
-        raise SpecError(path, f"{value!r} is not an absolute path (e.g. /data, at most "
+        raise SpecError(path, f"{shown(value)} is not an absolute path (e.g. /data, at most "
                         f"{MAX_MOUNT} characters)")
     parts = [p for p in value.split("/") if p not in ("", ".")]
     if ".." in parts or any(ch.isspace() or ch in ":," for ch in value):
-        raise SpecError(path, f"{value!r} may not hold '..', spaces, ':' or ','")
+        raise SpecError(path, f"{shown(value)} may not hold '..', spaces, ':' or ','")
     mount = "/" + "/".join(parts)
     if mount == "/":
         raise SpecError(path, "cannot mount a disk onto / (the container's root): use a "
@@ -405,7 +405,7 @@ def _volume(path: str, value: object) -> VolumeSpec:
     name = _name(fields.at("name"), fields.take("name", required=True))
     ssd = fields.take("ssd", required=True)
     if isinstance(ssd, bool) or ssd != 1:
-        raise SpecError(fields.at("ssd"), f"{ssd!r}: must be 1 (a volume is one whole disk; "
+        raise SpecError(fields.at("ssd"), f"{shown(ssd)}: must be 1 (a volume is one whole disk; "
                         "list more volumes for more disks)")
     volume = VolumeSpec(
         name=name, mount=_mount(fields.at("mount"), fields.take("mount", required=True)),
@@ -668,14 +668,14 @@ def load(text: str) -> list[object]:
     try:
         loader = _Loader(text)
     except UnicodeError:  # a lone surrogate: no UTF-8 text can hold it
-        raise SpecError("", "the text is not valid Unicode") from None
+        raise SpecError("spec", "is not valid Unicode text") from None
     docs: list[object] = []
     count = 0
     try:
         while loader.check_data():
             count += 1
             if count > MAX_DOCUMENTS:
-                raise SpecError("", f"more than {MAX_DOCUMENTS} documents in one file: one "
+                raise SpecError("spec", f"more than {MAX_DOCUMENTS} documents in one file: one "
                                 "apply is one transaction; split the file")
             doc = loader.get_data()
             _refused(doc)
@@ -685,9 +685,9 @@ def load(text: str) -> list[object]:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or exc
-        raise SpecError("", f"not valid YAML{where}: {problem}") from None
+        raise SpecError("spec", f"is not valid YAML{where}: {problem}") from None
     except RecursionError:  # pragma: no cover - nesting is bounded above
-        raise SpecError("", f"nested deeper than {MAX_DEPTH} levels") from None
+        raise SpecError("spec", f"is nested deeper than {MAX_DEPTH} levels") from None
     finally:
         loader.dispose()
     return docs
@@ -697,7 +697,7 @@ def parse(text: str) -> list[AppSpec]:
     """Every app in a YAML (or JSON) text of one or more documents; all valid or SpecError."""
     docs = load(text)
     if not docs:
-        raise SpecError("", "the file holds no app spec")
+        raise SpecError("spec", "holds no app")
     specs = []
     for n, doc in enumerate(docs):
         try:

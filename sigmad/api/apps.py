@@ -172,7 +172,7 @@ class AppWrites:
     async def apply(self, specs: list[AppSpec], dry_run: bool, force: bool) -> list[Result]:
         """Create or update every app, all-or-nothing (see the module docstring)."""
         if len(specs) > MAX_APPS:
-            raise SpecError("", f"{len(specs)} apps in one apply: at most {MAX_APPS}")
+            raise SpecError("body", f"{len(specs)} apps in one apply: at most {MAX_APPS}")
         change, results = Change(), []
         for s in specs:
             key = self.keys.app(s.namespace, s.app)

@@ -93,7 +93,8 @@ def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None 
             if exc.status < 400:
                 raise
             code = "not_found" if exc.status == 404 else "http"
-            body = {"error": {"code": code, "message": exc.reason, "field": None}}
+            field = "body" if exc.status == 413 else None  # too large
+            body = {"error": {"code": code, "message": exc.reason, "field": field}}
             return web.json_response(body, status=exc.status)
 
     pool = engines or EnginePool(store.keys.prefix)
@@ -369,7 +370,7 @@ def _decoded_then(parse: Callable[[str], T], raw: bytes) -> T:
     try:
         text = raw.decode()
     except UnicodeDecodeError as exc:
-        raise SpecError("", f"the body is not UTF-8 text (byte {raw[exc.start]:#04x} at "
+        raise SpecError("body", f"is not UTF-8 text (byte {raw[exc.start]:#04x} at "
                         f"offset {exc.start})") from None
     return parse(text)
 
@@ -379,9 +380,9 @@ def _json_object(text: str) -> dict[str, Any]:
     try:
         body = json.loads(text)
     except (ValueError, RecursionError):
-        raise SpecError("", "the body must be a JSON object") from None
+        raise SpecError("body", "must be a JSON object") from None
     if not isinstance(body, dict):
-        raise SpecError("", "the body must be a JSON object")
+        raise SpecError("body", "must be a JSON object")
     return body
 
 

@@ -165,7 +165,7 @@ def test_containers_start_in_spec_order(cluster: Cluster) -> None:
         assert inst["terminations"] == [], inst["name"]
         assert inst["restarts"] == 0
         assert [c["name"] for c in inst["containers"]] == ["db", "app", "proxy"]
-    out = cluster.ctl("events", "--app", "ordered", "--limit", "10000", "-o", "json")
+    out = cluster.ctl("events", "--app", "ordered", "--limit", "1000", "-o", "json")
     assert out.returncode == 0, out.stderr
     events = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
     step = re.compile(r"^(?:started container (\S+) \(|container (\S+) ready$)")

@@ -430,8 +430,8 @@ def test_good_restart_policies(policy):
 
 def test_invalid_yaml_names_the_line():
     err = error_of("app: web\ncontainers: [{name: a, image: x]\n")
-    assert err.field is None
-    assert err.message.startswith("not valid YAML at line 2, column ")
+    assert err.field == "spec"
+    assert err.message.startswith("spec: is not valid YAML at line 2, column ")
 
 
 def test_invalid_yaml_later_line():
@@ -442,8 +442,8 @@ def test_invalid_yaml_later_line():
 @pytest.mark.parametrize("text", ["", "   \n", "---\n", "# just a comment\n"])
 def test_empty_file(text):
     err = error_of(text)
-    assert err.field is None
-    assert err.message == "the file holds no app spec"
+    assert err.field == "spec"
+    assert err.message == "spec: holds no app"
 
 
 def test_same_app_twice_in_one_file():
@@ -500,7 +500,7 @@ def test_an_alias_is_refused_at_its_field_and_never_expanded():
 
 def test_nesting_is_bounded():
     err = error_of(MINIMAL + "env: " + "[" * 500 + "]" * 500 + "\n")
-    assert err.field is None and "nested deeper than 16 levels" in err.message
+    assert err.field == "spec" and "nested deeper than 16 levels" in err.message
     err = error_of("a:\n" + "".join("  " * i + f"- k{i}:\n" for i in range(1, 40)))
     assert "nested deeper than 16 levels" in err.message
 
