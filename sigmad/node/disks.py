@@ -24,6 +24,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import re
@@ -160,6 +161,11 @@ class DiskError(Exception):
     """A host command on a disk failed (its message says which and why)."""
 
 
+class DiskBusy(DiskError):
+    """The device is in use (mounted, possibly only inside a container that still holds a
+    bind of it): it is not formatted now, and is tried again on the next pass."""
+
+
 class DiskKeeper:
     """Keeps the records of the node's allow-listed disks true and their filesystems ready."""
 
@@ -239,6 +245,15 @@ class DiskKeeper:
                 return
         try:
             fs_uuid = await self.host.format(probe.device)
+        except DiskBusy as exc:  # e.g. a stale container of its last owner: the next pass
+            log.warning("ssd %s: %s; retrying", going.id, exc)
+            if going.error != str(exc):
+                await self._write(at, _with(going, error=str(exc)))
+            return
+        except DiskError as exc:
+            await self._write(at, _with(going, state=SSD_BROKEN, error=str(exc)))
+            return
+        try:
             await self.host.mount(probe.device, mount)
             problem = await self.host.check_fresh(probe.device, mount, fs_uuid)
             if fs_uuid == probe.fs_uuid:
@@ -276,7 +291,8 @@ class LinuxHost:
     async def format(self, device: str) -> str:
         # mkfs discards the whole device first (TRIM on an SSD, holes in a loop device's
         # file), so no block of an earlier tenant stays readable; one already mounted
-        # anywhere is refused (a single -F does not override that).
+        # anywhere is refused (a single -F does not override that), and said busy here.
+        await asyncio.to_thread(_exclusive, device)
         fs_uuid = str(uuid.uuid4())
         await _run("mkfs.ext4", "-F", "-q", "-L", FS_LABEL, "-U", fs_uuid, device)
         return fs_uuid
@@ -309,6 +325,18 @@ async def _run(*argv: str) -> None:
         text = out.decode(errors="replace").strip().splitlines()
         raise DiskError(f"{' '.join(argv)} failed ({proc.returncode}): "
                         f"{text[-1] if text else 'no output'}")
+
+
+def _exclusive(device: str) -> None:
+    """DiskBusy unless `device` can be opened exclusively (nothing mounts or holds it)."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_EXCL)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise DiskBusy(f"{device} is in use (mounted elsewhere, or still held by a "
+                           "container of its last owner)") from None
+        raise DiskError(f"cannot open {device}: {exc.strerror}") from None
+    os.close(fd)
 
 
 def _block(device: str) -> Path:

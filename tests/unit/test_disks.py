@@ -25,6 +25,7 @@ from sigmad.node.disks import (
     MOUNT,
     NOTHING,
     RECORD,
+    DiskBusy,
     DiskError,
     DiskKeeper,
     Probe,
@@ -110,12 +111,15 @@ class FakeHost:
         self.files: dict[str, set[str]] = {PATH: {"old-tenant"}}
         self.formats = 0
         self.busy = False
+        self.busy_device = False
         self.fail_format = ""
 
     async def probe(self, path: str, mount: str) -> Probe | None:
         return self.devices.get(path)
 
     async def format(self, device: str) -> str:
+        if self.busy_device:
+            raise DiskBusy(f"{device} is in use")
         if self.fail_format:
             raise DiskError(self.fail_format)
         self.formats += 1
@@ -168,6 +172,11 @@ async def test_keeper_formats_binds_and_wipes_before_ready_again() -> None:
     await keeper.sync()
     assert (await record(store)).state == SSD_WIPING and "sentinel" in host.files[PATH]
     host.busy = False
+    host.busy_device = True  # still held (a stale container's bind): not broken, retried
+    await keeper.sync()
+    waiting = await record(store)
+    assert (waiting.state, waiting.error) == (SSD_WIPING, "/dev/nvme0n1 is in use")
+    host.busy_device = False
     await keeper.sync()
     wiped = await record(store)
     assert (wiped.state, host.formats, host.files[PATH]) == (SSD_READY, 2, set())
