@@ -4,10 +4,13 @@ controller with fake engines, and the API's write path. No root, no etcd, no Doc
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
+
+from aiohttp.test_utils import TestClient
 
 from sigmad.api.apps import AppWrites
 from sigmad.config import MasterConfig
@@ -23,6 +26,7 @@ from tests.fakes.store import MemoryStore
 T = TypeVar("T")
 GI = 2**30
 TOKEN = "0123456789abcdef0123"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
 
 class Leader:
@@ -122,3 +126,12 @@ def spec(app: str = "web", replicas: int = 2, **extra: str) -> str:
              "limit: {cpu: 500m, memory: 128Mi}}"]
     lines += [f"{k}: {v}" for k, v in extra.items()]
     return "\n".join(lines) + "\n"
+
+
+async def call(client: TestClient, method: str, path: str, body: Any = None,
+               headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """(status, JSON answer) of one API call, as the bootstrap admin unless `headers`."""
+    data = body if isinstance(body, str) or body is None else json.dumps(body)
+    async with client.request(method, path, data=data,
+                              headers=ADMIN if headers is None else headers) as r:
+        return r.status, await r.json()

@@ -4,7 +4,6 @@ answered from the cache, writes checked before anything is written, errors with 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,9 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from sigmad.api import make_app
 from sigmad.engine import EnginePool
 from sigmad.models import AppRecord
-from tests.unit.harness import TOKEN, Leader, spec
-
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+from tests.unit.harness import ADMIN, TOKEN, Leader, call, spec
 
 
 @pytest.fixture
@@ -32,12 +29,6 @@ async def api() -> AsyncIterator[tuple[TestClient, Leader]]:
             await client.close()
 
 
-async def call(client: TestClient, method: str, path: str, body: Any = None,
-               headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    data = body if isinstance(body, str) or body is None else json.dumps(body)
-    async with client.request(method, path, data=data,
-                              headers=AUTH if headers is None else headers) as r:
-        return r.status, await r.json()
 
 
 async def test_apply_then_read_it_back_from_the_cache(api: tuple[TestClient, Leader]) -> None:
@@ -169,7 +160,7 @@ async def test_a_list_shows_each_record_as_it_is_now(api: tuple[TestClient, Lead
 
 
 async def raw(client: TestClient, method: str, path: str, data: bytes) -> tuple[int, Any]:
-    async with client.request(method, path, data=data, headers=AUTH) as r:
+    async with client.request(method, path, data=data, headers=ADMIN) as r:
         return r.status, await r.json()
 
 

@@ -23,9 +23,8 @@ from sigmad.api.serving import Limits
 from sigmad.engine import EnginePool
 from sigmad.errors import Forbidden, SpecError, TooManyRequests
 from sigmad.tokens import READ_METHODS, SCOPED, Principal, Role
-from tests.unit.harness import TOKEN, Leader, spec
+from tests.unit.harness import ADMIN, TOKEN, Leader, call, spec
 
-ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 Api = tuple[TestClient, Leader, Path]
 
 
@@ -56,12 +55,6 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
             await client.close()
 
 
-async def call(client: TestClient, method: str, path: str, body: Any = None,
-               headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    data = body if isinstance(body, str) or body is None else json.dumps(body)
-    async with client.request(method, path, data=data,
-                              headers=ADMIN if headers is None else headers) as r:
-        return r.status, await r.json()
 
 
 async def make_token(client: TestClient, name: str, role: str,
