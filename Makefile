@@ -12,8 +12,9 @@ STAMP := $(VENV)/.installed
 
 # Debian packages sigma needs at run and test time: the engine, etcd, the static busybox the
 # images are built from, the lab's registry, `ip` and `bridge`, iptables (the lab's underlay
-# bridge needs a FORWARD rule), curl, and venv support for python3.
-APT_PACKAGES := docker.io etcd-server busybox-static docker-registry iproute2 iptables curl python3-venv
+# bridge needs a FORWARD rule), curl, venv support for python3, and for SSD volumes mkfs.ext4 and
+# blkid (e2fsprogs) and losetup (mount).
+APT_PACKAGES := docker.io etcd-server busybox-static docker-registry iproute2 iptables curl python3-venv e2fsprogs mount
 
 # Only the source directories that exist (bench/ may not yet).
 LINT_DIRS := $(wildcard sigmad sigmactl tests bench)
@@ -48,6 +49,8 @@ system-deps:
 	    iptables)        command -v iptables >/dev/null 2>&1 && continue ;; \
 	    curl)            command -v curl >/dev/null 2>&1 && continue ;; \
 	    python3-venv)    $(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 && continue ;; \
+	    e2fsprogs)       command -v mkfs.ext4 >/dev/null 2>&1 && command -v blkid >/dev/null 2>&1 && continue ;; \
+	    mount)           command -v losetup >/dev/null 2>&1 && continue ;; \
 	  esac; \
 	  have "$$pkg" || missing+=("$$pkg"); \
 	done; \
