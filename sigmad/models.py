@@ -137,6 +137,17 @@ class Owner:
 
 
 @dataclass(slots=True)
+class SsdClaim:
+    """The value of `alloc/ssd/{node}/{id}`: the instance that owns the disk, and which of its
+    volumes the disk holds ("" in claims written before volumes were recorded, and for
+    `sigmactl ssd cordon`). The volume lets a returning instance get each disk back for the
+    volume whose data it holds."""
+
+    owner: str = ""
+    volume: str = ""
+
+
+@dataclass(slots=True)
 class AppRecord:
     """An app's desired state. `generation` grows on every change of the spec;
     `template_generation` only when what an instance runs changes (anything but `replicas`,

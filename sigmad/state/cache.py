@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from sigmad import records
 from sigmad.errors import SigmaError
 from sigmad.leader import LeaderRecord, MasterRecord
-from sigmad.models import AppRecord, Beat, Instance, Node, NodeLock, Owner, Ssd
+from sigmad.models import AppRecord, Beat, Instance, Node, NodeLock, Owner, Ssd, SsdClaim
 from sigmad.scheduler.fit import NodeUsage
 from sigmad.store import Op, Store, Versioned, WatchBatch, WatchCompacted
 from sigmad.tokens import TokenRecord
@@ -48,7 +48,7 @@ KINDS: dict[str, tuple[str, type | None]] = {
     INSTANCES: ("instances/", Instance), IPS: ("alloc/ip/", Owner),
     PORTS: ("alloc/port/", Owner), LOCKS: ("alloc/node/", NodeLock),
     LEADER: ("leader", LeaderRecord), MASTERS: ("masters/", MasterRecord),
-    SSDS: ("ssds/", Ssd), SSD_CLAIMS: ("alloc/ssd/", Owner),
+    SSDS: ("ssds/", Ssd), SSD_CLAIMS: ("alloc/ssd/", SsdClaim),
     TOKENS: ("tokens/", TokenRecord),
 }
 RELIST_DELAY = 1.0
