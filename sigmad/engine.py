@@ -60,6 +60,7 @@ REQUEST_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 5.0
 CONNECTIONS = 2  # kept-alive connections per engine (thousands of engines: file limits)
 SEND_BUFFER = 1 << 16  # bytes buffered for sending before a request waits for them to go
+MAX_RUN_OUTPUT = 1 << 20  # bytes of an exec's output kept (the last)
 LAST_LINES_READ = 1 << 16  # bytes of a container's output read for its last lines
 _EXIT_STATUS = re.compile(r"^Exited \((-?\d+)\)")
 
@@ -277,6 +278,8 @@ class Engine(Protocol):
                    timeout: float = 10.0) -> int: ...
     async def memory_usage(self, container_id: str) -> int: ...
     async def last_lines(self, container_id: str, count: int) -> list[str]: ...
+    async def run(self, container_id: str, command: list[str], timeout: float
+                  ) -> tuple[int, bytes]: ...
     def logs(self, container_id: str, tail: int, follow: bool = False
              ) -> AsyncGenerator[bytes, None]: ...
     def events(self, labels: dict[str, str] | None = None, since: float | None = None
@@ -517,7 +520,7 @@ class _Http:
             await stream.aclose()
 
     async def stream(self, method: str, path: str, params: dict[str, Any],
-                     what: str) -> AsyncGenerator[bytes, None]:
+                     what: str, body: bytes = b"") -> AsyncGenerator[bytes, None]:
         """A streamed answer's body as it arrives, on a connection of its own; an error
         status, or a failure on the way, becomes an EngineError naming `what`."""
         try:
@@ -528,7 +531,7 @@ class _Http:
         target += path + _query(params)
         conn = await self._connect()
         try:
-            await conn.send(self._head(method, target, b""), b"")
+            await conn.send(self._head(method, target, body), body)
             status, headers = await asyncio.wait_for(conn.head(), REQUEST_TIMEOUT)
             if status >= 400:
                 body = b"".join([c async for c in conn.chunks(status, headers)])
@@ -712,6 +715,28 @@ class DockerEngine:
                 return int(info.get("ExitCode") or 0)
             await asyncio.sleep(0.05)
         return -1
+
+    async def run(self, container_id: str, command: list[str], timeout: float
+                  ) -> tuple[int, bytes]:
+        """Run `command` inside a running container: its exit code (-1 if it did not end
+        within `timeout` seconds) and its output (stdout and stderr, the last MAX_RUN_OUTPUT
+        bytes)."""
+        created = await self._json(f"/containers/{container_id}/exec", "POST", body={
+            "Cmd": command, "AttachStdout": True, "AttachStderr": True})
+        exec_id = created["Id"]
+        frames, output = Frames(), b""
+        stream = self._http.stream("POST", f"/exec/{exec_id}/start", {}, f"exec {command[:1]}",
+                                   orjson.dumps({"Detach": False, "Tty": False}))
+        try:
+            async with asyncio.timeout(timeout):
+                async for chunk in stream:
+                    output = (output + frames.feed(chunk))[-MAX_RUN_OUTPUT:]
+        except TimeoutError:
+            return -1, output
+        finally:
+            await stream.aclose()
+        info = await self._json(f"/exec/{exec_id}/json")
+        return int(info.get("ExitCode") or 0), output
 
     async def memory_usage(self, container_id: str) -> int:
         """Bytes of memory the container uses now (page cache excluded, as `docker stats`)."""

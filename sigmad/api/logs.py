@@ -1,5 +1,6 @@
 """An instance's container output for GET /v1/instances/{ns}/{name}/logs, relayed from its
-node's engine (sigmad.engine) or, with `previous`, from its termination record.
+node's engine (sigmad.engine) or, with `previous`, from its termination record; and a
+command run in it for POST /v1/instances/{ns}/{name}/exec (output bounded by the engine).
 
 Invariants:
 - every engine call runs on the main loop (`on_main`), where the engines live; the API's
@@ -29,6 +30,8 @@ MAX_TAIL = 10_000
 DEFAULT_TAIL = 100
 MAX_READ = 4 << 20
 RELAY_BACKLOG = 64
+MAX_ARGS, MAX_ARG = 256, 4096  # an exec's command: arguments, characters each
+MAX_EXEC_SECONDS = 300
 OnMain = Callable[[Coroutine[Any, Any, Any]], Awaitable[Any]]
 
 
@@ -52,13 +55,47 @@ class Query:
         if follow and previous:
             raise SpecError("follow", "a previous container's lines cannot be followed: "
                             "drop follow or previous")
-        names = [c.name for c in inst.containers] or [t.container for t in inst.terminations]
-        container = q.get("container", "") or (names[0] if names else "")
-        if container not in names:
-            known = ", ".join(dict.fromkeys(names)) or "none yet"
-            raise SpecError("container", f"{container[:64]!r} is not a container of "
-                            f"{inst.key} (its containers: {known})")
-        return cls(container, int(raw), follow, previous)
+        return cls(_container(inst, q.get("container", "")), int(raw), follow, previous)
+
+
+def _container(inst: Instance, given: Any) -> str:
+    """The container named `given` (default: the first) of `inst`; SpecError otherwise."""
+    names = [c.name for c in inst.containers] or [t.container for t in inst.terminations]
+    if not isinstance(given, str):
+        raise SpecError("container", "must be a container name")
+    container = given or (names[0] if names else "")
+    if container not in names:
+        known = ", ".join(dict.fromkeys(names)) or "none yet"
+        raise SpecError("container", f"{container[:64]!r} is not a container of "
+                        f"{inst.key} (its containers: {known})")
+    return container
+
+
+@dataclass(frozen=True)
+class Exec:
+    """`{"command": [...], "container": C, "timeout": S}`, checked."""
+
+    command: list[str]
+    container: str
+    timeout: float
+
+    @classmethod
+    def of(cls, body: dict[str, Any], inst: Instance) -> Exec:
+        command = body.get("command")
+        if not (isinstance(command, list) and 0 < len(command) <= MAX_ARGS
+                and all(isinstance(a, str) and len(a) <= MAX_ARG for a in command)):
+            raise SpecError("command", f"must be a list of 1 to {MAX_ARGS} strings (each at "
+                            f"most {MAX_ARG} characters)")
+        timeout = body.get("timeout", 30)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) \
+                or not 0 < timeout <= MAX_EXEC_SECONDS:
+            raise SpecError("timeout", f"must be seconds, more than 0 and at most "
+                            f"{MAX_EXEC_SECONDS}")
+        unknown = set(body) - {"command", "container", "timeout"}
+        if unknown:
+            raise SpecError(sorted(unknown)[0], "is not a field of an exec (command, "
+                            "container, timeout)")
+        return cls(list(command), _container(inst, body.get("container", "")), float(timeout))
 
 
 def previous(inst: Instance, container: str) -> str:

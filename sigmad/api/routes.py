@@ -138,6 +138,7 @@ def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None 
     app.router.add_get("/v1/instances", api.list_instances)
     app.router.add_get("/v1/events", api.events)
     app.router.add_get("/v1/pool", api.pool)
+    app.router.add_get("/v1/usage", api.usage)
     app.router.add_get("/v1/ssds", api.list_ssds)
     app.router.add_post("/v1/ssds/{node}/{id}/release", api.release_ssd)
     app.router.add_post("/v1/ssds/{node}/{id}/cordon", api.cordon_ssd)
@@ -146,6 +147,7 @@ def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None 
     app.router.add_post("/v1/instances/{ns}/{name}/migrate", api.migrate)
     app.router.add_get("/v1/masters", api.masters)
     app.router.add_get("/v1/instances/{ns}/{name}/logs", api.logs)
+    app.router.add_post("/v1/instances/{ns}/{name}/exec", api.exec_)
     TokenApi(store, cache, audit, on_main, api.body).add_routes(app.router)
     return app
 
@@ -326,6 +328,15 @@ class Api:
         return web.Response(body=prom.render(self.registry),
                             headers={"Content-Type": prom.CONTENT_TYPE})
 
+    async def exec_(self, request: web.Request) -> web.Response:
+        """Run a command in an instance's container (operators of its namespace; audited):
+        its exit code and output (sigmad.api.logs.Exec)."""
+        v = self._instance(request)
+        run = logs.Exec.of(await self.body(request), v.value)
+        engine, cid = logs.target(self.cache, self.writes.engines, v.value, run.container)
+        code, output = await self.main(engine.run(cid, run.command, run.timeout))
+        return _json({"exit_code": code, "output": output.decode(errors="replace")})
+
     async def readyz(self, request: web.Request) -> web.Response:
         """200 when etcd answers this master (a read of the leader key, on the main loop,
         within READY_TIMEOUT), with whether this master leads; 503 otherwise. No token: a
@@ -393,6 +404,10 @@ class Api:
     async def pool(self, request: web.Request) -> web.Response:
         """The pool as one server (sigmad.api.views.pool)."""
         return _json(views.pool(self.cache), revision=self.cache.revision)
+
+    async def usage(self, request: web.Request) -> web.Response:
+        """Every node's latest usage sample (sigmad.api.views.usage)."""
+        return _json({"items": views.usage(self.cache)}, revision=self.cache.revision)
 
     async def masters(self, request: web.Request) -> web.Response:
         """The leader record and every running master with its role (sigmad.leader)."""

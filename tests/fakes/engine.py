@@ -229,6 +229,11 @@ class FakeEngine:
         lines = c.output[-tail:] if tail else []
         yield "".join(line + "\n" for line in lines).encode()
 
+    async def run(self, container_id: str, command: list[str], timeout: float
+                  ) -> tuple[int, bytes]:
+        await self._call("run", " ".join(command))
+        return self.probe.get(command[0], 0), (" ".join(command) + "\n").encode()
+
     async def last_lines(self, container_id: str, count: int) -> list[str]:
         await self._call("last_lines", container_id)
         c = self._get(container_id)
