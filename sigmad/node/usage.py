@@ -198,10 +198,20 @@ class Sampler:
                                        paths["memory"], Rate())
         return self.seen
 
+    def _parent(self, controller: str, name: str) -> str:
+        """The path of the engine's cgroup parent in `controller`'s hierarchy: relative
+        to the cgroup the engine (like this agent) runs in, else at the root (dockerd
+        puts a relative --cgroup-parent under its own cgroup)."""
+        own = cgroup_paths(self.files.read("proc/self/cgroup") or "").get(controller, "/")
+        for path in (f"{own.rstrip('/')}/{self.cgroup}", f"/{self.cgroup}"):
+            if self.files.read(self._cgroup_file(controller, path, name)) is not None:
+                return path
+        return f"/{self.cgroup}"
+
     def _host(self, at: float) -> tuple[HostUsed, str]:
         if self.cgroup:
-            seconds = self._cpu_seconds(self.cgroup) or 0.0
-            memory = self._memory(self.cgroup) or 0
+            seconds = self._cpu_seconds(self._parent("cpuacct", "cpuacct.usage")) or 0.0
+            memory = self._memory(self._parent("memory", "memory.usage_in_bytes")) or 0
             return HostUsed(self.host_rate.cores(seconds, at), memory), f"cgroup:{self.cgroup}"
         busy = machine_busy(self.files.read("proc/stat") or "")
         memory = machine_memory(self.files.read("proc/meminfo") or "")

@@ -88,11 +88,15 @@ async def test_a_busy_container_shows_cpu_and_the_host_its_cgroup(tmp_path: Path
     _write(tmp_path, f"proc/{state.pid}/cgroup",
            f"4:cpu,cpuacct:/lab/{cid}\n9:memory:/lab/{cid}\n")
 
+    # The agent's (and the engine's) memory cgroup is not the root: the engine's parent is
+    # under it there (dockerd puts a relative --cgroup-parent under its own cgroup).
+    _write(tmp_path, "proc/self/cgroup", "4:cpu,cpuacct:/\n9:memory:/jail\n")
+
     def cgroups(cpu_ns: int, memory: int) -> None:
-        for where in (f"lab/{cid}", "lab"):
-            _write(tmp_path, f"sys/fs/cgroup/cpuacct/{where}/cpuacct.usage", str(cpu_ns))
-            _write(tmp_path, f"sys/fs/cgroup/memory/{where}/memory.usage_in_bytes", str(memory))
-            _write(tmp_path, f"sys/fs/cgroup/memory/{where}/memory.stat",
+        for cpu, mem in ((f"lab/{cid}", f"lab/{cid}"), ("lab", "jail/lab")):
+            _write(tmp_path, f"sys/fs/cgroup/cpuacct/{cpu}/cpuacct.usage", str(cpu_ns))
+            _write(tmp_path, f"sys/fs/cgroup/memory/{mem}/memory.usage_in_bytes", str(memory))
+            _write(tmp_path, f"sys/fs/cgroup/memory/{mem}/memory.stat",
                    "total_inactive_file 1000\n")
 
     clock = iter([100.0, 102.0, 104.0])
