@@ -778,7 +778,7 @@ class DockerEngine:
             finally:
                 await logs.aclose()
         except EngineError as exc:
-            log.info("last lines of %s not read: %s", container_id[:12], exc.message)
+            log.debug("last lines of %s not read: %s", container_id[:12], exc.message)
         return data.decode(errors="replace").splitlines()[-count:] if count else []
 
     async def events(self, labels: dict[str, str] | None = None, since: float | None = None
