@@ -96,7 +96,8 @@ def state(cache: Cache) -> dict[str, Any]:
         rec = v.value
         counts: dict[str, int] = {}
         for i in list(cache.instances_of(rec.spec.key).values()):
-            counts[i.value.state] = counts.get(i.value.state, 0) + 1
+            name = str(i.value.state)
+            counts[name] = counts.get(name, 0) + 1
         apps.append({"namespace": rec.spec.namespace, "app": rec.spec.app,
                      "generation": rec.generation,
                      "template_generation": rec.template_generation,
