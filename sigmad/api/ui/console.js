@@ -297,7 +297,7 @@ function legend() {
 
 function bars(groups, get, fmt) {
   // groups: [[label, summary]]: one row of four bars each, scaled to the largest figure
-  const rowH = 44, labelW = 110, w = 600;
+  const rowH = 44, labelW = 90, w = 420;
   let most = 1;
   for (const [, x] of groups) for (const f of FIGURES) most = Math.max(most, get(x[f]) || 0);
   const svg = s("svg", {viewBox: `0 0 ${w} ${groups.length * rowH + 4}`, role: "img"});
@@ -317,7 +317,7 @@ function bars(groups, get, fmt) {
 }
 
 function lines(samples, get, fmt) {
-  const w = 600, ht = 160, pad = 36, now = Date.now() / 1000, from = now - 3600;
+  const w = 420, ht = 150, pad = 40, now = Date.now() / 1000, from = now - 3600;
   let most = 1;
   for (const p of samples) for (const f of FIGURES) most = Math.max(most, get(p[f]) || 0);
   const x = (t) => pad + (w - pad - 4) * (t - from) / 3600;
@@ -340,7 +340,7 @@ function poolPage() {
   if (!keys.includes(S.label)) S.label = keys[0] || "";
   const out = [h("h1", {}, `Pool: ${pool.nodes} Ready nodes, ${pool.instances} instances`),
     figures("overall", pool), legend(),
-    h("div", {class: "grid"},
+    h("div", {class: "charts"},
       h("div", {class: "card"}, h("h3", {}, "CPU, the last hour"),
         lines(S.history, milli, cores)),
       h("div", {class: "card"}, h("h3", {}, "Memory, the last hour"),
@@ -353,7 +353,7 @@ function poolPage() {
     h("button", {type: "button", class: k === S.label ? "on" : null, "data-label": k,
       onclick: () => { S.label = k; render(); }}, k))));
   const groups = Object.entries(pool.by_label[S.label]).map(([v, x]) => [v, x]);
-  out.push(h("div", {class: "grid"},
+  out.push(h("div", {class: "charts"},
     h("div", {class: "card"}, h("h3", {}, `CPU by ${S.label}`), bars(groups, milli, cores)),
     h("div", {class: "card"}, h("h3", {}, `Memory by ${S.label}`),
       bars(groups, bytesOf, size))));
