@@ -23,7 +23,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import time
 from collections import deque
@@ -130,8 +129,7 @@ class Feed:
         self.tasks = [asyncio.create_task(self._tick()), asyncio.create_task(self._sample())]
 
     async def stop(self, _: web.Application) -> None:
-        with contextlib.suppress(ValueError):
-            self.cache.unsubscribe(self._changed)
+        self.cache.unsubscribe(self._changed)
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
