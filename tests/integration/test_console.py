@@ -153,6 +153,10 @@ def test_pool_figures_equal_sigmactl_pool(lab: LabCluster, browser: Any) -> None
                      "the page's figures equal sigmactl pool -o json")
         shot(browser, "pool")
         shot(browser, "pool-phone", 420)
+        open_page(browser, lab, "nodes")
+        wait_for(lambda: len(browser.find_elements("css selector", "a.chip")) >= 3, 20,
+                 "the nodes with their instances")
+        shot(browser, "nodes")
     finally:
         lab.delete("shown")
 
@@ -206,7 +210,6 @@ def test_a_killed_host_shows_not_ready_without_a_reload(lab: LabCluster, browser
     open_page(browser, lab, "nodes")
     wait_for(lambda: browser.find_elements(
         "css selector", "[data-node=h3][data-status=Ready]"), 30, "h3 Ready on the page")
-    shot(browser, "nodes")
     browser.execute_script("window.sigmaNoReload = 1;")
     killed = time.monotonic()
     lab.lab.kill_host("h3")
