@@ -510,7 +510,7 @@ function instancePage(ns, name) {
   for (const c of i.containers) {
     const text = S.logs[c.name];
     out.push(h("div", {class: "label"}, c.name), h("pre", {"data-logs": c.name},
-      text === undefined ? "…" : text === null ? "— (this master does not serve logs)" : text || "(no output)"));
+      text === undefined ? "…" : text === null ? "— (no log tail: this master does not serve one for this container)" : text || "(no output)"));
   }
   const mine = S.events.filter((e) => e.kind === "instance" && e.namespace === ns && e.name === name);
   out.push(h("h2", {}, "Events"), eventsTable(mine.slice(-100).reverse()));
