@@ -31,6 +31,7 @@ from sigmad.api import logs, sse, views
 from sigmad.api.apps import AppWrites, ResourceChange, with_resources
 from sigmad.api.audit import AuditLog
 from sigmad.api.auth import AUDIT_APPS, DEFAULT_CAPS, GATE, Gate, TokenApi, TokenCaps, caller
+from sigmad.api.console import ConsoleApi, Feed
 from sigmad.api.serving import Limits, read_body
 from sigmad.engine import EnginePool
 from sigmad.errors import NotFound, SigmaError, SpecError, StoreUnavailable
@@ -149,6 +150,8 @@ def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None 
     app.router.add_get("/v1/instances/{ns}/{name}/logs", api.logs)
     app.router.add_post("/v1/instances/{ns}/{name}/exec", api.exec_)
     TokenApi(store, cache, audit, on_main, api.body).add_routes(app.router)
+    ConsoleApi(cache, gate, Feed(cache), api.body, api.console_events,
+               limits.stream_heartbeat, metrics).add_routes(app)
     return app
 
 
@@ -292,18 +295,30 @@ class Api:
             return _json({"items": found.items, "revision": found.revision,
                           "more": found.more}, revision=found.revision)
         stream = sse.Stream(EVENT_BACKLOG)
+        following = self.follow_events(stream, match, found.revision)
+        try:
+            return await stream.serve(
+                request, [sse.message(records.dumps(e)) for e in found.items],
+                self.limits.stream_heartbeat, self.metrics)
+        finally:
+            following.cancel()
+
+    def follow_events(self, stream: sse.Stream, match: Callable[[Event], bool], revision: int,
+                      wrap: Callable[[bytes], bytes] = bytes) -> asyncio.Future[None]:
+        """Hand `wrap(event JSON)` of each event written after `revision` that matches to
+        `stream` (from the store's loop), until the returned future is cancelled; end the
+        stream if the watch ends."""
         metrics = self.metrics
 
         async def follow() -> None:
-            """On the store's loop: hand each new event that matches to the stream."""
             metrics.api_watches_open += 1
             try:
-                async for change in self.store.watch(self.keys.events(), found.revision + 1):
+                async for change in self.store.watch(self.keys.events(), revision + 1):
                     if change.value is None:
                         continue
                     event = events.decode(change.value)
                     if event is not None and match(event):
-                        stream.offer(change.value)
+                        stream.offer(wrap(change.value))
             finally:
                 metrics.api_watches_open -= 1
 
@@ -314,12 +329,15 @@ class Api:
 
         following = asyncio.ensure_future(self.main(follow()))
         following.add_done_callback(ended)
-        try:
-            return await stream.serve(
-                request, [sse.message(records.dumps(e)) for e in found.items],
-                self.limits.stream_heartbeat, metrics)
-        finally:
-            following.cancel()
+        return following
+
+    async def console_events(self, stream: sse.Stream, limit: int
+                             ) -> tuple[list[bytes], asyncio.Future[None]]:
+        """For a console's stream: the newest `limit` events as its messages, and the
+        future that follows the new ones (`follow_events`)."""
+        found = await self.main(events.recent(self.store, limit, _every_event, 0))
+        following = self.follow_events(stream, _every_event, found.revision, console_event)
+        return [sse.message(console_event(records.dumps(e))) for e in found.items], following
 
     async def metrics_text(self, request: web.Request) -> web.Response:
         """This master's metrics in Prometheus' text format (sigmad.metrics), for any
@@ -412,6 +430,15 @@ class Api:
     async def masters(self, request: web.Request) -> web.Response:
         """The leader record and every running master with its role (sigmad.leader)."""
         return _json(views.masters(self.cache), revision=self.cache.revision)
+
+
+def _every_event(event: Event) -> bool:
+    return True
+
+
+def console_event(data: bytes) -> bytes:
+    """An event's JSON as a console message."""
+    return b'{"type":"event","event":' + data + b"}"
 
 
 def _event_filter(request: web.Request) -> Callable[[Event], bool]:

@@ -167,11 +167,12 @@ class Cache:
         return time.monotonic() - self.broken_since if self.broken_since else 0.0
 
     def subscribe(self, fn: Subscriber) -> None:
-        """Call `fn(kind, key, old, new)` after every change (new None: deleted)."""
-        self._subscribers.append(fn)
+        """Call `fn(kind, key, old, new)` after every change (new None: deleted). Safe from
+        another thread: the list is replaced, never changed under a loop that walks it."""
+        self._subscribers = [*self._subscribers, fn]
 
     def unsubscribe(self, fn: Subscriber) -> None:
-        self._subscribers.remove(fn)
+        self._subscribers = [f for f in self._subscribers if f is not fn]
 
     async def wait_for(self, revision: int, timeout: float = 10.0) -> bool:
         """Until the cache has seen `revision` (False after `timeout` seconds)."""
