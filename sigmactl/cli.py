@@ -8,6 +8,7 @@ from typing import IO, Any
 import click
 
 from sigmactl import admin, commands, output, waits
+from sigmactl import configs as _configs  # noqa: F401 (adds the config center to `config`)
 from sigmactl.base import Settings, emit, items, namespace_option
 from sigmactl.client import CtlError, api_path
 from sigmad import __version__

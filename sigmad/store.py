@@ -145,6 +145,29 @@ class Keys:
     def events(self) -> str:
         return self._k("events", "")
 
+    def config_version(self, namespace: str, name: str, version: int) -> str:
+        """One immutable version of a config (sigmad.configs.ConfigVersion)."""
+        return self._k("configs", namespace, name, version)
+
+    def config_versions(self, namespace: str, name: str) -> str:
+        return self._k("configs", namespace, name, "")
+
+    def config_head(self, namespace: str, name: str) -> str:
+        """A config's head: its latest version and the versions kept."""
+        return self._k("config-heads", namespace, name)
+
+    def config_heads(self, namespace: str | None = None) -> str:
+        return self._k("config-heads", namespace, "") if namespace else \
+            self._k("config-heads", "")
+
+    def config_held(self, node: str, instance: str) -> str:
+        """What `node`'s agent has delivered for `instance` (`ns/app-index`); only that
+        agent writes it."""
+        return self._k("config-held", node, instance)
+
+    def configs_held(self, node: str | None = None) -> str:
+        return self._k("config-held", node, "") if node else self._k("config-held", "")
+
     def leader(self) -> str:
         """The leader record, leased by its holder; every controller write compares it."""
         return self._k("leader")

@@ -18,7 +18,8 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sigmad import records
+from sigmad import configs, records
+from sigmad.api.configs import config_guards, resolve_for
 from sigmad.control import migration
 from sigmad.engine import EnginePool
 from sigmad.errors import Conflict, EngineError, NotFound, SigmaError, SpecError
@@ -71,15 +72,21 @@ class Result:
 def only_replicas(old: AppSpec, new: AppSpec) -> bool:
     """Whether only what running containers do not depend on changed (replica count,
     migration policy): no container is replaced for it."""
-    return records.to_dict(replace(old, replicas=0, migration="")) == \
-        records.to_dict(replace(new, replicas=0, migration=""))
+    return records.to_dict(replace(_unpinned(old), replicas=0, migration="")) == \
+        records.to_dict(replace(_unpinned(new), replicas=0, migration=""))
+
+
+def _unpinned(spec: AppSpec) -> AppSpec:
+    """`spec` without its configs' version pins: a pin that moves re-pins the instances,
+    which reload (sigmad.api.configs); it makes no container anew by itself."""
+    return replace(spec, configs=[replace(c, version=0) for c in spec.configs])
 
 
 def _without_resources(spec: AppSpec) -> dict[str, object]:
     containers = [replace(c, resources=replace(c.resources, request=Resources(),
                                                limit=Resources())) for c in spec.containers]
-    result: dict[str, object] = records.to_dict(replace(spec, replicas=0, migration="",
-                                                        containers=containers))
+    result: dict[str, object] = records.to_dict(replace(_unpinned(spec), replicas=0,
+                                                        migration="", containers=containers))
     return result
 
 
@@ -174,15 +181,17 @@ class AppWrites:
         if len(specs) > MAX_APPS:
             raise SpecError("body", f"{len(specs)} apps in one apply: at most {MAX_APPS}")
         change, results = Change(), []
+        pins = resolve_for(self.cache, self.keys, specs)
         for s in specs:
             key = self.keys.app(s.namespace, s.app)
             current: Versioned[AppRecord] | None = self.cache.get(APPS, key)
+            resolved = pins[s.key]
             if current is None:
-                rec, action = AppRecord(s, 1, 1, now(), now()), "created"
+                rec, action = AppRecord(s, 1, 1, now(), now(), resolved), "created"
                 result = Result(s.key, action, 1)
             else:
                 old = current.value
-                if records.to_dict(old.spec) == records.to_dict(s):
+                if records.to_dict(old.spec) == records.to_dict(s) and old.configs == resolved:
                     results.append(Result(s.key, "unchanged", old.generation))
                     continue
                 if old.spec.volumes != s.volumes:
@@ -191,18 +200,21 @@ class AppWrites:
                                     "delete the app and apply it again")
                 template = old.template_generation
                 action = "updated"
-                if resources_only(old.spec, s) and not only_replicas(old.spec, s):
+                reenv = configs.env_changed(s, old.configs, resolved)
+                if resources_only(old.spec, s) and not only_replicas(old.spec, s) and \
+                        not reenv:
                     check_fit(self.cache, old.spec, s)
                     if not force:
                         await check_usage(self.cache, self.engines, old.spec, s)
                     action = "resized in place"
-                elif not only_replicas(old.spec, s):
+                elif not only_replicas(old.spec, s) or reenv:
                     template = old.generation + 1
-                rec = AppRecord(s, old.generation + 1, template, old.created, now())
+                rec = AppRecord(s, old.generation + 1, template, old.created, now(), resolved)
                 in_place = action == "resized in place"  # the same containers, new caps
                 result = Result(s.key, action, rec.generation,
                                 caps_changing(self.cache, old.spec, s) if in_place else 0)
             change += self.writes.put_app(key, rec, current.mod_revision if current else 0)
+            change += config_guards(self.cache, self.keys, s)
             results.append(result)
         if change.ops and not dry_run:
             await self._commit(change, "another client changed these apps")

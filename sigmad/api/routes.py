@@ -28,6 +28,7 @@ from sigmad.api import sse, views
 from sigmad.api.apps import AppWrites, ResourceChange, with_resources
 from sigmad.api.audit import AuditLog
 from sigmad.api.auth import AUDIT_APPS, DEFAULT_CAPS, GATE, Gate, TokenApi, TokenCaps, caller
+from sigmad.api.configs import ConfigApi
 from sigmad.api.serving import Limits, read_body
 from sigmad.engine import EnginePool
 from sigmad.errors import NotFound, SigmaError, SpecError, StoreUnavailable
@@ -136,6 +137,7 @@ def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None 
     app.router.add_get("/v1/masters", api.masters)
     app.router.add_get("/v1/metrics", api.metrics_text)
     TokenApi(store, cache, audit, on_main, api.body).add_routes(app.router)
+    ConfigApi(store, cache, on_main, api.body).add_routes(app.router)
     return app
 
 
