@@ -209,6 +209,7 @@ class Instance:
     streak: int = 0  # failures in a row (each ran less than a minute): drives the backoff
     next_start: float = 0.0
     terminations: list[Termination] = field(default_factory=list)
+    configs: dict[str, int] = field(default_factory=dict)  # config name → version pinned
     created: float = 0.0
     updated: float = 0.0
 
@@ -233,7 +234,7 @@ class Instance:
         new = _shallow(self)
         new.unschedulable, new.host_ports = dict(self.unschedulable), dict(self.host_ports)
         new.next_ports, new.terminations = dict(self.next_ports), list(self.terminations)
-        new.ssds = list(self.ssds)
+        new.ssds, new.configs = list(self.ssds), dict(self.configs)
         new.containers = [_shallow(c) for c in self.containers]
         return new
 
