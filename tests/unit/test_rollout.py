@@ -1,0 +1,130 @@
+"""The rollout decisions (sigmad/control/rollout.py): batch bounds, canary, failure → revert
+or pause, step kinds (move / recreate / reload), revision pruning."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sigmad.control.rollout import (
+    KEEP_REVISIONS,
+    InstanceView,
+    Phase,
+    Revision,
+    Rollout,
+    UpdatePolicy,
+    batch_size,
+    plan,
+    prune,
+    step_kind,
+)
+from sigmad.spec import AppSpec, ContainerSpec, NetworkSpec, Port, VolumeSpec
+
+
+def spec(image: str = "busybox:1", **kw: object) -> AppSpec:
+    return AppSpec(app="web", containers=[ContainerSpec(name="c", image=image)], **kw)  # type: ignore[arg-type]
+
+
+def views(revs: list[int], busy: tuple[int, ...] = (), failing: dict[int, str] | None = None
+          ) -> list[InstanceView]:
+    failing = failing or {}
+    return [InstanceView(i, r, ready=i not in busy and i not in failing,
+                         in_transition=i in busy, since=1.0, failing=failing.get(i, ""))
+            for i, r in enumerate(revs)]
+
+
+def run(policy: UpdatePolicy, replicas: int, fail_on: int = 0) -> tuple[Rollout, int]:
+    """Drive `plan` to its end as an executor would (each started step finishes next pass,
+    failing if the instance index is `fail_on` - 1); return the final record and the most
+    instances ever in transition at once."""
+    revs, busy, failing = [1] * replicas, set[int](), dict[int, str]()
+    r, most = Rollout(1, 2), 0
+    for _ in range(200):
+        p = plan(r, views(revs, tuple(busy), failing), policy, now=2.0)
+        r = p.rollout
+        for i in list(busy):  # last pass's steps end
+            busy.discard(i)
+            if fail_on and i == fail_on - 1 and revs[i] == 2:
+                failing[i] = "crash-looping"
+        if r.phase == Phase.REVERTING:
+            failing.clear()
+        target = 1 if r.phase == Phase.REVERTING else 2
+        for i in p.start:
+            revs[i], _ = target, busy.add(i)
+        most = max(most, len(busy))
+        if r.phase in (Phase.DONE, Phase.REVERTED, Phase.PAUSED, Phase.CANARY):
+            return r, most
+    raise AssertionError("the rollout never ended")
+
+
+def test_batch_size_counts_and_percentages() -> None:
+    assert batch_size(UpdatePolicy(), 6) == 1
+    assert batch_size(UpdatePolicy(max_parallel=25, percent=True), 30) == 7
+    assert batch_size(UpdatePolicy(max_parallel=25, percent=True), 2) == 1
+
+
+def test_a_good_release_never_exceeds_max_parallel_and_ends_done() -> None:
+    for n, policy in ((6, UpdatePolicy()), (6, UpdatePolicy(max_parallel=2)),
+                      (30, UpdatePolicy(max_parallel=25, percent=True))):
+        r, most = run(policy, n)
+        assert r.phase == Phase.DONE and r.done == list(range(n))
+        assert most == batch_size(policy, n)
+
+
+def test_a_failing_instance_reverts_with_auto_revert() -> None:
+    r, _ = run(UpdatePolicy(max_parallel=2), 6, fail_on=2)
+    assert r.phase == Phase.REVERTED and r.done == list(range(6))
+    assert "instance 1 on revision 2: crash-looping" in r.reason
+
+
+def test_a_failing_instance_pauses_without_auto_revert() -> None:
+    r, _ = run(UpdatePolicy(auto_revert=False), 6, fail_on=1)
+    assert r.phase == Phase.PAUSED and "crash-looping" in r.reason
+
+
+def test_not_ready_within_the_deadline_fails() -> None:
+    inst = [InstanceView(0, 2, ready=False, in_transition=True, since=1.0),
+            InstanceView(1, 1, ready=True, in_transition=False)]
+    p = plan(Rollout(1, 2), inst, UpdatePolicy(progress_deadline=5), now=7.0)
+    assert p.rollout.phase == Phase.REVERTING and "not ready within 5s" in p.rollout.reason
+    assert plan(Rollout(1, 2), inst, UpdatePolicy(progress_deadline=5), now=5.0).rollout.phase \
+        == Phase.RUNNING
+
+
+def test_canary_waits_for_promote_then_finishes() -> None:
+    policy = UpdatePolicy(max_parallel=3, canary=2)
+    r, most = run(policy, 6)
+    assert r.phase == Phase.CANARY and r.done == [0, 1] and most == 2
+    promoted = dataclasses.replace(r, phase=Phase.RUNNING, promoted=True)
+    p = plan(promoted, views([2, 2, 1, 1, 1, 1]), policy, now=2.0)
+    assert p.start == [2, 3, 4]
+    r, _ = run(dataclasses.replace(policy, auto_promote=True), 6)
+    assert r.phase == Phase.DONE
+
+
+def test_paused_rollout_starts_nothing() -> None:
+    p = plan(Rollout(1, 2, Phase.PAUSED), views([1] * 4), UpdatePolicy(), now=2.0)
+    assert p.start == [] and p.rollout.phase == Phase.PAUSED
+
+
+def test_resume_from_the_record_carries_on_where_it_was() -> None:
+    # a new leader sees 2 done, one in flight: it starts only the room left
+    p = plan(Rollout(1, 2), views([2, 2, 2, 1, 1, 1], busy=(2,)), UpdatePolicy(max_parallel=2),
+             now=2.0)
+    assert p.rollout.done == [0, 1] and p.start == [3]
+
+
+def test_step_kind() -> None:
+    a = Revision(1, spec())
+    assert step_kind(a, Revision(2, spec("busybox:2")), spec()) == "move"
+    assert step_kind(a, Revision(2, spec(), {"nginx": 3}), spec()) == "reload"
+    with_port = spec(network=NetworkSpec(ports=[Port("http", 80)]))
+    assert step_kind(a, Revision(2, spec("busybox:2")), with_port) == "recreate"
+    with_ssd = spec(volumes=[VolumeSpec("data", "/data")])
+    assert step_kind(a, Revision(2, spec("busybox:2")), with_ssd) == "recreate"
+    assert step_kind(a, Revision(2, spec(), {"nginx": 3}), with_ssd) == "reload"
+
+
+def test_prune_keeps_the_last_twenty_and_the_current() -> None:
+    revs = list(range(1, 31))
+    assert prune(revs, 30) == list(range(1, 11))
+    assert 3 not in prune(revs, 3) and len(prune(revs, 3)) == 30 - KEEP_REVISIONS - 1
