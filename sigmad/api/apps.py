@@ -36,7 +36,7 @@ from sigmad.models import (
 )
 from sigmad.reasons import State
 from sigmad.scheduler.snapshot import node_info
-from sigmad.spec import AppSpec, Resources
+from sigmad.spec import AppSpec, Resources, UpdateSpec
 from sigmad.state.cache import APPS, SSD_CLAIMS, SSDS, Cache
 from sigmad.state.writes import Change, Writes, commit
 from sigmad.store import MAX_TXN_OPS, Guard, Op, Store, Versioned
@@ -70,16 +70,17 @@ class Result:
 
 def only_replicas(old: AppSpec, new: AppSpec) -> bool:
     """Whether only what running containers do not depend on changed (replica count,
-    migration policy): no container is replaced for it."""
-    return records.to_dict(replace(old, replicas=0, migration="")) == \
-        records.to_dict(replace(new, replicas=0, migration=""))
+    migration policy, update policy): no container is replaced for it."""
+    return records.to_dict(replace(old, replicas=0, migration="", update=UpdateSpec())) == \
+        records.to_dict(replace(new, replicas=0, migration="", update=UpdateSpec()))
 
 
 def _without_resources(spec: AppSpec) -> dict[str, object]:
     containers = [replace(c, resources=replace(c.resources, request=Resources(),
                                                limit=Resources())) for c in spec.containers]
     result: dict[str, object] = records.to_dict(replace(spec, replicas=0, migration="",
-                                                        containers=containers))
+                                                        containers=containers,
+                                                        update=UpdateSpec()))
     return result
 
 
