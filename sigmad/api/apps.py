@@ -20,6 +20,7 @@ from typing import Any
 
 from sigmad import records
 from sigmad.control import migration
+from sigmad.control.rollout import Revision, Rollout, prune, recreate_reason
 from sigmad.engine import EnginePool
 from sigmad.errors import Conflict, EngineError, NotFound, SigmaError, SpecError
 from sigmad.models import (
@@ -204,6 +205,8 @@ class AppWrites:
                 result = Result(s.key, action, rec.generation,
                                 caps_changing(self.cache, old.spec, s) if in_place else 0)
             change += self.writes.put_app(key, rec, current.mod_revision if current else 0)
+            if current is None or rec.template_generation != current.value.template_generation:
+                change += await self._revision(rec, current.value if current else None)
             results.append(result)
         if change.ops and not dry_run:
             await self._commit(change, "another client changed these apps")
@@ -211,6 +214,19 @@ class AppWrites:
             log.info("apply %s: %s (generation %d)%s", r.app, r.action, r.generation,
                      " (dry run)" if dry_run else "")
         return results
+
+    async def _revision(self, rec: AppRecord, old: AppRecord | None) -> Change:
+        """The new template generation as a revision, and a rollout from the old one (the
+        rollout controller moves instances over, control/rollout.py)."""
+        s, n = rec.spec, rec.template_generation
+        have = [int(k.rsplit("/", 1)[1])
+                for k in await self.store.keys_under(self.keys.revisions(s.namespace, s.app))]
+        rollout = None
+        if old is not None:
+            rollout = Rollout(old.template_generation, n, recreate_reason=recreate_reason(s),
+                              started=now(), updated=now())
+        return self.writes.release(s, Revision(n, s, {}, now()), rollout,
+                                   prune([*have, n], n))
 
     def app(self, namespace: str, name: str) -> Versioned[AppRecord]:
         v: Versioned[AppRecord] | None = self.cache.get(APPS, self.keys.app(namespace, name))

@@ -31,9 +31,10 @@ from sigmad.spec import (
     VolumeSpec,
     parse,
 )
+from tests.unit.harness import Leader, spec
 
 
-def spec(image: str = "busybox:1", **kw: object) -> AppSpec:
+def app(image: str = "busybox:1", **kw: object) -> AppSpec:
     return AppSpec(app="web", containers=[ContainerSpec(name="c", image=image)], **kw)  # type: ignore[arg-type]
 
 
@@ -67,6 +68,11 @@ def run(policy: UpdateSpec, replicas: int, fail_on: int = 0) -> tuple[Rollout, i
         if r.phase in (Phase.DONE, Phase.REVERTED, Phase.PAUSED, Phase.CANARY):
             return r, most
     raise AssertionError("the rollout never ended")
+
+
+def revisions(lead: Leader) -> list[int]:
+    prefix = lead.store.keys.revisions("default", "web")
+    return sorted(int(k.removeprefix(prefix)) for k in lead.store.data if k.startswith(prefix))
 
 
 def test_batch_size_counts_and_percentages() -> None:
@@ -127,14 +133,14 @@ def test_resume_from_the_record_carries_on_where_it_was() -> None:
 
 
 def test_step_kind() -> None:
-    a = Revision(1, spec())
-    assert step_kind(a, Revision(2, spec("busybox:2")), spec()) == "move"
-    assert step_kind(a, Revision(2, spec(), {"nginx": 3}), spec()) == "reload"
-    with_port = spec(network=NetworkSpec(ports=[Port("http", 80)]))
-    assert step_kind(a, Revision(2, spec("busybox:2")), with_port) == "recreate"
-    with_ssd = spec(volumes=[VolumeSpec("data", "/data")])
-    assert step_kind(a, Revision(2, spec("busybox:2")), with_ssd) == "recreate"
-    assert step_kind(a, Revision(2, spec(), {"nginx": 3}), with_ssd) == "reload"
+    a = Revision(1, app())
+    assert step_kind(a, Revision(2, app("busybox:2")), app()) == "move"
+    assert step_kind(a, Revision(2, app(), {"nginx": 3}), app()) == "reload"
+    with_port = app(network=NetworkSpec(ports=[Port("http", 80)]))
+    assert step_kind(a, Revision(2, app("busybox:2")), with_port) == "recreate"
+    with_ssd = app(volumes=[VolumeSpec("data", "/data")])
+    assert step_kind(a, Revision(2, app("busybox:2")), with_ssd) == "recreate"
+    assert step_kind(a, Revision(2, app(), {"nginx": 3}), with_ssd) == "reload"
 
 
 def test_prune_keeps_the_last_twenty_and_the_current() -> None:
@@ -173,3 +179,27 @@ def test_changing_only_the_update_policy_replaces_nothing() -> None:
     [a] = parse("app: a\ncontainers: [{name: c, image: busybox}]\n")
     b = dataclasses.replace(a, update=UpdateSpec(max_parallel=3))
     assert only_replicas(a, b)
+
+
+async def test_apply_writes_a_revision_per_template_change_and_a_rollout() -> None:
+    async with Leader() as lead:
+        keys = lead.store.keys
+        await lead.apply(spec(replicas=2))
+        assert lead.store.value(keys.revision("default", "web", 1), Revision).n == 1
+        assert keys.rollout("default", "web") not in lead.store.data  # nothing to roll from
+        await lead.apply(spec(replicas=3))  # scaling is no revision
+        assert revisions(lead) == [1]
+        await lead.apply(spec(replicas=3).replace("image: img", "image: img:2"))
+        rev = lead.store.value(keys.revision("default", "web", 3), Revision)
+        assert rev.spec.containers[0].image == "img:2" and rev.configs == {}
+        r = lead.store.value(keys.rollout("default", "web"), Rollout)
+        assert (r.from_revision, r.to_revision, r.phase) == (1, 3, Phase.RUNNING)
+        assert r.recreate_reason == ""
+
+
+async def test_only_the_last_twenty_revisions_are_kept() -> None:
+    async with Leader() as lead:
+        for i in range(25):
+            await lead.apply(spec(replicas=0).replace("image: img", f"image: img:{i}"))
+        kept = revisions(lead)
+        assert len(kept) == KEEP_REVISIONS and max(kept) == 25
