@@ -228,6 +228,17 @@ class AppWrites:
         return self.writes.release(s, Revision(n, s, {}, now()), rollout,
                                    prune([*have, n], n))
 
+    async def history(self, namespace: str, name: str) -> dict[str, Any]:
+        """An app's kept revisions (oldest first), its current one and its rollout record."""
+        current = self.app(namespace, name).value.template_generation
+        found, _ = await self.store.range_raw(self.keys.revisions(namespace, name))
+        revisions = sorted((records.loads(Revision, i.value) for i in found), key=lambda r: r.n)
+        rollout = await self.store.get(self.keys.rollout(namespace, name), Rollout)
+        return {"current": current,
+                "rollout": records.to_dict(rollout.value) if rollout else None,
+                "revisions": [{"revision": r.n, "images": [c.image for c in r.spec.containers],
+                               "configs": r.configs, "created": r.created} for r in revisions]}
+
     def app(self, namespace: str, name: str) -> Versioned[AppRecord]:
         v: Versioned[AppRecord] | None = self.cache.get(APPS, self.keys.app(namespace, name))
         if v is None:

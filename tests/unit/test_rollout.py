@@ -6,8 +6,11 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
+from sigmactl.rollout import history_text, status_text
 from sigmad import records
+from sigmad.api import make_app
 from sigmad.api.apps import only_replicas
 from sigmad.control.rollout import (
     KEEP_REVISIONS,
@@ -20,6 +23,7 @@ from sigmad.control.rollout import (
     prune,
     step_kind,
 )
+from sigmad.engine import EnginePool
 from sigmad.errors import SpecError
 from sigmad.models import AppRecord
 from sigmad.spec import (
@@ -31,7 +35,7 @@ from sigmad.spec import (
     VolumeSpec,
     parse,
 )
-from tests.unit.harness import Leader, spec
+from tests.unit.harness import TOKEN, Leader, call, spec
 
 
 def app(image: str = "busybox:1", **kw: object) -> AppSpec:
@@ -203,3 +207,26 @@ async def test_only_the_last_twenty_revisions_are_kept() -> None:
             await lead.apply(spec(replicas=0).replace("image: img", f"image: img:{i}"))
         kept = revisions(lead)
         assert len(kept) == KEEP_REVISIONS and max(kept) == 25
+
+
+async def test_the_api_and_sigmactl_show_history_and_status() -> None:
+    lead = Leader()
+    async with lead:
+        server = make_app(lead.store, lead.cache, TOKEN, EnginePool("/t", factory=lead._engine))
+        client = TestClient(TestServer(server))
+        await client.start_server()
+        try:
+            await lead.apply(spec(replicas=1))
+            await lead.apply(spec(replicas=1).replace("image: img", "image: img:2"))
+            status, answer = await call(client, "GET", "/v1/apps/default/web/rollout")
+            assert status == 200 and answer["current"] == 2
+            assert [r["images"] for r in answer["revisions"]] == [["img"], ["img:2"]]
+            assert answer["rollout"]["from_revision"] == 1
+            status, missing = await call(client, "GET", "/v1/apps/default/nope/rollout")
+            assert status == 404 and "default/nope" in missing["error"]["message"]
+        finally:
+            await client.close()
+    text = history_text(answer, now=answer["revisions"][-1]["created"])
+    assert text.splitlines()[0].split() == ["REVISION", "AGE", "IMAGES", "CONFIGS"]
+    assert text.splitlines()[2].split()[0] == "*2" and "img:2" in text.splitlines()[2]
+    assert status_text(answer).startswith("revision 1 → 2: running, 0 instances done")
