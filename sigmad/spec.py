@@ -68,6 +68,11 @@ NETWORK_MODES = ("overlay", "host-compat")
 STRATEGIES = ("spread", "binpack")
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 MAX_READY_TIMEOUT = 3600
+DURATION_RE = re.compile(r"([0-9]{1,7})([smh]?)")
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+PARALLEL_RE = re.compile(r"([0-9]{1,7})(%?)")
+MAX_MIN_READY = 3600
+MAX_PROGRESS_DEADLINE = 24 * 3600
 MIGRATION_POLICIES = ("auto", "manual")
 RECLAIM_POLICIES = ("wipe", "retain")
 MAX_VOLUMES = 8
@@ -208,6 +213,19 @@ class EnvFrom:
 
 
 @dataclass(slots=True)
+class UpdateSpec:
+    """How a new revision rolls out (`update:`; defaults: one at a time, revert on)."""
+
+    max_parallel: int = 1  # instances, or a percentage of replicas when `percent`
+    percent: bool = False
+    canary: int = 0
+    min_ready: float = 10.0  # seconds an instance must be ready before its step counts done
+    progress_deadline: float = 600.0  # seconds an instance may take to become ready
+    auto_revert: bool = True
+    auto_promote: bool = False
+
+
+@dataclass(slots=True)
 class AppSpec:
     app: str
     containers: list[ContainerSpec]
@@ -221,6 +239,7 @@ class AppSpec:
     volumes: list[VolumeSpec] = field(default_factory=list)
     configs: list[ConfigMount] = field(default_factory=list)
     env_from: list[EnvFrom] = field(default_factory=list)
+    update: UpdateSpec = field(default_factory=UpdateSpec)
 
     @property
     def key(self) -> str:
@@ -610,6 +629,48 @@ def _depends_on(value: object) -> list[str]:
     return list(value)
 
 
+def _duration(path: str, value: object, most: float) -> float:
+    """Seconds from `30`, `10s`, `10m` or `1h`, from 0 to `most`."""
+    text = str(value) if isinstance(value, int | str) and not isinstance(value, bool) else ""
+    match = DURATION_RE.fullmatch(text)
+    seconds = int(match[1]) * DURATION_UNITS[match[2] or "s"] if match else -1
+    if not 0 <= seconds <= most:
+        raise SpecError(path, f"{shown(value)} is not a duration from 0 to {most:g}s "
+                        "(e.g. 10s, 10m, 1h)")
+    return float(seconds)
+
+
+def _update(value: object, replicas: int) -> UpdateSpec:
+    if value is None:
+        return UpdateSpec()
+    fields = Fields("update", value, "update")
+    parallel = fields.take("max_parallel", 1)
+    text = str(parallel) if isinstance(parallel, int | str) and not isinstance(parallel, bool) \
+        else ""
+    match = PARALLEL_RE.fullmatch(text)
+    number = int(match[1]) if match else 0
+    if not match or number < 1 or (match[2] and number > 100):
+        raise SpecError(fields.at("max_parallel"), f"{shown(parallel)} is not a number of "
+                        "instances (1 or more) or a percentage of replicas (1% to 100%)")
+    canary = fields.take("canary", 0)
+    if isinstance(canary, bool) or not isinstance(canary, int) or not 0 <= canary <= replicas:
+        raise SpecError(fields.at("canary"), f"{shown(canary)} is not a whole number from 0 "
+                        f"to the replicas ({replicas})")
+    flags = {}
+    for name in ("auto_revert", "auto_promote"):
+        flag = fields.take(name, name == "auto_revert")
+        if not isinstance(flag, bool):
+            raise SpecError(fields.at(name), f"{shown(flag)} is not true or false")
+        flags[name] = flag
+    min_ready = _duration(fields.at("min_ready"), fields.take("min_ready", 10), MAX_MIN_READY)
+    deadline = _duration(fields.at("progress_deadline"), fields.take("progress_deadline", 600),
+                         MAX_PROGRESS_DEADLINE)
+    if deadline < 1:
+        raise SpecError(fields.at("progress_deadline"), "must be at least 1s")
+    fields.done()
+    return UpdateSpec(number, bool(match[2]), canary, min_ready, deadline, **flags)
+
+
 def validate(doc: object) -> AppSpec:
     """An AppSpec from one parsed YAML/JSON document, or SpecError naming the bad field."""
     fields = Fields("", doc, "")
@@ -638,6 +699,7 @@ def validate(doc: object) -> AppSpec:
     volumes = _volumes(fields.take("volumes"))
     configs = _configs(fields.take("configs"), volumes)
     env_from = _env_from(fields.take("env_from"))
+    update = _update(fields.take("update"), replicas)
     if app in depends_on:
         raise SpecError("depends_on", f"an app cannot depend on itself ({app})")
     fields.done()
@@ -645,6 +707,7 @@ def validate(doc: object) -> AppSpec:
         app=app, namespace=namespace, replicas=replicas, containers=containers,
         placement=placement, network=network, restart=restart, depends_on=depends_on,
         migration=migration, volumes=volumes, configs=configs, env_from=env_from,
+        update=update,
     )
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from sigmad import configs, records
 from sigmad.api.configs import config_guards, resolve_for
 from sigmad.control import migration
+from sigmad.control.rollout import Revision, Rollout, prune, recreate_reason
 from sigmad.engine import EnginePool
 from sigmad.errors import Conflict, EngineError, NotFound, SigmaError, SpecError
 from sigmad.models import (
@@ -37,7 +38,7 @@ from sigmad.models import (
 )
 from sigmad.reasons import State
 from sigmad.scheduler.snapshot import node_info
-from sigmad.spec import AppSpec, Resources
+from sigmad.spec import AppSpec, Resources, UpdateSpec
 from sigmad.state.cache import APPS, SSD_CLAIMS, SSDS, Cache
 from sigmad.state.writes import Change, Writes, commit
 from sigmad.store import MAX_TXN_OPS, Guard, Op, Store, Versioned
@@ -71,9 +72,10 @@ class Result:
 
 def only_replicas(old: AppSpec, new: AppSpec) -> bool:
     """Whether only what running containers do not depend on changed (replica count,
-    migration policy): no container is replaced for it."""
-    return records.to_dict(replace(_unpinned(old), replicas=0, migration="")) == \
-        records.to_dict(replace(_unpinned(new), replicas=0, migration=""))
+    migration policy, update policy): no container is replaced for it."""
+    return records.to_dict(replace(_unpinned(old), replicas=0, migration="",
+                                   update=UpdateSpec())) == \
+        records.to_dict(replace(_unpinned(new), replicas=0, migration="", update=UpdateSpec()))
 
 
 def _unpinned(spec: AppSpec) -> AppSpec:
@@ -86,7 +88,8 @@ def _without_resources(spec: AppSpec) -> dict[str, object]:
     containers = [replace(c, resources=replace(c.resources, request=Resources(),
                                                limit=Resources())) for c in spec.containers]
     result: dict[str, object] = records.to_dict(replace(_unpinned(spec), replicas=0,
-                                                        migration="", containers=containers))
+                                                        migration="", containers=containers,
+                                                        update=UpdateSpec()))
     return result
 
 
@@ -215,6 +218,8 @@ class AppWrites:
                                 caps_changing(self.cache, old.spec, s) if in_place else 0)
             change += self.writes.put_app(key, rec, current.mod_revision if current else 0)
             change += config_guards(self.cache, self.keys, s)
+            if current is None or rec.template_generation != current.value.template_generation:
+                change += await self._revision(rec, current.value if current else None)
             results.append(result)
         if change.ops and not dry_run:
             await self._commit(change, "another client changed these apps")
@@ -222,6 +227,30 @@ class AppWrites:
             log.info("apply %s: %s (generation %d)%s", r.app, r.action, r.generation,
                      " (dry run)" if dry_run else "")
         return results
+
+    async def _revision(self, rec: AppRecord, old: AppRecord | None) -> Change:
+        """The new template generation as a revision, and a rollout from the old one (the
+        rollout controller moves instances over, control/rollout.py)."""
+        s, n = rec.spec, rec.template_generation
+        have = [int(k.rsplit("/", 1)[1])
+                for k in await self.store.keys_under(self.keys.revisions(s.namespace, s.app))]
+        rollout = None
+        if old is not None:
+            rollout = Rollout(old.template_generation, n, recreate_reason=recreate_reason(s),
+                              started=now(), updated=now())
+        return self.writes.release(s, Revision(n, s, dict(rec.configs), now()), rollout,
+                                   prune([*have, n], n))
+
+    async def history(self, namespace: str, name: str) -> dict[str, Any]:
+        """An app's kept revisions (oldest first), its current one and its rollout record."""
+        current = self.app(namespace, name).value.template_generation
+        found, _ = await self.store.range_raw(self.keys.revisions(namespace, name))
+        revisions = sorted((records.loads(Revision, i.value) for i in found), key=lambda r: r.n)
+        rollout = await self.store.get(self.keys.rollout(namespace, name), Rollout)
+        return {"current": current,
+                "rollout": records.to_dict(rollout.value) if rollout else None,
+                "revisions": [{"revision": r.n, "images": [c.image for c in r.spec.containers],
+                               "configs": r.configs, "created": r.created} for r in revisions]}
 
     def app(self, namespace: str, name: str) -> Versioned[AppRecord]:
         v: Versioned[AppRecord] | None = self.cache.get(APPS, self.keys.app(namespace, name))

@@ -125,6 +125,7 @@ def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None 
     app.router.add_get("/v1/apps/{ns}/{app}", api.get_app)
     app.router.add_delete("/v1/apps/{ns}/{app}", api.delete_app)
     app.router.add_post("/v1/apps/{ns}/{app}/resources", api.update_resources)
+    app.router.add_get("/v1/apps/{ns}/{app}/rollout", api.rollout)
     app.router.add_get("/v1/instances", api.list_instances)
     app.router.add_get("/v1/events", api.events)
     app.router.add_get("/v1/pool", api.pool)
@@ -199,6 +200,12 @@ class Api:
     async def get_app(self, request: web.Request) -> web.Response:
         v = self.writes.app(request.match_info["ns"], request.match_info["app"])
         return _json(views.app_view(self.cache, v.value), revision=self.cache.revision)
+
+    async def rollout(self, request: web.Request) -> web.Response:
+        """The app's revisions and its rollout record (`sigmactl rollout history|status`)."""
+        found = await self.main(self.writes.history(request.match_info["ns"],
+                                                    request.match_info["app"]))
+        return _json(found)
 
     async def apply(self, request: web.Request) -> web.Response:
         """Create or update every app in the body, all-or-nothing after validation.

@@ -33,7 +33,7 @@ import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from sigmad.spec import AppSpec
+from sigmad.spec import AppSpec, UpdateSpec
 
 KEEP_REVISIONS = 20
 
@@ -47,19 +47,6 @@ class Phase(StrEnum):
     REVERTING = "reverting"  # a failure with auto_revert: rolling back to `from_revision`
     DONE = "done"  # every instance runs `to_revision`
     REVERTED = "reverted"  # every instance is back on `from_revision`
-
-
-@dataclass(slots=True)
-class UpdatePolicy:
-    """The spec's `update:` block (defaults: one at a time, revert on)."""
-
-    max_parallel: int = 1  # instances, or a percentage of replicas when `percent`
-    percent: bool = False
-    canary: int = 0
-    min_ready: float = 10.0  # seconds an instance must be ready before its step counts done
-    progress_deadline: float = 600.0  # seconds an instance may take to become ready
-    auto_revert: bool = True
-    auto_promote: bool = False
 
 
 @dataclass(slots=True)
@@ -108,7 +95,7 @@ class Plan:
     kind: str = "move"
 
 
-def batch_size(policy: UpdatePolicy, replicas: int) -> int:
+def batch_size(policy: UpdateSpec, replicas: int) -> int:
     """How many instances may be in transition at once (at least 1)."""
     if policy.percent:
         return max(1, math.floor(replicas * policy.max_parallel / 100))
@@ -132,7 +119,7 @@ def step_kind(old: Revision, new: Revision, app: AppSpec) -> str:
     return "recreate" if recreate_reason(app) else "move"
 
 
-def plan(rollout: Rollout, instances: list[InstanceView], policy: UpdatePolicy,
+def plan(rollout: Rollout, instances: list[InstanceView], policy: UpdateSpec,
          now: float) -> Plan:
     """The next step of `rollout` given its instances (pure: reads only its arguments)."""
     new = _copy(rollout)

@@ -21,8 +21,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sigmad.control.rollout import Revision, Rollout
 from sigmad.models import AppRecord, Instance, Node, NodeLock, Owner
 from sigmad.scheduler.snapshot import FreeSsd
+from sigmad.spec import AppSpec
 from sigmad.state.cache import Cache
 from sigmad.store import MAX_TXN_OPS, Guard, Keys, Op, Store, Versioned
 from sigmad.tokens import TokenRecord
@@ -123,6 +125,19 @@ class Writes:
     def put_app(self, key: str, rec: AppRecord, mod_revision: int) -> Change:
         """Create (`mod_revision` 0) or rewrite an app as read."""
         return Change([Guard(key, mod_revision)], [Op(key, rec)])
+
+    def release(self, spec: AppSpec, revision: Revision, rollout: Rollout | None,
+                drop: Iterable[int] = ()) -> Change:
+        """A new revision of an app (created only if absent), its rollout record (if any;
+        the app's own guard, in the same change, orders releases) and the old revisions to
+        `drop`."""
+        ns, app = spec.namespace, spec.app
+        key = self.keys.revision(ns, app, revision.n)
+        change = Change([Guard(key, 0)], [Op(key, revision)])
+        if rollout is not None:
+            change.ops.append(Op(self.keys.rollout(ns, app), rollout))
+        change.ops += [Op(self.keys.revision(ns, app, n), delete=True) for n in drop]
+        return change
 
     def delete_app(self, v: Versioned[AppRecord]) -> Change:
         return Change([Guard(v.key, v.mod_revision)], [Op(v.key, delete=True)])
