@@ -81,7 +81,7 @@ def test_a_new_version_is_served_whole_by_every_replica(lab: LabCluster) -> None
         whole = {OLD[:8] + str(len(OLD)), NEW[:8] + str(len(NEW))}  # never empty or cut
         assert set(answers) <= whole, sorted(set(answers) - whole)[:5]
         assert answers[0].startswith("old-") and answers[-1].startswith("new-")
-        assert len(answers) > 100
+        assert len(answers) >= 30  # sampled before, during and after (250 rounds at most)
         for inst in lab.instances("cfg"):
             hups = lab.in_instance(inst, "cat", "/tmp/hups").stdout
             assert hups.split() == ["hup"], (inst["name"], hups)
