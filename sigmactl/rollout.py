@@ -1,4 +1,4 @@
-"""`sigmactl rollout history|status`: an app's revisions and its release (issue 12)."""
+"""`sigmactl rollout history`: an app's revisions (issue 12)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sigmactl.client import api_path
 
 @click.group()
 def rollout() -> None:
-    """An app's releases: its revisions and the rollout in progress or last done."""
+    """An app's releases: its revisions."""
 
 
 def _answer(settings: Settings, app: str, namespace: str) -> dict[str, Any]:
@@ -31,18 +31,6 @@ def history_text(answer: dict[str, Any], now: float) -> str:
     return output.table(["REVISION", "AGE", "IMAGES", "CONFIGS"], rows)
 
 
-def status_text(answer: dict[str, Any]) -> str:
-    """One line on the app's rollout record."""
-    r = answer["rollout"]
-    if r is None:
-        return f"revision {answer['current']}: no rollout yet"
-    line = f"revision {r['from_revision']} → {r['to_revision']}: {r['phase']}"
-    line += f", {output.plural(len(r['done']), 'instance')} done"
-    for extra in (r["reason"], r["recreate_reason"]):
-        line += f"\n  {extra}" if extra else ""
-    return line
-
-
 @rollout.command()
 @click.argument("app")
 @namespace_option
@@ -52,14 +40,3 @@ def history(settings: Settings, app: str, namespace: str, fmt: str) -> None:
     """The app's kept revisions (the last 20), with their images and config versions."""
     answer = _answer(settings, app, namespace)
     click.echo(history_text(answer, time.time())) if fmt == "table" else emit(answer, fmt)
-
-
-@rollout.command()
-@click.argument("app")
-@namespace_option
-@output_option("table", "json", "yaml", default="table")
-@click.pass_obj
-def status(settings: Settings, app: str, namespace: str, fmt: str) -> None:
-    """The app's rollout record: from, to, phase, instances done, reason."""
-    answer = _answer(settings, app, namespace)
-    click.echo(status_text(answer)) if fmt == "table" else emit(answer["rollout"], fmt)

@@ -640,7 +640,8 @@ def _duration(path: str, value: object, most: float) -> float:
     return float(seconds)
 
 
-def _update(value: object, replicas: int) -> UpdateSpec:
+def update_spec(value: object, replicas: int) -> UpdateSpec:
+    """The `update:` block (validated field by field)."""
     if value is None:
         return UpdateSpec()
     fields = Fields("update", value, "update")
@@ -699,7 +700,11 @@ def validate(doc: object) -> AppSpec:
     volumes = _volumes(fields.take("volumes"))
     configs = _configs(fields.take("configs"), volumes)
     env_from = _env_from(fields.take("env_from"))
-    update = _update(fields.take("update"), replicas)
+    update = update_spec(fields.take("update"), replicas)
+    if update != UpdateSpec():
+        raise SpecError("update", "is not acted on by this version of sigma yet: a template "
+                        "change still replaces every instance at once (rolling releases, "
+                        "issue 12, are being built); remove the block")
     if app in depends_on:
         raise SpecError("depends_on", f"an app cannot depend on itself ({app})")
     fields.done()

@@ -111,10 +111,6 @@ class Keys:
         """Revision n (its template generation) of an app (sigmad.control.rollout.Revision)."""
         return self._k("revisions", namespace, app, n)
 
-    def rollout(self, namespace: str, app: str) -> str:
-        """An app's release in progress or last finished (sigmad.control.rollout.Rollout)."""
-        return self._k("rollouts", namespace, app)
-
     def node_lock(self, node: str) -> str:
         """Bumped by every placement onto `node`; placements guard its revision so two
         schedulers never book the same capacity twice."""

@@ -21,7 +21,7 @@ from typing import Any
 from sigmad import configs, records
 from sigmad.api.configs import config_guards, resolve_for
 from sigmad.control import migration
-from sigmad.control.rollout import Revision, Rollout, prune, recreate_reason
+from sigmad.control.rollout import Revision, prune
 from sigmad.engine import EnginePool
 from sigmad.errors import Conflict, EngineError, NotFound, SigmaError, SpecError
 from sigmad.models import (
@@ -219,7 +219,7 @@ class AppWrites:
             change += self.writes.put_app(key, rec, current.mod_revision if current else 0)
             change += config_guards(self.cache, self.keys, s)
             if current is None or rec.template_generation != current.value.template_generation:
-                change += await self._revision(rec, current.value if current else None)
+                change += await self._revision(rec)
             results.append(result)
         if change.ops and not dry_run:
             await self._commit(change, "another client changed these apps")
@@ -228,27 +228,25 @@ class AppWrites:
                      " (dry run)" if dry_run else "")
         return results
 
-    async def _revision(self, rec: AppRecord, old: AppRecord | None) -> Change:
-        """The new template generation as a revision, and a rollout from the old one (the
-        rollout controller moves instances over, control/rollout.py)."""
+    async def _revision(self, rec: AppRecord) -> Change:
+        """The new template generation as a revision (the history `rollout undo` and the
+        rollout controller will read), dropping all but the last KEEP_REVISIONS."""
         s, n = rec.spec, rec.template_generation
-        have = [int(k.rsplit("/", 1)[1])
-                for k in await self.store.keys_under(self.keys.revisions(s.namespace, s.app))]
-        rollout = None
-        if old is not None:
-            rollout = Rollout(old.template_generation, n, recreate_reason=recreate_reason(s),
-                              started=now(), updated=now())
-        return self.writes.release(s, Revision(n, s, dict(rec.configs), now()), rollout,
-                                   prune([*have, n], n))
+        have = await self._revisions(s.namespace, s.app)
+        return self.writes.revision(s, Revision(n, s, dict(rec.configs), now()),
+                                    prune([*have, n], n))
+
+    async def _revisions(self, namespace: str, name: str) -> list[int]:
+        """The numbers of an app's kept revisions."""
+        prefix = self.keys.revisions(namespace, name)
+        return [int(k.removeprefix(prefix)) for k in await self.store.keys_under(prefix)]
 
     async def history(self, namespace: str, name: str) -> dict[str, Any]:
-        """An app's kept revisions (oldest first), its current one and its rollout record."""
+        """An app's kept revisions (oldest first) and its current one."""
         current = self.app(namespace, name).value.template_generation
         found, _ = await self.store.range_raw(self.keys.revisions(namespace, name))
         revisions = sorted((records.loads(Revision, i.value) for i in found), key=lambda r: r.n)
-        rollout = await self.store.get(self.keys.rollout(namespace, name), Rollout)
         return {"current": current,
-                "rollout": records.to_dict(rollout.value) if rollout else None,
                 "revisions": [{"revision": r.n, "images": [c.image for c in r.spec.containers],
                                "configs": r.configs, "created": r.created} for r in revisions]}
 
@@ -269,7 +267,8 @@ class AppWrites:
 
     async def delete(self, namespace: str, name: str) -> Result:
         v = self.app(namespace, name)
-        await self._commit(self.writes.delete_app(v), f"app {namespace}/{name}")
+        revisions = await self._revisions(namespace, name)
+        await self._commit(self.writes.delete_app(v, revisions), f"app {namespace}/{name}")
         log.info("delete app %s/%s", namespace, name)
         return Result(f"{namespace}/{name}", "deleted", v.value.generation)
 

@@ -202,7 +202,7 @@ class Api:
         return _json(views.app_view(self.cache, v.value), revision=self.cache.revision)
 
     async def rollout(self, request: web.Request) -> web.Response:
-        """The app's revisions and its rollout record (`sigmactl rollout history|status`)."""
+        """The app's kept revisions and its current one (`sigmactl rollout history`)."""
         found = await self.main(self.writes.history(request.match_info["ns"],
                                                     request.match_info["app"]))
         return _json(found)

@@ -17,6 +17,11 @@ per-instance step is chosen by `step_kind(old, new, app)`:
 - "recreate": the app has SSD volumes or host ports (a second copy cannot hold them), so the
   instance stops and starts again in place; the rollout record says so (`recreate_reason`).
 
+Status: these decisions, the `update:` block's parser, and the revisions (written by apply,
+read by `sigmactl rollout history`) exist; the executor does not yet. No `rollouts/` record is
+written and drive.py still replaces every instance of a new template generation at once, so
+the spec parser refuses a non-default `update:` block rather than ignore it.
+
 Invariants of `plan`:
 - never more than `max_parallel` instances (of the batch size `batch_size` gives) are in
   transition at once; with `canary: N` only N move until `promote` (or `auto_promote`);
