@@ -159,9 +159,9 @@ class Client:
         """PUT `text` (YAML or JSON) to `path` and return the answer's JSON."""
         return self._call("PUT", path, params, text.encode("utf-8"))
 
-    def post_json(self, path: str, body: Any) -> Any:
+    def post_json(self, path: str, body: Any, params: dict[str, str] | None = None) -> Any:
         """POST `body` as JSON to `path` and return the answer's JSON."""
-        return self._call("POST", path, None, json.dumps(body).encode("utf-8"),
+        return self._call("POST", path, params, json.dumps(body).encode("utf-8"),
                           "application/json")
 
     def delete(self, path: str) -> Any:

@@ -152,8 +152,18 @@ def _instance_cells(i: Item, now: float) -> list[Cell]:
         ("GENERATION", str(i.get("generation", "")), True),
         ("CONTAINERS", ids, True),
         ("PORTS", host_ports(i.get("host_ports"), ":"), True),
+        ("CONFIGS", _configs(i), True),
         ("REASON", i.get("reason", ""), True),
     ]
+
+
+def _configs(i: Item) -> str:
+    """`name:vN` of each config the instance has (`vN→vM` while a pinned one is on its
+    way)."""
+    pinned, has = i.get("configs") or {}, i.get("configs_have") or {}
+    return ",".join(f"{n}:v{has[n]}" + (f"→v{pinned[n]}" if pinned.get(n, has[n]) != has[n]
+                                        else "") if n in has else f"{n}:→v{pinned[n]}"
+                    for n in sorted(set(pinned) | set(has))) or "-"
 
 
 def _master_cells(m: Item, now: float) -> list[Cell]:

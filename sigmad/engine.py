@@ -36,6 +36,7 @@ from urllib.parse import quote, urlencode, urlsplit
 import orjson
 
 from sigmad import metrics
+from sigmad.configs import delivered_dir
 from sigmad.errors import EngineError
 from sigmad.models import Instance
 from sigmad.network.ipam import BRIDGE, MTU, NETWORK, mac_for
@@ -113,20 +114,25 @@ def cap_config(limit: Resources, host: Resources | None = None) -> dict[str, Any
 
 def container_config(
     instance: Instance, app: AppSpec, container: ContainerSpec, host_ip: str = "",
-    network_of: str = "",
+    network_of: str = "", config_dir: str = "", config_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The Engine API create body for one container of an instance.
 
     The first container owns the instance's network (and its published host ports); the
     others join it (`network_of`: the first container's id). Swap is off for every
-    container, capped or not (swappiness 0; a memory cap also caps memory+swap)."""
+    container, capped or not (swappiness 0; a memory cap also caps memory+swap). Each config
+    of the app is its instance's directory under the node's `config_dir`, bound read-only at
+    its mount (the agent swaps the files inside it: sigmad.node.configs); `config_env` (from
+    `env_from`) comes before the container's own `env`, which wins."""
     host_config: dict[str, Any] = {
         **cap_config(container.resources.limit),
         "PidsLimit": DEFAULT_PIDS_LIMIT,
         "MemorySwappiness": 0,
     }
     ports = {p.name: p for p in app.network.ports}
-    env = [f"{k}={v}" for k, v in sorted(container.env.items())]
+    env = [f"{k}={v}" for k, v in sorted((config_env or {}).items())
+           if k not in container.env]
+    env += [f"{k}={v}" for k, v in sorted(container.env.items())]
     env += [f"SIGMA_INSTANCE={instance.name}", f"SIGMA_APP={app.app}",
             f"SIGMA_NAMESPACE={app.namespace}", f"SIGMA_INDEX={instance.index}"]
     if instance.host_ports:
@@ -146,6 +152,12 @@ def container_config(
              "BindOptions": {"Propagation": "rprivate"}}
             for v in app.volumes  # bound with a disk per volume (sigmad.scheduler.binder)
         ]
+    if app.configs:
+        host_config.setdefault("Mounts", []).extend(
+            {"Type": "bind", "ReadOnly": True, "Target": c.mount,
+             "Source": delivered_dir(config_dir, app.namespace, instance.name, c.name),
+             "BindOptions": {"Propagation": "rprivate"}}
+            for c in app.configs)
     if not network_of and instance.host_ports:
         bindings = {
             f"{ports[n].container}/{ports[n].protocol}": [{"HostPort": str(hp)}]
@@ -274,6 +286,7 @@ class Engine(Protocol):
                          ) -> list[ContainerState]: ...
     async def find(self, labels: dict[str, str] | None = None) -> list[ContainerState]: ...
     async def update(self, container_id: str, resources: dict[str, Any]) -> None: ...
+    async def kill(self, container_id: str, signal: str) -> None: ...
     async def exec(self, container_id: str, command: list[str],
                    timeout: float = 10.0) -> int: ...
     async def memory_usage(self, container_id: str) -> int: ...
@@ -701,6 +714,12 @@ class DockerEngine:
     async def update(self, container_id: str, resources: dict[str, Any]) -> None:
         """Change a running container's cgroup caps in place (`docker update`)."""
         await self._json(f"/containers/{container_id}/update", "POST", body=resources)
+
+    async def kill(self, container_id: str, signal: str) -> None:
+        """Send `signal` (e.g. SIGHUP) to a container's main process; one not running (409)
+        or gone (404) is fine."""
+        await self._json(f"/containers/{container_id}/kill", "POST", {"signal": signal},
+                         ok=(404, 409))
 
     async def exec(self, container_id: str, command: list[str], timeout: float = 10.0) -> int:
         """Run `command` inside a running container; its exit code (-1 if it timed out)."""

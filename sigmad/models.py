@@ -77,6 +77,7 @@ class Node:
     engine_version: str = ""
     ssds: int = 0  # disks on the node's allow-list (their records: `ssds/{node}/`)
     ssd_bytes: int = 0  # their summed size
+    config_dir: str = ""  # where its agent delivers configs (sigmad.node.configs)
     updated: float = 0.0
 
 
@@ -206,6 +207,7 @@ class AppRecord:
     template_generation: int = 1
     created: float = 0.0
     updated: float = 0.0
+    configs: dict[str, int] = field(default_factory=dict)  # config → version the spec resolves to
 
 
 @dataclass(slots=True)
@@ -268,6 +270,8 @@ class Instance:
     streak: int = 0  # failures in a row (each ran less than a minute): drives the backoff
     next_start: float = 0.0
     terminations: list[Termination] = field(default_factory=list)
+    configs: dict[str, int] = field(default_factory=dict)  # config → version pinned (wanted)
+    configs_have: dict[str, int] = field(default_factory=dict)  # config → version it runs with
     created: float = 0.0
     updated: float = 0.0
 
@@ -293,6 +297,7 @@ class Instance:
         new.unschedulable, new.host_ports = dict(self.unschedulable), dict(self.host_ports)
         new.next_ports, new.terminations = dict(self.next_ports), list(self.terminations)
         new.ssds = list(self.ssds)
+        new.configs, new.configs_have = dict(self.configs), dict(self.configs_have)
         new.containers = [_shallow(c) for c in self.containers]
         return new
 
@@ -468,9 +473,11 @@ def _shallow(record: R) -> R:
     return new
 
 
-def new_instance(spec: AppSpec, index: int, template_generation: int) -> Instance:
-    """A fresh Pending instance `APP-INDEX` of `spec`."""
+def new_instance(spec: AppSpec, index: int, template_generation: int,
+                 configs: dict[str, int] | None = None) -> Instance:
+    """A fresh Pending instance `APP-INDEX` of `spec`, pinned to the config versions
+    `configs`."""
     return Instance(
         namespace=spec.namespace, app=spec.app, index=index, generation=template_generation,
-        request=spec.request(), created=now(), updated=now(),
+        request=spec.request(), configs=dict(configs or {}), created=now(), updated=now(),
     )

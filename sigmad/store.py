@@ -104,6 +104,13 @@ class Keys:
     def instance(self, namespace: str, app: str, index: int) -> str:
         return self._k("instances", namespace, app, index)
 
+    def revisions(self, namespace: str, app: str) -> str:
+        return self._k("revisions", namespace, app, "")
+
+    def revision(self, namespace: str, app: str, n: int) -> str:
+        """Revision n (its template generation) of an app (sigmad.control.rollout.Revision)."""
+        return self._k("revisions", namespace, app, n)
+
     def node_lock(self, node: str) -> str:
         """Bumped by every placement onto `node`; placements guard its revision so two
         schedulers never book the same capacity twice."""
@@ -151,6 +158,28 @@ class Keys:
     def usage(self, node: str) -> str:
         """The latest usage sample of `node` (leased by its agent; sigmad.models.UsageRecord)."""
         return self._k("usage", node)
+    def config_version(self, namespace: str, name: str, version: int) -> str:
+        """One immutable version of a config (sigmad.configs.ConfigVersion)."""
+        return self._k("configs", namespace, name, version)
+
+    def config_versions(self, namespace: str, name: str) -> str:
+        return self._k("configs", namespace, name, "")
+
+    def config_head(self, namespace: str, name: str) -> str:
+        """A config's head: its latest version and the versions kept."""
+        return self._k("config-heads", namespace, name)
+
+    def config_heads(self, namespace: str | None = None) -> str:
+        return self._k("config-heads", namespace, "") if namespace else \
+            self._k("config-heads", "")
+
+    def config_held(self, node: str, instance: str) -> str:
+        """What `node`'s agent has delivered for `instance` (`ns/app-index`); only that
+        agent writes it."""
+        return self._k("config-held", node, instance)
+
+    def configs_held(self, node: str | None = None) -> str:
+        return self._k("config-held", node, "") if node else self._k("config-held", "")
 
     def leader(self) -> str:
         """The leader record, leased by its holder; every controller write compares it."""

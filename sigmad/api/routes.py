@@ -31,6 +31,7 @@ from sigmad.api import logs, sse, views
 from sigmad.api.apps import AppWrites, ResourceChange, with_resources
 from sigmad.api.audit import AuditLog
 from sigmad.api.auth import AUDIT_APPS, DEFAULT_CAPS, GATE, Gate, TokenApi, TokenCaps, caller
+from sigmad.api.configs import ConfigApi
 from sigmad.api.console import ConsoleApi, Feed
 from sigmad.api.serving import Limits, read_body
 from sigmad.engine import EnginePool
@@ -136,6 +137,7 @@ def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None 
     app.router.add_get("/v1/apps/{ns}/{app}", api.get_app)
     app.router.add_delete("/v1/apps/{ns}/{app}", api.delete_app)
     app.router.add_post("/v1/apps/{ns}/{app}/resources", api.update_resources)
+    app.router.add_get("/v1/apps/{ns}/{app}/rollout", api.rollout)
     app.router.add_get("/v1/instances", api.list_instances)
     app.router.add_get("/v1/events", api.events)
     app.router.add_get("/v1/pool", api.pool)
@@ -152,6 +154,7 @@ def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None 
     TokenApi(store, cache, audit, on_main, api.body).add_routes(app.router)
     ConsoleApi(cache, gate, Feed(cache), api.body, api.console_events,
                limits.stream_heartbeat, metrics).add_routes(app)
+    ConfigApi(store, cache, on_main, api.body).add_routes(app.router)
     return app
 
 
@@ -215,6 +218,12 @@ class Api:
     async def get_app(self, request: web.Request) -> web.Response:
         v = self.writes.app(request.match_info["ns"], request.match_info["app"])
         return _json(views.app_view(self.cache, v.value), revision=self.cache.revision)
+
+    async def rollout(self, request: web.Request) -> web.Response:
+        """The app's kept revisions and its current one (`sigmactl rollout history`)."""
+        found = await self.main(self.writes.history(request.match_info["ns"],
+                                                    request.match_info["app"]))
+        return _json(found)
 
     async def apply(self, request: web.Request) -> web.Response:
         """Create or update every app in the body, all-or-nothing after validation.

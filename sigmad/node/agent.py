@@ -1,6 +1,8 @@
 """`sigmad node`: registers its host and keeps a heartbeat lease (DESIGN.md §1, §6).
 
-The agent is not in the container data path: the master talks to the engine directly.
+The agent is not in the container data path: the master talks to the engine directly. It
+delivers the config files its instances pin (sigmad.node.configs); the master runs their
+`on_change` through the engine.
 
 Invariants:
 - the heartbeat (sigmad.models.Beat) says whether the engine answers; it says so only after
@@ -32,6 +34,7 @@ from sigmad.errors import EngineError, SigmaError
 from sigmad.events import EventLog
 from sigmad.models import Beat, Instance, Node, now
 from sigmad.network.overlay import OverlayError
+from sigmad.node.configs import ConfigKeeper
 from sigmad.node.disks import DiskKeeper, LinuxHost
 from sigmad.node.fence import SelfFence
 from sigmad.node.tunnels import TunnelKeeper
@@ -42,6 +45,11 @@ from sigmad.store import EtcdStore, Store
 from sigmad.tls import client_context
 
 log = logging.getLogger(__name__)
+
+
+def config_root(config: NodeConfig) -> str:
+    """Where the agent delivers configs (sigmad.node.configs): `configs/` of its data dir."""
+    return f"{config.data_dir.rstrip('/')}/configs"
 
 
 def check_engine(url: str, info: dict[str, object]) -> None:
@@ -97,6 +105,8 @@ class Agent:
         self.lease = 0
         self.disks = DiskKeeper(config.name, config.data_dir, config.ssds, store, LinuxHost()) \
             if config.ssds else None
+        self.configs = ConfigKeeper(config.name, config_root(config), store) if overlay \
+            else None
         self.said: bool | None = None  # what the heartbeat says of the engine (None: no beat)
         self.fence = SelfFence(lambda: self.engine, config.heartbeat_ttl)
         self.usage = Sampler(config.name, self.engine, store, config.usage_cgroup) \
@@ -148,6 +158,7 @@ class Agent:
             current = await self.store.get(key, Node)
             node = node_record(self.config, info, current.value.draining if current else False,
                                disks)
+            node.config_dir = self.configs.root if self.configs is not None else ""
             if current is None:
                 if await self.store.create(key, node):
                     break
@@ -276,6 +287,8 @@ class Agent:
             if self.config.metrics_listen:
                 loops.append(serve_metrics(self.config.metrics_listen,
                                            metrics.registry(self.figures)))
+            if self.configs is not None:
+                loops.append(self.configs.run())
             await asyncio.gather(*loops)
         finally:
             events.cancel()

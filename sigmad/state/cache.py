@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sigmad import records
+from sigmad.configs import ConfigHead, ConfigsHeld, ConfigVersion
 from sigmad.errors import SigmaError
 from sigmad.leader import LeaderRecord, MasterRecord
 from sigmad.models import (
@@ -53,6 +54,7 @@ IPS, PORTS, LOCKS, LEADER, MASTERS = "ips", "ports", "locks", "leader", "masters
 SSDS, SSD_CLAIMS = "ssds", "ssd_claims"
 TOKENS = "tokens"
 USAGE = "usage"
+CONFIGS, CONFIG_HEADS, CONFIGS_HELD = "configs", "config_heads", "configs_held"
 # kind → (its key prefix under the cluster prefix, its record class; None: presence only)
 KINDS: dict[str, tuple[str, type | None]] = {
     NODES: ("nodes/", Node), BEATS: ("heartbeats/", Beat), APPS: ("apps/", AppRecord),
@@ -61,6 +63,8 @@ KINDS: dict[str, tuple[str, type | None]] = {
     LEADER: ("leader", LeaderRecord), MASTERS: ("masters/", MasterRecord),
     SSDS: ("ssds/", Ssd), SSD_CLAIMS: ("alloc/ssd/", SsdClaim),
     TOKENS: ("tokens/", TokenRecord), USAGE: ("usage/", UsageRecord),
+    CONFIGS: ("configs/", ConfigVersion), CONFIG_HEADS: ("config-heads/", ConfigHead),
+    CONFIGS_HELD: ("config-held/", ConfigsHeld),
 }
 RELIST_DELAY = 1.0
 MALFORMED = object()  # what `_decode` returns for a value that is not a record

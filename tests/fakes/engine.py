@@ -210,6 +210,9 @@ class FakeEngine:
             raise EngineError(f"{self.url}: No such container: {container_id}", 404)
         c.caps.update(resources)
 
+    async def kill(self, container_id: str, signal: str) -> None:
+        await self._call("kill", f"{container_id} {signal}")
+
     async def exec(self, container_id: str, command: list[str], timeout: float = 10.0) -> int:
         await self._call("exec", container_id)
         c = self._get(container_id)

@@ -130,9 +130,12 @@ def test_instance_table_and_wide() -> None:
     assert lines[1].split() == ["default", "web-0", "Running", "h1", "10.244.0.2", "1", "2d"]
     assert lines[2].split() == ["default", "web-1", "Pending", "-", "-", "1", "2d"]
     wide = output.list_table("instances", [INSTANCE, pending], True, NOW).splitlines()
-    assert wide[0].split()[-4:] == ["GENERATION", "CONTAINERS", "PORTS", "REASON"]
-    assert wide[1].split()[-4:] == ["3", "3f2a9b8c7d6e,-", "http:31007,admin:31008", "-"]
-    assert wide[2].split()[-9:-6] == ["3", "-", "-"]
+    assert wide[0].split()[-5:] == ["GENERATION", "CONTAINERS", "PORTS", "CONFIGS", "REASON"]
+    assert wide[1].split()[-5:] == ["3", "3f2a9b8c7d6e,-", "http:31007,admin:31008", "-", "-"]
+    assert wide[2].split()[-10:-6] == ["3", "-", "-", "-"]
+    configured = {**INSTANCE, "configs": {"web-conf": 4}, "configs_have": {"web-conf": 3}}
+    row = output.list_table("instances", [configured], True, NOW).splitlines()[1]
+    assert "web-conf:v3→v4" in row.split()
     assert wide[2].endswith("no node has 100m cpu free")
 
 
