@@ -19,6 +19,7 @@ const S = {
   detailAt: 0,
   logs: {},            // container -> log tail text (null: not served)
   logsAt: 0,
+  logsTimer: 0,        // a render queued for when the log tail may be fetched again
 };
 const MAX_EVENTS = 1000;
 const DETAIL_EVERY = 2000;  // ms between two fetches of an open app or instance page
@@ -524,8 +525,14 @@ function lastLines(t) {
 }
 
 async function fetchLogs(ns, name, containers) {
+  // (a page drawn again only on changes would keep a stale or missing tail: a crash-looping
+  // container changes rarely once its back-off grows, so the next fetch is queued here)
   const now = Date.now();
-  if (now - S.logsAt < LOGS_EVERY) return;
+  const wait = S.logsAt + LOGS_EVERY - now;
+  if (wait > 0) {
+    if (!S.logsTimer) S.logsTimer = setTimeout(() => { S.logsTimer = 0; render(); }, wait);
+    return;
+  }
   S.logsAt = now;
   const key = S.detailKey;
   const got = {};
