@@ -13,8 +13,8 @@ STAMP := $(VENV)/.installed
 # Debian packages sigma needs at run and test time: the engine, etcd, the static busybox the
 # images are built from, the lab's registry, `ip` and `bridge`, iptables (the lab's underlay
 # bridge needs a FORWARD rule), curl, venv support for python3, and for SSD volumes mkfs.ext4 and
-# blkid (e2fsprogs) and losetup (mount).
-APT_PACKAGES := docker.io etcd-server busybox-static docker-registry iproute2 iptables curl python3-venv e2fsprogs mount
+# blkid (e2fsprogs) and losetup (mount); headless chromium and its driver for the console tests.
+APT_PACKAGES := docker.io etcd-server busybox-static docker-registry iproute2 iptables curl python3-venv e2fsprogs mount chromium chromium-driver
 
 # Only the source directories that exist (bench/ may not yet).
 LINT_DIRS := $(wildcard sigmad sigmactl tests bench)
@@ -51,6 +51,8 @@ system-deps:
 	    python3-venv)    $(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 && continue ;; \
 	    e2fsprogs)       command -v mkfs.ext4 >/dev/null 2>&1 && command -v blkid >/dev/null 2>&1 && continue ;; \
 	    mount)           command -v losetup >/dev/null 2>&1 && continue ;; \
+	    chromium)        command -v chromium >/dev/null 2>&1 && continue ;; \
+	    chromium-driver) command -v chromedriver >/dev/null 2>&1 && continue ;; \
 	  esac; \
 	  have "$$pkg" || missing+=("$$pkg"); \
 	done; \

@@ -100,8 +100,10 @@ def audit(settings: Settings, limit: int, fmt: str) -> None:
 
 @click.group()
 def config() -> None:
-    """The contexts of the credentials file: one per cluster, each with every master's URL
-    and a token ($SIGMA_CREDENTIALS, default ~/.sigma/credentials.json)."""
+    """Configs of the config center (create, apply, get, describe, history, diff, edit,
+    rollback, delete), and the contexts of the credentials file: one per cluster, each with
+    every master's URL and a token ($SIGMA_CREDENTIALS, default
+    ~/.sigma/credentials.json)."""
 
 
 def _load() -> contexts.Credentials:

@@ -159,9 +159,9 @@ class Client:
         """PUT `text` (YAML or JSON) to `path` and return the answer's JSON."""
         return self._call("PUT", path, params, text.encode("utf-8"))
 
-    def post_json(self, path: str, body: Any) -> Any:
+    def post_json(self, path: str, body: Any, params: dict[str, str] | None = None) -> Any:
         """POST `body` as JSON to `path` and return the answer's JSON."""
-        return self._call("POST", path, None, json.dumps(body).encode("utf-8"),
+        return self._call("POST", path, params, json.dumps(body).encode("utf-8"),
                           "application/json")
 
     def delete(self, path: str) -> Any:
@@ -183,6 +183,19 @@ class Client:
                 yield from sse_data(answer)
             except (OSError, http.client.HTTPException) as exc:
                 raise CtlError(f"lost the event stream from {self.server} "
+                               f"({exc or type(exc).__name__}): run the command again") from None
+
+    def text(self, path: str, params: dict[str, str] | None = None
+             ) -> Generator[bytes, None, None]:
+        """A text answer of `path` as it arrives (a follow waits for its next bytes without
+        a timeout); ends when the server ends it."""
+        with self._open(lambda: self._request("GET", path, params, accept="text/plain"),
+                        self.stream_opener) as answer:
+            try:
+                while chunk := answer.read1(65536):
+                    yield chunk
+            except (OSError, http.client.HTTPException) as exc:
+                raise CtlError(f"lost the stream from {self.server} "
                                f"({exc or type(exc).__name__}): run the command again") from None
 
     def _request(

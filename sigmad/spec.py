@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover - PyYAML built without libyaml
 # Patterns are used with fullmatch only.
 NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+FILE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")  # a file of a config
 LABEL_RE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?")
 # Docker's image reference grammar (distribution/reference): [domain[:port]/]path[:tag][@digest]
 # with lowercase path components joined by '.', '_', '__' or dashes.
@@ -67,15 +68,21 @@ NETWORK_MODES = ("overlay", "host-compat")
 STRATEGIES = ("spread", "binpack")
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 MAX_READY_TIMEOUT = 3600
-# Fields of DESIGN.md's app shape that this version parses but cannot act on yet: rejected
-# with a clear message rather than silently ignored.
-NOT_YET = {"configs"}
+DURATION_RE = re.compile(r"([0-9]{1,7})([smh]?)")
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+PARALLEL_RE = re.compile(r"([0-9]{1,7})(%?)")
+MAX_MIN_READY = 3600
+MAX_PROGRESS_DEADLINE = 24 * 3600
 MIGRATION_POLICIES = ("auto", "manual")
 RECLAIM_POLICIES = ("wipe", "retain")
 MAX_VOLUMES = 8
 MAX_MOUNT = 256
 # Container paths a disk may not be mounted onto (or under): the runtime's own.
 RESERVED_MOUNTS = ("/proc", "/sys", "/dev", "/etc/hosts", "/etc/hostname", "/etc/resolv.conf")
+MAX_CONFIGS = 16  # configs (and env_from entries) of one app
+MAX_VERSION = 10**9
+SIGNALS = ("SIGHUP", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGTERM", "SIGQUIT", "SIGWINCH")
+ON_CHANGE = ("none", "restart", *(f"signal:{s}" for s in SIGNALS))
 
 
 @dataclass(slots=True)
@@ -185,6 +192,40 @@ class VolumeSpec:
 
 
 @dataclass(slots=True)
+class ConfigMount:
+    """A config of the app's namespace mounted read-only at `mount` in every container:
+    `version` 0 follows the latest; `on_change` says what a running instance does when its
+    version moves (none, restart, or signal:SIG to every container)."""
+
+    name: str
+    mount: str
+    version: int = 0
+    on_change: str = "none"
+
+
+@dataclass(slots=True)
+class EnvFrom:
+    """The KEY=VALUE lines of `file` of config `config` become environment variables of
+    every container when it is made."""
+
+    config: str
+    file: str
+
+
+@dataclass(slots=True)
+class UpdateSpec:
+    """How a new revision rolls out (`update:`; defaults: one at a time, revert on)."""
+
+    max_parallel: int = 1  # instances, or a percentage of replicas when `percent`
+    percent: bool = False
+    canary: int = 0
+    min_ready: float = 10.0  # seconds an instance must be ready before its step counts done
+    progress_deadline: float = 600.0  # seconds an instance may take to become ready
+    auto_revert: bool = True
+    auto_promote: bool = False
+
+
+@dataclass(slots=True)
 class AppSpec:
     app: str
     containers: list[ContainerSpec]
@@ -196,6 +237,9 @@ class AppSpec:
     depends_on: list[str] = field(default_factory=list)
     migration: str = "auto"  # when its node is lost: move at once, or wait for `migrate`
     volumes: list[VolumeSpec] = field(default_factory=list)
+    configs: list[ConfigMount] = field(default_factory=list)
+    env_from: list[EnvFrom] = field(default_factory=list)
+    update: UpdateSpec = field(default_factory=UpdateSpec)
 
     @property
     def key(self) -> str:
@@ -238,9 +282,6 @@ class Fields:
 
     def done(self) -> None:
         for key in self.left:
-            generic = f"{self.generic}.{key}" if self.generic else str(key)
-            if generic in NOT_YET:
-                raise SpecError(self.at(key), "is not supported by this version of sigma yet")
             raise SpecError(self.at(key), "unknown field")
 
 
@@ -433,6 +474,63 @@ def _volumes(value: object) -> list[VolumeSpec]:
     return volumes
 
 
+def _config_mount(path: str, value: object) -> ConfigMount:
+    fields = Fields(path, value, "configs[]")
+    name = _name(fields.at("name"), fields.take("name", required=True))
+    mount = _mount(fields.at("mount"), fields.take("mount", required=True))
+    version = fields.take("version", "latest")
+    if version == "latest":
+        version = 0
+    elif isinstance(version, bool) or not isinstance(version, int) or \
+            not 1 <= version <= MAX_VERSION:
+        raise SpecError(fields.at("version"), f"{shown(version)} is not 'latest' or a version "
+                        "number (1, 2, …)")
+    on_change = _choice(fields.at("on_change"), fields.take("on_change", "none"), ON_CHANGE)
+    fields.done()
+    return ConfigMount(name, mount, version, on_change)
+
+
+def _configs(value: object, volumes: list[VolumeSpec]) -> list[ConfigMount]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_CONFIGS:
+        raise SpecError("configs", f"must be a list of at most {MAX_CONFIGS} configs, e.g. "
+                        "[{name: web-conf, mount: /etc/web}]")
+    configs = [_config_mount(f"configs[{i}]", c) for i, c in enumerate(value)]
+    taken = [(f"volume {v.name}", v.mount) for v in volumes]
+    for i, c in enumerate(configs):
+        if any(c.name == earlier.name for earlier in configs[:i]):
+            raise SpecError(f"configs[{i}].name", f"{c.name!r} is mounted twice")
+        for what, mount in taken:
+            if c.mount == mount or c.mount.startswith(mount + "/") or \
+                    mount.startswith(c.mount + "/"):
+                raise SpecError(f"configs[{i}].mount", f"{c.mount} overlaps {what}'s mount "
+                                f"{mount}")
+        taken.append((f"config {c.name}", c.mount))
+    return configs
+
+
+def _env_from(value: object) -> list[EnvFrom]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_CONFIGS:
+        raise SpecError("env_from", f"must be a list of at most {MAX_CONFIGS} entries, e.g. "
+                        "[{config: web-env, file: env}]")
+    out = []
+    for i, item in enumerate(value):
+        fields = Fields(f"env_from[{i}]", item, "")
+        config = _name(fields.at("config"), fields.take("config", required=True))
+        file = fields.take("file", required=True)
+        if not isinstance(file, str) or not FILE_RE.fullmatch(file) or len(file) > 128 or \
+                file.startswith(".."):
+            raise SpecError(fields.at("file"), f"{shown(file)} is not a file name of the "
+                            "config (letters, digits, '.', '_', '-')")
+        fields.done()
+        out.append(EnvFrom(config, file))
+    return out
+
+
+
 def _choice(path: str, value: object, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise SpecError(path, f"{shown(value)} is not one of {', '.join(choices)}")
@@ -531,6 +629,49 @@ def _depends_on(value: object) -> list[str]:
     return list(value)
 
 
+def _duration(path: str, value: object, most: float) -> float:
+    """Seconds from `30`, `10s`, `10m` or `1h`, from 0 to `most`."""
+    text = str(value) if isinstance(value, int | str) and not isinstance(value, bool) else ""
+    match = DURATION_RE.fullmatch(text)
+    seconds = int(match[1]) * DURATION_UNITS[match[2] or "s"] if match else -1
+    if not 0 <= seconds <= most:
+        raise SpecError(path, f"{shown(value)} is not a duration from 0 to {most:g}s "
+                        "(e.g. 10s, 10m, 1h)")
+    return float(seconds)
+
+
+def update_spec(value: object, replicas: int) -> UpdateSpec:
+    """The `update:` block (validated field by field)."""
+    if value is None:
+        return UpdateSpec()
+    fields = Fields("update", value, "update")
+    parallel = fields.take("max_parallel", 1)
+    text = str(parallel) if isinstance(parallel, int | str) and not isinstance(parallel, bool) \
+        else ""
+    match = PARALLEL_RE.fullmatch(text)
+    number = int(match[1]) if match else 0
+    if not match or number < 1 or (match[2] and number > 100):
+        raise SpecError(fields.at("max_parallel"), f"{shown(parallel)} is not a number of "
+                        "instances (1 or more) or a percentage of replicas (1% to 100%)")
+    canary = fields.take("canary", 0)
+    if isinstance(canary, bool) or not isinstance(canary, int) or not 0 <= canary <= replicas:
+        raise SpecError(fields.at("canary"), f"{shown(canary)} is not a whole number from 0 "
+                        f"to the replicas ({replicas})")
+    flags = {}
+    for name in ("auto_revert", "auto_promote"):
+        flag = fields.take(name, name == "auto_revert")
+        if not isinstance(flag, bool):
+            raise SpecError(fields.at(name), f"{shown(flag)} is not true or false")
+        flags[name] = flag
+    min_ready = _duration(fields.at("min_ready"), fields.take("min_ready", 10), MAX_MIN_READY)
+    deadline = _duration(fields.at("progress_deadline"), fields.take("progress_deadline", 600),
+                         MAX_PROGRESS_DEADLINE)
+    if deadline < 1:
+        raise SpecError(fields.at("progress_deadline"), "must be at least 1s")
+    fields.done()
+    return UpdateSpec(number, bool(match[2]), canary, min_ready, deadline, **flags)
+
+
 def validate(doc: object) -> AppSpec:
     """An AppSpec from one parsed YAML/JSON document, or SpecError naming the bad field."""
     fields = Fields("", doc, "")
@@ -557,13 +698,21 @@ def validate(doc: object) -> AppSpec:
     depends_on = _depends_on(fields.take("depends_on"))
     migration = _choice("migration", fields.take("migration", "auto"), MIGRATION_POLICIES)
     volumes = _volumes(fields.take("volumes"))
+    configs = _configs(fields.take("configs"), volumes)
+    env_from = _env_from(fields.take("env_from"))
+    update = update_spec(fields.take("update"), replicas)
+    if update != UpdateSpec():
+        raise SpecError("update", "is not acted on by this version of sigma yet: a template "
+                        "change still replaces every instance at once (rolling releases, "
+                        "issue 12, are being built); remove the block")
     if app in depends_on:
         raise SpecError("depends_on", f"an app cannot depend on itself ({app})")
     fields.done()
     return AppSpec(
         app=app, namespace=namespace, replicas=replicas, containers=containers,
         placement=placement, network=network, restart=restart, depends_on=depends_on,
-        migration=migration, volumes=volumes,
+        migration=migration, volumes=volumes, configs=configs, env_from=env_from,
+        update=update,
     )
 
 

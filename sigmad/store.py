@@ -43,7 +43,7 @@ import aetcd.utils
 import aetcd.watcher
 import grpc
 
-from sigmad import records
+from sigmad import metrics, records
 from sigmad.errors import SigmaError, StoreUnavailable
 from sigmad.tls import TlsFiles, endpoint_problem
 
@@ -104,6 +104,13 @@ class Keys:
     def instance(self, namespace: str, app: str, index: int) -> str:
         return self._k("instances", namespace, app, index)
 
+    def revisions(self, namespace: str, app: str) -> str:
+        return self._k("revisions", namespace, app, "")
+
+    def revision(self, namespace: str, app: str, n: int) -> str:
+        """Revision n (its template generation) of an app (sigmad.control.rollout.Revision)."""
+        return self._k("revisions", namespace, app, n)
+
     def node_lock(self, node: str) -> str:
         """Bumped by every placement onto `node`; placements guard its revision so two
         schedulers never book the same capacity twice."""
@@ -144,6 +151,35 @@ class Keys:
 
     def events(self) -> str:
         return self._k("events", "")
+
+    def usages(self) -> str:
+        return self._k("usage", "")
+
+    def usage(self, node: str) -> str:
+        """The latest usage sample of `node` (leased by its agent; sigmad.models.UsageRecord)."""
+        return self._k("usage", node)
+    def config_version(self, namespace: str, name: str, version: int) -> str:
+        """One immutable version of a config (sigmad.configs.ConfigVersion)."""
+        return self._k("configs", namespace, name, version)
+
+    def config_versions(self, namespace: str, name: str) -> str:
+        return self._k("configs", namespace, name, "")
+
+    def config_head(self, namespace: str, name: str) -> str:
+        """A config's head: its latest version and the versions kept."""
+        return self._k("config-heads", namespace, name)
+
+    def config_heads(self, namespace: str | None = None) -> str:
+        return self._k("config-heads", namespace, "") if namespace else \
+            self._k("config-heads", "")
+
+    def config_held(self, node: str, instance: str) -> str:
+        """What `node`'s agent has delivered for `instance` (`ns/app-index`); only that
+        agent writes it."""
+        return self._k("config-held", node, instance)
+
+    def configs_held(self, node: str | None = None) -> str:
+        return self._k("config-held", node, "") if node else self._k("config-held", "")
 
     def leader(self) -> str:
         """The leader record, leased by its holder; every controller write compares it."""
@@ -430,7 +466,11 @@ class StoreOps:
         if len(guards) + (self.fence is not None) > MAX_TXN_OPS or len(ops) > MAX_TXN_OPS:
             raise ValueError(f"a transaction holds at most {MAX_TXN_OPS} guards and "
                              f"{MAX_TXN_OPS} ops")
+        started = time.monotonic()
         outcome = await self.txn(guards, ops)
+        metrics.ETCD_TXN_SECONDS.observe(time.monotonic() - started)
+        if not outcome.revision and outcome.fence_held:
+            metrics.ETCD_CONFLICTS.inc()
         if not outcome.revision and not outcome.fence_held:
             if self.on_deposed is not None:
                 self.on_deposed()

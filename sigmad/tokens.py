@@ -161,6 +161,10 @@ SCOPED: dict[tuple[str, str], str] = {
     ("DELETE", "/v1/apps/{ns}/{app}"): "path",
     ("POST", "/v1/apps/{ns}/{app}/resources"): "path",
     ("POST", "/v1/instances/{ns}/{name}/migrate"): "path",
+    ("POST", "/v1/instances/{ns}/{name}/exec"): "path",
+    ("POST", "/v1/configs/{ns}/{name}"): "path",
+    ("POST", "/v1/configs/{ns}/{name}/rollback"): "path",
+    ("DELETE", "/v1/configs/{ns}/{name}"): "path",
 }
 
 

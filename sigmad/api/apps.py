@@ -18,8 +18,10 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sigmad import records
+from sigmad import configs, records
+from sigmad.api.configs import config_guards, resolve_for
 from sigmad.control import migration
+from sigmad.control.rollout import Revision, prune
 from sigmad.engine import EnginePool
 from sigmad.errors import Conflict, EngineError, NotFound, SigmaError, SpecError
 from sigmad.models import (
@@ -29,14 +31,14 @@ from sigmad.models import (
     AppRecord,
     Instance,
     Node,
-    Owner,
     Ssd,
+    SsdClaim,
     now,
     split_name,
 )
 from sigmad.reasons import State
 from sigmad.scheduler.snapshot import node_info
-from sigmad.spec import AppSpec, Resources
+from sigmad.spec import AppSpec, Resources, UpdateSpec
 from sigmad.state.cache import APPS, SSD_CLAIMS, SSDS, Cache
 from sigmad.state.writes import Change, Writes, commit
 from sigmad.store import MAX_TXN_OPS, Guard, Op, Store, Versioned
@@ -70,16 +72,24 @@ class Result:
 
 def only_replicas(old: AppSpec, new: AppSpec) -> bool:
     """Whether only what running containers do not depend on changed (replica count,
-    migration policy): no container is replaced for it."""
-    return records.to_dict(replace(old, replicas=0, migration="")) == \
-        records.to_dict(replace(new, replicas=0, migration=""))
+    migration policy, update policy): no container is replaced for it."""
+    return records.to_dict(replace(_unpinned(old), replicas=0, migration="",
+                                   update=UpdateSpec())) == \
+        records.to_dict(replace(_unpinned(new), replicas=0, migration="", update=UpdateSpec()))
+
+
+def _unpinned(spec: AppSpec) -> AppSpec:
+    """`spec` without its configs' version pins: a pin that moves re-pins the instances,
+    which reload (sigmad.api.configs); it makes no container anew by itself."""
+    return replace(spec, configs=[replace(c, version=0) for c in spec.configs])
 
 
 def _without_resources(spec: AppSpec) -> dict[str, object]:
     containers = [replace(c, resources=replace(c.resources, request=Resources(),
                                                limit=Resources())) for c in spec.containers]
-    result: dict[str, object] = records.to_dict(replace(spec, replicas=0, migration="",
-                                                        containers=containers))
+    result: dict[str, object] = records.to_dict(replace(_unpinned(spec), replicas=0,
+                                                        migration="", containers=containers,
+                                                        update=UpdateSpec()))
     return result
 
 
@@ -174,15 +184,17 @@ class AppWrites:
         if len(specs) > MAX_APPS:
             raise SpecError("body", f"{len(specs)} apps in one apply: at most {MAX_APPS}")
         change, results = Change(), []
+        pins = resolve_for(self.cache, self.keys, specs)
         for s in specs:
             key = self.keys.app(s.namespace, s.app)
             current: Versioned[AppRecord] | None = self.cache.get(APPS, key)
+            resolved = pins[s.key]
             if current is None:
-                rec, action = AppRecord(s, 1, 1, now(), now()), "created"
+                rec, action = AppRecord(s, 1, 1, now(), now(), resolved), "created"
                 result = Result(s.key, action, 1)
             else:
                 old = current.value
-                if records.to_dict(old.spec) == records.to_dict(s):
+                if records.to_dict(old.spec) == records.to_dict(s) and old.configs == resolved:
                     results.append(Result(s.key, "unchanged", old.generation))
                     continue
                 if old.spec.volumes != s.volumes:
@@ -191,18 +203,23 @@ class AppWrites:
                                     "delete the app and apply it again")
                 template = old.template_generation
                 action = "updated"
-                if resources_only(old.spec, s) and not only_replicas(old.spec, s):
+                reenv = configs.env_changed(s, old.configs, resolved)
+                if resources_only(old.spec, s) and not only_replicas(old.spec, s) and \
+                        not reenv:
                     check_fit(self.cache, old.spec, s)
                     if not force:
                         await check_usage(self.cache, self.engines, old.spec, s)
                     action = "resized in place"
-                elif not only_replicas(old.spec, s):
+                elif not only_replicas(old.spec, s) or reenv:
                     template = old.generation + 1
-                rec = AppRecord(s, old.generation + 1, template, old.created, now())
+                rec = AppRecord(s, old.generation + 1, template, old.created, now(), resolved)
                 in_place = action == "resized in place"  # the same containers, new caps
                 result = Result(s.key, action, rec.generation,
                                 caps_changing(self.cache, old.spec, s) if in_place else 0)
             change += self.writes.put_app(key, rec, current.mod_revision if current else 0)
+            change += config_guards(self.cache, self.keys, s)
+            if current is None or rec.template_generation != current.value.template_generation:
+                change += await self._revision(rec)
             results.append(result)
         if change.ops and not dry_run:
             await self._commit(change, "another client changed these apps")
@@ -210,6 +227,28 @@ class AppWrites:
             log.info("apply %s: %s (generation %d)%s", r.app, r.action, r.generation,
                      " (dry run)" if dry_run else "")
         return results
+
+    async def _revision(self, rec: AppRecord) -> Change:
+        """The new template generation as a revision (the history `rollout undo` and the
+        rollout controller will read), dropping all but the last KEEP_REVISIONS."""
+        s, n = rec.spec, rec.template_generation
+        have = await self._revisions(s.namespace, s.app)
+        return self.writes.revision(s, Revision(n, s, dict(rec.configs), now()),
+                                    prune([*have, n], n))
+
+    async def _revisions(self, namespace: str, name: str) -> list[int]:
+        """The numbers of an app's kept revisions."""
+        prefix = self.keys.revisions(namespace, name)
+        return [int(k.removeprefix(prefix)) for k in await self.store.keys_under(prefix)]
+
+    async def history(self, namespace: str, name: str) -> dict[str, Any]:
+        """An app's kept revisions (oldest first) and its current one."""
+        current = self.app(namespace, name).value.template_generation
+        found, _ = await self.store.range_raw(self.keys.revisions(namespace, name))
+        revisions = sorted((records.loads(Revision, i.value) for i in found), key=lambda r: r.n)
+        return {"current": current,
+                "revisions": [{"revision": r.n, "images": [c.image for c in r.spec.containers],
+                               "configs": r.configs, "created": r.created} for r in revisions]}
 
     def app(self, namespace: str, name: str) -> Versioned[AppRecord]:
         v: Versioned[AppRecord] | None = self.cache.get(APPS, self.keys.app(namespace, name))
@@ -228,7 +267,8 @@ class AppWrites:
 
     async def delete(self, namespace: str, name: str) -> Result:
         v = self.app(namespace, name)
-        await self._commit(self.writes.delete_app(v), f"app {namespace}/{name}")
+        revisions = await self._revisions(namespace, name)
+        await self._commit(self.writes.delete_app(v, revisions), f"app {namespace}/{name}")
         log.info("delete app %s/%s", namespace, name)
         return Result(f"{namespace}/{name}", "deleted", v.value.generation)
 
@@ -254,7 +294,7 @@ class AppWrites:
     async def release_ssd(self, node: str, disk: str) -> str:
         """`sigmactl ssd release NODE/ID`: delete the claim of a retained disk (its owner is
         gone or placed elsewhere), so its agent wipes it; the former owner."""
-        claim: Versioned[Owner] | None = self.cache.get(SSD_CLAIMS,
+        claim: Versioned[SsdClaim] | None = self.cache.get(SSD_CLAIMS,
                                                         self.keys.ssd_claim(node, disk))
         if claim is None:
             raise NotFound(f"disk {node}/{disk} is not claimed: see 'sigmactl get ssds'")
@@ -281,7 +321,7 @@ class AppWrites:
             raise NotFound(f"disk {node}/{disk} not found: see 'sigmactl get ssds'")
         claim = self.keys.ssd_claim(node, disk)
         if not await commit(self.store, self.cache,
-                            Change([Guard(claim, 0)], [Op(claim, Owner(CORDONED))])):
+                            Change([Guard(claim, 0)], [Op(claim, SsdClaim(CORDONED))])):
             raise Conflict(f"disk {node}/{disk} is claimed: release it first")
         log.info("cordoned disk %s/%s", node, disk)
 
@@ -293,7 +333,7 @@ class AppWrites:
         record: Versioned[Ssd] | None = self.cache.get(SSDS, self.keys.ssd(node, disk))
         if record is None:
             raise NotFound(f"disk {node}/{disk} not found: see 'sigmactl get ssds'")
-        claim: Versioned[Owner] | None = self.cache.get(SSD_CLAIMS,
+        claim: Versioned[SsdClaim] | None = self.cache.get(SSD_CLAIMS,
                                                         self.keys.ssd_claim(node, disk))
         if claim is not None and claim.value.owner != CORDONED:
             raise Conflict(f"disk {node}/{disk} is claimed by {claim.value.owner}: "

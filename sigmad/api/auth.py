@@ -10,7 +10,9 @@ Invariants:
 - a token holds at most `TokenCaps.requests` calls in flight and `TokenCaps.streams` event
   streams (`?watch=true`) at once; one more is answered 429 at once, before its handler runs;
 - a slot is taken before the handler runs and given back however it ends;
-- the API runs on one event loop (one thread): the counters need no lock.
+- the API runs on one event loop (one thread): the counters need no lock;
+- a console session's cookie (sigmad.api.console) stands for its token on reads only
+  (GET/HEAD without an Authorization header): every change needs the bearer token.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from aiohttp import web
 
 from sigmad import records
 from sigmad.api.audit import MAX_READ, AuditEntry, AuditLog, OnMain
+from sigmad.api.sessions import COOKIE, Sessions
 from sigmad.errors import (
     Conflict,
     Forbidden,
@@ -78,7 +81,9 @@ DEFAULT_CAPS = TokenCaps()
 
 
 def is_stream(request: web.Request) -> bool:
-    return request.query.get("watch", "").lower() in ("1", "true", "yes")
+    """An event watch (`?watch=true`) or a log follow (`?follow=1`)."""
+    return any(request.query.get(k, "").lower() in ("1", "true", "yes")
+               for k in ("watch", "follow"))
 
 
 def caller(request: web.Request) -> Principal:
@@ -97,6 +102,28 @@ class Gate:
         self.caps = caps
         self.requests: Counter[str] = Counter()
         self.streams: Counter[str] = Counter()
+        self.sessions = Sessions()  # the console's sign-ins on this master
+
+    def identify(self, request: web.Request) -> Principal:
+        """Who calls: the bearer token's Principal, or for a read without one the console
+        session's (its token checked again); Unauthorized otherwise."""
+        header = request.headers.get("Authorization")
+        cookie = request.cookies.get(COOKIE)
+        if header is None and cookie and request.method in READ_METHODS:
+            session = self.sessions.get(cookie, time.time())
+            if session is None:
+                raise Unauthorized("the console session ended: sign in again at /ui/")
+            self.still_valid(session.who)
+            return session.who
+        return self.authenticate(header or "")
+
+    def still_valid(self, who: Principal) -> None:
+        """Unauthorized unless the token `who` signed in with still authenticates."""
+        if who.id == BOOTSTRAP:
+            return
+        v = self.cache.get(TOKENS, self.keys.token(who.id))
+        if v is None or v.value.revoked:
+            raise Revoked(f"token {who.name} was revoked: the console session ended")
 
     def authenticate(self, header: str) -> Principal:
         """The Principal of `Authorization: Bearer TOKEN`; Unauthorized otherwise."""
@@ -134,7 +161,7 @@ class Gate:
     async def guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Run `handler` for an authenticated, allowed call within the token's caps; audit
         it if it may change something."""
-        who = self.authenticate(request.headers.get("Authorization", ""))
+        who = self.identify(request)
         request[PRINCIPAL] = who
         if request.method in READ_METHODS:
             with self.slot(who, is_stream(request)):

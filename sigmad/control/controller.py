@@ -29,10 +29,11 @@ import time
 from collections.abc import Coroutine, Iterable
 from typing import Any
 
+from sigmad import configs, metrics
 from sigmad.config import MasterConfig
 from sigmad.control import drive, migration, moves, reconcile
 from sigmad.control.containers import EngineWatch
-from sigmad.control.drive import Report, Runner
+from sigmad.control.drive import ConfigInput, Report, Runner
 from sigmad.control.migration import Loss, Transition
 from sigmad.control.queue import WorkQueue
 from sigmad.engine import ContainerState, Engine, EnginePool
@@ -42,7 +43,18 @@ from sigmad.models import SSD_BROKEN, AppRecord, Instance, Node, now, split_name
 from sigmad.network import ipam
 from sigmad.reasons import SSD_LOST, Kill, Reason, State
 from sigmad.scheduler import binder
-from sigmad.state.cache import APPS, BEATS, INSTANCES, IPS, NODES, SSD_CLAIMS, SSDS, Cache
+from sigmad.state.cache import (
+    APPS,
+    BEATS,
+    CONFIGS,
+    CONFIGS_HELD,
+    INSTANCES,
+    IPS,
+    NODES,
+    SSD_CLAIMS,
+    SSDS,
+    Cache,
+)
 from sigmad.state.writes import Writer, Writes
 from sigmad.store import Store, Versioned
 from sigmad.tls import client_context
@@ -110,9 +122,11 @@ class Controller:
             *(self._worker() for _ in range(self.config.workers)),
         ]
         self._tasks = [asyncio.create_task(c) for c in loops]
+        metrics.watch_queue(self.queue)
         try:
             await asyncio.gather(*self._tasks)
         finally:
+            metrics.watch_queue(None)
             self.cache.unsubscribe(self._changed)
             self.queue.close()
             tasks = [*self._tasks, *self.watch_tasks.values()]
@@ -126,9 +140,11 @@ class Controller:
         assert me is not None
         while True:
             key = await self.queue.get()
+            started, result = time.monotonic(), "error"
             try:
                 await self._sync(key)
                 self.queue.forget(key)
+                result = "ok"
             except asyncio.CancelledError:
                 if key not in self.abandoned:
                     raise  # the controller stops
@@ -137,6 +153,7 @@ class Controller:
                 log.info("%s: abandoned (its node is lost)", "/".join(key[1:]))
                 self.queue.add_rate_limited(key)
             except Conflict:
+                result = "conflict"
                 self.queue.add_rate_limited(key)
             except SigmaError as exc:
                 log.warning("%s: %s", "/".join(key[1:]), exc.message)
@@ -147,6 +164,8 @@ class Controller:
             finally:
                 self.steps.pop(key, None)
                 self.queue.done(key)
+                metrics.SYNCS.labels(result).inc()
+                metrics.SYNC_SECONDS.observe(time.monotonic() - started)
 
     async def _sync(self, key: Key) -> None:
         kind = key[0]
@@ -229,6 +248,11 @@ class Controller:
         elif kind == SSDS and new is not None and new.value.state == SSD_BROKEN:
             claim = self.cache.get(SSD_CLAIMS, self.keys.ssd_claim(new.value.node, new.value.id))
             owner = self._record_key(claim.value.owner) if claim is not None else ""
+            if owner:
+                self.queue.add(("inst", owner))
+        elif kind == CONFIGS_HELD:
+            held = (new or old).value  # type: ignore[union-attr]
+            owner = self._record_key(held.instance)
             if owner:
                 self.queue.add(("inst", owner))
         elif kind == IPS:
@@ -447,8 +471,8 @@ class Controller:
         self._on_engine(key, node.name)
         try:
             async with self.gates[node.name]:
-                await Runner(engine, watch, work, app.value, node, self._reporter(work)).step(
-                    hold)
+                await Runner(engine, watch, work, app.value, node, self._reporter(work),
+                             self._config_input(inst, node.name, app.value)).step(hold)
         except EngineError as exc:
             work.reason = f"engine: {exc.message}"
             await self._save(v, work)
@@ -470,7 +494,8 @@ class Controller:
         engine, watch = found
         self._on_engine(key, target.name)
         async with self.gates[target.name]:
-            t = await moves.move_step(inst, app, engine, target, watch, self._reporter(inst))
+            t = await moves.move_step(inst, app, engine, target, watch, self._reporter(inst),
+                                      self._config_input(inst, target.name, app))
         if t is None:
             self.queue.add_after(key, STEP_AGAIN)
             return
@@ -520,6 +545,20 @@ class Controller:
                    "engine does not answer")
         await self._write(v, migration.fenced(inst, how, stopped or [], self.cache.ready,
                                               policy))
+
+    def _config_input(self, inst: Instance, node: str, app: AppRecord) -> ConfigInput:
+        """What the Runner needs of `inst`'s configs on `node`: the versions its agent has
+        delivered, and the environment of `env_from` at the pinned versions."""
+        held = self.cache.get(CONFIGS_HELD, self.keys.config_held(node, inst.key))
+        versions = {}
+        for e in app.spec.env_from:
+            number = inst.configs.get(e.config, 0)
+            v = self.cache.get(CONFIGS, self.keys.config_version(inst.namespace, e.config,
+                                                                 number))
+            if v is not None:
+                versions[(e.config, number)] = v.value
+        env, wait = configs.env_of(app.spec, inst.configs, versions)
+        return ConfigInput(dict(held.value.versions) if held is not None else {}, env, wait)
 
     def _loss(self, node: str) -> Loss:
         """What this master knows of lost `node` (a lapse it did not see counts from now)."""
@@ -646,8 +685,11 @@ class Controller:
     async def _schedule(self) -> None:
         apps = {k.removeprefix(self.keys.apps()): v.value.spec
                 for k, v in self.cache.apps().items()}
+        started = time.monotonic()
         result = await binder.schedule(self.cache, self.writer, self.writes, apps,
                                        sorted(self.pending), self.rng, max_rounds=1)
+        metrics.PLACEMENT_ROUNDS.observe(time.monotonic() - started)
+        metrics.PLACEMENTS.inc(len(result.scheduled))
         for ikey, (node, ip) in result.scheduled.items():
             ns, name = ikey.split("/", 1)
             self.events.emit("instance", ns, name, name.rsplit("-", 1)[0],
@@ -691,6 +733,6 @@ def _fingerprint(inst: Instance) -> tuple[object, ...]:
     return (
         inst.state, inst.reason, inst.ip, inst.restarts, inst.next_start, inst.generation,
         [(c.id, c.state, c.exit_code, c.ready, c.limit) for c in inst.containers],
-        len(inst.terminations),
+        len(inst.terminations), inst.configs_have,
     )
 

@@ -11,6 +11,14 @@ The Runner changes only its working copy of the instance; the caller writes it.
 Caps are desired state (the kubelet's in-place resize): a running container whose recorded
 caps differ from its spec's limits gets them with a live update, same container; a cap may
 appear, change or be lifted (0 = none) this way.
+
+Configs (sigmad.configs): the instance's node agent delivers the versions the instance pins
+(`Instance.configs`) and says so (`ConfigInput.held`); the Runner, which talks to engines,
+does the rest: an instance without containers is not started until every pinned version is
+in place on its node (so a moved instance never starts with old or missing files), and a
+running one whose delivered version moved gets its configs' `on_change` (a signal to every
+running container, or its containers made anew); `Instance.configs_have` then records the
+versions it runs with.
 """
 
 from __future__ import annotations
@@ -18,8 +26,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 
+from sigmad import configs
 from sigmad.control.containers import EngineWatch, started
 from sigmad.engine import (
     LABEL_CLUSTER,
@@ -32,7 +42,7 @@ from sigmad.engine import (
     container_name,
 )
 from sigmad.errors import EngineError
-from sigmad.models import AppRecord, ContainerStatus, Instance, Node, now
+from sigmad.models import MAX_LOG_LINES, AppRecord, ContainerStatus, Instance, Node, now
 from sigmad.reasons import CLEAN_EXIT, Kill, Reason, State
 from sigmad.spec import ContainerSpec, ReadyCheck, Resources
 from sigmad.units import format_cpu, format_size
@@ -102,11 +112,22 @@ async def fence(engine: Engine, instance: str, timeout: float) -> list[str] | No
         return None
 
 
+@dataclass
+class ConfigInput:
+    """What the Runner knows of an instance's configs on its node: the versions the agent
+    has in place (`held`), the environment `env_from` gives (or `wait`: why it cannot be
+    made yet)."""
+
+    held: dict[str, int] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    wait: str = ""
+
+
 class Runner:
     """Brings one instance's containers on one engine in line with its app, in spec order."""
 
     def __init__(self, engine: Engine, watch: EngineWatch, inst: Instance, app: AppRecord,
-                 node: Node, report: Report) -> None:
+                 node: Node, report: Report, config_input: ConfigInput | None = None) -> None:
         self.engine = engine
         self.watch = watch
         self.inst = inst
@@ -114,6 +135,7 @@ class Runner:
         self.spec = app.spec
         self.node = node
         self.report = report
+        self.configs = config_input or ConfigInput()
 
     async def step(self, hold: str = "") -> None:
         """One step. `hold` (e.g. unmet depends_on) keeps an instance that has no containers
@@ -139,12 +161,59 @@ class Runner:
             await self._remove(stale.id)
         by_name = {c.labels.get(LABEL_CONTAINER, ""): c for c in found
                    if c.labels.get(LABEL_CONTAINER) in wanted}
+        if by_name and inst.configs:
+            by_name = await self._reload(by_name)
+        if not by_name and not hold:
+            hold = self._config_hold()
         if not by_name and (hold or not inst.ip):
             inst.state, inst.reason = State.SCHEDULED, hold or "waiting for an overlay IP"
             return
         await self._walk(by_name)
         if inst.generation == self.app.template_generation:
             await self._caps()
+
+    def _config_hold(self) -> str:
+        """Why the instance may not start yet for its configs ("" = it may); when it may,
+        the versions it starts with are recorded."""
+        inst = self.inst
+        if not inst.configs:
+            inst.configs_have = {}
+            return ""
+        missing = configs.missing(inst.configs, self.configs.held)
+        if missing:
+            return f"waiting for configs {', '.join(missing)} on {self.node.name}"
+        if self.configs.wait:
+            return self.configs.wait
+        inst.configs_have = dict(inst.configs)
+        return ""
+
+    async def _reload(self, by_name: dict[str, ContainerState]
+                      ) -> dict[str, ContainerState]:
+        """Take the config versions the agent delivered: run each moved config's on_change
+        and record the versions the instance now has; the containers left ({} when they
+        were removed to be made anew)."""
+        inst = self.inst
+        have, changes = configs.reloads(self.spec, inst.configs, self.configs.held,
+                                        inst.configs_have)
+        if have == inst.configs_have:
+            return by_name
+        moved = ", ".join(f"{c.name} v{c.version}" for c in changes) or "none"
+        if any(c.action == "restart" for c in changes):
+            inst.configs_have = have
+            await self.remove_all(list(by_name.values()), Reason.killed(Kill.UPDATED))
+            self._reset(State.SCHEDULED, f"making containers anew for configs {moved}")
+            return {}
+        for sig in sorted({c.action.removeprefix("signal:") for c in changes
+                           if c.action.startswith("signal:")}):
+            for c in by_name.values():
+                if c.running:
+                    await self.engine.kill(c.id, sig)
+            self.report(f"configs {moved} in place: {sig} sent", False)
+        if not any(c.action.startswith("signal:") for c in changes):
+            self.report("configs in place: " + ", ".join(f"{n} v{v}" for n, v in
+                                                         sorted(have.items())), False)
+        inst.configs_have = have
+        return by_name
 
     async def _walk(self, by_name: dict[str, ContainerState]) -> None:
         inst = self.inst
@@ -248,7 +317,9 @@ class Runner:
         name = c.labels.get(LABEL_CONTAINER, "")
         reason = c.end_reason()
         if not any(t.container_id == c.id for t in inst.terminations):
-            inst.terminated(name, reason, c.id)
+            # its last lines, kept with its end: the container is removed soon
+            inst.terminated(name, reason, c.id,
+                            await self.engine.last_lines(c.id, MAX_LOG_LINES))
             self.report(f"container {name} ended: {reason}", reason != CLEAN_EXIT)
             ran = parse_time(c.finished_at) - parse_time(c.started_at)
             inst.streak = 0 if ran >= STEADY_AFTER else inst.streak
@@ -316,7 +387,8 @@ class Runner:
         except EngineError as exc:
             await self._failed(Reason.failed_to_start(exc.message))
             return None
-        config = container_config(inst, self.spec, spec, self.node.address, network_of)
+        config = container_config(inst, self.spec, spec, self.node.address, network_of,
+                                  self.node.config_dir, self.configs.env)
         name = container_name(inst, spec.name)
         try:
             cid = await self.engine.create(name, config)

@@ -7,6 +7,9 @@ Invariants:
   IP claimed in the same transaction (so it is never placed without one);
 - an instance past `replicas`, or of a deleted app, becomes Terminating (its containers
   stop, then the record and its claims go);
+- an instance is pinned to the config versions its app resolves (`AppRecord.configs`): a
+  new one from its creation, a live one by a rewrite of its record (its node's agent then
+  delivers them, and sigmad.control.drive runs `on_change`);
 - IP choices see every claim (`taken`), and add what they claim to it, so one pass never
   hands one address twice; the create-if-absent guard catches any other writer.
 """
@@ -48,6 +51,11 @@ def sync_app(writes: Writes, app: AppRecord | None, instances: Mapping[str, Vers
             plan.events.append((inst, f"terminating: {why}", False))
             continue
         new, claim = ip_change(writes, inst, app, net, taken)
+        if inst.configs != app.configs:
+            new = new or inst.copy()
+            new.configs = dict(app.configs)
+            plan.events.append((inst, "config versions pinned: " + pins_text(app.configs),
+                                False))
         if new is not None:
             plan.changes.append(writes.update_instance(v, new) + claim)
     if app is None:
@@ -55,13 +63,18 @@ def sync_app(writes: Writes, app: AppRecord | None, instances: Mapping[str, Vers
     for index in range(app.spec.replicas):
         if index in have:
             continue
-        inst = new_instance(app.spec, index, app.template_generation)
+        inst = new_instance(app.spec, index, app.template_generation, app.configs)
         fresh, claim = ip_change(writes, inst, app, net, taken)
         inst = fresh or inst
         plan.changes.append(writes.create_instance(inst) + claim)
         if not inst.ip:  # (with one, "scheduled on NODE (IP …)" tells it next)
             plan.events.append((inst, f"created: {inst.reason}", True))
     return plan
+
+
+def pins_text(pins: Mapping[str, int]) -> str:
+    """`name vN, …` of a version map."""
+    return ", ".join(f"{n} v{v}" for n, v in sorted(pins.items())) or "none"
 
 
 def ip_change(writes: Writes, inst: Instance, app: AppRecord, net: ipam.OverlayNet,

@@ -28,9 +28,20 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sigmad import records
+from sigmad.configs import ConfigHead, ConfigsHeld, ConfigVersion
 from sigmad.errors import SigmaError
 from sigmad.leader import LeaderRecord, MasterRecord
-from sigmad.models import AppRecord, Beat, Instance, Node, NodeLock, Owner, Ssd
+from sigmad.models import (
+    AppRecord,
+    Beat,
+    Instance,
+    Node,
+    NodeLock,
+    Owner,
+    Ssd,
+    SsdClaim,
+    UsageRecord,
+)
 from sigmad.scheduler.fit import NodeUsage
 from sigmad.store import Op, Store, Versioned, WatchBatch, WatchCompacted
 from sigmad.tokens import TokenRecord
@@ -42,14 +53,18 @@ NODES, BEATS, APPS, INSTANCES = "nodes", "heartbeats", "apps", "instances"
 IPS, PORTS, LOCKS, LEADER, MASTERS = "ips", "ports", "locks", "leader", "masters"
 SSDS, SSD_CLAIMS = "ssds", "ssd_claims"
 TOKENS = "tokens"
+USAGE = "usage"
+CONFIGS, CONFIG_HEADS, CONFIGS_HELD = "configs", "config_heads", "configs_held"
 # kind → (its key prefix under the cluster prefix, its record class; None: presence only)
 KINDS: dict[str, tuple[str, type | None]] = {
     NODES: ("nodes/", Node), BEATS: ("heartbeats/", Beat), APPS: ("apps/", AppRecord),
     INSTANCES: ("instances/", Instance), IPS: ("alloc/ip/", Owner),
     PORTS: ("alloc/port/", Owner), LOCKS: ("alloc/node/", NodeLock),
     LEADER: ("leader", LeaderRecord), MASTERS: ("masters/", MasterRecord),
-    SSDS: ("ssds/", Ssd), SSD_CLAIMS: ("alloc/ssd/", Owner),
-    TOKENS: ("tokens/", TokenRecord),
+    SSDS: ("ssds/", Ssd), SSD_CLAIMS: ("alloc/ssd/", SsdClaim),
+    TOKENS: ("tokens/", TokenRecord), USAGE: ("usage/", UsageRecord),
+    CONFIGS: ("configs/", ConfigVersion), CONFIG_HEADS: ("config-heads/", ConfigHead),
+    CONFIGS_HELD: ("config-held/", ConfigsHeld),
 }
 RELIST_DELAY = 1.0
 MALFORMED = object()  # what `_decode` returns for a value that is not a record
@@ -74,7 +89,9 @@ class View:
 class Cache:
     """Every record of one cluster, kept current from etcd (see the module docstring)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, ignore: Iterable[str] = ()) -> None:
+        """`ignore`: kinds this cache neither lists nor decodes (their tables stay empty),
+        e.g. the agents' caches leave out every node's usage samples."""
         self.store = store
         self.keys = store.keys
         self.base = self.keys.prefix + "/"
@@ -91,7 +108,9 @@ class Cache:
         self.usage: dict[str, NodeUsage] = {}
         self._subscribers: list[Subscriber] = []
         self._advanced = asyncio.Condition()
-        self._prefixes = sorted(((self.base + p, kind, cls) for kind, (p, cls) in KINDS.items()),
+        self._kinds = {k: v for k, v in KINDS.items() if k not in set(ignore)}
+        self._prefixes = sorted(((self.base + p, kind, cls)
+                                 for kind, (p, cls) in self._kinds.items()),
                                 key=lambda t: -len(t[0]))
 
     # -- reading ----------------------------------------------------------------------------
@@ -152,11 +171,12 @@ class Cache:
         return time.monotonic() - self.broken_since if self.broken_since else 0.0
 
     def subscribe(self, fn: Subscriber) -> None:
-        """Call `fn(kind, key, old, new)` after every change (new None: deleted)."""
-        self._subscribers.append(fn)
+        """Call `fn(kind, key, old, new)` after every change (new None: deleted). Safe from
+        another thread: the list is replaced, never changed under a loop that walks it."""
+        self._subscribers = [*self._subscribers, fn]
 
     def unsubscribe(self, fn: Subscriber) -> None:
-        self._subscribers.remove(fn)
+        self._subscribers = [f for f in self._subscribers if f is not fn]
 
     async def wait_for(self, revision: int, timeout: float = 10.0) -> bool:
         """Until the cache has seen `revision` (False after `timeout` seconds)."""
@@ -202,7 +222,7 @@ class Cache:
         changed since the last list."""
         fresh: dict[str, dict[str, Versioned[Any]]] = {}
         revision = 0
-        for kind, (part, cls) in KINDS.items():
+        for kind, (part, cls) in self._kinds.items():
             if kind == LEADER:
                 items, revision = await self.store.range_raw(self.base + part, limit=1,
                                                              revision=revision)

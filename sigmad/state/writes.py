@@ -21,8 +21,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sigmad.models import AppRecord, Instance, Node, NodeLock, Owner
-from sigmad.scheduler.snapshot import FreeSsd
+from sigmad.control.rollout import Revision
+from sigmad.models import AppRecord, Instance, Node, NodeLock, Owner, SsdClaim
+from sigmad.scheduler.snapshot import FreeSsd, RetainedSsd
+from sigmad.spec import AppSpec
 from sigmad.state.cache import Cache
 from sigmad.store import MAX_TXN_OPS, Guard, Keys, Op, Store, Versioned
 from sigmad.tokens import TokenRecord
@@ -101,14 +103,20 @@ class Writes:
     def claim_ssds(self, inst: Instance, node: str, disks: Iterable[FreeSsd]) -> Change:
         """Claim whole disks of `node` (create-if-absent), each only while its record is
         as seen (`ready`, at `revision`)."""
+        volumes = {b.disk: b.volume for b in inst.ssds}
         change = Change()
         for d in disks:
             claim = self.keys.ssd_claim(node, d.id)
             change += Change([Guard(self.keys.ssd(node, d.id), d.revision), Guard(claim, 0)],
-                             [Op(claim, Owner(inst.key))])
+                             [Op(claim, SsdClaim(inst.key, volumes.get(d.id, "")))])
         return change
 
-    def release_ssd(self, claim: Versioned[Owner]) -> Change:
+    def keep_ssds(self, disks: Iterable[RetainedSsd]) -> Change:
+        """Bind an instance's own retained disks again: each only while its claim is as read
+        (still this instance's, for that volume)."""
+        return Change([Guard(d.claim, d.revision) for d in disks], [])
+
+    def release_ssd(self, claim: Versioned[SsdClaim]) -> Change:
         """Give up a retained disk's claim as read (its agent then wipes it)."""
         return Change([Guard(claim.key, claim.mod_revision)], [Op(claim.key, delete=True)])
 
@@ -124,8 +132,19 @@ class Writes:
         """Create (`mod_revision` 0) or rewrite an app as read."""
         return Change([Guard(key, mod_revision)], [Op(key, rec)])
 
-    def delete_app(self, v: Versioned[AppRecord]) -> Change:
-        return Change([Guard(v.key, v.mod_revision)], [Op(v.key, delete=True)])
+    def revision(self, spec: AppSpec, revision: Revision, drop: Iterable[int] = ()) -> Change:
+        """A new revision of an app and the old revisions to `drop` (unguarded: they go
+        with the app's own guarded write, which orders them)."""
+        ns, app = spec.namespace, spec.app
+        change = Change([], [Op(self.keys.revision(ns, app, revision.n), revision)])
+        change.ops += [Op(self.keys.revision(ns, app, n), delete=True) for n in drop]
+        return change
+
+    def delete_app(self, v: Versioned[AppRecord], revisions: Iterable[int] = ()) -> Change:
+        """Delete an app as read, with its `revisions`."""
+        s = v.value.spec
+        return Change([Guard(v.key, v.mod_revision)], [Op(v.key, delete=True)] + [
+            Op(self.keys.revision(s.namespace, s.app, n), delete=True) for n in revisions])
 
     def update_node(self, v: Versioned[Node], node: Node) -> Change:
         return Change([Guard(v.key, v.mod_revision)], [Op(v.key, node)])

@@ -130,9 +130,12 @@ def test_instance_table_and_wide() -> None:
     assert lines[1].split() == ["default", "web-0", "Running", "h1", "10.244.0.2", "1", "2d"]
     assert lines[2].split() == ["default", "web-1", "Pending", "-", "-", "1", "2d"]
     wide = output.list_table("instances", [INSTANCE, pending], True, NOW).splitlines()
-    assert wide[0].split()[-4:] == ["GENERATION", "CONTAINERS", "PORTS", "REASON"]
-    assert wide[1].split()[-4:] == ["3", "3f2a9b8c7d6e,-", "http:31007,admin:31008", "-"]
-    assert wide[2].split()[-9:-6] == ["3", "-", "-"]
+    assert wide[0].split()[-5:] == ["GENERATION", "CONTAINERS", "PORTS", "CONFIGS", "REASON"]
+    assert wide[1].split()[-5:] == ["3", "3f2a9b8c7d6e,-", "http:31007,admin:31008", "-", "-"]
+    assert wide[2].split()[-10:-6] == ["3", "-", "-", "-"]
+    configured = {**INSTANCE, "configs": {"web-conf": 4}, "configs_have": {"web-conf": 3}}
+    row = output.list_table("instances", [configured], True, NOW).splitlines()[1]
+    assert "web-conf:v3→v4" in row.split()
     assert wide[2].endswith("no node has 100m cpu free")
 
 
@@ -223,3 +226,14 @@ def test_describe_instance_lists_its_disks() -> None:
     with_disks = {**INSTANCE, "ssds": [{"volume": "data", "disk": "loop3", "source": "/x"}]}
     assert "Disks:       data=h1/loop3" in output.describe_instance(with_disks, NOW)
     assert "Disks:" not in output.describe_instance(INSTANCE, NOW)
+
+
+def test_describe_instance_shows_the_last_lines_of_its_last_end() -> None:
+    ended = {**INSTANCE, "terminations": [
+        *INSTANCE["terminations"],
+        {"container": "main", "reason": "Exited(1)", "at": NOW - 1, "container_id": "77" * 32,
+         "logs": [f"line {n}" for n in range(30)]}]}
+    lines = output.describe_instance(ended, NOW).splitlines()
+    start = lines.index("Last lines of main (777777777777, Exited(1)):")
+    assert lines[start + 1:] == [f"  line {n}" for n in range(20, 30)]
+    assert "Last lines" not in output.describe_instance(INSTANCE, NOW)

@@ -239,18 +239,6 @@ def test_unknown_placement_field():
     assert "unknown field" in err.message
 
 
-@pytest.mark.parametrize(
-    ("overrides", "path"),
-    [
-        ({"configs": [{"name": "c", "mount": "/etc/c"}]}, "configs"),
-    ],
-)
-def test_design_fields_not_yet_supported(overrides, path):
-    err = invalid(**overrides)
-    assert err.field == path
-    assert err.message == f"{path}: is not supported by this version of sigma yet"
-
-
 def test_volumes_parse() -> None:
     spec = validate({"app": "db", "containers": [{"name": "main", "image": "busybox"}],
                      "volumes": [{"name": "data", "ssd": 1, "min_size": "10Gi",

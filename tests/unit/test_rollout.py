@@ -1,0 +1,242 @@
+"""The rollout decisions (sigmad/control/rollout.py): batch bounds, canary, failure → revert
+or pause, step kinds (move / recreate / reload), revision pruning."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from sigmactl.rollout import history_text
+from sigmad import records
+from sigmad.api import make_app
+from sigmad.api.apps import only_replicas
+from sigmad.control.rollout import (
+    KEEP_REVISIONS,
+    InstanceView,
+    Phase,
+    Revision,
+    Rollout,
+    batch_size,
+    plan,
+    prune,
+    step_kind,
+)
+from sigmad.engine import EnginePool
+from sigmad.errors import SpecError
+from sigmad.models import AppRecord
+from sigmad.spec import (
+    AppSpec,
+    ContainerSpec,
+    NetworkSpec,
+    Port,
+    UpdateSpec,
+    VolumeSpec,
+    parse,
+    update_spec,
+)
+from tests.unit.harness import TOKEN, Leader, call, spec
+
+
+def app(image: str = "busybox:1", **kw: object) -> AppSpec:
+    return AppSpec(app="web", containers=[ContainerSpec(name="c", image=image)], **kw)  # type: ignore[arg-type]
+
+
+def views(revs: list[int], busy: tuple[int, ...] = (), failing: dict[int, str] | None = None
+          ) -> list[InstanceView]:
+    failing = failing or {}
+    return [InstanceView(i, r, ready=i not in busy and i not in failing,
+                         in_transition=i in busy, since=1.0, failing=failing.get(i, ""))
+            for i, r in enumerate(revs)]
+
+
+def run(policy: UpdateSpec, replicas: int, fail_on: int = 0) -> tuple[Rollout, int]:
+    """Drive `plan` to its end as an executor would (each started step finishes next pass,
+    failing if the instance index is `fail_on` - 1); return the final record and the most
+    instances ever in transition at once."""
+    revs, busy, failing = [1] * replicas, set[int](), dict[int, str]()
+    r, most = Rollout(1, 2), 0
+    for _ in range(200):
+        p = plan(r, views(revs, tuple(busy), failing), policy, now=2.0)
+        r = p.rollout
+        for i in list(busy):  # last pass's steps end
+            busy.discard(i)
+            if fail_on and i == fail_on - 1 and revs[i] == 2:
+                failing[i] = "crash-looping"
+        if r.phase == Phase.REVERTING:
+            failing.clear()
+        target = 1 if r.phase == Phase.REVERTING else 2
+        for i in p.start:
+            revs[i], _ = target, busy.add(i)
+        most = max(most, len(busy))
+        if r.phase in (Phase.DONE, Phase.REVERTED, Phase.PAUSED, Phase.CANARY):
+            return r, most
+    raise AssertionError("the rollout never ended")
+
+
+def revisions(lead: Leader) -> list[int]:
+    prefix = lead.store.keys.revisions("default", "web")
+    return sorted(int(k.removeprefix(prefix)) for k in lead.store.data if k.startswith(prefix))
+
+
+def test_batch_size_counts_and_percentages() -> None:
+    assert batch_size(UpdateSpec(), 6) == 1
+    assert batch_size(UpdateSpec(max_parallel=25, percent=True), 30) == 7
+    assert batch_size(UpdateSpec(max_parallel=25, percent=True), 2) == 1
+
+
+def test_a_good_release_never_exceeds_max_parallel_and_ends_done() -> None:
+    for n, policy in ((6, UpdateSpec()), (6, UpdateSpec(max_parallel=2)),
+                      (30, UpdateSpec(max_parallel=25, percent=True))):
+        r, most = run(policy, n)
+        assert r.phase == Phase.DONE and r.done == list(range(n))
+        assert most == batch_size(policy, n)
+
+
+def test_a_failing_instance_reverts_with_auto_revert() -> None:
+    r, _ = run(UpdateSpec(max_parallel=2), 6, fail_on=2)
+    assert r.phase == Phase.REVERTED and r.done == list(range(6))
+    assert "instance 1 on revision 2: crash-looping" in r.reason
+
+
+def test_a_failing_instance_pauses_without_auto_revert() -> None:
+    r, _ = run(UpdateSpec(auto_revert=False), 6, fail_on=1)
+    assert r.phase == Phase.PAUSED and "crash-looping" in r.reason
+
+
+def test_not_ready_within_the_deadline_fails() -> None:
+    inst = [InstanceView(0, 2, ready=False, in_transition=True, since=1.0),
+            InstanceView(1, 1, ready=True, in_transition=False)]
+    p = plan(Rollout(1, 2), inst, UpdateSpec(progress_deadline=5), now=7.0)
+    assert p.rollout.phase == Phase.REVERTING and "not ready within 5s" in p.rollout.reason
+    assert plan(Rollout(1, 2), inst, UpdateSpec(progress_deadline=5), now=5.0).rollout.phase \
+        == Phase.RUNNING
+
+
+def test_canary_waits_for_promote_then_finishes() -> None:
+    policy = UpdateSpec(max_parallel=3, canary=2)
+    r, most = run(policy, 6)
+    assert r.phase == Phase.CANARY and r.done == [0, 1] and most == 2
+    promoted = dataclasses.replace(r, phase=Phase.RUNNING, promoted=True)
+    p = plan(promoted, views([2, 2, 1, 1, 1, 1]), policy, now=2.0)
+    assert p.start == [2, 3, 4]
+    r, _ = run(dataclasses.replace(policy, auto_promote=True), 6)
+    assert r.phase == Phase.DONE
+
+
+def test_paused_rollout_starts_nothing() -> None:
+    p = plan(Rollout(1, 2, Phase.PAUSED), views([1] * 4), UpdateSpec(), now=2.0)
+    assert p.start == [] and p.rollout.phase == Phase.PAUSED
+
+
+def test_resume_from_the_record_carries_on_where_it_was() -> None:
+    # a new leader sees 2 done, one in flight: it starts only the room left
+    p = plan(Rollout(1, 2), views([2, 2, 2, 1, 1, 1], busy=(2,)), UpdateSpec(max_parallel=2),
+             now=2.0)
+    assert p.rollout.done == [0, 1] and p.start == [3]
+
+
+def test_step_kind() -> None:
+    a = Revision(1, app())
+    assert step_kind(a, Revision(2, app("busybox:2")), app()) == "move"
+    assert step_kind(a, Revision(2, app(), {"nginx": 3}), app()) == "reload"
+    with_port = app(network=NetworkSpec(ports=[Port("http", 80)]))
+    assert step_kind(a, Revision(2, app("busybox:2")), with_port) == "recreate"
+    with_ssd = app(volumes=[VolumeSpec("data", "/data")])
+    assert step_kind(a, Revision(2, app("busybox:2")), with_ssd) == "recreate"
+    assert step_kind(a, Revision(2, app(), {"nginx": 3}), with_ssd) == "reload"
+
+
+def test_prune_keeps_the_last_twenty_and_the_current() -> None:
+    revs = list(range(1, 31))
+    assert prune(revs, 30) == list(range(1, 11))
+    assert 3 not in prune(revs, 3) and len(prune(revs, 3)) == 30 - KEEP_REVISIONS - 1
+
+
+def test_update_block_parses_and_bad_values_name_the_field() -> None:
+    base = "app: a\nreplicas: 4\ncontainers: [{name: c, image: busybox}]\n"
+    good = {"max_parallel": "25%", "canary": 1, "min_ready": "5s", "progress_deadline": "2m",
+            "auto_promote": True}
+    assert update_spec(good, 4) == UpdateSpec(25, True, 1, 5.0, 120.0, True, True)
+    assert parse(base)[0].update == parse(base + "update: {}\n")[0].update == UpdateSpec()
+    # not acted on yet (no rollout controller): refused rather than silently ignored
+    with pytest.raises(SpecError) as err:
+        parse(base + "update: {max_parallel: 2}\n")
+    assert err.value.field == "update" and "replaces every instance" in str(err.value)
+    for bad, field in (("max_parallel: 0", "update.max_parallel"),
+                       ("max_parallel: 101%", "update.max_parallel"),
+                       ("max_parallel: true", "update.max_parallel"),
+                       ("canary: 5", "update.canary"),
+                       ("auto_revert: 'yes'", "update.auto_revert"),
+                       ("min_ready: 10d", "update.min_ready"),
+                       ("progress_deadline: 0s", "update.progress_deadline"),
+                       ("surge: 1", "update.surge")):
+        with pytest.raises(SpecError) as err:
+            parse(base + "update: {" + bad + "}\n")
+        assert err.value.field == field, (bad, err.value)
+
+
+def test_an_old_record_without_update_reads_with_the_defaults() -> None:
+    [s] = parse("app: a\ncontainers: [{name: c, image: busybox}]\n")
+    raw = records.to_dict(AppRecord(s))
+    del raw["spec"]["update"]
+    assert records.from_dict(AppRecord, raw).spec.update == UpdateSpec()
+
+
+def test_changing_only_the_update_policy_replaces_nothing() -> None:
+    [a] = parse("app: a\ncontainers: [{name: c, image: busybox}]\n")
+    b = dataclasses.replace(a, update=UpdateSpec(max_parallel=3))
+    assert only_replicas(a, b)
+
+
+async def test_apply_writes_a_revision_per_template_change() -> None:
+    async with Leader() as lead:
+        keys = lead.store.keys
+        await lead.apply(spec(replicas=2))
+        assert lead.store.value(keys.revision("default", "web", 1), Revision).n == 1
+        await lead.apply(spec(replicas=3))  # scaling is no revision
+        assert revisions(lead) == [1]
+        await lead.apply(spec(replicas=3).replace("image: img", "image: img:2"))
+        rev = lead.store.value(keys.revision("default", "web", 3), Revision)
+        assert rev.spec.containers[0].image == "img:2" and rev.configs == {}
+
+
+async def test_only_the_last_twenty_revisions_are_kept() -> None:
+    async with Leader() as lead:
+        for i in range(25):
+            await lead.apply(spec(replicas=0).replace("image: img", f"image: img:{i}"))
+        kept = revisions(lead)
+        assert len(kept) == KEEP_REVISIONS and max(kept) == 25
+
+
+async def test_the_api_and_sigmactl_show_the_history() -> None:
+    lead = Leader()
+    async with lead:
+        server = make_app(lead.store, lead.cache, TOKEN, EnginePool("/t", factory=lead._engine))
+        client = TestClient(TestServer(server))
+        await client.start_server()
+        try:
+            await lead.apply(spec(replicas=1))
+            await lead.apply(spec(replicas=1).replace("image: img", "image: img:2"))
+            status, answer = await call(client, "GET", "/v1/apps/default/web/rollout")
+            assert status == 200 and answer["current"] == 2
+            assert [r["images"] for r in answer["revisions"]] == [["img"], ["img:2"]]
+            status, missing = await call(client, "GET", "/v1/apps/default/nope/rollout")
+            assert status == 404 and "default/nope" in missing["error"]["message"]
+        finally:
+            await client.close()
+    text = history_text(answer, now=answer["revisions"][-1]["created"])
+    assert text.splitlines()[0].split() == ["REVISION", "AGE", "IMAGES", "CONFIGS"]
+    assert text.splitlines()[2].split()[0] == "*2" and "img:2" in text.splitlines()[2]
+
+
+async def test_deleting_an_app_deletes_its_revisions_so_its_name_starts_afresh() -> None:
+    async with Leader() as lead:
+        await lead.apply(spec(replicas=0))
+        await lead.apply(spec(replicas=0).replace("image: img", "image: img:2"))
+        assert revisions(lead) == [1, 2]
+        await lead.api.delete("default", "web")
+        assert revisions(lead) == []
+        await lead.apply(spec(replicas=0).replace("image: img", "image: img:3"))
+        assert revisions(lead) == [1]
