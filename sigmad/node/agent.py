@@ -52,15 +52,34 @@ def config_root(config: NodeConfig) -> str:
     return f"{config.data_dir.rstrip('/')}/configs"
 
 
-def check_engine(url: str, info: dict[str, object]) -> None:
-    """Refuse a host whose engine cannot cap memory and swap together (sigma's caps would not
-    hold: a container could swap past its memory limit)."""
+def check_engine(url: str, info: dict[str, object]) -> list[str]:
+    """Check the engine's settings from `docker info`: refuse a host whose engine cannot cap
+    memory and swap together (sigma's caps would not hold: a container could swap past its
+    memory limit); return a warning, with its fix, for each setting that production wants
+    and the engine lacks (the node still joins: labs and dev hosts run without them).
+
+    The userland proxy is not visible through the Engine API: the README's production
+    section says to turn it off (`"userland-proxy": false`)."""
     if not info.get("SwapLimit") or not info.get("MemoryLimit"):
         raise NodeRefused(
             f"the engine at {url} has no memory-swap accounting (docker info: "
             "SwapLimit=false), so sigma cannot cap memory with swap off; enable it "
             "(kernel parameter swapaccount=1 on cgroup v1, or cgroup v2) and restart"
         )
+    warnings = []
+    if not info.get("LiveRestoreEnabled"):
+        warnings.append(
+            f"the engine at {url} runs without live-restore: restarting or upgrading dockerd "
+            "stops every instance on this host; set \"live-restore\": true in "
+            "/etc/docker/daemon.json and reload dockerd (systemctl reload docker)")
+    driver = info.get("CgroupDriver")
+    if driver not in (None, "systemd"):
+        warnings.append(
+            f"the engine at {url} uses the {driver} cgroup driver: under systemd two managers "
+            "own the cgroup tree and limits can drift under memory pressure; set "
+            "\"exec-opts\": [\"native.cgroupdriver=systemd\"] in /etc/docker/daemon.json "
+            "and restart dockerd")
+    return warnings
 
 
 class NodeRefused(SigmaError):
@@ -148,10 +167,15 @@ class Agent:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    def warn_engine(self, warnings: list[str]) -> None:
+        """Log the engine settings production wants and this engine lacks (with the fix)."""
+        for warning in warnings:
+            log.warning("%s", warning)
+
     async def register(self) -> Node:
         """Write the node record, keeping the master-owned `draining` flag."""
         info = await self._engine_info()
-        check_engine(self.config.engine, info)
+        self.warn_engine(check_engine(self.config.engine, info))
         key = self.store.keys.node(self.config.name)
         disks = await self.disks.capacity() if self.disks else (0, 0)
         while True:

@@ -211,8 +211,12 @@ def test_restart_backoff_grows(cluster: Cluster) -> None:
 def test_host_compat_ports_env_and_reach(cluster: Cluster, engine: EngineHost) -> None:
     """A named port gets a host port from the node's range, published by Docker, injected as
     SIGMA_HOST_IP / SIGMA_HOST_PORT_<NAME>, reachable from outside the host, released on
-    delete."""
+    delete; the instance keeps its own network namespace (never the host's)."""
     import urllib.request
+
+    host_ns = os.stat(f"/run/netns/{engine.netns}").st_ino
+    # the comparison tells namespaces apart: the engine itself runs in the host's
+    assert os.stat(f"/proc/{engine.proc.proc.pid}/ns/net").st_ino == host_ns  # type: ignore[union-attr]
 
     script = ("mkdir -p /www && echo $SIGMA_HOST_IP:$SIGMA_HOST_PORT_HTTP > /www/index.html && "
               "exec httpd -f -p 8080 -h /www")
@@ -223,7 +227,10 @@ def test_host_compat_ports_env_and_reach(cluster: Cluster, engine: EngineHost) -
     ports = [i["host_ports"]["http"] for i in items]
     assert len(set(ports)) == 2 and all(31000 <= p <= 31009 for p in ports)
     for inst, port in zip(items, ports, strict=True):
-        env = engine.inspect(inst["containers"][0]["id"])["Config"]["Env"]
+        found = engine.inspect(inst["containers"][0]["id"])
+        assert found["HostConfig"]["NetworkMode"] != "host"
+        assert os.stat(f"/proc/{found['State']['Pid']}/ns/net").st_ino != host_ns
+        env = found["Config"]["Env"]
         assert f"SIGMA_HOST_IP={engine.address}" in env
         assert f"SIGMA_HOST_PORT_HTTP={port}" in env
 

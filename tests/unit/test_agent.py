@@ -10,7 +10,7 @@ from sigmad.node.agent import NodeRefused, check_engine, node_record
 from sigmad.spec import Resources
 
 INFO = {"NCPU": 8, "MemTotal": 16 << 30, "ServerVersion": "20.10.24", "SwapLimit": True,
-        "MemoryLimit": True}
+        "MemoryLimit": True, "LiveRestoreEnabled": True, "CgroupDriver": "systemd"}
 
 
 def test_engine_without_swap_accounting_is_refused() -> None:
@@ -18,7 +18,17 @@ def test_engine_without_swap_accounting_is_refused() -> None:
         check_engine("unix:///x.sock", {**INFO, "SwapLimit": False})
     assert "memory-swap accounting" in refused.value.message
     assert "swapaccount=1" in refused.value.message
-    check_engine("unix:///x.sock", INFO)
+    assert check_engine("unix:///x.sock", INFO) == []
+
+
+def test_engine_without_live_restore_is_warned_with_the_fix() -> None:
+    [warning] = check_engine("unix:///x.sock", {**INFO, "LiveRestoreEnabled": False})
+    assert "live-restore" in warning and "daemon.json" in warning
+
+
+def test_engine_with_cgroupfs_driver_is_warned_with_the_fix() -> None:
+    [warning] = check_engine("unix:///x.sock", {**INFO, "CgroupDriver": "cgroupfs"})
+    assert "cgroupfs" in warning and "native.cgroupdriver=systemd" in warning
 
 
 def test_node_record_subtracts_reserved_and_keeps_draining() -> None:
