@@ -7,7 +7,7 @@ from typing import IO, Any
 
 import click
 
-from sigmactl import admin, commands, output, rollout, waits
+from sigmactl import admin, commands, observe, output, rollout, waits
 from sigmactl.base import Settings, emit, items, namespace_option
 from sigmactl.client import CtlError, api_path
 from sigmad import __version__
@@ -153,7 +153,8 @@ def delete(settings: Settings, kind: str, name: str, namespace: str, wait: bool,
         waits.until_gone(client, namespace, name, timeout)
 
 
-for command in (commands.update, commands.events, commands.pool, commands.why,
+for command in (observe.logs, observe.top, observe.exec_, observe.completion,
+                commands.update, commands.events, commands.pool, commands.why,
                 commands.migrate, commands.drain, commands.uncordon, commands.ssd, admin.token,
                 admin.audit, admin.config, rollout.rollout, rollout.release):
     cli.add_command(command)

@@ -185,6 +185,19 @@ class Client:
                 raise CtlError(f"lost the event stream from {self.server} "
                                f"({exc or type(exc).__name__}): run the command again") from None
 
+    def text(self, path: str, params: dict[str, str] | None = None
+             ) -> Generator[bytes, None, None]:
+        """A text answer of `path` as it arrives (a follow waits for its next bytes without
+        a timeout); ends when the server ends it."""
+        with self._open(lambda: self._request("GET", path, params, accept="text/plain"),
+                        self.stream_opener) as answer:
+            try:
+                while chunk := answer.read1(65536):
+                    yield chunk
+            except (OSError, http.client.HTTPException) as exc:
+                raise CtlError(f"lost the stream from {self.server} "
+                               f"({exc or type(exc).__name__}): run the command again") from None
+
     def _request(
         self, method: str, path: str, params: dict[str, str] | None = None,
         body: bytes | None = None, content_type: str = "application/yaml; charset=utf-8",

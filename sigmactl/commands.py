@@ -13,6 +13,7 @@ import click
 from sigmactl import views, waits
 from sigmactl.base import Settings, emit, items, namespace_option, obj, output_option
 from sigmactl.client import CtlError, api_path
+from sigmactl.observe import complete_app, complete_instance, complete_node
 from sigmactl.output import plural
 from sigmad.units import parse_cpu, parse_size
 
@@ -38,7 +39,7 @@ def _quantity_option(name: str, parse: Callable[[str], int], what: str) -> Any:
 
 
 @click.command()
-@click.argument("app")
+@click.argument("app", shell_complete=complete_app)
 @namespace_option
 @click.option("--container", metavar="NAME", help="The container to change (needed when the "
               "app has several).")
@@ -175,7 +176,7 @@ def pool(settings: Settings, fmt: str) -> None:
 
 
 @click.command()
-@click.argument("instance")
+@click.argument("instance", shell_complete=complete_instance)
 @namespace_option
 @output_option("json")
 @click.pass_obj
@@ -193,8 +194,9 @@ def why(settings: Settings, instance: str, namespace: str, fmt: str | None) -> N
 
 
 @click.command()
-@click.argument("instance")
-@click.option("--to", "to", default="", help="The node to move it to (default: any that fits).")
+@click.argument("instance", shell_complete=complete_instance)
+@click.option("--to", "to", default="", shell_complete=complete_node,
+              help="The node to move it to (default: any that fits).")
 @namespace_option
 @output_option("json")
 @click.pass_obj
@@ -213,7 +215,7 @@ def migrate(settings: Settings, instance: str, to: str, namespace: str,
 
 
 @click.command()
-@click.argument("node")
+@click.argument("node", shell_complete=complete_node)
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="Follow the moves until the node holds no instance.")
 @click.option("--timeout", default=600, show_default=True, help="Seconds to wait at most.")
@@ -245,7 +247,7 @@ def drain(settings: Settings, node: str, wait: bool, timeout: int) -> None:
 
 
 @click.command()
-@click.argument("node")
+@click.argument("node", shell_complete=complete_node)
 @click.pass_obj
 def uncordon(settings: Settings, node: str) -> None:
     """Let NODE take new instances again (undoes drain)."""

@@ -17,6 +17,7 @@ Cell = tuple[str, str, bool]  # header, value, shown only in wide mode
 NONE = "-"
 SHORT_ID = 12
 TERMINATIONS_SHOWN = 5
+LOG_LINES_SHOWN = 10  # of the last lines kept with a termination (all: logs --previous)
 
 
 def dump(data: Any, fmt: str) -> str:
@@ -257,13 +258,20 @@ def describe_instance(i: Item, now: float) -> str:
          short_id(t.get("container_id", ""))]
         for t in (i.get("terminations") or [])[-TERMINATIONS_SHOWN:]
     ]
-    return "\n".join([
+    parts = [
         head,
         _section("Containers:",
                  ["NAME", "ID", "STATE", "READY", "EXIT", "STARTED", "FINISHED"], containers),
         _section("Terminations:", ["TIME", "CONTAINER", "REASON", "CONTAINER ID"],
                  terminations),
-    ])
+    ]
+    last = next((t for t in reversed(i.get("terminations") or []) if t.get("logs")), None)
+    if last is not None:
+        shown = last["logs"][-LOG_LINES_SHOWN:]
+        parts.append(f"Last lines of {last.get('container')} "
+                     f"({short_id(last.get('container_id', ''))}, {last.get('reason')}):\n"
+                     + "\n".join(f"  {line}" for line in shown))
+    return "\n".join(parts)
 
 
 def describe_ssd(d: Item, now: float) -> str:

@@ -18,6 +18,7 @@ RESOURCES: tuple[tuple[str, str, Callable[[int], str]], ...] = (
     ("CPU", "cpu_m", format_cpu), ("MEM", "memory", format_size),
 )
 PARTS = (("ALLOC", "allocatable"), ("REQ", "requested"), ("FREE", "free"), ("LIMITS", "limits"))
+USED = ("USED", "used")  # shown when some node reported usage
 STARTING_STATES = ("Starting", "FailedToStart")
 
 
@@ -66,20 +67,27 @@ def _quantity(value: int, fmt: Callable[[int], str]) -> str:
     return f"-{fmt(-value)}" if value < 0 else fmt(value)
 
 
-def _pool_row(name: str, group: Item, ssds: bool) -> list[str]:
+def _parts(used: bool) -> tuple[tuple[str, str], ...]:
+    return (*PARTS, USED) if used else PARTS
+
+
+def _pool_row(name: str, group: Item, ssds: bool, used: bool = False) -> list[str]:
     cells = [name, str(group.get("nodes", 0)), str(group.get("instances", 0))]
     for _, key, fmt in RESOURCES:
-        cells += [_quantity((group.get(part) or {}).get(key, 0), fmt) for _, part in PARTS]
+        cells += [_quantity((group.get(part) or {}).get(key, 0), fmt)
+                  for _, part in _parts(used)]
     ssd = group.get("ssd") or {}
     return [*cells, f"{ssd.get('free', 0)}/{ssd.get('total', 0)}"] if ssds else cells
 
 
-def _pool_table(first: str, rows: Sequence[tuple[str, Item]], ssds: bool) -> str:
-    """One row per group; SSDs free/total when the pool has any."""
+def _pool_table(first: str, rows: Sequence[tuple[str, Item]], ssds: bool,
+                used: bool = False) -> str:
+    """One row per group; SSDs free/total when the pool has any; used (the nodes' latest
+    usage samples) when some node reported usage."""
     headers = [first, "NODES", "INSTANCES",
-               *[f"{res}({part})" for res, _, _ in RESOURCES for part, _ in PARTS]]
+               *[f"{res}({part})" for res, _, _ in RESOURCES for part, _ in _parts(used)]]
     headers += ["SSD(FREE/TOTAL)"] if ssds else []
-    return table(headers, [_pool_row(name, group, ssds) for name, group in rows])
+    return table(headers, [_pool_row(name, group, ssds, used) for name, group in rows])
 
 
 def overcommit_line(pool: Item) -> str:
@@ -100,10 +108,11 @@ def pool_text(pool: Item) -> str:
     """The pool as one server, its overcommit in use, then one table per node label key
     (with SSDs free/total when the pool has any)."""
     ssds = bool((pool.get("ssd") or {}).get("total"))
-    parts = [_pool_table("POOL", [("pool", pool)], ssds), overcommit_line(pool)]
+    used = bool(pool.get("used_nodes"))
+    parts = [_pool_table("POOL", [("pool", pool)], ssds, used), overcommit_line(pool)]
     for key, values in (pool.get("by_label") or {}).items():
         rows = [(f"{key}={value}", group) for value, group in values.items()]
-        parts += ["", _pool_table("LABEL", rows, ssds)]
+        parts += ["", _pool_table("LABEL", rows, ssds, used)]
     return "\n".join(parts)
 
 

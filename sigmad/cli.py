@@ -49,11 +49,27 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
 @click.version_option(__version__)
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
-def cli(log_level: str) -> None:
+@click.option("--log-format", default="text", show_default=True,
+              type=click.Choice(["text", "json"]),
+              help="json: one JSON object a line (time, level, logger, message).")
+def cli(log_level: str, log_format: str) -> None:
     """Sigma daemon: one pool of hosts used as one big server."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=log_level.upper(), handlers=[handler])
+
+
+class JsonFormatter(logging.Formatter):
+    """A log record as one line of JSON: time (epoch seconds), level, logger, message and,
+    for an exception, its traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {"time": round(record.created, 3), "level": record.levelname,
+                                "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
 
 
 def _load(loader: Any, path: str) -> Any:

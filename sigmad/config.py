@@ -37,6 +37,7 @@ SSD_PATH_RE = re.compile(r"/dev/(disk/by-(id|path|uuid|partuuid)/[A-Za-z0-9._:+@
                          r"|mapper/[A-Za-z0-9._-]+)")  # fullmatch
 MAX_SSDS = 64
 MASTER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,62}")  # fullmatch
+CGROUP_RE = re.compile(r"(/?[A-Za-z0-9_.-]{1,100}){0,16}")  # fullmatch ("" allowed)
 NODE_NAME_RE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,251}[A-Za-z0-9])?")  # fullmatch
 
 
@@ -105,6 +106,9 @@ class NodeConfig:
     engine_tls: TlsFiles | None = None  # CA and client certificate of a tcp:// engine
     data_dir: str = DEFAULT_DATA_DIR  # the agent's own files (SSDs mounted under ssds/)
     ssds: list[str] = field(default_factory=list)  # the only devices sigma ever formats
+    usage_interval: float = 5.0  # seconds between usage samples (0: none; sigmad.node.usage)
+    usage_cgroup: str = ""  # the engine's cgroup parent, measured as the host ("": machine)
+    metrics_listen: str = ""  # HOST:PORT of the agent's /metrics ("": not served)
 
 
 def _etcd(fields: Fields) -> EtcdConfig:
@@ -196,6 +200,21 @@ def _ssds(fields: Fields) -> list[str]:
         if value.index(path) != i:
             raise SpecError(f"ssds[{i}]", f"{path} is listed twice")
     return list(value)
+
+
+def _cgroup(fields: Fields) -> str:
+    value = fields.take("usage_cgroup", "")
+    if not isinstance(value, str) or not CGROUP_RE.fullmatch(value) or ".." in value:
+        raise SpecError("usage_cgroup", "must be a cgroup path like sigma-lab-h1 or "
+                        "system.slice/docker (letters, digits, '-', '_', '.', '/'; no '..')")
+    return value
+
+
+def _listen(fields: Fields, key: str, default: str) -> str:
+    value = fields.take(key, default)
+    if not isinstance(value, str) or (value and ":" not in value):
+        raise SpecError(key, "must be HOST:PORT")
+    return value
 
 
 def _data_dir(fields: Fields) -> str:
@@ -334,6 +353,9 @@ def node_config(fields: Fields) -> NodeConfig:
         engine_tls=engine_tls,
         data_dir=_data_dir(fields),
         ssds=_ssds(fields),
+        usage_interval=_number(fields, "usage_interval", 5.0, 0.0, 3600.0),
+        usage_cgroup=_cgroup(fields),
+        metrics_listen=_listen(fields, "metrics_listen", ""),
     )
     fields.done()
     return config

@@ -35,6 +35,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import orjson
 
+from sigmad import metrics
 from sigmad.errors import EngineError
 from sigmad.models import Instance
 from sigmad.network.ipam import BRIDGE, MTU, NETWORK, mac_for
@@ -59,6 +60,8 @@ REQUEST_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 5.0
 CONNECTIONS = 2  # kept-alive connections per engine (thousands of engines: file limits)
 SEND_BUFFER = 1 << 16  # bytes buffered for sending before a request waits for them to go
+MAX_RUN_OUTPUT = 1 << 20  # bytes of an exec's output kept (the last)
+LAST_LINES_READ = 1 << 16  # bytes of a container's output read for its last lines
 _EXIT_STATUS = re.compile(r"^Exited \((-?\d+)\)")
 
 
@@ -274,6 +277,11 @@ class Engine(Protocol):
     async def exec(self, container_id: str, command: list[str],
                    timeout: float = 10.0) -> int: ...
     async def memory_usage(self, container_id: str) -> int: ...
+    async def last_lines(self, container_id: str, count: int) -> list[str]: ...
+    async def run(self, container_id: str, command: list[str], timeout: float
+                  ) -> tuple[int, bytes]: ...
+    def logs(self, container_id: str, tail: int, follow: bool = False
+             ) -> AsyncGenerator[bytes, None]: ...
     def events(self, labels: dict[str, str] | None = None, since: float | None = None
                ) -> AsyncIterator[dict[str, Any]]: ...
 
@@ -350,6 +358,37 @@ class _Conn:
         else:  # till the engine closes the connection
             while data := await self.reader.read(65536):
                 yield data
+
+
+class Frames:
+    """Demultiplexes the Engine API's log stream of a container without a terminal: frames
+    of an 8-byte head (stream type 0, 1 or 2; three zero bytes; a big-endian length) and
+    their payload. A stream that does not start with such a head (a terminal's) is passed
+    on as it is."""
+
+    def __init__(self) -> None:
+        self.pending = b""
+        self.raw: bool | None = None  # None: not known before the first bytes
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The payload bytes complete so far."""
+        self.pending += chunk
+        if self.raw is None and len(self.pending) >= 8:
+            head = self.pending[:8]
+            self.raw = not (head[0] in (0, 1, 2) and head[1:4] == b"\0\0\0")
+        if self.raw is None:
+            return b""
+        if self.raw:
+            out, self.pending = self.pending, b""
+            return out
+        parts: list[bytes] = []
+        while len(self.pending) >= 8:
+            size = int.from_bytes(self.pending[4:8], "big")
+            if len(self.pending) < 8 + size:
+                break
+            parts.append(self.pending[8:8 + size])
+            self.pending = self.pending[8 + size:]
+        return b"".join(parts)
 
 
 _PLAIN = re.compile(r"[A-Za-z0-9._/-]*")  # fullmatch: "a\n" is not plain
@@ -448,17 +487,42 @@ class _Http:
                       body: Any = None, timeout: float | None = REQUEST_TIMEOUT) -> _Answer:
         """One call (`body` sent as JSON); its answer, whatever the status."""
         data = b"" if body is None else orjson.dumps(body)
+        started, failed = time.monotonic(), True
         try:
             async with asyncio.timeout(timeout):  # (no task of its own, as wait_for makes)
                 target = (self.prefix or await self._version()) + path + _query(params)
-                return await self._exchange(method, target, data)
+                answer = await self._exchange(method, target, data)
+                failed = answer.status >= 400
+                return answer
         except TimeoutError:
             raise self.unreachable(TimeoutError(f"no answer in {timeout:g}s")) from None
+        finally:
+            metrics.timed_engine_call(method, path, time.monotonic() - started, failed)
 
     async def lines(self, method: str, path: str, params: dict[str, Any],
                     what: str) -> AsyncGenerator[dict[str, Any], None]:
         """A streamed answer's JSON lines, on a connection of its own; an error status, or
         a failure on the way, becomes an EngineError naming `what`."""
+        pending = b""
+        stream = self.stream(method, path, params, what)
+        try:
+            async for chunk in stream:
+                pending += chunk
+                *complete, pending = pending.split(b"\n")
+                for line in complete:
+                    if line.strip():
+                        try:
+                            yield orjson.loads(line)
+                        except ValueError as exc:
+                            raise EngineError(f"{what}: engine {self.url} failed: "
+                                              f"{exc}") from None
+        finally:
+            await stream.aclose()
+
+    async def stream(self, method: str, path: str, params: dict[str, Any],
+                     what: str, body: bytes = b"") -> AsyncGenerator[bytes, None]:
+        """A streamed answer's body as it arrives, on a connection of its own; an error
+        status, or a failure on the way, becomes an EngineError naming `what`."""
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 target = self.prefix or await self._version()
@@ -467,18 +531,13 @@ class _Http:
         target += path + _query(params)
         conn = await self._connect()
         try:
-            await conn.send(self._head(method, target, b""), b"")
+            await conn.send(self._head(method, target, body), body)
             status, headers = await asyncio.wait_for(conn.head(), REQUEST_TIMEOUT)
             if status >= 400:
                 body = b"".join([c async for c in conn.chunks(status, headers)])
                 raise EngineError(f"{what}: {_Answer(status, body).message()}", status)
-            pending = b""
             async for chunk in conn.chunks(status, headers):
-                pending += chunk
-                *complete, pending = pending.split(b"\n")
-                for line in complete:
-                    if line.strip():
-                        yield orjson.loads(line)
+                yield chunk
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
             raise EngineError(f"{what}: engine {self.url} failed: "
                               f"{exc or type(exc).__name__}") from None
@@ -657,6 +716,28 @@ class DockerEngine:
             await asyncio.sleep(0.05)
         return -1
 
+    async def run(self, container_id: str, command: list[str], timeout: float
+                  ) -> tuple[int, bytes]:
+        """Run `command` inside a running container: its exit code (-1 if it did not end
+        within `timeout` seconds) and its output (stdout and stderr, the last MAX_RUN_OUTPUT
+        bytes)."""
+        created = await self._json(f"/containers/{container_id}/exec", "POST", body={
+            "Cmd": command, "AttachStdout": True, "AttachStderr": True})
+        exec_id = created["Id"]
+        frames, output = Frames(), b""
+        stream = self._http.stream("POST", f"/exec/{exec_id}/start", {}, f"exec {command[:1]}",
+                                   orjson.dumps({"Detach": False, "Tty": False}))
+        try:
+            async with asyncio.timeout(timeout):
+                async for chunk in stream:
+                    output = (output + frames.feed(chunk))[-MAX_RUN_OUTPUT:]
+        except TimeoutError:
+            return -1, output
+        finally:
+            await stream.aclose()
+        info = await self._json(f"/exec/{exec_id}/json")
+        return int(info.get("ExitCode") or 0), output
+
     async def memory_usage(self, container_id: str) -> int:
         """Bytes of memory the container uses now (page cache excluded, as `docker stats`)."""
         stats = await self._json(f"/containers/{container_id}/stats",
@@ -664,6 +745,41 @@ class DockerEngine:
         memory = stats.get("memory_stats") or {}
         cache = (memory.get("stats") or {}).get("total_inactive_file", 0)
         return max(int(memory.get("usage", 0)) - int(cache), 0)
+
+    async def logs(self, container_id: str, tail: int, follow: bool = False
+                   ) -> AsyncGenerator[bytes, None]:
+        """The container's output (stdout and stderr, in order), its last `tail` lines and
+        with `follow` what it writes next, until it stops or the caller does."""
+        params = {"stdout": "1", "stderr": "1", "tail": str(tail),
+                  "follow": "1" if follow else "0"}
+        frames = Frames()
+        stream = self._http.stream("GET", f"/containers/{container_id}/logs", params,
+                                   f"logs of {container_id[:12]}")
+        try:
+            async for chunk in stream:
+                data = frames.feed(chunk)
+                if data:
+                    yield data
+        finally:
+            await stream.aclose()
+
+    async def last_lines(self, container_id: str, count: int) -> list[str]:
+        """The container's last `count` lines of output (at most LAST_LINES_READ bytes
+        read); [] when the engine cannot say."""
+        data = b""
+        try:
+            logs = self.logs(container_id, count)
+            try:
+                async for chunk in logs:
+                    data += chunk
+                    if len(data) > LAST_LINES_READ:
+                        data = data[-LAST_LINES_READ:]
+                        break
+            finally:
+                await logs.aclose()
+        except EngineError as exc:
+            log.debug("last lines of %s not read: %s", container_id[:12], exc.message)
+        return data.decode(errors="replace").splitlines()[-count:] if count else []
 
     async def events(self, labels: dict[str, str] | None = None, since: float | None = None
                      ) -> AsyncIterator[dict[str, Any]]:

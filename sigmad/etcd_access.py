@@ -7,7 +7,7 @@ With etcd's --client-cert-auth, a request's user is its client certificate's com
 Invariants:
 - masters (user `sigma-master`) read and write every key under the cluster's prefix;
 - the agent of node N (user `sigma-node-N`) reads every key under the prefix and writes only
-  `nodes/N`, `heartbeats/N`, `ssds/N/` (its disks) and `events/` (what it reports): never
+  `nodes/N`, `heartbeats/N`, `usage/N`, `ssds/N/` (its disks) and `events/` (what it reports): never
   another node's record or heartbeat, an instance, an allocation or a token;
 - `root` (etcd's root role) is for set-up only: no sigma process runs with it.
 """
@@ -56,6 +56,7 @@ def node_role(keys: Keys, node: str) -> Role:
         Permission(READ, everything, prefix_end(everything)),
         Permission(READWRITE, keys.node(node)),
         Permission(READWRITE, keys.heartbeat(node)),
+        Permission(READWRITE, keys.usage(node)),
         Permission(READWRITE, keys.ssds(node), prefix_end(keys.ssds(node))),
         Permission(WRITE, keys.events(), prefix_end(keys.events())),
     ))

@@ -84,11 +84,11 @@ class ApiThread:
     def __init__(self, store: Store, cache: Cache, token: str, listen: str, limits: Limits,
                  metrics: Metrics, tls: ssl.SSLContext | None = None,
                  engines: EnginePool | None = None, caps: TokenCaps = DEFAULT_CAPS,
-                 audit_log: str = "") -> None:
+                 audit_log: str = "", master_id: str = "") -> None:
         self.store, self.cache, self.token, self.listen = store, cache, token, listen
         self.limits, self.metrics = limits, metrics
         self.tls, self.engines = tls, engines
-        self.caps, self.audit_log = caps, audit_log
+        self.caps, self.audit_log, self.master_id = caps, audit_log, master_id
         self.main = asyncio.get_running_loop()
         self.loop = asyncio.new_event_loop()
         self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -101,7 +101,7 @@ class ApiThread:
         asyncio.set_event_loop(self.loop)
         app = make_app(self.store, self.cache, self.token, self.engines,
                        on_main=self._on_main, limits=self.limits, metrics=self.metrics,
-                       caps=self.caps, audit_log=self.audit_log)
+                       caps=self.caps, audit_log=self.audit_log, master_id=self.master_id)
         served = Served(app, self.limits, self.metrics)
         try:
             host, _, port = self.listen.rpartition(":")
@@ -163,7 +163,7 @@ async def run_master(config: MasterConfig) -> None:
                         server_context(config.tls) if config.tls else None,
                         EnginePool(prefix, tls=engine_tls),
                         TokenCaps(config.max_requests_per_token, config.max_streams_per_token),
-                        config.audit_log)
+                        config.audit_log, config.master_id())
         await api.start()
         elector = Elector(election, store, config.master_id(), config.api_url(), ttl,
                           keep_in_thread=True)

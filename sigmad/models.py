@@ -27,6 +27,8 @@ NOT_READY = "NotReady"
 DRAINING = "Draining"
 
 MAX_TERMINATIONS = 5
+MAX_LOG_LINES = 50  # lines of a container's output kept with its termination
+MAX_LOG_BYTES = 4096  # and at most this many bytes of them (the newest kept)
 R = TypeVar("R")
 
 
@@ -120,6 +122,51 @@ class Beat:
 
 
 @dataclass(slots=True)
+class HostUsed:
+    """What a host uses now: cores (on average since the last sample) and bytes of memory
+    (page cache that may be dropped left out)."""
+
+    cpu: float = 0.0
+    memory: int = 0
+
+
+@dataclass(slots=True)
+class InstanceUsed:
+    """What an instance's containers use together now, and bytes used on its SSDs."""
+
+    cpu: float = 0.0
+    memory: int = 0
+    disk: int = 0
+
+
+@dataclass(slots=True)
+class DiskUsed:
+    """Bytes used and the size of one SSD's filesystem."""
+
+    used: int = 0
+    size: int = 0
+
+
+USAGE_MACHINE = "machine"  # `UsageRecord.scope`: the host figures are the whole machine's
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    """The value of the leased `usage/{node}` key: the latest sample of a node's agent
+    (sigmad.node.usage), replaced at every sample (no history in etcd). `instances` is
+    keyed by instance key (`ns/app-index`), `ssds` by disk id. `scope` says what `host`
+    measures: "machine" (the whole machine) or "cgroup:PARENT" (only what the engine's
+    containers under that cgroup parent use: a lab host's own share of the machine)."""
+
+    node: str = ""
+    at: float = 0.0
+    host: HostUsed = field(default_factory=HostUsed)
+    instances: dict[str, InstanceUsed] = field(default_factory=dict)
+    ssds: dict[str, DiskUsed] = field(default_factory=dict)
+    scope: str = USAGE_MACHINE
+
+
+@dataclass(slots=True)
 class NodeLock:
     """The value of `alloc/node/{node}`: who last placed there (every booking on the node
     bumps this key and guards its previous revision)."""
@@ -134,6 +181,17 @@ class Owner:
     (`ns/app-index`)."""
 
     owner: str = ""
+
+
+@dataclass(slots=True)
+class SsdClaim:
+    """The value of `alloc/ssd/{node}/{id}`: the instance that owns the disk, and which of its
+    volumes the disk holds ("" in claims written before volumes were recorded, and for
+    `sigmactl ssd cordon`). The volume lets a returning instance get each disk back for the
+    volume whose data it holds."""
+
+    owner: str = ""
+    volume: str = ""
 
 
 @dataclass(slots=True)
@@ -181,6 +239,7 @@ class Termination:
     reason: str
     at: float
     container_id: str = ""
+    logs: list[str] = field(default_factory=list)  # its last lines (bounded: MAX_LOG_*)
 
 
 @dataclass(slots=True)
@@ -238,9 +297,12 @@ class Instance:
         new.containers = [_shallow(c) for c in self.containers]
         return new
 
-    def terminated(self, container: str, reason: str, container_id: str = "") -> None:
-        """Record a container end on this working copy, keeping the last few."""
-        self.terminations.append(Termination(container, reason, now(), container_id))
+    def terminated(self, container: str, reason: str, container_id: str = "",
+                   logs: list[str] | None = None) -> None:
+        """Record a container end on this working copy with its last output lines (cut to
+        MAX_LOG_LINES and MAX_LOG_BYTES), keeping the last few ends."""
+        self.terminations.append(Termination(container, reason, now(), container_id,
+                                             last_lines(logs or [])))
         del self.terminations[:-MAX_TERMINATIONS]
 
     # -- transitions: each returns a new record -------------------------------------------
@@ -380,6 +442,22 @@ class Instance:
             State.RUNNING, "", "", "", {}
         new.next_start, new.streak, new.updated = 0.0, 0, now()
         return new
+
+
+def last_lines(lines: list[str]) -> list[str]:
+    """The newest of `lines` that fit MAX_LOG_LINES and MAX_LOG_BYTES (a longer line is cut
+    to its end: the end of a line says most about why a program stopped)."""
+    kept: list[str] = []
+    room = MAX_LOG_BYTES
+    for line in reversed(lines[-MAX_LOG_LINES:]):
+        data = line.encode()
+        if len(data) > room:
+            if not kept:
+                kept.append(data[-room:].decode(errors="ignore"))
+            break
+        kept.append(line)
+        room -= len(data)
+    return kept[::-1]
 
 
 def _shallow(record: R) -> R:

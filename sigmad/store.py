@@ -43,7 +43,7 @@ import aetcd.utils
 import aetcd.watcher
 import grpc
 
-from sigmad import records
+from sigmad import metrics, records
 from sigmad.errors import SigmaError, StoreUnavailable
 from sigmad.tls import TlsFiles, endpoint_problem
 
@@ -151,6 +151,13 @@ class Keys:
 
     def events(self) -> str:
         return self._k("events", "")
+
+    def usages(self) -> str:
+        return self._k("usage", "")
+
+    def usage(self, node: str) -> str:
+        """The latest usage sample of `node` (leased by its agent; sigmad.models.UsageRecord)."""
+        return self._k("usage", node)
 
     def leader(self) -> str:
         """The leader record, leased by its holder; every controller write compares it."""
@@ -437,7 +444,11 @@ class StoreOps:
         if len(guards) + (self.fence is not None) > MAX_TXN_OPS or len(ops) > MAX_TXN_OPS:
             raise ValueError(f"a transaction holds at most {MAX_TXN_OPS} guards and "
                              f"{MAX_TXN_OPS} ops")
+        started = time.monotonic()
         outcome = await self.txn(guards, ops)
+        metrics.ETCD_TXN_SECONDS.observe(time.monotonic() - started)
+        if not outcome.revision and outcome.fence_held:
+            metrics.ETCD_CONFLICTS.inc()
         if not outcome.revision and not outcome.fence_held:
             if self.on_deposed is not None:
                 self.on_deposed()

@@ -163,6 +163,7 @@ SCOPED: dict[tuple[str, str], str] = {
     ("POST", "/v1/apps/{ns}/{app}/release"): "path",
     ("POST", "/v1/apps/{ns}/{app}/undo"): "path",
     ("POST", "/v1/instances/{ns}/{name}/migrate"): "path",
+    ("POST", "/v1/instances/{ns}/{name}/exec"): "path",
 }
 
 

@@ -30,8 +30,8 @@ from sigmad.models import (
     AppRecord,
     Instance,
     Node,
-    Owner,
     Ssd,
+    SsdClaim,
     now,
     split_name,
 )
@@ -320,7 +320,7 @@ class AppWrites:
     async def release_ssd(self, node: str, disk: str) -> str:
         """`sigmactl ssd release NODE/ID`: delete the claim of a retained disk (its owner is
         gone or placed elsewhere), so its agent wipes it; the former owner."""
-        claim: Versioned[Owner] | None = self.cache.get(SSD_CLAIMS,
+        claim: Versioned[SsdClaim] | None = self.cache.get(SSD_CLAIMS,
                                                         self.keys.ssd_claim(node, disk))
         if claim is None:
             raise NotFound(f"disk {node}/{disk} is not claimed: see 'sigmactl get ssds'")
@@ -347,7 +347,7 @@ class AppWrites:
             raise NotFound(f"disk {node}/{disk} not found: see 'sigmactl get ssds'")
         claim = self.keys.ssd_claim(node, disk)
         if not await commit(self.store, self.cache,
-                            Change([Guard(claim, 0)], [Op(claim, Owner(CORDONED))])):
+                            Change([Guard(claim, 0)], [Op(claim, SsdClaim(CORDONED))])):
             raise Conflict(f"disk {node}/{disk} is claimed: release it first")
         log.info("cordoned disk %s/%s", node, disk)
 
@@ -359,7 +359,7 @@ class AppWrites:
         record: Versioned[Ssd] | None = self.cache.get(SSDS, self.keys.ssd(node, disk))
         if record is None:
             raise NotFound(f"disk {node}/{disk} not found: see 'sigmactl get ssds'")
-        claim: Versioned[Owner] | None = self.cache.get(SSD_CLAIMS,
+        claim: Versioned[SsdClaim] | None = self.cache.get(SSD_CLAIMS,
                                                         self.keys.ssd_claim(node, disk))
         if claim is not None and claim.value.owner != CORDONED:
             raise Conflict(f"disk {node}/{disk} is claimed by {claim.value.owner}: "

@@ -78,7 +78,9 @@ DEFAULT_CAPS = TokenCaps()
 
 
 def is_stream(request: web.Request) -> bool:
-    return request.query.get("watch", "").lower() in ("1", "true", "yes")
+    """An event watch (`?watch=true`) or a log follow (`?follow=1`)."""
+    return any(request.query.get(k, "").lower() in ("1", "true", "yes")
+               for k in ("watch", "follow"))
 
 
 def caller(request: web.Request) -> Principal:

@@ -15,6 +15,7 @@ an engine, or writes to the cache, runs on the cache's own loop (`on_main`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
@@ -22,9 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from sigmad import __version__, events, records, spec
-from sigmad.api import sse, views
+from sigmad import metrics as prom
+from sigmad.api import logs, sse, views
 from sigmad.api.apps import AppWrites, ResourceChange, with_resources
 from sigmad.api.audit import AuditLog
 from sigmad.api.auth import AUDIT_APPS, DEFAULT_CAPS, GATE, Gate, TokenApi, TokenCaps, caller
@@ -32,6 +35,7 @@ from sigmad.api.serving import Limits, read_body
 from sigmad.engine import EnginePool
 from sigmad.errors import NotFound, SigmaError, SpecError, StoreUnavailable
 from sigmad.events import Event
+from sigmad.leader import LeaderRecord
 from sigmad.metrics import Metrics
 from sigmad.models import Instance, split_name
 from sigmad.spec import Fields, quantity
@@ -47,6 +51,7 @@ PARSERS = 2  # threads that decode and parse request bodies
 T = TypeVar("T")
 STALE_AFTER = 1.0  # seconds without etcd after which reads are refused, not served stale
 EVENT_BACKLOG = 10_000  # events queued for one watching client
+READY_TIMEOUT = 2.0  # seconds /readyz waits for etcd
 
 
 def _json(data: Any, status: int = 200, revision: int = 0) -> web.Response:
@@ -64,13 +69,14 @@ async def _here(coro: Coroutine[Any, Any, T]) -> T:
 def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None = None,
              on_main: OnMain[Any] = _here, limits: Limits | None = None,
              metrics: Metrics | None = None, caps: TokenCaps = DEFAULT_CAPS,
-             audit_log: str = "") -> web.Application:
+             audit_log: str = "", master_id: str = "") -> web.Application:
     """The aiohttp application serving the API from `cache`, writing to `store`;
     `on_main(coro)` runs `coro` on the loop that owns the cache and the store (by default
     the one that serves). `limits` bound bodies and event streams (sigmad.api.serving);
     `metrics` counts what they bound. `token` is the bootstrap admin token; `caps` bound
     each token's calls; `audit_log` is a JSON-lines file that gets every audit entry
-    (sigmad.api.audit)."""
+    (sigmad.api.audit). `master_id` is this master's (/readyz and /metrics say whether it
+    leads)."""
     audit = AuditLog(store, audit_log, on_main)
     gate = Gate(cache, token, audit, caps)
 
@@ -84,7 +90,7 @@ def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None 
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
-            if request.path.startswith("/v1/"):
+            if request.path.startswith("/v1/") or request.path == "/metrics":
                 return await gate.guard(request, lambda r: fresh(r, handler))
             return await handler(request)
         except SigmaError as exc:
@@ -101,6 +107,9 @@ def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None 
     limits = limits or Limits()
     metrics = metrics or Metrics()
     api = Api(store, cache, AppWrites(store, cache, pool), on_main, limits, metrics)
+    api.master_id = master_id
+    api.registry = prom.registry(metrics, functools.partial(prom.cluster_figures, cache,
+                                                            master_id), prom.queue_figures)
     app = web.Application(middlewares=[errors, read_body(limits, metrics)],
                           client_max_size=MAX_BODY)
     app[GATE] = gate
@@ -115,6 +124,8 @@ def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None 
     app.on_cleanup.append(close_engines)
     app.on_cleanup.append(stop_parsers)
     app.router.add_get("/healthz", api.healthz)
+    app.router.add_get("/readyz", api.readyz)
+    app.router.add_get("/metrics", api.metrics_text)
     app.router.add_get("/v1/nodes", api.list_nodes)
     app.router.add_get("/v1/nodes/{name}", api.get_node)
     app.router.add_post("/v1/nodes/{name}/drain", api.drain)
@@ -130,6 +141,7 @@ def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None 
     app.router.add_get("/v1/instances", api.list_instances)
     app.router.add_get("/v1/events", api.events)
     app.router.add_get("/v1/pool", api.pool)
+    app.router.add_get("/v1/usage", api.usage)
     app.router.add_get("/v1/ssds", api.list_ssds)
     app.router.add_post("/v1/ssds/{node}/{id}/release", api.release_ssd)
     app.router.add_post("/v1/ssds/{node}/{id}/cordon", api.cordon_ssd)
@@ -137,7 +149,8 @@ def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None 
     app.router.add_get("/v1/instances/{ns}/{name}", api.get_instance)
     app.router.add_post("/v1/instances/{ns}/{name}/migrate", api.migrate)
     app.router.add_get("/v1/masters", api.masters)
-    app.router.add_get("/v1/metrics", api.metrics_text)
+    app.router.add_get("/v1/instances/{ns}/{name}/logs", api.logs)
+    app.router.add_post("/v1/instances/{ns}/{name}/exec", api.exec_)
     TokenApi(store, cache, audit, on_main, api.body).add_routes(app.router)
     return app
 
@@ -154,6 +167,8 @@ class Api:
         self.main = on_main
         self.limits = limits
         self.metrics = metrics
+        self.master_id = ""
+        self.registry: CollectorRegistry | None = None
         self.encoded = views.Encoded()
         self.parsers = ThreadPoolExecutor(PARSERS, thread_name_prefix="api-parse")
 
@@ -333,8 +348,62 @@ class Api:
             following.cancel()
 
     async def metrics_text(self, request: web.Request) -> web.Response:
-        """This master's gauges and counters in Prometheus' text format (sigmad.metrics)."""
-        return web.Response(text=self.metrics.render(), content_type="text/plain")
+        """This master's metrics in Prometheus' text format (sigmad.metrics), for any
+        token."""
+        assert self.registry is not None
+        return web.Response(body=prom.render(self.registry),
+                            headers={"Content-Type": prom.CONTENT_TYPE})
+
+    async def exec_(self, request: web.Request) -> web.Response:
+        """Run a command in an instance's container (operators of its namespace; audited):
+        its exit code and output (sigmad.api.logs.Exec)."""
+        v = self._instance(request)
+        run = logs.Exec.of(await self.body(request), v.value)
+        engine, cid = logs.target(self.cache, self.writes.engines, v.value, run.container)
+        code, output = await self.main(engine.run(cid, run.command, run.timeout))
+        return _json({"exit_code": code, "output": output.decode(errors="replace")})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """200 when etcd answers this master (a read of the leader key, on the main loop,
+        within READY_TIMEOUT), with whether this master leads; 503 otherwise. No token: a
+        probe's."""
+        try:
+            leader = await asyncio.wait_for(
+                self.main(self.store.get(self.keys.leader(), LeaderRecord)), READY_TIMEOUT)
+        except (SigmaError, TimeoutError) as exc:
+            why = exc.message if isinstance(exc, SigmaError) else \
+                f"no answer in {READY_TIMEOUT:g}s"
+            return web.json_response({"ready": False, "etcd": why, "leader": False},
+                                     status=503)
+        holder = leader.value.id if leader is not None else ""
+        return web.json_response({"ready": True, "etcd": "ok", "id": self.master_id,
+                                  "leader": bool(holder) and holder == self.master_id,
+                                  "leader_id": holder})
+
+    async def logs(self, request: web.Request) -> web.StreamResponse:
+        """A container's output, through its node's engine (sigmad.api.logs): the last
+        `tail` lines, then with `follow` what it writes next (chunked); with `previous`
+        the last lines kept with its last termination (the container may be gone)."""
+        v = self._instance(request)
+        query = logs.Query.of(request, v.value)
+        if query.previous:
+            return web.Response(text=logs.previous(v.value, query.container),
+                                content_type="text/plain")
+        engine, cid = logs.target(self.cache, self.writes.engines, v.value, query.container)
+        response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+        if not query.follow:
+            data = await self.main(logs.read(engine, cid, query.tail))
+            await response.prepare(request)
+            await response.write(data)
+            await response.write_eof()
+            return response
+        self.metrics.api_streams_open += 1
+        try:
+            await logs.relay(request, response, self.main, engine, cid, query.tail)
+        finally:
+            self.metrics.api_streams_open -= 1
+            self.metrics.api_streams_closed += 1
+        return response
 
     async def list_ssds(self, request: web.Request) -> web.Response:
         """Every node's SSDs with their state and claim (sigmad.api.views.ssds)."""
@@ -361,6 +430,10 @@ class Api:
     async def pool(self, request: web.Request) -> web.Response:
         """The pool as one server (sigmad.api.views.pool)."""
         return _json(views.pool(self.cache), revision=self.cache.revision)
+
+    async def usage(self, request: web.Request) -> web.Response:
+        """Every node's latest usage sample (sigmad.api.views.usage)."""
+        return _json({"items": views.usage(self.cache)}, revision=self.cache.revision)
 
     async def masters(self, request: web.Request) -> web.Response:
         """The leader record and every running master with its role (sigmad.leader)."""

@@ -24,12 +24,21 @@ import orjson
 
 from sigmad import records
 from sigmad.leader import masters_view
-from sigmad.models import DRAINING, NOT_READY, READY, AppRecord, Instance, Node, Ssd
+from sigmad.models import (
+    DRAINING,
+    NOT_READY,
+    READY,
+    AppRecord,
+    Instance,
+    Node,
+    Ssd,
+    UsageRecord,
+)
 from sigmad.reasons import State
 from sigmad.scheduler.fit import NodeUsage
 from sigmad.scheduler.snapshot import FreeSsd, free_ssds, node_info
 from sigmad.spec import Resources
-from sigmad.state.cache import LEADER, MASTERS, SSD_CLAIMS, SSDS, Cache
+from sigmad.state.cache import LEADER, MASTERS, SSD_CLAIMS, SSDS, USAGE, Cache
 from sigmad.store import Versioned
 
 CHUNK = 200  # instances per write of a streamed list
@@ -37,6 +46,26 @@ CHUNK = 200  # instances per write of a streamed list
 
 def resources(r: Resources) -> dict[str, int]:
     return {"cpu_m": r.cpu_m, "memory": r.memory}
+
+
+def used(cache: Cache, name: str) -> UsageRecord | None:
+    """The node's latest usage sample (sigmad.node.usage), if its agent wrote one."""
+    v = cache.table(USAGE).get(cache.keys.usage(name))
+    return v.value if v is not None else None
+
+
+def used_resources(sample: UsageRecord | None) -> dict[str, int] | None:
+    """A sample's host figures in the API's units (millicores, bytes)."""
+    if sample is None:
+        return None
+    return {"cpu_m": round(sample.host.cpu * 1000), "memory": sample.host.memory}
+
+
+def usage(cache: Cache) -> list[dict[str, Any]]:
+    """Every node's latest usage sample, by node name (the agreed record: node, at, host,
+    instances, ssds, scope)."""
+    found: list[Versioned[UsageRecord]] = list(cache.table(USAGE).values())
+    return [records.to_dict(v.value) for v in sorted(found, key=lambda v: v.value.node)]
 
 
 def node_status(node: Node, ready: bool) -> str:
@@ -96,6 +125,9 @@ def node_view(cache: Cache, node: Node, free: dict[str, list[FreeSsd]] | None = 
     view["free"] = resources(info.free())
     view["instances"] = usage.instances
     view["ssd"] = ssd_counts(cache, _free_ssds(cache) if free is None else free, node)
+    sample = used(cache, node.name)
+    view["used"] = used_resources(sample)  # None: no sample (yet)
+    view["used_scope"] = sample.scope if sample else ""
     return view
 
 
@@ -178,8 +210,9 @@ async def stream_items(items: list[Versioned[Instance]],
 
 
 def pool(cache: Cache) -> dict[str, Any]:
-    """The pool as one server: allocatable, schedulable (times overcommit), requested, free
-    and limits committed, overall and per node label value (Ready nodes only)."""
+    """The pool as one server: allocatable, schedulable (times overcommit), requested, free,
+    limits committed and used (the nodes' latest usage samples), overall and per node label
+    value (Ready nodes only)."""
     ready = [v.value for v in list(cache.nodes().values())
              if node_status(v.value, v.value.name in cache.ready) == READY]
     limits = {v.value.spec.key: v.value.spec.limit() for v in list(cache.apps().values())}
@@ -193,6 +226,7 @@ def pool(cache: Cache) -> dict[str, Any]:
         allocatable = _sum(i.allocatable for i in infos)
         schedulable = _sum(i.capacity() for i in infos)
         requested = _sum(i.requested for i in infos)
+        samples = [s for n in group if (s := used(cache, n.name)) is not None]
         return {
             "nodes": len(group), "instances": len(mine),
             "allocatable": resources(allocatable), "schedulable": resources(schedulable),
@@ -200,6 +234,9 @@ def pool(cache: Cache) -> dict[str, Any]:
             "free": resources(Resources(schedulable.cpu_m - requested.cpu_m,
                                         schedulable.memory - requested.memory)),
             "limits": resources(_sum(lims)),
+            "used": {"cpu_m": round(sum(s.host.cpu for s in samples) * 1000),
+                     "memory": sum(s.host.memory for s in samples)},
+            "used_nodes": len(samples),  # nodes whose agent reported usage
             "uncapped": {"cpu": sum(1 for r in lims if not r.cpu_m),
                          "memory": sum(1 for r in lims if not r.memory)},
             "ssd": {"free": sum(len(free.get(n.name, [])) for n in group),

@@ -29,6 +29,7 @@ import time
 from collections.abc import Coroutine, Iterable
 from typing import Any
 
+from sigmad import metrics
 from sigmad.config import MasterConfig
 from sigmad.control import drive, migration, moves, reconcile
 from sigmad.control.containers import EngineWatch
@@ -110,9 +111,11 @@ class Controller:
             *(self._worker() for _ in range(self.config.workers)),
         ]
         self._tasks = [asyncio.create_task(c) for c in loops]
+        metrics.watch_queue(self.queue)
         try:
             await asyncio.gather(*self._tasks)
         finally:
+            metrics.watch_queue(None)
             self.cache.unsubscribe(self._changed)
             self.queue.close()
             tasks = [*self._tasks, *self.watch_tasks.values()]
@@ -126,9 +129,11 @@ class Controller:
         assert me is not None
         while True:
             key = await self.queue.get()
+            started, result = time.monotonic(), "error"
             try:
                 await self._sync(key)
                 self.queue.forget(key)
+                result = "ok"
             except asyncio.CancelledError:
                 if key not in self.abandoned:
                     raise  # the controller stops
@@ -137,6 +142,7 @@ class Controller:
                 log.info("%s: abandoned (its node is lost)", "/".join(key[1:]))
                 self.queue.add_rate_limited(key)
             except Conflict:
+                result = "conflict"
                 self.queue.add_rate_limited(key)
             except SigmaError as exc:
                 log.warning("%s: %s", "/".join(key[1:]), exc.message)
@@ -147,6 +153,8 @@ class Controller:
             finally:
                 self.steps.pop(key, None)
                 self.queue.done(key)
+                metrics.SYNCS.labels(result).inc()
+                metrics.SYNC_SECONDS.observe(time.monotonic() - started)
 
     async def _sync(self, key: Key) -> None:
         kind = key[0]
@@ -646,8 +654,11 @@ class Controller:
     async def _schedule(self) -> None:
         apps = {k.removeprefix(self.keys.apps()): v.value.spec
                 for k, v in self.cache.apps().items()}
+        started = time.monotonic()
         result = await binder.schedule(self.cache, self.writer, self.writes, apps,
                                        sorted(self.pending), self.rng, max_rounds=1)
+        metrics.PLACEMENT_ROUNDS.observe(time.monotonic() - started)
+        metrics.PLACEMENTS.inc(len(result.scheduled))
         for ikey, (node, ip) in result.scheduled.items():
             ns, name = ikey.split("/", 1)
             self.events.emit("instance", ns, name, name.rsplit("-", 1)[0],

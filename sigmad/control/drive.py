@@ -32,7 +32,7 @@ from sigmad.engine import (
     container_name,
 )
 from sigmad.errors import EngineError
-from sigmad.models import AppRecord, ContainerStatus, Instance, Node, now
+from sigmad.models import MAX_LOG_LINES, AppRecord, ContainerStatus, Instance, Node, now
 from sigmad.reasons import CLEAN_EXIT, Kill, Reason, State
 from sigmad.spec import ContainerSpec, ReadyCheck, Resources
 from sigmad.units import format_cpu, format_size
@@ -248,7 +248,9 @@ class Runner:
         name = c.labels.get(LABEL_CONTAINER, "")
         reason = c.end_reason()
         if not any(t.container_id == c.id for t in inst.terminations):
-            inst.terminated(name, reason, c.id)
+            # its last lines, kept with its end: the container is removed soon
+            inst.terminated(name, reason, c.id,
+                            await self.engine.last_lines(c.id, MAX_LOG_LINES))
             self.report(f"container {name} ended: {reason}", reason != CLEAN_EXIT)
             ran = parse_time(c.finished_at) - parse_time(c.started_at)
             inst.streak = 0 if ran >= STEADY_AFTER else inst.streak

@@ -178,6 +178,9 @@ def master_roles(masters: list[MasterState], token: str, ca: str = "") -> dict[s
     return {}
 
 
+AGENT_METRICS_PORT = 9464  # each agent's /metrics, on its host's underlay address
+
+
 def write_node_config(config: LabConfig, host: HostState, index: int) -> None:
     etcd: dict[str, object] = {"endpoints": [f"http://{config.bridge_ip}:{config.etcd_port}"],
                                "prefix": PREFIX}
@@ -199,6 +202,9 @@ def write_node_config(config: LabConfig, host: HostState, index: int) -> None:
         "etcd": etcd,
         "data_dir": str(Path(host.root) / "sigma"),
         "ssds": [d.device for d in host.ssds],
+        # the host's usage is its engine's containers' (the machine is shared by every host)
+        "usage_cgroup": host.cgroup_parent,
+        "metrics_listen": f"{host.address}:{AGENT_METRICS_PORT}",
     }))
 
 

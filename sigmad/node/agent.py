@@ -19,7 +19,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterator
 
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from sigmad import metrics
 from sigmad.config import NodeConfig
 from sigmad.engine import LABEL_INSTANCE, ContainerState, DockerEngine
 from sigmad.errors import EngineError, SigmaError
@@ -29,6 +35,7 @@ from sigmad.network.overlay import OverlayError
 from sigmad.node.disks import DiskKeeper, LinuxHost
 from sigmad.node.fence import SelfFence
 from sigmad.node.tunnels import TunnelKeeper
+from sigmad.node.usage import Sampler
 from sigmad.reasons import Kill, Reason
 from sigmad.spec import Resources
 from sigmad.store import EtcdStore, Store
@@ -92,6 +99,34 @@ class Agent:
             if config.ssds else None
         self.said: bool | None = None  # what the heartbeat says of the engine (None: no beat)
         self.fence = SelfFence(lambda: self.engine, config.heartbeat_ttl)
+        self.usage = Sampler(config.name, self.engine, store, config.usage_cgroup) \
+            if config.usage_interval and overlay else None
+        self.node: Node | None = None  # as last registered
+
+    def figures(self) -> Iterator[Metric]:
+        """This agent's figures for /metrics: its node's capacity, its heartbeat and its
+        last usage sample (host and instance count; no per-instance labels)."""
+        node, last = self.node, self.usage.last if self.usage else None
+        yield GaugeMetricFamily("sigma_agent_heartbeat_ok", "1 while the agent holds its "
+                                "heartbeat lease and says its engine answers",
+                                value=int(bool(self.lease) and bool(self.said)))
+        cpu = GaugeMetricFamily("sigma_agent_cpu_cores", "this host's cpu: capacity, "
+                                "allocatable, used", labels=["kind"])
+        memory = GaugeMetricFamily("sigma_agent_memory_bytes", "this host's memory: "
+                                   "capacity, allocatable, used", labels=["kind"])
+        if node is not None:
+            for kind, r in (("capacity", node.capacity), ("allocatable", node.allocatable)):
+                cpu.add_metric([kind], r.cpu_m / 1000)
+                memory.add_metric([kind], r.memory)
+        if last is not None:
+            cpu.add_metric(["used"], last.host.cpu)
+            memory.add_metric(["used"], last.host.memory)
+        yield from (cpu, memory)
+        if last is not None:
+            yield GaugeMetricFamily("sigma_agent_instances", "instances sampled on this host",
+                                    value=len(last.instances))
+            yield GaugeMetricFamily("sigma_agent_ssd_used_bytes", "bytes used on this "
+                                    "host's SSDs", value=sum(d.used for d in last.ssds.values()))
 
     async def _engine_info(self) -> dict[str, object]:
         delay = 0.5
@@ -118,6 +153,7 @@ class Agent:
                     break
             elif await self.store.update(key, node, current.mod_revision):
                 break
+        self.node = node
         log.info(
             "node %s registered: %d cpu, %d MiB, engine %s %s", node.name,
             node.capacity.cpu_m // 1000, node.capacity.memory >> 20, node.engine,
@@ -235,11 +271,36 @@ class Agent:
                 loops.append(self.tunnels.run())
             if self.disks is not None:
                 loops.append(self.disks.run())
+            if self.usage is not None:
+                loops.append(self.usage.run(lambda: self.lease, self.config.usage_interval))
+            if self.config.metrics_listen:
+                loops.append(serve_metrics(self.config.metrics_listen,
+                                           metrics.registry(self.figures)))
             await asyncio.gather(*loops)
         finally:
             events.cancel()
             await asyncio.gather(events, return_exceptions=True)
             await self.engine.close()
+
+
+async def serve_metrics(listen: str, registry: CollectorRegistry) -> None:
+    """Serve GET /metrics of `registry` on `listen` (HOST:PORT) until cancelled."""
+
+    async def handle(request: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(registry),
+                            headers={"Content-Type": metrics.CONTENT_TYPE})
+
+    app = web.Application()
+    app.router.add_get("/metrics", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    host, _, port = listen.rpartition(":")
+    try:
+        await web.TCPSite(runner, host.strip("[]") or "0.0.0.0", int(port)).start()
+        log.info("metrics on http://%s/metrics", listen)
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
 
 
 async def run_agent(config: NodeConfig) -> None:

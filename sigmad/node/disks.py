@@ -44,8 +44,8 @@ from sigmad.models import (
     SSD_RETAINED,
     SSD_WIPING,
     Instance,
-    Owner,
     Ssd,
+    SsdClaim,
     now,
     split_name,
 )
@@ -179,7 +179,7 @@ class DiskKeeper:
         keys = self.store.keys
         records = {v.value.id: v for v in (await self.store.scan(keys.ssds(self.node), Ssd))[0]}
         claims = {v.key.rpartition("/")[2]: v.value.owner
-                  for v in (await self.store.scan(keys.ssd_claims(self.node), Owner))[0]}
+                  for v in (await self.store.scan(keys.ssd_claims(self.node), SsdClaim))[0]}
         for path in self.paths:
             disk = disk_id(path)
             owner = claims.get(disk)

@@ -25,7 +25,7 @@ from sigmad.errors import SigmaError
 from sigmad.models import Instance, Node
 from sigmad.network.ipam import BRIDGE, MTU, VNI, VXLAN, VXLAN_PORT, OverlayNet, mac_for
 from sigmad.network.overlay import Overlay, OverlayError, Tunnel
-from sigmad.state.cache import INSTANCES, NODES, Cache
+from sigmad.state.cache import INSTANCES, NODES, USAGE, Cache
 from sigmad.store import Store, Versioned
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class TunnelKeeper:
     async def run(self) -> None:
         """Until cancelled: set up, then sync on every change that matters (and fully every
         RESYNC seconds)."""
-        cache = Cache(self.store)
+        cache = Cache(self.store, ignore=(USAGE,))  # (every node's samples: not needed here)
         cache.subscribe(self._on_change)
         filling = asyncio.create_task(cache.run())
         delay = 0.5

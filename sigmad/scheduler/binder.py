@@ -26,12 +26,19 @@ import asyncio
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sigmad.models import BoundSsd, Instance
 from sigmad.reasons import State
 from sigmad.scheduler.placer import Decision, Placer, Request, place
-from sigmad.scheduler.snapshot import FreeSsd, Snapshot, free_ssds, snapshot_of
+from sigmad.scheduler.snapshot import (
+    FreeSsd,
+    RetainedSsd,
+    Snapshot,
+    free_ssds,
+    retained_ssds,
+    snapshot_of,
+)
 from sigmad.spec import AppSpec, Resources
 from sigmad.state.cache import LOCKS, SSD_CLAIMS, SSDS, Cache
 from sigmad.state.writes import Writer, Writes
@@ -68,9 +75,11 @@ class Booking:
     ports: list[int]
     node: str = ""  # where it was placed ("" for a re-booking on its own node)
     ssds: list[FreeSsd] = field(default_factory=list)  # the disks it claims there
+    kept: list[RetainedSsd] = field(default_factory=list)  # its own disks it gets back there
 
     def cost(self) -> tuple[int, int]:
-        return 1 + len(self.ports) + 2 * len(self.ssds), 1 + len(self.ports) + len(self.ssds)
+        return 1 + len(self.ports) + 2 * len(self.ssds) + len(self.kept), \
+            1 + len(self.ports) + len(self.ssds)
 
 
 @dataclass
@@ -124,13 +133,32 @@ def plan(snapshot: Snapshot, wanted: Sequence[Versioned[Instance]], apps: dict[s
             continue
         spec = apps[inst.app_key]
         ports = dict(zip([p.name for p in spec.network.ports], binding.ports, strict=True))
+        kept = given_back(snapshot, inst, spec, binding.node)
+        claimed = [] if kept else binding.ssds  # (a free disk the placer took stays free)
+        given: list[FreeSsd | RetainedSsd] = [*kept, *claimed]
         disks = [BoundSsd(vol.name, d.id, d.source, vol.reclaim)
-                 for vol, d in zip(spec.volumes, binding.ssds, strict=True)]
+                 for vol, d in zip(spec.volumes, given, strict=True)]
         new = inst.bound(binding.node, ports, disks) if inst.state == State.PENDING else \
             inst.move_booked(binding.node, ports)
         result.by_node.setdefault(binding.node, []).append(
-            Booking(v, new, binding.ports, binding.node, binding.ssds))
+            Booking(v, new, binding.ports, binding.node, claimed, kept))
     return result
+
+
+def given_back(snapshot: Snapshot, inst: Instance, spec: AppSpec, node: str
+               ) -> list[RetainedSsd]:
+    """A Pending instance placed on `node` where a retained disk of its own holds each of its
+    volumes (its node was lost and came back, or it was deleted with `reclaim: retain` and
+    applied again): those disks, one per volume in order, instead of new ones. All or none:
+    a volume without its own disk there gets new disks for every volume, the old ones stay
+    retained (and an event of its move said where)."""
+    if inst.state != State.PENDING or not spec.volumes:
+        return []
+    mine = {d.volume: d for d in snapshot.retained.get(inst.key, ()) if d.node == node}
+    found = [mine.get(vol.name) for vol in spec.volumes]
+    if any(d is None or d.size < vol.min_size for d, vol in zip(found, spec.volumes, strict=True)):
+        return []
+    return found  # type: ignore[return-value]
 
 
 def _rebook(snapshot: Snapshot, v: Versioned[Instance], spec: AppSpec,
@@ -157,28 +185,62 @@ def place_all(snapshot: Snapshot, pending: Sequence[Versioned[Instance]],
               apps: dict[str, AppSpec], rng: random.Random | None,
               placer: Placer | None = None) -> Decision:
     """Place instances that must go to one node (`sigmactl migrate --to`) on that node alone,
-    booking them into the snapshot, then everything else."""
+    then Pending instances whose own retained disks on a Ready node hold all their volumes
+    back on that node (their data is there; they need no free disk), booking both into the
+    snapshot, then everything else (a returning instance that does not fit at home too)."""
     decision = Decision()
     by_target: dict[str, list[Request]] = {}
+    homes: dict[str, list[Request]] = {}
     free: list[Request] = []
     for v in pending:
-        request = _request(v, apps[v.value.app_key])
-        (by_target.setdefault(v.value.target, []) if v.value.target else free).append(request)
+        spec = apps[v.value.app_key]
+        request = _request(v, spec)
+        home = "" if v.value.target else _home(snapshot, v.value, spec)
+        if v.value.target:
+            by_target.setdefault(v.value.target, []).append(request)
+        elif home:
+            homes.setdefault(home, []).append(replace(request, ssds=()))
+        else:
+            free.append(request)
     for node, requests in sorted(by_target.items()):
-        info = snapshot.nodes.get(node)
-        one = place(Snapshot(snapshot.revision, {node: info} if info else {}), requests, rng)
-        decision.unplaced.update(one.unplaced)
-        decision.placed.update(one.placed)
-        for r in requests:
-            if info is not None and r.key in one.placed:
-                info.book(r.request)
-                info.ports.update(one.placed[r.key].ports)
-                taken = one.placed[r.key].ssds
-                info.ssds = [d for d in info.ssds if d not in taken]
+        _place_on(snapshot, node, requests, rng, decision)
+    full = {v.key: _request(v, apps[v.value.app_key]) for v in pending}
+    for node, requests in sorted(homes.items()):
+        away = _place_on(snapshot, node, requests, rng, Decision(decision.placed))
+        free += [full[key] for key in away]
     rest = (placer or Placer(snapshot, rng)).place(free)
     decision.placed.update(rest.placed)
     decision.unplaced.update(rest.unplaced)
     return decision
+
+
+def _place_on(snapshot: Snapshot, node: str, requests: list[Request],
+              rng: random.Random | None, decision: Decision) -> list[str]:
+    """Place `requests` on `node` alone, booking them into the snapshot; the keys of those
+    that do not fit (their reasons in `decision.unplaced`)."""
+    info = snapshot.nodes.get(node)
+    one = place(Snapshot(snapshot.revision, {node: info} if info else {}), requests, rng)
+    decision.unplaced.update(one.unplaced)
+    decision.placed.update(one.placed)
+    for r in requests:
+        if info is not None and r.key in one.placed:
+            info.book(r.request)
+            info.ports.update(one.placed[r.key].ports)
+            taken = one.placed[r.key].ssds
+            info.ssds = [d for d in info.ssds if d not in taken]
+    return list(one.unplaced)
+
+
+def _home(snapshot: Snapshot, inst: Instance, spec: AppSpec) -> str:
+    """The Ready node where a Pending instance's own retained disks hold all its volumes
+    ("" if none)."""
+    if inst.state != State.PENDING or not spec.volumes:
+        return ""
+    for node in sorted({d.node for d in snapshot.retained.get(inst.key, ())}):
+        info = snapshot.nodes.get(node)
+        if info is not None and info.ready and given_back(snapshot, inst, spec, node):
+            return node
+    return ""
 
 
 def _request(v: Versioned[Instance], spec: AppSpec) -> Request:
@@ -215,6 +277,7 @@ async def commit(writer: Writer, writes: Writes, snapshot: Snapshot,
                 change += writes.update_instance(b.old, b.new)
                 change += writes.claim_ports(b.new, name, b.ports)
                 change += writes.claim_ssds(b.new, name, b.ssds)
+                change += writes.keep_ssds(b.kept)
             lock = await writer.write(change)
             if not lock:
                 result.conflicts += 1
@@ -240,11 +303,15 @@ def cache_snapshot(cache: Cache) -> Snapshot:
     """The scheduler's snapshot of the cache now: nodes, what each has booked, lock revisions
     and free disks."""
     prefix, claims = cache.keys.node_locks(), cache.keys.ssd_claims()
-    claimed = {tuple(k.removeprefix(claims).split("/", 1)) for k in cache.table(SSD_CLAIMS)}
-    return snapshot_of((v.value for v in cache.nodes().values()), cache.ready, cache.usage,
-                       cache.revision, {k.removeprefix(prefix): v.mod_revision
-                                        for k, v in cache.table(LOCKS).items()},
-                       free_ssds(cache.table(SSDS).values(), claimed))  # type: ignore[arg-type]
+    table = cache.table(SSD_CLAIMS)
+    claimed = {tuple(k.removeprefix(claims).split("/", 1)) for k in table}
+    disks = list(cache.table(SSDS).values())
+    snapshot = snapshot_of((v.value for v in cache.nodes().values()), cache.ready, cache.usage,
+                           cache.revision, {k.removeprefix(prefix): v.mod_revision
+                                            for k, v in cache.table(LOCKS).items()},
+                           free_ssds(disks, claimed))  # type: ignore[arg-type]
+    snapshot.retained = retained_ssds(disks, table, cache.keys.ssd_claim)
+    return snapshot
 
 
 async def schedule(cache: Cache, writer: Writer, writes: Writes, apps: dict[str, AppSpec],

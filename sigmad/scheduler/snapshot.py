@@ -6,17 +6,19 @@ from plain lists of records (tests, benchmarks) through the same NodeUsage arith
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from sigmad.models import (
     DEFAULT_PORT_RANGE,
     MAX_OVERCOMMIT,
     SSD_READY,
+    SSD_RETAINED,
     Instance,
     Node,
     Overcommit,
     Ssd,
+    SsdClaim,
 )
 from sigmad.node.disks import data_path
 from sigmad.scheduler.fit import NodeUsage, fit, match_ssds
@@ -82,10 +84,26 @@ class NodeInfo:
         return max(0, hi - lo + 1 - sum(1 for p in self.ports if lo <= p <= hi))
 
 
+@dataclass(frozen=True, slots=True)
+class RetainedSsd:
+    """A disk still claimed for an instance's volume while the instance runs elsewhere or
+    nowhere (`retained`, mounted, its data kept): given back to that volume when the
+    instance is placed on its node again. Its reuse guards the claim's revision."""
+
+    node: str
+    id: str
+    volume: str
+    size: int
+    claim: str  # the claim's key
+    revision: int  # the claim's
+    source: str  # the host directory bound into the containers
+
+
 @dataclass
 class Snapshot:
     revision: int
     nodes: dict[str, NodeInfo]
+    retained: dict[str, list[RetainedSsd]] = field(default_factory=dict)  # owner → its disks
 
 
 def _ratio(value: float) -> float:
@@ -136,6 +154,24 @@ def free_ssds(disks: Iterable[Versioned[Ssd]], claimed: set[tuple[str, str]]
         if d.state == SSD_READY and d.mount and (d.node, d.id) not in claimed:
             out.setdefault(d.node, []).append(FreeSsd(d.id, d.size, v.mod_revision,
                                                       data_path(d.mount)))
+    return out
+
+
+def retained_ssds(disks: Iterable[Versioned[Ssd]], claims: Mapping[str, Versioned[SsdClaim]],
+                  claim_key: Callable[[str, str], str]) -> dict[str, list[RetainedSsd]]:
+    """Instance key → its disks that are `retained` (mounted, claimed for one of its volumes
+    by name): what it gets back if it is placed on their node again."""
+    out: dict[str, list[RetainedSsd]] = {}
+    for v in disks:
+        d = v.value
+        if d.state != SSD_RETAINED or not d.mount:
+            continue
+        key = claim_key(d.node, d.id)
+        claim = claims.get(key)
+        if claim is None or not claim.value.volume or claim.value.owner != d.owner:
+            continue
+        out.setdefault(d.owner, []).append(RetainedSsd(
+            d.node, d.id, claim.value.volume, d.size, key, claim.mod_revision, data_path(d.mount)))
     return out
 
 

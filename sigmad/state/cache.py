@@ -30,7 +30,17 @@ from typing import Any, TypeVar
 from sigmad import records
 from sigmad.errors import SigmaError
 from sigmad.leader import LeaderRecord, MasterRecord
-from sigmad.models import AppRecord, Beat, Instance, Node, NodeLock, Owner, Ssd
+from sigmad.models import (
+    AppRecord,
+    Beat,
+    Instance,
+    Node,
+    NodeLock,
+    Owner,
+    Ssd,
+    SsdClaim,
+    UsageRecord,
+)
 from sigmad.scheduler.fit import NodeUsage
 from sigmad.store import Op, Store, Versioned, WatchBatch, WatchCompacted
 from sigmad.tokens import TokenRecord
@@ -42,14 +52,15 @@ NODES, BEATS, APPS, INSTANCES = "nodes", "heartbeats", "apps", "instances"
 IPS, PORTS, LOCKS, LEADER, MASTERS = "ips", "ports", "locks", "leader", "masters"
 SSDS, SSD_CLAIMS = "ssds", "ssd_claims"
 TOKENS = "tokens"
+USAGE = "usage"
 # kind → (its key prefix under the cluster prefix, its record class; None: presence only)
 KINDS: dict[str, tuple[str, type | None]] = {
     NODES: ("nodes/", Node), BEATS: ("heartbeats/", Beat), APPS: ("apps/", AppRecord),
     INSTANCES: ("instances/", Instance), IPS: ("alloc/ip/", Owner),
     PORTS: ("alloc/port/", Owner), LOCKS: ("alloc/node/", NodeLock),
     LEADER: ("leader", LeaderRecord), MASTERS: ("masters/", MasterRecord),
-    SSDS: ("ssds/", Ssd), SSD_CLAIMS: ("alloc/ssd/", Owner),
-    TOKENS: ("tokens/", TokenRecord),
+    SSDS: ("ssds/", Ssd), SSD_CLAIMS: ("alloc/ssd/", SsdClaim),
+    TOKENS: ("tokens/", TokenRecord), USAGE: ("usage/", UsageRecord),
 }
 RELIST_DELAY = 1.0
 MALFORMED = object()  # what `_decode` returns for a value that is not a record
@@ -74,7 +85,9 @@ class View:
 class Cache:
     """Every record of one cluster, kept current from etcd (see the module docstring)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, ignore: Iterable[str] = ()) -> None:
+        """`ignore`: kinds this cache neither lists nor decodes (their tables stay empty),
+        e.g. the agents' caches leave out every node's usage samples."""
         self.store = store
         self.keys = store.keys
         self.base = self.keys.prefix + "/"
@@ -91,7 +104,9 @@ class Cache:
         self.usage: dict[str, NodeUsage] = {}
         self._subscribers: list[Subscriber] = []
         self._advanced = asyncio.Condition()
-        self._prefixes = sorted(((self.base + p, kind, cls) for kind, (p, cls) in KINDS.items()),
+        self._kinds = {k: v for k, v in KINDS.items() if k not in set(ignore)}
+        self._prefixes = sorted(((self.base + p, kind, cls)
+                                 for kind, (p, cls) in self._kinds.items()),
                                 key=lambda t: -len(t[0]))
 
     # -- reading ----------------------------------------------------------------------------
@@ -202,7 +217,7 @@ class Cache:
         changed since the last list."""
         fresh: dict[str, dict[str, Versioned[Any]]] = {}
         revision = 0
-        for kind, (part, cls) in KINDS.items():
+        for kind, (part, cls) in self._kinds.items():
             if kind == LEADER:
                 items, revision = await self.store.range_raw(self.base + part, limit=1,
                                                              revision=revision)

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sigmad.control.rollout import Revision
-from sigmad.models import AppRecord, Instance, Node, NodeLock, Owner
-from sigmad.scheduler.snapshot import FreeSsd
+from sigmad.models import AppRecord, Instance, Node, NodeLock, Owner, SsdClaim
+from sigmad.scheduler.snapshot import FreeSsd, RetainedSsd
 from sigmad.spec import AppSpec
 from sigmad.state.cache import Cache
 from sigmad.store import MAX_TXN_OPS, Guard, Keys, Op, Store, Versioned
@@ -103,14 +103,20 @@ class Writes:
     def claim_ssds(self, inst: Instance, node: str, disks: Iterable[FreeSsd]) -> Change:
         """Claim whole disks of `node` (create-if-absent), each only while its record is
         as seen (`ready`, at `revision`)."""
+        volumes = {b.disk: b.volume for b in inst.ssds}
         change = Change()
         for d in disks:
             claim = self.keys.ssd_claim(node, d.id)
             change += Change([Guard(self.keys.ssd(node, d.id), d.revision), Guard(claim, 0)],
-                             [Op(claim, Owner(inst.key))])
+                             [Op(claim, SsdClaim(inst.key, volumes.get(d.id, "")))])
         return change
 
-    def release_ssd(self, claim: Versioned[Owner]) -> Change:
+    def keep_ssds(self, disks: Iterable[RetainedSsd]) -> Change:
+        """Bind an instance's own retained disks again: each only while its claim is as read
+        (still this instance's, for that volume)."""
+        return Change([Guard(d.claim, d.revision) for d in disks], [])
+
+    def release_ssd(self, claim: Versioned[SsdClaim]) -> Change:
         """Give up a retained disk's claim as read (its agent then wipes it)."""
         return Change([Guard(claim.key, claim.mod_revision)], [Op(claim.key, delete=True)])
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ class FakeContainer:
     started_at: str = ""
     finished_at: str = ""
     caps: dict[str, Any] = field(default_factory=dict)
+    output: list[str] = field(default_factory=list)  # lines it wrote (last_lines reads them)
 
     @property
     def labels(self) -> dict[str, str]:
@@ -218,6 +219,25 @@ class FakeEngine:
             self.probe[name] = left - 1
             return 1
         return 0
+
+    async def logs(self, container_id: str, tail: int, follow: bool = False
+                   ) -> AsyncGenerator[bytes, None]:
+        await self._call("logs", container_id)
+        c = self._get(container_id)
+        if c is None:
+            raise EngineError(f"{self.url}: No such container: {container_id}", 404)
+        lines = c.output[-tail:] if tail else []
+        yield "".join(line + "\n" for line in lines).encode()
+
+    async def run(self, container_id: str, command: list[str], timeout: float
+                  ) -> tuple[int, bytes]:
+        await self._call("run", " ".join(command))
+        return self.probe.get(command[0], 0), (" ".join(command) + "\n").encode()
+
+    async def last_lines(self, container_id: str, count: int) -> list[str]:
+        await self._call("last_lines", container_id)
+        c = self._get(container_id)
+        return c.output[-count:] if c is not None and count else []
 
     async def memory_usage(self, container_id: str) -> int:
         await self._call("memory_usage", container_id)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from sigmad.procs import EtcdProcess
 from sigmad.state.cache import Cache
@@ -63,12 +64,14 @@ class Master:
             return False
 
     def metrics(self) -> dict[str, int]:
-        request = urllib.request.Request(f"{self.url}/v1/metrics",
+        """The master's unlabelled metrics, parsed as Prometheus does (counters with their
+        `_total` suffix)."""
+        request = urllib.request.Request(f"{self.url}/metrics",
                                          headers={"Authorization": f"Bearer {self.token}"})
         with urllib.request.urlopen(request, timeout=10) as r:
-            lines = r.read().decode().splitlines()
-        return {name: int(value) for name, value in
-                (line.split() for line in lines if line and not line.startswith("#"))}
+            text = r.read().decode()
+        return {s.name: int(s.value) for f in text_string_to_metric_families(text)
+                for s in f.samples if not s.labels}
 
     def connect(self, head: str) -> socket.socket:
         """A connection that has sent `head` (a request line and headers, maybe cut)."""
@@ -244,7 +247,7 @@ def test_a_vanished_stream_client_is_released(master: Master) -> None:
     wait_for(lambda: master.metrics()["sigma_api_streams_open"] == 0
              and master.metrics()["sigma_api_watches_open"] == 0, 30,
              "the stream and its watch to be released")
-    assert master.metrics()["sigma_api_streams_closed"] == 1
+    assert master.metrics()["sigma_api_streams_closed_total"] == 1
 
 
 def test_slow_clients_are_closed_and_others_served(master: Master) -> None:
@@ -272,7 +275,7 @@ def test_slow_clients_are_closed_and_others_served(master: Master) -> None:
     assert len(closed) == len(slow), "slow request heads were not closed"
     answer = body.recv(4096)
     assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 1s" in answer
-    assert master.metrics()["sigma_api_slow_bodies"] == 1
+    assert master.metrics()["sigma_api_slow_bodies_total"] == 1
     for sock in [*slow, body]:
         sock.close()
     assert master._healthy()  # and the master serves on

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sigmad.models import SSD_BOUND, SSD_BROKEN, SSD_READY, BoundSsd, Instance, Owner, Ssd
+from sigmad.models import SSD_BOUND, SSD_BROKEN, SSD_READY, BoundSsd, Instance, Ssd, SsdClaim
 from sigmad.node.disks import DATA, DiskKeeper, LinuxHost, disk_id
 from sigmad.procs import EtcdProcess
 from sigmad.store import EtcdStore
@@ -83,7 +83,7 @@ async def test_format_bind_restart_and_wipe_on_real_disks(
     assert await keeper.capacity() == (2, 2 * SIZE)
 
     claim = store.keys.ssd_claim("h1", first.id)
-    assert await store.create(claim, Owner("default/db-0"))
+    assert await store.create(claim, SsdClaim("default/db-0"))
     await store.put(store.keys.instance("default", "db", 0), Instance(
         "default", "db", 0, 1, node="h1", ssds=[BoundSsd("data", first.id, "/x")]))
     await keeper.sync()

@@ -4,7 +4,8 @@ A sentinel written on an instance's SSD survives a container kill (a new contain
 disk) and an in-place resize; deleting the app gives the disk back `ready` with a fresh
 filesystem (no sentinel); bad volume specs are refused naming the field, nothing written; a
 killed host's instance runs elsewhere on a new disk while its old one is retained until
-`sigmactl ssd release`; a vanished disk gives SSDLost and new disks.
+`sigmactl ssd release`, and goes home to it (its data there) when its new host dies in
+turn; a vanished disk gives SSDLost and new disks.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def test_data_survives_restarts_and_is_wiped_on_delete(lab: LabCluster) -> None:
 
     def wiped() -> dict[str, Any] | None:
         d = ssds(lab)[f"{inst['node']}/{bound['disk']}"]
+        print(d["state"], d["error"])  # (shown if it times out)
         return d if d["state"] == "ready" and d["fs_uuid"] != disk["fs_uuid"] else None
 
     fresh = wait_for(wiped, 60, "the released disk wiped and ready again")
@@ -141,12 +143,36 @@ def test_kill_host_moves_the_instance_to_a_new_disk_and_retains_the_old(
         # back: its agent sees the claim of an instance placed elsewhere, keeps the data
         wait_for(lambda: ssds(lab)[old]["state"] == "retained", 60, "the old disk retained")
         assert (Path(first["ssds"][0]["source"]) / "sentinel").read_text() == "tenant-1\n"
+        # its second host lost in turn: it goes home, to its first disk and its data
+        lab.lab.kill_host(moved["node"])
+        try:
+            def home() -> dict[str, Any] | None:
+                (now,) = lab.instances("ssdb")
+                return now if now["state"] == "Running" and now["node"] == first["node"] \
+                    else None
+
+            back = wait_for(home, 90, f"ssdb-0 running on {first['node']} again")
+            assert back["ssds"][0]["disk"] == first["ssds"][0]["disk"]
+            assert lab.in_instance(back, "cat", "/data/sentinel").stdout == "tenant-1\n"
+        finally:
+            lab.lab.heal(moved["node"])
     finally:
         lab.delete("ssdb")
-    released = lab.ctl("ssd", "release", old)
+    # its first disk, bound again, is wiped with the delete; the one it had on its second
+    # host stays retained until released
+    second = f"{moved['node']}/{moved['ssds'][0]['disk']}"
+    assert ssds(lab)[second]["claimed_by"] == "default/ssdb-0"
+    released = lab.ctl("ssd", "release", second)
     assert released.returncode == 0 and "default/ssdb-0" in released.stdout, released.stderr
-    wait_for(lambda: ssds(lab)[old]["state"] == "ready" and not ssds(lab)[old]["claimed_by"],
-             60, "the released disk wiped and ready")
+
+    def wiped() -> bool:
+        found = ssds(lab)
+        print({d: (found[d]["state"], found[d]["claimed_by"], found[d]["error"])
+               for d in (old, second)})  # (shown if it times out)
+        return all(found[d]["state"] == "ready" and not found[d]["claimed_by"]
+                   for d in (old, second))
+
+    wait_for(wiped, 60, f"{old} and {second} wiped and ready")
     assert os.listdir(first["ssds"][0]["source"]) == []
 
 

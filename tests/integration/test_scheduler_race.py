@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
-from sigmad.models import SSD_READY, Instance, Node, NodeLock, Overcommit, Owner, Ssd
+from sigmad.models import SSD_READY, Instance, Node, NodeLock, Overcommit, Owner, Ssd, SsdClaim
 from sigmad.procs import EtcdProcess
 from sigmad.reasons import State
 from sigmad.scheduler.binder import BindResult, schedule
@@ -292,7 +292,7 @@ async def test_two_racing_schedulers_never_claim_one_disk_twice(etcd: EtcdProces
                                  b.place({"ns/db": spec}, random.Random(2)))
         scheduled = await check_no_double_booking(one)
         claims = {v.key: v.value.owner for v in (await one.scan(one.keys.ssd_claims(),
-                                                                Owner))[0]}
+                                                                SsdClaim))[0]}
         assert len(scheduled) == 6 and len(claims) == 6
         assert sorted(claims.values()) == sorted(i.key for i in scheduled)
         for inst in scheduled:

@@ -115,12 +115,14 @@ async def test_an_agent_cannot_write_another_nodes_keys(secure_etcd: SecureEtcd)
             await h1.get_raw(KEYS.node("h1")) is not None
         lease = await h1.grant(5)
         await h1.put(KEYS.heartbeat("h1"), {"node": "h1"}, lease=lease)
+        await h1.put(KEYS.usage("h1"), {"node": "h1"}, lease=lease)  # its usage sample
         await h1.put(KEYS.events() + "1-1", {"message": "hello"}, lease=lease)
         await h1.revoke(lease)
         await master.put(KEYS.node("h2"), {"name": "h2"})
         assert await h1.get_raw(KEYS.node("h2")) is not None
         # Another node's keys, or anything the masters own: refused, nothing written.
-        for key in (KEYS.node("h2"), KEYS.heartbeat("h2"), KEYS.instance("default", "web", 0),
+        for key in (KEYS.node("h2"), KEYS.heartbeat("h2"), KEYS.usage("h2"),
+                    KEYS.instance("default", "web", 0),
                     KEYS.ip("10.244.0.9"), KEYS.leader()):
             with pytest.raises(StoreUnavailable, match="permission denied"):
                 await h1.put(key, {"forged": True})

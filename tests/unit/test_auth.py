@@ -241,7 +241,7 @@ def test_every_change_but_the_scoped_ones_is_admin_only() -> None:
         elif scoped == "path":
             assert tokens.allowed(op, method, path, "a") is None
             assert tokens.allowed(op, method, path, "b")
-    assert changes == 13  # drain, uncordon, apply, delete, resize, migrate, token +/-,
+    assert changes == 14  # drain, uncordon, apply, delete, resize, migrate, exec, token +/-,
     # ssd release, cordon, uncordon, app release, undo
     assert tokens.allowed(op, "PATCH", "/v1/anything/new", "a")  # a route added later
 

@@ -297,8 +297,8 @@ async def test_connections_over_the_cap_are_answered_503(lead: Leader) -> None:
         for _, writer in held:
             writer.close()
         await until(lambda: metrics.connections() == 0)
-        status, text = await request(port, "GET /v1/metrics")
-        assert status == 200 and b"sigma_api_connections_refused 1\n" in text
+        status, text = await request(port, "GET /metrics")
+        assert status == 200 and b"sigma_api_connections_refused_total 1.0\n" in text
 
 
 # -- etcd history compaction -----------------------------------------------------------------

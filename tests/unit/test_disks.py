@@ -16,8 +16,8 @@ from sigmad.models import (
     SSD_WIPING,
     BoundSsd,
     Instance,
-    Owner,
     Ssd,
+    SsdClaim,
 )
 from sigmad.node.disks import (
     BREAK,
@@ -156,7 +156,7 @@ async def test_keeper_formats_binds_and_wipes_before_ready_again() -> None:
     assert await keeper.capacity() == (1, 100 << 30)
 
     claim = store.keys.ssd_claim("h1", "nvme-A_1")
-    await store.create(claim, Owner("default/db-0"))
+    await store.create(claim, SsdClaim("default/db-0"))
     await keeper.sync()
     assert (await record(store)).state == SSD_RETAINED  # its record does not place it here
     await store.put(store.keys.instance("default", "db", 0), Instance(
@@ -190,7 +190,7 @@ async def test_keeper_never_formats_a_disk_claimed_meanwhile() -> None:
     keeper = DiskKeeper("h1", "/var/lib/sigma", [PATH], store, host)
     await keeper.sync()
     current = await store.get(store.keys.ssd("h1", "nvme-A_1"), Ssd)
-    await store.create(store.keys.ssd_claim("h1", "nvme-A_1"), Owner("default/db-0"))
+    await store.create(store.keys.ssd_claim("h1", "nvme-A_1"), SsdClaim("default/db-0"))
     await keeper.sync_one(PATH, current, None)  # what it read before the claim
     assert host.formats == 0 and (await record(store)).state == SSD_FREE
 

@@ -13,7 +13,16 @@ from sigmad.api import views
 from sigmad.control import migration
 from sigmad.engine import container_config
 from sigmad.errors import Conflict, NotFound, SpecError
-from sigmad.models import SSD_BOUND, SSD_READY, BoundSsd, Instance, Node, Owner, Ssd
+from sigmad.models import (
+    SSD_BOUND,
+    SSD_READY,
+    SSD_RETAINED,
+    BoundSsd,
+    Instance,
+    Node,
+    Ssd,
+    SsdClaim,
+)
 from sigmad.scheduler import NodeInfo, Request, Snapshot, binder
 from sigmad.scheduler import place as place_decision
 from sigmad.scheduler.fit import match_ssds
@@ -125,7 +134,7 @@ async def schedule(store: MemoryStore, keys: list[str], seed: int) -> binder.Bin
 
 
 async def claims(store: MemoryStore) -> dict[str, str]:
-    found, _ = await store.scan(store.keys.ssd_claims(), Owner)
+    found, _ = await store.scan(store.keys.ssd_claims(), SsdClaim)
     return {v.key.removeprefix(store.keys.ssd_claims()): v.value.owner for v in found}
 
 
@@ -347,6 +356,62 @@ async def test_a_lost_node_leaves_the_disk_claimed_and_the_instance_runs_elsewhe
         owners = {k.removeprefix(lead.store.keys.ssd_claims()): v.value.owner
                   for k, v in lead.cache.table(SSD_CLAIMS).items()}
         assert owners == {"a/loop0": "default/db-0", "b/loop0": "default/db-0"}
+
+
+async def retain(lead: Leader, node: str, disk: str, owner: str) -> None:
+    """The agent's part: a claimed disk whose owner is not placed on it is `retained`."""
+    key = lead.store.keys.ssd(node, disk)
+    v = await lead.store.get(key, Ssd)
+    assert v is not None
+    await lead.store.put(key, replace(v.value, state=SSD_RETAINED, owner=owner))
+
+
+async def test_an_app_applied_again_gets_its_retained_disk_back() -> None:
+    """Deleted with `reclaim: retain`, applied again: db-0 is placed on its own disk (with its
+    data), not on the free one beside it, and claims nothing new."""
+    async with Leader() as lead:
+        await lead.add_node("a", ssds=2)
+        await add_disks(lead, "a", 2)
+        retained = spec("db", 1) + DB.lstrip().replace("/data}", "/data, reclaim: retain}")
+        await lead.apply(retained)
+        (first,) = await lead.running("db", 1)
+        await lead.api.delete("default", "db")
+        await lead.until(lambda: not lead.instances("db"), what="db deleted")
+        await retain(lead, "a", first.ssds[0].disk, "default/db-0")
+        await lead.until(lambda: lead.cache.table(SSDS)[lead.store.keys.ssd(
+            "a", first.ssds[0].disk)].value.state == SSD_RETAINED, what="the disk retained")
+        await lead.apply(retained)
+        (again,) = await lead.running("db", 1)
+        assert again.ssds == first.ssds
+        claims = {k.removeprefix(lead.store.keys.ssd_claims()): v.value
+                  for k, v in lead.cache.table(SSD_CLAIMS).items()}
+        assert claims == {f"a/{first.ssds[0].disk}": SsdClaim("default/db-0", "data")}
+
+
+async def test_an_instance_whose_node_comes_back_goes_home_to_its_disk() -> None:
+    """Moved off a lost node onto a new disk; when the node it now runs on is lost in turn
+    and the first is back, it goes back to its first disk although that node has no free
+    disk (its own is all it needs there)."""
+    async with Leader() as lead:
+        await lead.add_node("a", ssds=1)
+        await add_disks(lead, "a", 1)
+        await lead.apply(spec("db", 1) + DB.lstrip())
+        (first,) = await lead.running("db", 1)
+        await lead.add_node("b", ssds=1)
+        await add_disks(lead, "b", 1)
+        await lead.lose_node("a")
+        await lead.until(lambda: (i := lead.instances("db")[0]).node == "b" and
+                         i.state == "Running", what="db-0 running on b")
+        await retain(lead, "a", "loop0", "default/db-0")
+        await lead.add_node("a", ssds=1)  # back
+        await lead.lose_node("b")
+
+        def home() -> Instance | None:
+            (i,) = lead.instances("db")
+            return i if i.node == "a" and i.state == "Running" else None
+
+        back = await lead.until(home, what="db-0 back on a")
+        assert back.ssds == first.ssds
 
 
 async def test_cordon_keeps_a_disk_out_and_uncordon_gives_it_back() -> None:

@@ -223,3 +223,14 @@ def test_describe_instance_lists_its_disks() -> None:
     with_disks = {**INSTANCE, "ssds": [{"volume": "data", "disk": "loop3", "source": "/x"}]}
     assert "Disks:       data=h1/loop3" in output.describe_instance(with_disks, NOW)
     assert "Disks:" not in output.describe_instance(INSTANCE, NOW)
+
+
+def test_describe_instance_shows_the_last_lines_of_its_last_end() -> None:
+    ended = {**INSTANCE, "terminations": [
+        *INSTANCE["terminations"],
+        {"container": "main", "reason": "Exited(1)", "at": NOW - 1, "container_id": "77" * 32,
+         "logs": [f"line {n}" for n in range(30)]}]}
+    lines = output.describe_instance(ended, NOW).splitlines()
+    start = lines.index("Last lines of main (777777777777, Exited(1)):")
+    assert lines[start + 1:] == [f"  line {n}" for n in range(20, 30)]
+    assert "Last lines" not in output.describe_instance(INSTANCE, NOW)
