@@ -160,6 +160,8 @@ SCOPED: dict[tuple[str, str], str] = {
     ("PUT", "/v1/apps"): "body",
     ("DELETE", "/v1/apps/{ns}/{app}"): "path",
     ("POST", "/v1/apps/{ns}/{app}/resources"): "path",
+    ("POST", "/v1/apps/{ns}/{app}/release"): "path",
+    ("POST", "/v1/apps/{ns}/{app}/undo"): "path",
     ("POST", "/v1/instances/{ns}/{name}/migrate"): "path",
     ("POST", "/v1/instances/{ns}/{name}/exec"): "path",
     ("POST", "/v1/configs/{ns}/{name}"): "path",

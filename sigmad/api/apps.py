@@ -38,7 +38,7 @@ from sigmad.models import (
 )
 from sigmad.reasons import State
 from sigmad.scheduler.snapshot import node_info
-from sigmad.spec import AppSpec, Resources, UpdateSpec
+from sigmad.spec import AppSpec, Resources, UpdateSpec, image_reference, shown
 from sigmad.state.cache import APPS, SSD_CLAIMS, SSDS, Cache
 from sigmad.state.writes import Change, Writes, commit
 from sigmad.store import MAX_TXN_OPS, Guard, Op, Store, Versioned
@@ -235,6 +235,46 @@ class AppWrites:
         have = await self._revisions(s.namespace, s.app)
         return self.writes.revision(s, Revision(n, s, dict(rec.configs), now()),
                                     prune([*have, n], n))
+
+    async def release(self, namespace: str, name: str, image: object,
+                      container: object) -> Result:
+        """The app with a new image for one container (`sigmactl release APP --image`): a
+        template change like any apply."""
+        spec = self.app(namespace, name).value.spec
+        ref = image_reference("image", image)
+        names = [c.name for c in spec.containers]
+        if container is None and len(names) > 1:
+            raise SpecError("container", f"app {namespace}/{name} has several containers "
+                            f"({', '.join(names)}): name the one to release")
+        target = names[0] if container is None else container
+        if target not in names:
+            raise SpecError("container", f"{shown(target)} is not a container of app "
+                            f"{namespace}/{name} ({', '.join(names)})")
+        new = replace(spec, containers=[replace(c, image=ref) if c.name == target else c
+                                        for c in spec.containers])
+        (result,) = await self.apply([new], dry_run=False, force=False)
+        return result
+
+    async def undo(self, namespace: str, name: str, to: object) -> Result:
+        """Apply again the spec of a kept revision (default: the one before the current),
+        with the replicas the app has now: a new revision like any template change."""
+        current = self.app(namespace, name).value
+        kept = sorted(await self._revisions(namespace, name))
+        if to is None:
+            earlier = [n for n in kept if n < current.template_generation]
+            if not earlier:
+                raise SpecError("to", f"app {namespace}/{name} has no earlier revision kept "
+                                "(see sigmactl rollout history)")
+            to = earlier[-1]
+        if isinstance(to, bool) or not isinstance(to, int) or to not in kept:
+            raise SpecError("to", f"{shown(to)} is not a kept revision of app "
+                            f"{namespace}/{name} ({', '.join(map(str, kept)) or 'none'})")
+        found = await self.store.get(self.keys.revision(namespace, name, to), Revision)
+        if found is None:
+            raise Conflict(f"revision {to} of app {namespace}/{name} was just dropped")
+        new = replace(found.value.spec, replicas=current.spec.replicas)
+        (result,) = await self.apply([new], dry_run=False, force=False)
+        return result
 
     async def _revisions(self, namespace: str, name: str) -> list[int]:
         """The numbers of an app's kept revisions."""

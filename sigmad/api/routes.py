@@ -138,6 +138,8 @@ def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None 
     app.router.add_delete("/v1/apps/{ns}/{app}", api.delete_app)
     app.router.add_post("/v1/apps/{ns}/{app}/resources", api.update_resources)
     app.router.add_get("/v1/apps/{ns}/{app}/rollout", api.rollout)
+    app.router.add_post("/v1/apps/{ns}/{app}/release", api.release)
+    app.router.add_post("/v1/apps/{ns}/{app}/undo", api.undo)
     app.router.add_get("/v1/instances", api.list_instances)
     app.router.add_get("/v1/events", api.events)
     app.router.add_get("/v1/pool", api.pool)
@@ -224,6 +226,23 @@ class Api:
         found = await self.main(self.writes.history(request.match_info["ns"],
                                                     request.match_info["app"]))
         return _json(found)
+
+    async def release(self, request: web.Request) -> web.Response:
+        """A new image for one of the app's containers (body: image, container)."""
+        body = await self.body(request)
+        _only(body, "image", "container")
+        result = await self.main(self.writes.release(
+            request.match_info["ns"], request.match_info["app"], body.get("image"),
+            body.get("container")))
+        return _json(result.to_dict())
+
+    async def undo(self, request: web.Request) -> web.Response:
+        """Back to a kept revision (body: to; default the one before the current)."""
+        body = await self.body(request)
+        _only(body, "to")
+        result = await self.main(self.writes.undo(
+            request.match_info["ns"], request.match_info["app"], body.get("to")))
+        return _json(result.to_dict())
 
     async def apply(self, request: web.Request) -> web.Response:
         """Create or update every app in the body, all-or-nothing after validation.
@@ -482,6 +501,13 @@ def _decoded_then(parse: Callable[[str], T], raw: bytes) -> T:
         raise SpecError("body", f"is not UTF-8 text (byte {raw[exc.start]:#04x} at "
                         f"offset {exc.start})") from None
     return parse(text)
+
+
+def _only(body: dict[str, Any], *known: str) -> None:
+    """SpecError naming the first field of `body` not in `known`."""
+    for key in body:
+        if key not in known:
+            raise SpecError(str(key), f"unknown field (known: {', '.join(known)})")
 
 
 def _json_object(text: str) -> dict[str, Any]:

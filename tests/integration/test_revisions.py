@@ -22,6 +22,15 @@ def test_template_changes_are_kept_as_revisions_and_go_with_the_app(cluster: Clu
     assert history(cluster, "hist") == [1, 3]
     table = cluster.ctl("rollout", "history", "hist")
     assert table.returncode == 0 and table.stdout.splitlines()[2].split()[0] == "*3", table
+    undo = cluster.ctl("rollout", "undo", "hist")  # back to revision 1's spec: revision 4
+    assert undo.returncode == 0 and "back one revision" in undo.stdout, undo
+    assert history(cluster, "hist") == [1, 3, 4]
+    status, app = cluster.api("GET", "/v1/apps/default/hist")
+    assert status == 200 and app["spec"]["restart"] == "always" and app["replicas"] == 1
+    bad = cluster.ctl("rollout", "undo", "hist", "--to", "2")
+    assert bad.returncode == 1 and "to: 2 is not a kept revision" in bad.stderr, bad
+    release = cluster.ctl("release", "hist", "--image", "busybox:not-pulled")
+    assert release.returncode == 0 and history(cluster, "hist") == [1, 3, 4, 5], release
     assert cluster.ctl("delete", "app", "hist").returncode == 0
     missing = cluster.ctl("rollout", "history", "hist")
     assert missing.returncode == 1 and "default/hist" in missing.stderr

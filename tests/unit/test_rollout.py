@@ -36,6 +36,7 @@ from sigmad.spec import (
     parse,
     update_spec,
 )
+from sigmad.state.cache import APPS
 from tests.unit.harness import TOKEN, Leader, call, spec
 
 
@@ -240,3 +241,37 @@ async def test_deleting_an_app_deletes_its_revisions_so_its_name_starts_afresh()
         assert revisions(lead) == []
         await lead.apply(spec(replicas=0).replace("image: img", "image: img:3"))
         assert revisions(lead) == [1]
+
+
+async def test_release_and_undo_make_new_revisions_and_refuse_bad_fields() -> None:
+    lead = Leader()
+    async with lead:
+        server = make_app(lead.store, lead.cache, TOKEN, EnginePool("/t", factory=lead._engine))
+        client = TestClient(TestServer(server))
+        await client.start_server()
+        base = "/v1/apps/default/web"
+        try:
+            await lead.apply(spec(replicas=1))
+            status, answer = await call(client, "POST", base + "/release", {"image": "img:2"})
+            assert status == 200 and answer["action"] == "updated", answer
+            await lead.apply(spec(replicas=4).replace("image: img", "image: img:2"))  # scale
+            assert revisions(lead) == [1, 2]
+            for body, field in (({"image": "bad image"}, "image"), ({}, "image"),
+                                ({"image": "x", "container": "nope"}, "container"),
+                                ({"image": "x", "surge": 1}, "surge")):
+                status, err = await call(client, "POST", base + "/release", body)
+                assert (status, err["error"]["field"]) == (400, field), (body, err)
+            for body, field in (({"to": 7}, "to"), ({"to": "1"}, "to"), ({"x": 1}, "x")):
+                status, err = await call(client, "POST", base + "/undo", body)
+                assert (status, err["error"]["field"]) == (400, field), (body, err)
+            assert revisions(lead) == [1, 2]  # nothing written by a refused call
+            status, answer = await call(client, "POST", base + "/undo", {})
+            assert status == 200 and revisions(lead) == [1, 2, 4], answer
+            app = lead.cache.get(APPS, lead.store.keys.app("default", "web")).value
+            assert app.spec.containers[0].image == "img" and app.spec.replicas == 4
+            status, answer = await call(client, "POST", base + "/undo", {"to": 2})
+            assert status == 200 and revisions(lead) == [1, 2, 4, 5]
+            app = lead.cache.get(APPS, lead.store.keys.app("default", "web")).value
+            assert app.spec.containers[0].image == "img:2"
+        finally:
+            await client.close()
