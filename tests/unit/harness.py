@@ -6,13 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, TypeVar
 
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from sigmad.api.apps import AppWrites
+from sigmad.api.routes import make_app
 from sigmad.config import MasterConfig
 from sigmad.control.controller import Controller
 from sigmad.engine import Engine, EnginePool
@@ -44,6 +46,18 @@ class Leader:
         self.api = AppWrites(self.store, self.cache, self.pool)
         self.leases: dict[str, int] = {}
         self.tasks: list[asyncio.Task[Any]] = []
+
+    @asynccontextmanager
+    async def client(self, **options: Any) -> AsyncIterator[TestClient]:
+        """A test client of the master's API over this store, cache and engines (`options`
+        go to make_app)."""
+        client = TestClient(TestServer(make_app(self.store, self.cache, TOKEN, self.pool,
+                                                **options)))
+        await client.start_server()
+        try:
+            yield client
+        finally:
+            await client.close()
 
     def _engine(self, url: str, cluster: str) -> Engine:
         return self.engines.setdefault(url, FakeEngine(url, cluster))

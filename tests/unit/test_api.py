@@ -8,25 +8,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from sigmad.api import make_app
-from sigmad.engine import EnginePool
 from sigmad.models import AppRecord
-from tests.unit.harness import ADMIN, TOKEN, Leader, call, spec
+from tests.unit.harness import ADMIN, Leader, call, spec
 
 
 @pytest.fixture
 async def api() -> AsyncIterator[tuple[TestClient, Leader]]:
-    lead = Leader()
-    async with lead:
-        app = make_app(lead.store, lead.cache, TOKEN, EnginePool("/t", factory=lead._engine))
-        client = TestClient(TestServer(app))
-        await client.start_server()
-        try:
-            yield client, lead
-        finally:
-            await client.close()
+    async with Leader() as lead, lead.client() as client:
+        yield client, lead
 
 
 

@@ -12,12 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from sigmad import configs
-from sigmad.api import make_app
 from sigmad.configs import ConfigsHeld, ConfigVersion, checksum
-from sigmad.engine import EnginePool
 from sigmad.errors import SpecError
 from sigmad.node.configs import ConfigKeeper, install, on_disk
 from sigmad.spec import validate
@@ -116,16 +114,8 @@ def test_reloads_take_only_what_is_delivered() -> None:
 
 @pytest.fixture
 async def api() -> AsyncIterator[tuple[TestClient, Leader]]:
-    lead = Leader()
-    async with lead:
-        app = make_app(lead.store, lead.cache, "0123456789abcdef0123",
-                       EnginePool("/t", factory=lead._engine))
-        client = TestClient(TestServer(app))
-        await client.start_server()
-        try:
-            yield client, lead
-        finally:
-            await client.close()
+    async with Leader() as lead, lead.client() as client:
+        yield client, lead
 
 
 def configured(name: str = "web", mount: str = "/etc/web", on_change: str = "signal:SIGHUP",

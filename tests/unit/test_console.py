@@ -9,12 +9,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from sigmad.api import make_app
 from sigmad.api.console import Feed, sample, state
 from sigmad.api.sessions import COOKIE, Sessions
-from sigmad.engine import EnginePool
 from sigmad.tokens import Principal, Role
 from tests.unit.harness import ADMIN, TOKEN, Leader, call, spec
 
@@ -23,17 +21,11 @@ JSON = {"Content-Type": "application/json"}
 
 @pytest.fixture
 async def ui() -> AsyncIterator[tuple[TestClient, Leader]]:
-    lead = Leader()
-    async with lead:
+    async with Leader() as lead:
         await lead.add_node("a", labels={"room": "r1"})
         await lead.add_node("b", labels={"room": "r2"})
-        app = make_app(lead.store, lead.cache, TOKEN, EnginePool("/t", factory=lead._engine))
-        client = TestClient(TestServer(app))
-        await client.start_server()
-        try:
+        async with lead.client() as client:
             yield client, lead
-        finally:
-            await client.close()
 
 
 async def sign_in(client: TestClient, token: str = TOKEN) -> dict[str, Any]:

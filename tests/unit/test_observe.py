@@ -9,17 +9,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from sigmad import metrics
-from sigmad.api import make_app
 from sigmad.engine import LABEL_INSTANCE, Frames
 from sigmad.models import MAX_LOG_BYTES, MAX_LOG_LINES, HostUsed, UsageRecord, last_lines
 from sigmad.node import usage
 from tests.fakes.engine import FakeEngine
 from tests.fakes.store import MemoryStore
-from tests.unit.harness import ADMIN, TOKEN, Leader, call, spec
+from tests.unit.harness import ADMIN, Leader, call, spec
 
 # -- pure parts ------------------------------------------------------------------------------
 
@@ -120,15 +119,8 @@ async def test_a_busy_container_shows_cpu_and_the_host_its_cgroup(tmp_path: Path
 
 @pytest.fixture
 async def api() -> AsyncIterator[tuple[TestClient, Leader]]:
-    lead = Leader()
-    async with lead:
-        app = make_app(lead.store, lead.cache, TOKEN, lead.pool, master_id="m1")
-        client = TestClient(TestServer(app))
-        await client.start_server()
-        try:
-            yield client, lead
-        finally:
-            await client.close()
+    async with Leader() as lead, lead.client(master_id="m1") as client:
+        yield client, lead
 
 
 async def test_the_pool_shows_used_beside_requested(api: tuple[TestClient, Leader]) -> None:
