@@ -24,6 +24,23 @@ def _dev(tmp_path: Path, engine: EngineHost, port: int, etcd_port: int) -> subpr
     )
 
 
+def _ports() -> tuple[int, int]:
+    """The API port and etcd's client port; `sigmad dev` takes the next one as etcd's peer port."""
+    etcd_port = free_port(pair=True)
+    port = free_port()
+    while port in (etcd_port, etcd_port + 1):
+        port = free_port()
+    return port, etcd_port
+
+
+def _alive(proc: subprocess.Popen[bytes], tmp_path: Path) -> bool:
+    """True while `sigmad dev` runs; its log in the failure when it has exited."""
+    if proc.poll() is not None:
+        log = (tmp_path / "dev.log").read_text(errors="replace")[-3000:]
+        raise AssertionError(f"sigmad dev exited with {proc.returncode}:\n{log}")
+    return True
+
+
 def _ctl(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SIGMA_CREDENTIALS": str(tmp_path / "creds.json")}
     env.pop("SIGMA_SERVER", None)
@@ -46,10 +63,11 @@ def _stop(proc: subprocess.Popen[bytes]) -> int:
 
 
 def test_dev_runs_everything_and_keeps_state(tmp_path: Path, engine: EngineHost) -> None:
-    port, etcd_port = free_port(), free_port()
+    port, etcd_port = _ports()
     proc = _dev(tmp_path, engine, port, etcd_port)
     try:
-        creds = wait_for(lambda: (tmp_path / "creds.json").exists(), 30, "credentials file")
+        creds = wait_for(lambda: _alive(proc, tmp_path) and (tmp_path / "creds.json").exists(),
+                         30, "credentials file")
         assert creds
         token = _dev_token(tmp_path)
 
