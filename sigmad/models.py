@@ -123,6 +123,17 @@ class Beat:
 
 
 @dataclass(slots=True)
+class OverlayApplied:
+    """The value of the leased `overlay-applied/{node}` key: the store revision whose
+    instances and nodes this node's tunnel FDB has applied. The controller stops the old copy
+    of a live move only once every Ready node has applied the flip (sigmad.control.moves)."""
+
+    node: str = ""
+    revision: int = 0
+    at: float = 0.0
+
+
+@dataclass(slots=True)
 class HostUsed:
     """What a host uses now: cores (on average since the last sample) and bytes of memory
     (page cache that may be dropped left out)."""
@@ -272,6 +283,9 @@ class Instance:
     terminations: list[Termination] = field(default_factory=list)
     configs: dict[str, int] = field(default_factory=dict)  # config → version pinned (wanted)
     configs_have: dict[str, int] = field(default_factory=dict)  # config → version it runs with
+    release: int = 0  # the revision a rolling release is moving it to (0: no step under way)
+    release_at: float = 0.0  # when that step began (the progress deadline counts from it)
+    release_failed: str = ""  # why that step failed ("" = it did not)
     created: float = 0.0
     updated: float = 0.0
 

@@ -701,10 +701,6 @@ def validate(doc: object) -> AppSpec:
     configs = _configs(fields.take("configs"), volumes)
     env_from = _env_from(fields.take("env_from"))
     update = update_spec(fields.take("update"), replicas)
-    if update != UpdateSpec():
-        raise SpecError("update", "is not acted on by this version of sigma yet: a template "
-                        "change still replaces every instance at once (rolling releases, "
-                        "issue 12, are being built); remove the block")
     if app in depends_on:
         raise SpecError("depends_on", f"an app cannot depend on itself ({app})")
     fields.done()

@@ -111,6 +111,15 @@ class Keys:
         """Revision n (its template generation) of an app (sigmad.control.rollout.Revision)."""
         return self._k("revisions", namespace, app, n)
 
+    def rollout(self, namespace: str, app: str) -> str:
+        """The rollout record of an app (sigmad.control.rollout.Rollout)."""
+        return self._k("rollouts", namespace, app)
+
+    def overlay_applied(self, node: str) -> str:
+        """Leased by `node`'s agent: the store revision its overlay FDB has applied
+        (sigmad.models.OverlayApplied)."""
+        return self._k("overlay-applied", node)
+
     def node_lock(self, node: str) -> str:
         """Bumped by every placement onto `node`; placements guard its revision so two
         schedulers never book the same capacity twice."""

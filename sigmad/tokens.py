@@ -162,6 +162,7 @@ SCOPED: dict[tuple[str, str], str] = {
     ("POST", "/v1/apps/{ns}/{app}/resources"): "path",
     ("POST", "/v1/apps/{ns}/{app}/release"): "path",
     ("POST", "/v1/apps/{ns}/{app}/undo"): "path",
+    ("POST", "/v1/apps/{ns}/{app}/rollout/{action}"): "path",
     ("POST", "/v1/instances/{ns}/{name}/migrate"): "path",
     ("POST", "/v1/instances/{ns}/{name}/exec"): "path",
     ("POST", "/v1/configs/{ns}/{name}"): "path",

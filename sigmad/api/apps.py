@@ -21,7 +21,14 @@ from typing import Any
 from sigmad import configs, records
 from sigmad.api.configs import config_guards, resolve_for
 from sigmad.control import migration
-from sigmad.control.rollout import Revision, prune
+from sigmad.control.rollout import (
+    Phase,
+    Revision,
+    Rollout,
+    failure,
+    prune,
+    ready_for,
+)
 from sigmad.engine import EnginePool
 from sigmad.errors import Conflict, EngineError, NotFound, SigmaError, SpecError
 from sigmad.models import (
@@ -39,7 +46,7 @@ from sigmad.models import (
 from sigmad.reasons import State
 from sigmad.scheduler.snapshot import node_info
 from sigmad.spec import AppSpec, Resources, UpdateSpec, image_reference, shown
-from sigmad.state.cache import APPS, SSD_CLAIMS, SSDS, Cache
+from sigmad.state.cache import APPS, ROLLOUTS, SSD_CLAIMS, SSDS, Cache
 from sigmad.state.writes import Change, Writes, commit
 from sigmad.store import MAX_TXN_OPS, Guard, Op, Store, Versioned
 from sigmad.units import format_cpu, format_size
@@ -220,6 +227,9 @@ class AppWrites:
             change += config_guards(self.cache, self.keys, s)
             if current is None or rec.template_generation != current.value.template_generation:
                 change += await self._revision(rec)
+            if current is not None and \
+                    rec.template_generation != current.value.template_generation:
+                change += self.writes.start_rollout(current.value, rec)
             results.append(result)
         if change.ops and not dry_run:
             await self._commit(change, "another client changed these apps")
@@ -235,6 +245,33 @@ class AppWrites:
         have = await self._revisions(s.namespace, s.app)
         return self.writes.revision(s, Revision(n, s, dict(rec.configs), now()),
                                     prune([*have, n], n))
+
+    async def rollout_action(self, namespace: str, name: str, action: str) -> dict[str, Any]:
+        """Pause, resume or promote the app's rollout; its record as written."""
+        self.app(namespace, name)
+        key = self.keys.rollout(namespace, name)
+        v: Versioned[Rollout] | None = self.cache.get(ROLLOUTS, key)
+        if v is None:
+            raise NotFound(f"app {namespace}/{name} has no rollout (a template change, e.g. "
+                           "sigmactl release, starts one)")
+        r = replace(v.value, done=list(v.value.done), updated=now())
+        live = (Phase.RUNNING, Phase.REVERTING, Phase.CANARY)
+        if action == "pause" and r.phase in live:
+            r.phase, r.reason = Phase.PAUSED, "paused by sigmactl rollout pause"
+            r.resume = v.value.phase
+        elif action == "resume" and r.phase == Phase.PAUSED:
+            r.phase, r.reason = Phase(r.resume) if r.resume else Phase.RUNNING, ""
+        elif action == "promote" and r.phase in (Phase.CANARY, Phase.RUNNING, Phase.PAUSED):
+            r.promoted = True
+            r.phase = Phase.RUNNING if r.phase == Phase.CANARY else r.phase
+        elif action in ("pause", "resume", "promote"):
+            raise Conflict(f"the rollout of {namespace}/{name} is {r.phase}: nothing to "
+                           f"{action} (see sigmactl rollout status {name})")
+        else:
+            raise SpecError("action", f"{shown(action)} is not pause, resume or promote")
+        await self._commit(self.writes.put_rollout(key, r, v.mod_revision),
+                           f"the rollout of {namespace}/{name}")
+        return records.to_dict(r)
 
     async def release(self, namespace: str, name: str, image: object,
                       container: object) -> Result:
@@ -286,9 +323,23 @@ class AppWrites:
         current = self.app(namespace, name).value.template_generation
         found, _ = await self.store.range_raw(self.keys.revisions(namespace, name))
         revisions = sorted((records.loads(Revision, i.value) for i in found), key=lambda r: r.n)
+        v = self.cache.get(ROLLOUTS, self.keys.rollout(namespace, name))
         return {"current": current,
+                "rollout": records.to_dict(v.value) if v is not None else None,
+                "instances": self._progress(namespace, name),
                 "revisions": [{"revision": r.n, "images": [c.image for c in r.spec.containers],
                                "configs": r.configs, "created": r.created} for r in revisions]}
+
+    def _progress(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        """Each instance's revision and whether it is ready or failing (`rollout status`)."""
+        out = []
+        for v in self.cache.ordered(f"{namespace}/{name}"):
+            i = v.value
+            out.append({"name": i.name, "revision": i.generation, "state": str(i.state),
+                        "ready": ready_for(i, now()) >= 0, "release": i.release,
+                        "moving": bool(i.move or i.next_node),
+                        "failing": i.release_failed or failure(i, i.release)})
+        return out
 
     def app(self, namespace: str, name: str) -> Versioned[AppRecord]:
         v: Versioned[AppRecord] | None = self.cache.get(APPS, self.keys.app(namespace, name))

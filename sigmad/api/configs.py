@@ -26,11 +26,12 @@ from sigmad import configs, records
 from sigmad.api.audit import OnMain
 from sigmad.api.auth import caller
 from sigmad.configs import ConfigHead, ConfigVersion
+from sigmad.control.rollout import Revision
 from sigmad.errors import Conflict, NotFound, SpecError
 from sigmad.models import AppRecord, now
 from sigmad.spec import MAX_NAME, NAME_RE, shown
 from sigmad.state.cache import APPS, CONFIG_HEADS, CONFIGS, Cache
-from sigmad.state.writes import Change, commit
+from sigmad.state.writes import Change, Writes, commit
 from sigmad.store import MAX_TXN_OPS, Guard, Op, Store, Versioned
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class ConfigWrites:
         self.store = store
         self.cache = cache
         self.keys = store.keys
+        self.writes = Writes(store.keys)
 
     def head(self, namespace: str, name: str) -> Versioned[ConfigHead]:
         v: Versioned[ConfigHead] | None = self.cache.get(
@@ -165,6 +167,12 @@ class ConfigWrites:
             rec = AppRecord(spec, old.generation + 1, template, old.created, now(), resolved)
             change.guards.append(Guard(v.key, v.mod_revision))
             change.ops.append(Op(v.key, rec))
+            if template != old.template_generation:  # (older revisions go at the next apply)
+                for more in (self.writes.revision(spec, Revision(template, spec, resolved,
+                                                                 now())),
+                             self.writes.start_rollout(old, rec)):
+                    change.guards += more.guards  # (in place: the caller's change)
+                    change.ops += more.ops
             apps.append(spec.key)
             instances += sorted(i.value.key for i in self.cache.instances_of(spec.key).values())
         return apps, instances

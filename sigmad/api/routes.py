@@ -140,6 +140,7 @@ def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None 
     app.router.add_get("/v1/apps/{ns}/{app}/rollout", api.rollout)
     app.router.add_post("/v1/apps/{ns}/{app}/release", api.release)
     app.router.add_post("/v1/apps/{ns}/{app}/undo", api.undo)
+    app.router.add_post("/v1/apps/{ns}/{app}/rollout/{action}", api.rollout_action)
     app.router.add_get("/v1/instances", api.list_instances)
     app.router.add_get("/v1/events", api.events)
     app.router.add_get("/v1/pool", api.pool)
@@ -222,10 +223,17 @@ class Api:
         return _json(views.app_view(self.cache, v.value), revision=self.cache.revision)
 
     async def rollout(self, request: web.Request) -> web.Response:
-        """The app's kept revisions and its current one (`sigmactl rollout history`)."""
+        """The app's kept revisions, its current one and its rollout record with the
+        progress of its instances (`sigmactl rollout history|status`)."""
         found = await self.main(self.writes.history(request.match_info["ns"],
                                                     request.match_info["app"]))
         return _json(found)
+
+    async def rollout_action(self, request: web.Request) -> web.Response:
+        """Pause, resume or promote the app's rollout (no body)."""
+        record = await self.main(self.writes.rollout_action(
+            request.match_info["ns"], request.match_info["app"], request.match_info["action"]))
+        return _json(record)
 
     async def release(self, request: web.Request) -> web.Response:
         """A new image for one of the app's containers (body: image, container)."""

@@ -23,6 +23,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -31,7 +32,7 @@ from typing import Any
 
 from sigmad import configs, metrics
 from sigmad.config import MasterConfig
-from sigmad.control import drive, migration, moves, reconcile
+from sigmad.control import drive, migration, moves, reconcile, rollout
 from sigmad.control.containers import EngineWatch
 from sigmad.control.drive import ConfigInput, Report, Runner
 from sigmad.control.migration import Loss, Transition
@@ -44,6 +45,7 @@ from sigmad.network import ipam
 from sigmad.reasons import SSD_LOST, Kill, Reason, State
 from sigmad.scheduler import binder
 from sigmad.state.cache import (
+    APPLIED,
     APPS,
     BEATS,
     CONFIGS,
@@ -51,6 +53,8 @@ from sigmad.state.cache import (
     INSTANCES,
     IPS,
     NODES,
+    REVISIONS,
+    ROLLOUTS,
     SSD_CLAIMS,
     SSDS,
     Cache,
@@ -67,6 +71,7 @@ RETRY_UNPLACED = 10.0  # seconds between rounds for instances that fit nowhere
 ABANDONED = "abandoned"
 FENCE_TIMEOUT = 3.0  # seconds a lost node's engine has to stop an instance's copy
 FENCE_RETRY = 1.0  # seconds between fence attempts while neither engine nor lapse fences
+ROLLOUT_TICK = 1.0  # seconds between passes of a running rollout (min_ready, deadlines)
 
 
 class Controller:
@@ -97,6 +102,8 @@ class Controller:
         self.unfenced: dict[str, float] = {}  # node → when its engine last failed a fence
         self.own: dict[str, Instance] = {}  # records a step is writing now (key → record)
         self.dependents: dict[str, set[str]] = {}  # `ns/app` → the apps that depend on it
+        self.flips: dict[tuple[str, str], tuple[float, float]] = {}  # (node, instance) →
+        # when its old copy's stop began waiting for the agents, when they had all applied
         self.scheduling = asyncio.Event()
         self.rng = random.Random()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -255,6 +262,12 @@ class Controller:
             owner = self._record_key(held.instance)
             if owner:
                 self.queue.add(("inst", owner))
+        elif kind == ROLLOUTS:
+            self.queue.add(("app", self.keys.apps() + key.removeprefix(self.keys.prefix +
+                                                                       "/rollouts/")))
+        elif kind == APPLIED:
+            for node, owner in self.flips:
+                self.queue.add(("stray", node, owner))
         elif kind == IPS:
             ip = key.rsplit("/", 1)[-1]
             if new is None:
@@ -271,7 +284,7 @@ class Controller:
                            and new.value.state != State.PENDING):
             self.queue.add(("inst", key))
         app = self.cache.app(inst.app_key)
-        if new is None or old is None:
+        if new is None or old is None or self._rolling(inst.namespace, inst.app):
             self.queue.add(("app", self.keys.app(inst.namespace, inst.app)))
         if new is not None and (binder.wants_a_node(new.value) or (
                 app is not None and binder.wants_a_rebooking(new.value, app.value.spec))):
@@ -395,6 +408,104 @@ class Controller:
             self._emit(inst, message, warning)
         if not all(results):
             raise Conflict(f"app {ns}/{name}: {results.count(0)} changes lost a race")
+        if rec is not None and self._rolling(ns, name):
+            await self._sync_rollout(rec)
+
+    def _rolling(self, namespace: str, app: str) -> bool:
+        """Whether the app has a rollout under way (running, reverting or in canary)."""
+        v = self.cache.get(ROLLOUTS, self.keys.rollout(namespace, app))
+        return v is not None and v.value.phase not in (rollout.Phase.DONE,
+                                                       rollout.Phase.REVERTED)
+
+    async def _sync_rollout(self, app: Versioned[AppRecord]) -> None:
+        """One pass of the app's rolling release (sigmad.control.rollout): the record's new
+        state first (with the app rewritten to the previous revision on a revert), then the
+        instance steps, each guarded by its instance as read. Looked at again every
+        ROLLOUT_TICK while it runs (min_ready, the progress deadline)."""
+        spec = app.value.spec
+        ns, name = spec.namespace, spec.app
+        key = self.keys.rollout(ns, name)
+        found: Versioned[rollout.Rollout] | None = self.cache.get(ROLLOUTS, key)
+        if found is None:
+            return
+        record, policy, t = found.value, spec.update, now()
+        live = [v for v in self.cache.ordered(f"{ns}/{name}")
+                if v.value.state != State.TERMINATING and v.value.index < spec.replicas]
+        target = rollout.target_of(record)
+        if not record.recreate_reason and len(self.cache.ready) < 2:
+            record = dataclasses.replace(record, recreate_reason="a live move needs a second "
+                                         "Ready node: each instance stops, then starts again")
+        request = spec.request()
+        p = rollout.plan(record, [rollout.view(v.value, target, t, request) for v in live],
+                         policy, t)
+        p.kind = "recreate" if record.recreate_reason else "move"
+        if p.rollout != record:
+            p.rollout.updated = t
+            change = self.writes.put_rollout(key, p.rollout, found.mod_revision)
+            if p.rollout.phase == rollout.Phase.REVERTING and \
+                    record.phase != rollout.Phase.REVERTING:
+                back = self.cache.get(REVISIONS, self.keys.revision(ns, name,
+                                                                      record.from_revision))
+                if back is None:
+                    p.rollout.phase = rollout.Phase.PAUSED
+                    p.rollout.reason += (f"; revision {record.from_revision} is no longer "
+                                         "kept: cannot revert")
+                    change = self.writes.put_rollout(key, p.rollout, found.mod_revision)
+                else:
+                    old = back.value
+                    rec = AppRecord(dataclasses.replace(old.spec, replicas=spec.replicas,
+                                                        update=spec.update),
+                                    app.value.generation + 1, old.n, app.value.created, t,
+                                    dict(old.configs))
+                    change += self.writes.put_app(app.key, rec, app.mod_revision)
+            if not await self.writer.write(change):
+                raise Conflict(f"rollout of {ns}/{name} changed meanwhile")
+            if p.rollout.phase != record.phase:
+                self.events.emit("app", ns, name, name, _phase_text(p.rollout),
+                                 p.rollout.phase in (rollout.Phase.PAUSED,
+                                                     rollout.Phase.REVERTING))
+            if p.rollout.phase == rollout.Phase.REVERTING and \
+                    record.phase != rollout.Phase.REVERTING:
+                return  # the app is rewritten: the next pass rolls back from it
+        by_index = {v.value.index: v for v in live}
+        todo = rollout.steps(p.rollout, [v.value for v in live], p, policy.min_ready, t)
+        if todo and record.recreate_reason and any(s.index in p.start for s in todo):
+            self.events.emit("app", ns, name, name, f"rolling to revision {target} without "
+                             f"live moves: {record.recreate_reason}", True)
+        results = await asyncio.gather(*(self._write_step(by_index[s.index], s)
+                                         for s in todo))
+        if not all(results):
+            raise Conflict(f"rollout of {ns}/{name}: a step lost a race")
+        if p.rollout.phase not in (rollout.Phase.DONE, rollout.Phase.REVERTED):
+            self.queue.add_after(("app", app.key), ROLLOUT_TICK)
+
+    async def _write_step(self, v: Versioned[Instance], s: rollout.Step) -> bool:
+        change = self.writes.update_instance(v, s.new)
+        for node, ports in s.releases:
+            change += self.writes.release_ports(node, ports)
+        done = bool(await self.writer.write(change))
+        if done:
+            self._emit(s.new, s.event, s.warning)
+            if s.releases:
+                self.queue.add(("stray", s.releases[0][0], v.value.key))
+        return done
+
+    def _revision_app(self, inst: Instance, app: AppRecord, moving: bool) -> AppRecord:
+        """The app as `inst` runs it: the current template once it is on it, or once its
+        release step to it has begun (a live move's new copy, `moving`; an in-place
+        recreate); else the spec of its own revision, so a rolling release replaces nothing
+        before its turn (the current one if that revision is no longer kept)."""
+        stepping = inst.release == app.template_generation and not inst.release_failed
+        if inst.generation == app.template_generation or (
+                stepping and (moving or not (inst.move or inst.next_node))):
+            return app
+        v = self.cache.get(REVISIONS, self.keys.revision(inst.namespace, inst.app,
+                                                         inst.generation))
+        if v is None:
+            return app
+        old = v.value
+        return AppRecord(dataclasses.replace(old.spec, replicas=app.spec.replicas),
+                         app.generation, old.n, app.created, app.updated, dict(app.configs))
 
     async def _sync_node(self, name: str) -> None:
         node = self.cache.node(name)
@@ -419,7 +530,14 @@ class Controller:
         engine, watch = found
         containers = watch.of(owner)
         if not containers:
+            self.flips.pop((node, owner), None)
             return
+        if v is not None and v.value.node != node and any(c.running for c in containers):
+            wait = self._flip_wait(node, owner, v.mod_revision)
+            if wait > 0:
+                self.queue.add_after(("stray", node, owner), wait)
+                return
+        self.flips.pop((node, owner), None)
         reason = Reason.killed(Kill.MIGRATED if v is not None else Kill.DELETED)
         self._on_engine(("stray", node, owner), node)
         async with self.gates[node]:
@@ -427,6 +545,29 @@ class Controller:
         ns, _, name = owner.partition("/")
         self.events.emit("instance", ns, name, name.rpartition("-")[0],
                          f"stray containers on {node} removed: {reason}", True)
+
+    def _flip_wait(self, node: str, owner: str, revision: int) -> float:
+        """Seconds the old copy of a moved instance on `node` keeps running (0: stop it
+        now). It stops FLIP_GRACE after every Ready node's agent has applied the flip to its
+        overlay FDB (`overlay-applied/{node}` at or past the record's `revision`), so no
+        peer sends to it any more; or FLIP_WAIT after the wait began if some agent never
+        says so (one that cannot program its FDB). A node whose agent never said what it
+        applied (an older agent, a hollow host) is not waited for."""
+        started, applied = self.flips.setdefault((node, owner), (time.monotonic(), 0.0))
+        clock = time.monotonic()
+        if not applied:
+            said = {n: self.cache.get(APPLIED, self.keys.overlay_applied(n))
+                    for n in self.cache.ready if n != node}
+            lagging = [n for n, v in said.items() if v is not None and v.value.revision < revision]
+            if lagging and clock - started < moves.FLIP_WAIT:
+                return min(moves.FLIP_RECHECK, moves.FLIP_WAIT - (clock - started))
+            if lagging:
+                log.warning("%s: the agents of %s did not apply its move within %gs; "
+                            "stopping its old copy on %s anyway", owner, ", ".join(lagging),
+                            moves.FLIP_WAIT, node)
+            applied = clock
+            self.flips[(node, owner)] = (started, applied)
+        return max(0.0, moves.FLIP_GRACE - (clock - applied))
 
     async def _sync_instance(self, key: Key) -> None:
         v: Versioned[Instance] | None = self.cache.instance(key[1])
@@ -468,11 +609,12 @@ class Controller:
             hold = reconcile.unmet_dependencies(
                 app.value, {k: a.value for k, a in self._apps_by_key().items()}, running)
         work = inst.copy()
+        runs = self._revision_app(inst, app.value, moving=False)
         self._on_engine(key, node.name)
         try:
             async with self.gates[node.name]:
-                await Runner(engine, watch, work, app.value, node, self._reporter(work),
-                             self._config_input(inst, node.name, app.value)).step(hold)
+                await Runner(engine, watch, work, runs, node, self._reporter(work),
+                             self._config_input(inst, node.name, runs)).step(hold)
         except EngineError as exc:
             work.reason = f"engine: {exc.message}"
             await self._save(v, work)
@@ -492,16 +634,21 @@ class Controller:
             self.queue.add_after(key, STEP_AGAIN)
             return
         engine, watch = found
+        runs = self._revision_app(inst, app, moving=True)
+        releasing = inst.release == runs.template_generation and not inst.release_failed
         self._on_engine(key, target.name)
         async with self.gates[target.name]:
-            t = await moves.move_step(inst, app, engine, target, watch, self._reporter(inst),
-                                      self._config_input(inst, target.name, app))
+            t = await moves.move_step(inst, runs, engine, target, watch, self._reporter(inst),
+                                      self._config_input(inst, target.name, runs),
+                                      app.spec.update.min_ready if releasing else 0.0)
         if t is None:
             self.queue.add_after(key, STEP_AGAIN)
             return
         await self._write(v, t)
         if t.new.node == inst.next_node:  # flipped: the old copy is now a stray
-            self.queue.add_after(("stray", inst.node, inst.key), moves.FLIP_GRACE)
+            self.queue.add(("stray", inst.node, inst.key))
+        else:  # called off: the new copy is a stray
+            self.queue.add(("stray", inst.next_node, inst.key))
 
     async def _fence(self, key: Key, v: Versioned[Instance], policy: str) -> None:
         """Fence the copy of an instance on its lost node: the node's engine stops it, else
@@ -727,6 +874,19 @@ async def _stop_all(engine: Engine, watch: EngineWatch,
             await engine.stop(c.id, timeout=2)
         await engine.remove(c.id)
         watch.drop(c.id)
+
+
+def _phase_text(r: rollout.Rollout) -> str:
+    """The event a rollout's new phase gives."""
+    text = {rollout.Phase.RUNNING: f"rolling out revision {r.to_revision}",
+            rollout.Phase.CANARY: f"canary of revision {r.to_revision} ready: waiting for "
+                                  "'sigmactl rollout promote'",
+            rollout.Phase.PAUSED: f"rollout to revision {r.to_revision} paused",
+            rollout.Phase.REVERTING: f"rollout to revision {r.to_revision} failed: "
+                                     f"reverting to revision {r.from_revision}",
+            rollout.Phase.DONE: f"revision {r.to_revision} rolled out",
+            rollout.Phase.REVERTED: f"reverted to revision {r.from_revision}"}[r.phase]
+    return f"{text}: {r.reason}" if r.reason else text
 
 
 def _fingerprint(inst: Instance) -> tuple[object, ...]:

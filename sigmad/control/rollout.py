@@ -17,10 +17,15 @@ per-instance step is chosen by `step_kind(old, new, app)`:
 - "recreate": the app has SSD volumes or host ports (a second copy cannot hold them), so the
   instance stops and starts again in place; the rollout record says so (`recreate_reason`).
 
-Status: these decisions, the `update:` block's parser, and the revisions (written by apply,
-read by `sigmactl rollout history`) exist; the executor does not yet. No `rollouts/` record is
-written and drive.py still replaces every instance of a new template generation at once, so
-the spec parser refuses a non-default `update:` block rather than ignore it.
+Execution (sigmad.control.controller `_sync_rollout`, on every sync of the app): the
+controller builds an `InstanceView` of each instance (`view`), asks `plan`, writes the new
+record first, then the instance steps `steps` returns (each guarded by the instance as read).
+An instance's step lives in its own record: `release` (the revision it is moving to),
+`release_at` (when the step began) and `release_failed` (why it failed), so a new leader
+rebuilds everything from etcd. A "move" step asks for a live move (`move`, booked by the
+scheduler, executed by control/moves.py against the target revision); a "recreate" step lets
+the Runner replace the containers in place. Until its step, an instance keeps running the
+spec of its own revision (`Instance.generation`), never the app's newer one.
 
 Invariants of `plan`:
 - never more than `max_parallel` instances (of the batch size `batch_size` gives) are in
@@ -38,7 +43,10 @@ import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from sigmad.spec import AppSpec, UpdateSpec
+from sigmad.control.drive import parse_time
+from sigmad.models import Instance
+from sigmad.reasons import State
+from sigmad.spec import AppSpec, Resources, UpdateSpec
 
 KEEP_REVISIONS = 20
 
@@ -77,6 +85,7 @@ class Rollout:
     promoted: bool = False
     started: float = 0.0
     updated: float = 0.0
+    resume: str = ""  # the phase `resume` goes back to (set by `pause`)
 
 
 @dataclass(slots=True)
@@ -89,6 +98,7 @@ class InstanceView:
     in_transition: bool  # a step is under way (a move booked, a recreate, a reload)
     since: float = 0.0  # when its step began (for the progress deadline)
     failing: str = ""  # why its step failed ("" = not failing)
+    booked: bool = False  # its node already holds the target revision's request: it goes first
 
 
 @dataclass(slots=True)
@@ -131,17 +141,20 @@ def plan(rollout: Rollout, instances: list[InstanceView], policy: UpdateSpec,
     target = rollout.from_revision if rollout.phase == Phase.REVERTING else rollout.to_revision
     if rollout.phase in (Phase.DONE, Phase.REVERTED, Phase.PAUSED, Phase.CANARY):
         return Plan(new)
-    failed = [i for i in instances if i.revision == target and (
-        i.failing or (not i.ready and i.since and now - i.since > policy.progress_deadline))]
-    if failed and rollout.phase == Phase.RUNNING:
+    failed = [i for i in instances if i.failing or (
+        i.in_transition and i.since and now - i.since > policy.progress_deadline)]
+    if failed:
         f = failed[0]
         why = f.failing or f"not ready within {policy.progress_deadline:g}s"
+        new.done = []
+        if rollout.phase == Phase.REVERTING:
+            new.phase, new.reason = Phase.PAUSED, \
+                f"the revert failed: instance {f.index} on revision {target}: {why}; " \
+                f"({rollout.reason})"
+            return Plan(new)
         new.reason = f"instance {f.index} on revision {target}: {why}"
         new.phase = Phase.REVERTING if policy.auto_revert else Phase.PAUSED
-        new.done = []
-        if new.phase == Phase.PAUSED:
-            return Plan(new)
-        target = rollout.from_revision
+        return Plan(new)  # (a revert rewrites the app first: its steps come next pass)
     new.done = sorted(i.index for i in instances if i.revision == target and i.ready
                       and not i.in_transition)
     if len(new.done) == len(instances):
@@ -159,9 +172,108 @@ def plan(rollout: Rollout, instances: list[InstanceView], policy: UpdateSpec,
             room = 0 if not new.promoted else room
         else:
             room = min(room, policy.canary - on_new)
-    todo = [i.index for i in sorted(instances, key=lambda i: i.index)
+    todo = [i.index for i in sorted(instances, key=lambda i: (not i.booked, i.index))
             if i.revision != target and not i.in_transition]
     return Plan(new, todo[:max(room, 0)])
+
+
+def target_of(rollout: Rollout) -> int:
+    """The revision instances are being moved to."""
+    return rollout.from_revision if rollout.phase in (Phase.REVERTING, Phase.REVERTED) \
+        else rollout.to_revision
+
+
+def ready_for(inst: Instance, now: float) -> float:
+    """Seconds every container of `inst` has been running and ready (-1: not all are)."""
+    if inst.state != State.RUNNING or not inst.containers or \
+            not all(c.ready and c.state == "running" for c in inst.containers):
+        return -1.0
+    return now - max(parse_time(c.started_at) for c in inst.containers)
+
+
+def failure(inst: Instance, target: int) -> str:
+    """Why `inst`'s step to `target` failed ("" = it did not, or no such step)."""
+    if inst.release != target:
+        return ""
+    if inst.release_failed:
+        return inst.release_failed
+    if inst.generation != target or inst.next_node:
+        return ""
+    if inst.state in (State.FAILED, State.FAILED_TO_START):
+        return f"{inst.state}: {inst.reason}"
+    ended = [t for t in inst.terminations if t.at > inst.release_at
+             and not t.reason.startswith("KilledBySigma")]
+    return f"container {ended[-1].container} ended: {ended[-1].reason}" if ended else ""
+
+
+def view(inst: Instance, target: int, now: float, request: Resources | None = None
+         ) -> InstanceView:
+    """What `plan` sees of `inst` while the app rolls out to `target` (whose instances
+    request `request`)."""
+    stepping = inst.release == target and not inst.release_failed
+    return InstanceView(
+        index=inst.index, revision=inst.generation, ready=ready_for(inst, now) >= 0,
+        in_transition=stepping or bool(inst.move or inst.next_node),
+        since=inst.release_at if stepping else 0.0, failing=failure(inst, target),
+        booked=request is not None and inst.request == request)
+
+
+@dataclass(slots=True)
+class Step:
+    """A write to one instance: its new record, an event, host ports to release."""
+
+    index: int
+    new: Instance
+    event: str
+    warning: bool = False
+    releases: list[tuple[str, dict[str, int]]] = field(default_factory=list)
+
+
+def steps(rollout: Rollout, instances: list[Instance], p: Plan, min_ready: float,
+          now: float) -> list[Step]:
+    """The instance writes that carry out `p` (pure): steps begun, settled, or called off.
+
+    - a step toward another revision than the target (the rollout reverted, or a newer
+      release began) is called off: a booked live move is cancelled (its new copy becomes a
+      stray and is removed);
+    - a failed step is cleared once the rollout has recorded the failure (so `resume`
+      retries that instance);
+    - a step on the target whose instance has been ready `min_ready` seconds is done;
+    - each instance `p.start` names begins a step (`p.kind`)."""
+    target = target_of(p.rollout)
+    out = []
+    for inst in instances:
+        if not inst.release:
+            continue
+        if inst.release != target or (inst.release_failed and p.rollout.phase != Phase.RUNNING):
+            new, releases = _cleared(inst), []
+            if inst.next_node and inst.release != target:
+                new = _cleared(inst.move_cancelled(
+                    f"release to revision {inst.release} called off"))
+                releases = [(inst.next_node, dict(inst.next_ports))]
+            why = inst.release_failed or f"now rolling to revision {target}"
+            out.append(Step(inst.index, new, f"release step to revision {inst.release} "
+                            f"ended: {why}", bool(inst.release_failed), releases))
+        elif not inst.release_failed and inst.generation == target and not inst.next_node \
+                and not failure(inst, target) and ready_for(inst, now) >= min_ready:
+            out.append(Step(inst.index, _cleared(inst), f"on revision {target}, ready "
+                            f"{min_ready:g}s"))
+    by_index = {i.index: i for i in instances}
+    for index in p.start:
+        inst = by_index[index]
+        new = inst.move_asked(f"release to revision {target}") if p.kind == "move" \
+            else inst.copy()
+        new.release, new.release_at, new.release_failed = target, now, ""
+        how = "moves live to another node" if p.kind == "move" else \
+            f"stops, then starts again ({p.rollout.recreate_reason})"
+        out.append(Step(index, new, f"release to revision {target}: {how}"))
+    return out
+
+
+def _cleared(inst: Instance) -> Instance:
+    new = inst.copy()
+    new.release, new.release_at, new.release_failed = 0, 0.0, ""
+    return new
 
 
 def prune(revisions: list[int], current: int) -> list[int]:
@@ -171,5 +283,6 @@ def prune(revisions: list[int], current: int) -> list[int]:
 
 
 def _copy(r: Rollout) -> Rollout:
+    """A copy `plan` may change."""
     return Rollout(r.from_revision, r.to_revision, r.phase, list(r.done), r.reason,
-                   r.recreate_reason, r.promoted, r.started, r.updated)
+                   r.recreate_reason, r.promoted, r.started, r.updated, r.resume)

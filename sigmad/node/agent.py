@@ -119,7 +119,8 @@ class Agent:
         self.engine = DockerEngine(config.engine, cluster=config.etcd.prefix,
                                    tls=client_context(config.engine_tls)
                                    if config.engine_tls else None)
-        self.tunnels = TunnelKeeper(config, store, self.engine) if overlay else None
+        self.tunnels = TunnelKeeper(config, store, self.engine, lambda: self.lease) \
+            if overlay else None
         self.events = EventLog(store)
         self.lease = 0
         self.disks = DiskKeeper(config.name, config.data_dir, config.ssds, store, LinuxHost()) \

@@ -6,7 +6,11 @@ Invariants:
   change; only a change of an instance's IP or node, or of a node's address, triggers a sync;
 - the engine's network, the tunnel device and the kernel's FDB are read back at start, after
   any failure and every RESYNC seconds (repairing hand-made damage), so a restarted agent only
-  fills in what is missing; between those, a sync applies what changed since the last one.
+  fills in what is missing; between those, a sync applies what changed since the last one;
+- after each sync the agent says which store revision its FDB now reflects, in the key
+  `overlay-applied/{node}` under its heartbeat lease (sigmad.models.OverlayApplied): the
+  controller stops the old copy of a live move only once every Ready node has applied the
+  flip (sigmad.control.moves). A host without a tunnel says so too (it has nothing to apply).
 """
 
 from __future__ import annotations
@@ -16,16 +20,16 @@ import contextlib
 import ipaddress
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from sigmad.config import NodeConfig
 from sigmad.engine import Engine
 from sigmad.errors import SigmaError
-from sigmad.models import Instance, Node
+from sigmad.models import Instance, Node, OverlayApplied, now
 from sigmad.network.ipam import BRIDGE, MTU, VNI, VXLAN, VXLAN_PORT, OverlayNet, mac_for
 from sigmad.network.overlay import Overlay, OverlayError, Tunnel
-from sigmad.state.cache import INSTANCES, NODES, USAGE, Cache
+from sigmad.state.cache import APPLIED, INSTANCES, NODES, USAGE, Cache
 from sigmad.store import Store, Versioned
 
 log = logging.getLogger(__name__)
@@ -58,10 +62,13 @@ def tunnel_for(config: NodeConfig) -> Tunnel | None:
 class TunnelKeeper:
     """Sets up the overlay on this host, then keeps its FDB in line with etcd."""
 
-    def __init__(self, config: NodeConfig, store: Store, engine: Engine) -> None:
+    def __init__(self, config: NodeConfig, store: Store, engine: Engine,
+                 lease: Callable[[], int] = lambda: 0) -> None:
         self.config = config
         self.store = store
         self.engine = engine
+        self.lease = lease  # the heartbeat lease (0: none yet) the applied revision goes under
+        self.said = (0, 0)  # (lease, revision) last said applied
         tunnel = tunnel_for(config)
         self.overlay = Overlay(tunnel) if tunnel else None
         self.changed = asyncio.Event()
@@ -101,7 +108,7 @@ class TunnelKeeper:
     async def run(self) -> None:
         """Until cancelled: set up, then sync on every change that matters (and fully every
         RESYNC seconds)."""
-        cache = Cache(self.store, ignore=(USAGE,))  # (every node's samples: not needed here)
+        cache = Cache(self.store, ignore=(USAGE, APPLIED))  # (not needed here)
         cache.subscribe(self._on_change)
         filling = asyncio.create_task(cache.run())
         delay = 0.5
@@ -114,9 +121,11 @@ class TunnelKeeper:
                 try:
                     if full:
                         await self.setup()
+                    revision = cache.revision
                     if self.overlay is not None:
                         await self._program([v.value for v in cache.nodes().values()],
                                             [v.value for v in cache.instances().values()], full)
+                    await self._say_applied(revision)
                     delay = 0.5
                 except (SigmaError, OverlayError, OSError) as exc:
                     log.warning("overlay: %s; retrying in %gs", exc, delay)
@@ -133,6 +142,17 @@ class TunnelKeeper:
         finally:
             filling.cancel()
             await asyncio.gather(filling, return_exceptions=True)
+
+
+    async def _say_applied(self, revision: int) -> None:
+        """Put `overlay-applied/{node}` = `revision` under the heartbeat lease (once per
+        lease and revision)."""
+        lease = self.lease()
+        if not lease or (lease, revision) == self.said:
+            return
+        key = self.store.keys.overlay_applied(self.config.name)
+        await self.store.put(key, OverlayApplied(self.config.name, revision, now()), lease=lease)
+        self.said = (lease, revision)
 
 
 def fdb_input(kind: str, record: Versioned[Any] | None) -> object:

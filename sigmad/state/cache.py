@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 from sigmad import records
 from sigmad.configs import ConfigHead, ConfigsHeld, ConfigVersion
+from sigmad.control.rollout import Revision, Rollout
 from sigmad.errors import SigmaError
 from sigmad.leader import LeaderRecord, MasterRecord
 from sigmad.models import (
@@ -37,6 +38,7 @@ from sigmad.models import (
     Instance,
     Node,
     NodeLock,
+    OverlayApplied,
     Owner,
     Ssd,
     SsdClaim,
@@ -55,6 +57,7 @@ SSDS, SSD_CLAIMS = "ssds", "ssd_claims"
 TOKENS = "tokens"
 USAGE = "usage"
 CONFIGS, CONFIG_HEADS, CONFIGS_HELD = "configs", "config_heads", "configs_held"
+REVISIONS, ROLLOUTS, APPLIED = "revisions", "rollouts", "overlay_applied"
 # kind → (its key prefix under the cluster prefix, its record class; None: presence only)
 KINDS: dict[str, tuple[str, type | None]] = {
     NODES: ("nodes/", Node), BEATS: ("heartbeats/", Beat), APPS: ("apps/", AppRecord),
@@ -65,6 +68,8 @@ KINDS: dict[str, tuple[str, type | None]] = {
     TOKENS: ("tokens/", TokenRecord), USAGE: ("usage/", UsageRecord),
     CONFIGS: ("configs/", ConfigVersion), CONFIG_HEADS: ("config-heads/", ConfigHead),
     CONFIGS_HELD: ("config-held/", ConfigsHeld),
+    REVISIONS: ("revisions/", Revision), ROLLOUTS: ("rollouts/", Rollout),
+    APPLIED: ("overlay-applied/", OverlayApplied),
 }
 RELIST_DELAY = 1.0
 MALFORMED = object()  # what `_decode` returns for a value that is not a record

@@ -21,8 +21,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sigmad.control.rollout import Revision
-from sigmad.models import AppRecord, Instance, Node, NodeLock, Owner, SsdClaim
+from sigmad.control.rollout import Revision, Rollout, recreate_reason
+from sigmad.models import AppRecord, Instance, Node, NodeLock, Owner, SsdClaim, now
 from sigmad.scheduler.snapshot import FreeSsd, RetainedSsd
 from sigmad.spec import AppSpec
 from sigmad.state.cache import Cache
@@ -141,10 +141,26 @@ class Writes:
         return change
 
     def delete_app(self, v: Versioned[AppRecord], revisions: Iterable[int] = ()) -> Change:
-        """Delete an app as read, with its `revisions`."""
+        """Delete an app as read, with its `revisions` and its rollout record."""
         s = v.value.spec
-        return Change([Guard(v.key, v.mod_revision)], [Op(v.key, delete=True)] + [
+        return Change([Guard(v.key, v.mod_revision)], [
+            Op(v.key, delete=True), Op(self.keys.rollout(s.namespace, s.app), delete=True)] + [
             Op(self.keys.revision(s.namespace, s.app, n), delete=True) for n in revisions])
+
+    def start_rollout(self, old: AppRecord, new: AppRecord) -> Change:
+        """The rollout record of a template change, from the app's previous template (what
+        a revert goes back to), to go with the app's own guarded write (sigmad.control.
+        rollout executes it). A rollout under way gives way to it."""
+        s, t = new.spec, now()
+        record = Rollout(old.template_generation, new.template_generation,
+                         recreate_reason=recreate_reason(s), started=t, updated=t)
+        return self.put_rollout(self.keys.rollout(s.namespace, s.app), record, -1)
+
+    def put_rollout(self, key: str, record: Rollout, mod_revision: int) -> Change:
+        """Write an app's rollout record as read (`mod_revision`; 0: absent, -1: unguarded,
+        for the app's own guarded write to order)."""
+        return Change([Guard(key, mod_revision)] if mod_revision >= 0 else [],
+                      [Op(key, record)])
 
     def update_node(self, v: Versioned[Node], node: Node) -> Change:
         return Change([Guard(v.key, v.mod_revision)], [Op(v.key, node)])

@@ -241,8 +241,9 @@ def test_every_change_but_the_scoped_ones_is_admin_only() -> None:
         elif scoped == "path":
             assert tokens.allowed(op, method, path, "a") is None
             assert tokens.allowed(op, method, path, "b")
-    assert changes == 17  # drain, uncordon, apply, delete, resize, migrate, exec, token +/-,
-    # ssd release, cordon, uncordon, config version, rollback, delete, app release, undo
+    assert changes == 18  # drain, uncordon, apply, delete, resize, migrate, exec, token +/-,
+    # ssd release, cordon, uncordon, config version, rollback, delete, app release, undo,
+    # rollout pause|resume|promote
     assert tokens.allowed(op, "PATCH", "/v1/anything/new", "a")  # a route added later
 
 

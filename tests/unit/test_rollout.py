@@ -161,10 +161,7 @@ def test_update_block_parses_and_bad_values_name_the_field() -> None:
             "auto_promote": True}
     assert update_spec(good, 4) == UpdateSpec(25, True, 1, 5.0, 120.0, True, True)
     assert parse(base)[0].update == parse(base + "update: {}\n")[0].update == UpdateSpec()
-    # not acted on yet (no rollout controller): refused rather than silently ignored
-    with pytest.raises(SpecError) as err:
-        parse(base + "update: {max_parallel: 2}\n")
-    assert err.value.field == "update" and "replaces every instance" in str(err.value)
+    assert parse(base + "update: {max_parallel: 2}\n")[0].update.max_parallel == 2
     for bad, field in (("max_parallel: 0", "update.max_parallel"),
                        ("max_parallel: 101%", "update.max_parallel"),
                        ("max_parallel: true", "update.max_parallel"),
