@@ -72,6 +72,14 @@ def apply(settings: Settings, file: IO[str], dry_run: bool, wait: bool,
     if wait and not dry_run:
         for item in items(answer):
             namespace, name = str(item["app"]).split("/", 1)
+            if item["action"] == "updated":
+                ended = rollout.follow(client, namespace, name, timeout)
+                said = f"app {item['app']}: " + rollout.ended_text({**ended, "app": name})
+                if rollout.failed(ended):
+                    raise CtlError(said)
+                if (ended.get("rollout") or {}).get("phase") in ("canary", "paused"):
+                    click.echo(said)
+                    continue
             count = waits.until_settled(client, namespace, name, timeout)
             click.echo(f"app {item['app']}: {output.plural(count, 'replica')} running as "
                        "specified")

@@ -1,7 +1,9 @@
-"""`sigmactl rollout history|undo` and `sigmactl release`: an app's revisions (issue 12)."""
+"""`sigmactl rollout history|status|undo|pause|resume|promote` and `sigmactl release`: an
+app's revisions and its rolling release (issue 12)."""
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -9,7 +11,11 @@ import click
 
 from sigmactl import output
 from sigmactl.base import Settings, emit, namespace_option, obj, output_option
-from sigmactl.client import api_path
+from sigmactl.client import Client, CtlError, api_path
+
+POLL_INTERVAL = 0.5
+BAR = 20  # characters of the progress bar
+ENDED = ("done", "reverted", "paused", "canary")  # phases `status -w` stops at
 
 
 @click.group()
@@ -18,8 +24,82 @@ def rollout() -> None:
 
 
 def _answer(settings: Settings, app: str, namespace: str) -> dict[str, Any]:
-    return obj(settings.client().get(api_path("apps", namespace, app, "rollout")),
-               "an app's revisions")
+    return _read(settings.client(), namespace, app)
+
+
+def _read(client: Client, namespace: str, app: str) -> dict[str, Any]:
+    return obj(client.get(api_path("apps", namespace, app, "rollout")), "an app's revisions")
+
+
+def counts(answer: dict[str, Any]) -> tuple[int, int, int, int, int]:
+    """Of the app's instances: how many run the rollout's target revision, how many of
+    those are ready, how many are failing, how many are moving; and how many there are."""
+    r = answer.get("rollout") or {}
+    target = r.get("from_revision") if r.get("phase") in ("reverting", "reverted") \
+        else r.get("to_revision", answer.get("current"))
+    insts = answer.get("instances") or []
+    on = [i for i in insts if i["revision"] == target]
+    return (len(on), sum(1 for i in on if i["ready"] and not i["release"]),
+            sum(1 for i in insts if i["failing"]), sum(1 for i in insts if i["moving"]),
+            len(insts))
+
+
+def progress_text(answer: dict[str, Any]) -> str:
+    """One line: a bar of the instances ready on the target revision, the counts, the phase."""
+    r = answer.get("rollout") or {}
+    on, ready, failing, moving, total = counts(answer)
+    filled = BAR * ready // total if total else BAR
+    target = r.get("from_revision") if r.get("phase") in ("reverting", "reverted") \
+        else r.get("to_revision")
+    text = (f"[{'#' * filled}{'.' * (BAR - filled)}] {on}/{total} on revision {target}, "
+            f"{ready} ready, {moving} moving, {failing} failing; {r.get('phase', 'none')}")
+    return text + (f": {r['reason']}" if r.get("reason") else "")
+
+
+def failed(answer: dict[str, Any]) -> bool:
+    """Whether the rollout failed (reverted, or paused by a failure)."""
+    r = answer.get("rollout") or {}
+    return r.get("phase") == "reverted" or (
+        r.get("phase") == "paused" and not str(r.get("reason", "")).startswith("paused by"))
+
+
+def follow(client: Client, namespace: str, app: str, timeout: float) -> dict[str, Any]:
+    """Show the rollout's progress until it ends (done, reverted, paused or in canary);
+    the last answer. CtlError after `timeout` seconds."""
+    progress = output.Progress(sys.stderr)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            answer = _read(client, namespace, app)
+            r = answer.get("rollout")
+            if r is None or r.get("phase") in ENDED:
+                return answer
+            if time.monotonic() >= deadline:
+                raise CtlError(f"the rollout of {namespace}/{app} is still going after "
+                               f"{timeout:g}s ({progress_text(answer)}); follow it with "
+                               f"'sigmactl rollout status {app} -n {namespace} -w'")
+            progress.show(progress_text(answer))
+            time.sleep(POLL_INTERVAL)
+    finally:
+        progress.clear()
+
+
+def ended_text(answer: dict[str, Any]) -> str:
+    """What a finished rollout says (and what to do next when it did not finish)."""
+    r = answer.get("rollout") or {}
+    app = answer.get("app", "")
+    phase = r.get("phase")
+    if phase == "done":
+        return f"revision {r['to_revision']} rolled out"
+    if phase == "reverted":
+        return (f"revision {r['to_revision']} failed and was reverted to revision "
+                f"{r['from_revision']}: {r.get('reason')}")
+    if phase == "canary":
+        return (f"canary of revision {r['to_revision']} is ready: 'sigmactl rollout promote "
+                f"{app}' to go on, 'sigmactl rollout undo {app}' to go back")
+    return (f"rollout to revision {r.get('to_revision')} paused: {r.get('reason')}; "
+            f"'sigmactl rollout resume {app}' to go on, 'sigmactl rollout undo {app}' to "
+            "go back")
 
 
 def history_text(answer: dict[str, Any], now: float) -> str:
@@ -50,13 +130,73 @@ def _said(answer: dict[str, Any], what: str) -> str:
 @rollout.command()
 @click.argument("app")
 @namespace_option
+@click.option("-w", "--watch", is_flag=True, help="Follow the rollout until it ends.")
+@click.option("--timeout", default=1800, show_default=True, help="Seconds to follow at most.")
+@output_option("table", "json", "yaml", default="table")
+@click.pass_obj
+def status(settings: Settings, app: str, namespace: str, watch: bool, timeout: float,
+           fmt: str) -> None:
+    """The app's rollout: its phase and its instances on the new revision, ready, failing.
+    Exits 1 when the rollout failed (reverted, or paused by a failure)."""
+    client = settings.client()
+    answer = follow(client, namespace, app, timeout) if watch else \
+        _read(client, namespace, app)
+    if fmt != "table":
+        emit({"rollout": answer.get("rollout"), "instances": answer.get("instances")}, fmt)
+    elif answer.get("rollout") is None:
+        click.echo(f"app {namespace}/{app} has had no rollout (revision "
+                   f"{answer.get('current')})")
+    else:
+        click.echo(progress_text(answer))
+        if answer["rollout"]["phase"] in ENDED:
+            click.echo(ended_text({**answer, "app": app}))
+    if failed(answer):
+        sys.exit(1)
+
+
+def _act(settings: Settings, app: str, namespace: str, action: str) -> None:
+    answer = obj(settings.client().post_json(
+        api_path("apps", namespace, app, "rollout", action), {}), "a rollout record")
+    click.echo(f"rollout of {namespace}/{app} to revision {answer.get('to_revision')}: "
+               f"{answer.get('phase')}" + (" (promoted)" if answer.get("promoted") else ""))
+
+
+@rollout.command()
+@click.argument("app")
+@namespace_option
+@click.pass_obj
+def pause(settings: Settings, app: str, namespace: str) -> None:
+    """Start no more instances on the new revision (those under way finish)."""
+    _act(settings, app, namespace, "pause")
+
+
+@rollout.command()
+@click.argument("app")
+@namespace_option
+@click.pass_obj
+def resume(settings: Settings, app: str, namespace: str) -> None:
+    """Carry on a paused rollout (a failed instance is tried again)."""
+    _act(settings, app, namespace, "resume")
+
+
+@rollout.command()
+@click.argument("app")
+@namespace_option
+@click.pass_obj
+def promote(settings: Settings, app: str, namespace: str) -> None:
+    """Roll the new revision out to every instance after its canaries."""
+    _act(settings, app, namespace, "promote")
+
+
+@rollout.command()
+@click.argument("app")
+@namespace_option
 @click.option("--to", "to", type=click.IntRange(min=1), metavar="N",
               help="The revision to go back to (default: the one before the current).")
 @click.pass_obj
 def undo(settings: Settings, app: str, namespace: str, to: int | None) -> None:
-    """Apply again the spec of a kept revision, keeping the replicas: a new revision.
-
-    Every instance is replaced at once (rolling releases are not built yet)."""
+    """Apply again the spec of a kept revision, keeping the replicas: a new revision,
+    rolled out as the app's update: block says."""
     body = {} if to is None else {"to": to}
     answer = obj(settings.client().post_json(api_path("apps", namespace, app, "undo"), body),
                  "an apply result")
@@ -72,9 +212,8 @@ def undo(settings: Settings, app: str, namespace: str, to: int | None) -> None:
 @click.pass_obj
 def release(settings: Settings, app: str, namespace: str, image: str,
             container: str | None) -> None:
-    """Release a new image of APP: a new revision (see 'sigmactl rollout history').
-
-    Every instance is replaced at once (rolling releases are not built yet)."""
+    """Release a new image of APP: a new revision (see 'sigmactl rollout history'), rolled
+    out as the app's update: block says (follow it with 'sigmactl rollout status APP -w')."""
     body = {"image": image} | ({"container": container} if container else {})
     answer = obj(settings.client().post_json(api_path("apps", namespace, app, "release"),
                                              body), "an apply result")

@@ -614,7 +614,8 @@ class Controller:
         try:
             async with self.gates[node.name]:
                 await Runner(engine, watch, work, runs, node, self._reporter(work),
-                             self._config_input(inst, node.name, runs)).step(hold)
+                             self._config_input(inst, node.name, runs),
+                             app.value.spec.request()).step(hold)
         except EngineError as exc:
             work.reason = f"engine: {exc.message}"
             await self._save(v, work)

@@ -127,7 +127,10 @@ class Runner:
     """Brings one instance's containers on one engine in line with its app, in spec order."""
 
     def __init__(self, engine: Engine, watch: EngineWatch, inst: Instance, app: AppRecord,
-                 node: Node, report: Report, config_input: ConfigInput | None = None) -> None:
+                 node: Node, report: Report, config_input: ConfigInput | None = None,
+                 request: Resources | None = None) -> None:
+        """`app`: what the instance runs (its own revision during a rolling release);
+        `request`: what its app requests now (default: `app`'s)."""
         self.engine = engine
         self.watch = watch
         self.inst = inst
@@ -136,6 +139,7 @@ class Runner:
         self.node = node
         self.report = report
         self.configs = config_input or ConfigInput()
+        self.request = request or app.spec.request()
 
     async def step(self, hold: str = "") -> None:
         """One step. `hold` (e.g. unmet depends_on) keeps an instance that has no containers
@@ -256,7 +260,7 @@ class Runner:
             if inst.state != State.RUNNING:
                 self.report("all containers ready: Running", False)
             inst.state = State.RUNNING
-            if inst.request == self.spec.request():  # else the scheduler says why it waits
+            if inst.request == self.request:  # else the scheduler says why it waits
                 inst.reason = ""
         elif inst.state not in (State.EXITED, State.FAILED, State.FAILED_TO_START):
             inst.state = State.STARTING

@@ -163,7 +163,7 @@ def plan(rollout: Rollout, instances: list[InstanceView], policy: UpdateSpec,
     busy = sum(1 for i in instances if i.in_transition)
     room = batch_size(policy, len(instances)) - busy
     if new.phase == Phase.RUNNING and policy.canary and not rollout.promoted:
-        on_new = sum(1 for i in instances if i.revision == target)
+        on_new = sum(1 for i in instances if i.revision == target or i.in_transition)
         if on_new >= policy.canary:
             if len(new.done) >= policy.canary and not policy.auto_promote:
                 new.phase = Phase.CANARY

@@ -32,6 +32,7 @@ from sigmad.models import BoundSsd, Instance
 from sigmad.reasons import State
 from sigmad.scheduler.placer import Decision, Placer, Request, place
 from sigmad.scheduler.snapshot import (
+    NODE_LABEL,
     FreeSsd,
     RetainedSsd,
     Snapshot,
@@ -39,7 +40,7 @@ from sigmad.scheduler.snapshot import (
     retained_ssds,
     snapshot_of,
 )
-from sigmad.spec import AppSpec, Resources
+from sigmad.spec import AppSpec, Expression, Resources
 from sigmad.state.cache import LOCKS, SSD_CLAIMS, SSDS, Cache
 from sigmad.state.writes import Writer, Writes
 from sigmad.store import MAX_TXN_OPS, Versioned
@@ -244,7 +245,12 @@ def _home(snapshot: Snapshot, inst: Instance, spec: AppSpec) -> str:
 
 
 def _request(v: Versioned[Instance], spec: AppSpec) -> Request:
-    return Request(v.key, v.value.app_key, v.value.request, spec.placement,
+    """The request of `v`; a live move's new copy goes to another node than the old one."""
+    placement = spec.placement
+    if v.value.move and v.value.node:
+        placement = replace(placement, expressions=[
+            *placement.expressions, Expression(NODE_LABEL, "NotIn", [v.value.node])])
+    return Request(v.key, v.value.app_key, v.value.request, placement,
                    len(spec.network.ports), tuple(vol.min_size for vol in spec.volumes))
 
 

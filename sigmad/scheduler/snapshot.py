@@ -114,12 +114,16 @@ def _ratio(value: float) -> float:
         1.0 <= value <= MAX_OVERCOMMIT else 1.0
 
 
+NODE_LABEL = "sigma.node"  # every node carries its name as this label (e.g. to move away from it)
+
+
 def node_info(node: Node, ready: bool, usage: NodeUsage | None, lock: int = 0,
               ssds: list[FreeSsd] | None = None) -> NodeInfo:
     """The scheduler's NodeInfo of `node` with what `usage` books on it (copied) and its
     free disks."""
     return NodeInfo(
-        node.name, dict(node.labels), Resources(node.allocatable.cpu_m, node.allocatable.memory),
+        node.name, {**node.labels, NODE_LABEL: node.name},
+        Resources(node.allocatable.cpu_m, node.allocatable.memory),
         ready, node.draining,
         requested=usage.requested if usage else Resources(),
         overcommit=Overcommit(_ratio(node.overcommit.cpu), _ratio(node.overcommit.memory)),

@@ -71,6 +71,18 @@ class Leader:
         self.tasks.append(asyncio.create_task(self.controller.run()))
         return self
 
+    async def controller_stop(self) -> None:
+        """Stop the controller (a leader lost): the store, cache and engines stay."""
+        task = self.tasks.pop()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    async def controller_start(self) -> None:
+        """A new controller (a new leader) over the same store and engines: it rebuilds
+        from etcd."""
+        self.controller = Controller(self.store, self.cache, self.config, self.pool)
+        self.tasks.append(asyncio.create_task(self.controller.run()))
+
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         for task in reversed(self.tasks):

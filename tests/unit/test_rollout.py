@@ -36,7 +36,7 @@ from sigmad.spec import (
     parse,
     update_spec,
 )
-from sigmad.state.cache import APPS
+from sigmad.state.cache import APPS, ROLLOUTS
 from tests.unit.harness import TOKEN, Leader, call, spec
 
 
@@ -272,3 +272,134 @@ async def test_release_and_undo_make_new_revisions_and_refuse_bad_fields() -> No
             assert app.spec.containers[0].image == "img:2"
         finally:
             await client.close()
+
+
+# -- the executor on the fakes (controller + fake engines + in-memory store) ------------------
+
+
+def rolling(replicas: int, image: str, update: str = "{min_ready: 0s}") -> str:
+    return spec(replicas=replicas, update=update).replace("image: img", f"image: {image}")
+
+
+def record(lead: Leader) -> Rollout:
+    found = lead.cache.get(ROLLOUTS, lead.store.keys.rollout("default", "web"))
+    assert found is not None
+    return found.value  # type: ignore[no-any-return]
+
+
+async def two_nodes(lead: Leader, images: set[str]) -> None:
+    for name in ("a", "b"):
+        await lead.add_node(name)
+        lead.engine(name).images |= images
+
+
+async def test_a_release_moves_instances_live_never_more_than_max_parallel() -> None:
+    async with Leader() as lead:
+        await two_nodes(lead, {"img:2"})
+        await lead.apply(rolling(4, "img", "{max_parallel: 2, min_ready: 0s}"))
+        before = {i.name: i.ip for i in await lead.running("web", 4)}
+        most = 0
+
+        def sample() -> None:
+            nonlocal most
+            most = max(most, sum(1 for i in lead.instances() if i.release or i.move))
+
+        lead.cache.subscribe(lambda *_: sample())
+        await lead.apply(rolling(4, "img:2", "{max_parallel: 2, min_ready: 0s}"))
+        await lead.until(lambda: record(lead).phase == Phase.DONE, 15, "the rollout done")
+        after = lead.instances()
+        assert all(i.generation == 2 and i.state == "Running" and not i.release for i in after)
+        assert {i.name: i.ip for i in after} == before  # fixed IPs, moved live
+        assert 1 <= most <= 2
+        assert record(lead).done == [0, 1, 2, 3]
+        moved = [e for e in lead.events() if "release to revision 2: moves live" in e]
+        assert len(moved) == 4, lead.events()
+
+
+async def test_a_broken_image_fails_the_rollout_and_reverts_by_itself() -> None:
+    async with Leader() as lead:
+        await two_nodes(lead, set())
+        await lead.apply(rolling(3, "img"))
+        await lead.running("web", 3)
+        await lead.apply(rolling(3, "img:missing"))
+        await lead.until(lambda: record(lead).phase == Phase.REVERTED, 15, "reverted")
+        r = record(lead)
+        assert "img:missing" in r.reason and r.from_revision == 1 and r.to_revision == 2
+        app = lead.cache.app("default/web").value  # type: ignore[union-attr]
+        assert app.template_generation == 1 and app.spec.containers[0].image == "img"
+        insts = await lead.running("web", 3)
+        assert all(i.generation == 1 and not i.release for i in insts)
+        # only the first instance was ever tried: the others never left revision 1
+        assert all(not any(t.reason == "KilledBySigma(migrated)" for t in i.terminations)
+                   for i in insts), "\n".join(lead.events())
+
+
+async def test_a_crashing_new_copy_pauses_without_auto_revert_and_resume_retries() -> None:
+    lead = Leader()
+    async with lead, lead.client() as client:
+        await two_nodes(lead, {"img:2"})
+        policy = "{min_ready: 1s, auto_revert: false}"  # (the crash comes before the flip)
+        await lead.apply(rolling(2, "img", policy))
+        await lead.running("web", 2)
+        for name in ("a", "b"):
+            lead.engine(name).script["main"] = 1  # every new container exits at once
+        await lead.apply(rolling(2, "img:2", policy))
+        await lead.until(lambda: record(lead).phase == Phase.PAUSED, 15, "paused")
+        assert "ended" in record(lead).reason
+        assert all(i.generation == 1 and i.state == "Running" for i in lead.instances()), \
+            "\n".join(lead.events())
+        await lead.until(lambda: not any(i.release for i in lead.instances()), 5,
+                         "the failed step cleared")
+        for name in ("a", "b"):
+            lead.engine(name).script.clear()
+        status, answer = await call(client, "POST", "/v1/apps/default/web/rollout/resume")
+        assert status == 200 and answer["phase"] == "running", answer
+        await lead.until(lambda: record(lead).phase == Phase.DONE, 15, "done after resume")
+        status, err = await call(client, "POST", "/v1/apps/default/web/rollout/resume")
+        assert status == 409 and "nothing to resume" in err["error"]["message"]
+        status, err = await call(client, "POST", "/v1/apps/default/web/rollout/jump")
+        assert status == 400 and err["error"]["field"] == "action"
+
+
+async def test_canary_pauses_until_promote() -> None:
+    lead = Leader()
+    async with lead, lead.client() as client:
+        await two_nodes(lead, {"img:2"})
+        policy = "{canary: 1, max_parallel: 2, min_ready: 0s}"
+        await lead.apply(rolling(3, "img", policy))
+        await lead.running("web", 3)
+        await lead.apply(rolling(3, "img:2", policy))
+        await lead.until(lambda: record(lead).phase == Phase.CANARY, 15, "canary")
+        assert sorted(i.generation for i in lead.instances()) == [1, 1, 2]
+        status, _ = await call(client, "POST", "/v1/apps/default/web/rollout/promote")
+        assert status == 200
+        await lead.until(lambda: record(lead).phase == Phase.DONE, 15, "done after promote")
+        assert [i.generation for i in lead.instances()] == [2, 2, 2]
+
+
+async def test_a_new_leader_carries_on_from_the_record() -> None:
+    lead = Leader()
+    async with lead:
+        await two_nodes(lead, {"img:2"})
+        await lead.apply(rolling(3, "img", "{min_ready: 0s}"))
+        await lead.running("web", 3)
+        await lead.controller_stop()
+        await lead.apply(rolling(3, "img:2", "{min_ready: 0s}"))
+        assert record(lead).phase == Phase.RUNNING  # written by apply, nobody executes it
+        assert all(i.generation == 1 for i in lead.instances())
+        await lead.controller_start()
+        await lead.until(lambda: record(lead).phase == Phase.DONE, 15, "done by the new one")
+        assert all(i.generation == 2 for i in lead.instances())
+
+
+async def test_an_app_with_host_ports_stops_then_starts_and_says_so() -> None:
+    async with Leader() as lead:
+        await two_nodes(lead, {"img:2"})
+        ports = "{ports: [{name: http, container: 8080}]}"
+        await lead.apply(spec(replicas=2, network=ports, update="{min_ready: 0s}"))
+        await lead.running("web", 2)
+        await lead.apply(spec(replicas=2, network=ports, update="{min_ready: 0s}")
+                         .replace("image: img", "image: img:2"))
+        await lead.until(lambda: record(lead).phase == Phase.DONE, 15, "done")
+        assert "host ports" in record(lead).recreate_reason
+        assert any("without live moves" in e for e in lead.events())

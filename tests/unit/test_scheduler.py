@@ -258,7 +258,7 @@ def test_build_snapshot_readiness_draining_and_labels() -> None:
     assert (s.nodes["a"].ready, s.nodes["a"].draining) == (True, False)
     assert (s.nodes["b"].ready, s.nodes["b"].draining) == (True, True)
     assert (s.nodes["c"].ready, s.nodes["c"].draining) == (False, False)
-    assert s.nodes["a"].labels == {"zone": "z1"}
+    assert s.nodes["a"].labels == {"zone": "z1", "sigma.node": "a"}  # (its name, implied)
 
 
 def test_build_snapshot_does_not_touch_the_records() -> None:
