@@ -8,7 +8,8 @@ Invariants:
 - masters (user `sigma-master`) read and write every key under the cluster's prefix;
 - the agent of node N (user `sigma-node-N`) reads every key under the prefix and writes only
   `nodes/N`, `heartbeats/N`, `usage/N`, `ssds/N/` (its disks), `config-held/N/` (the
-  configs it delivered) and `events/` (what it reports): never
+  configs it delivered), `overlay-applied/N` (the revision its FDB has applied) and
+  `events/` (what it reports): never
   another node's record or heartbeat, an instance, an allocation or a token;
 - `root` (etcd's root role) is for set-up only: no sigma process runs with it.
 """
@@ -58,6 +59,7 @@ def node_role(keys: Keys, node: str) -> Role:
         Permission(READWRITE, keys.node(node)),
         Permission(READWRITE, keys.heartbeat(node)),
         Permission(READWRITE, keys.usage(node)),
+        Permission(READWRITE, keys.overlay_applied(node)),
         Permission(READWRITE, keys.ssds(node), prefix_end(keys.ssds(node))),
         Permission(READWRITE, keys.configs_held(node), prefix_end(keys.configs_held(node))),
         Permission(WRITE, keys.events(), prefix_end(keys.events())),

@@ -150,7 +150,9 @@ class Overlay:
                         flags=NTF_SELF)
                 done.added += 1
             for mac in sorted(set(remote) - static):
-                ipr.fdb("add", ifindex=vx, lladdr=mac, master=bridge, state=NUD_NOARP)
+                # `replace`: takes the MAC over from a learnt entry of a local port (the
+                # old copy of an instance that just moved away still runs here).
+                ipr.fdb("replace", ifindex=vx, lladdr=mac, master=bridge, state=NUD_NOARP)
                 done.added += 1
         self._programmed = (want_tunnel, set(remote))
         return done

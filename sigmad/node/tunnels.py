@@ -151,7 +151,14 @@ class TunnelKeeper:
         if not lease or (lease, revision) == self.said:
             return
         key = self.store.keys.overlay_applied(self.config.name)
-        await self.store.put(key, OverlayApplied(self.config.name, revision, now()), lease=lease)
+        try:
+            await self.store.put(key, OverlayApplied(self.config.name, revision, now()),
+                                 lease=lease)
+        except SigmaError as exc:  # (the FDB is programmed: only the news is late)
+            log.warning("could not say the overlay revision applied (%s): the leader waits "
+                        "up to its bound before it stops a moved instance's old copy",
+                        exc.message)
+            return
         self.said = (lease, revision)
 
 
