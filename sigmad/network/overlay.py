@@ -138,6 +138,17 @@ class Overlay:
             tunnel, static = known if known and not verify else self._read_fdb(ipr, vx)
             want_tunnel = {(mac, vtep) for mac, vtep in remote.items()}
             want_tunnel |= {(FLOOD, vtep) for vtep in peers}
+            # A MAC whose VTEP changes (a live move's flip) is re-pointed in one `replace`:
+            # a delete then an add would leave it without an entry for a moment, and the
+            # tunnel would flood its frames to every peer (both copies of the instance).
+            moved = {mac: vtep for mac, vtep in remote.items()
+                     if mac != FLOOD and (mac, vtep) not in tunnel
+                     and any(m == mac for m, _ in tunnel)}
+            for mac, dst in sorted(moved.items()):
+                ipr.fdb("replace", ifindex=vx, lladdr=mac, dst=dst, state=NUD_PERMANENT,
+                        flags=NTF_SELF)
+                done.added += 1
+            tunnel = {(m, d) for m, d in tunnel if m not in moved} | set(moved.items())
             for mac, dst in sorted(tunnel - want_tunnel):
                 ipr.fdb("del", ifindex=vx, lladdr=mac, dst=dst)
                 done.removed += 1
