@@ -141,6 +141,7 @@ def test_a_good_release_answers_every_request_within_max_parallel(lab: LabCluste
             {n: ip for n, (ip, _) in before.items()}  # the same IPs
         assert all(i["node"] != before[i["name"]][1] for i in after)  # each moved live
         status = lab.ctl("rollout", "status", "rel")
+        print(applied.stdout, applied.stderr, status.stdout, sep="\n")
         assert status.returncode == 0 and "rolled out" in status.stdout, status.stdout
     finally:
         lab.delete("rel")
@@ -172,6 +173,7 @@ def test_a_broken_image_reverts_by_itself_to_the_old_revision(lab: LabCluster) -
         assert {i["containers"][0]["id"] for i in after} == \
             {i["containers"][0]["id"] for i in before}  # never stopped
         history = lab.ctl("rollout", "history", "rel").stdout
+        print(broken.stdout, watched.stdout, watched.stderr, history, sep="\n")
         assert history.splitlines()[1].split()[0] == "*1", history
     finally:
         lab.delete("rel")
