@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 FLOOD = "00:00:00:00:00:00"
 IFF_UP = 0x1
 NTF_SELF = 0x02
+NTF_MASTER = 0x04
+NTF_STICKY = 0x40  # a bridge entry that learning never moves to another port
 NUD_NOARP = 0x40  # a bridge's "static" entry (NUD_PERMANENT would mean a local address)
 NUD_PERMANENT = 0x80
 
@@ -162,8 +164,11 @@ class Overlay:
                 done.added += 1
             for mac in sorted(set(remote) - static):
                 # `replace`: takes the MAC over from a learnt entry of a local port (the
-                # old copy of an instance that just moved away still runs here).
-                ipr.fdb("replace", ifindex=vx, lladdr=mac, master=bridge, state=NUD_NOARP)
+                # old copy of an instance that just moved away still runs here); sticky:
+                # a frame that copy still sends must not move the entry back to its port
+                # (the bridge moves a plain static entry when it learns the MAC elsewhere).
+                ipr.fdb("replace", ifindex=vx, lladdr=mac, master=bridge, state=NUD_NOARP,
+                        flags=NTF_MASTER | NTF_STICKY)
                 done.added += 1
         self._programmed = (want_tunnel, set(remote))
         return done

@@ -2,23 +2,29 @@
 polled on every instance's overlay IP by three client containers while a release rolls out.
 A good release answers every request and never has more than `max_parallel` instances in
 transition at any sample (read from etcd); a release of an image that does not exist
-reverts by itself and the app ends on its old revision with every replica Running."""
+reverts by itself and the app ends on its old revision with every replica Running; on an HA
+pair, the leader SIGKILLed mid-rollout, the standby finishes it."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from sigmad.control.rollout import Rollout
+from sigmad.lab import Lab, LabConfig
+from sigmad.leader import LeaderRecord
 from sigmad.models import Instance
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import free_port, wait_for
 from tests.integration.labkit import LabCluster, web
 
 REPLICAS = 6
@@ -178,3 +184,55 @@ def test_a_broken_image_reverts_by_itself_to_the_old_revision(lab: LabCluster) -
     finally:
         lab.delete("rel")
         lab.delete("poll")
+
+
+def test_the_standby_finishes_a_rollout_whose_leader_was_sigkilled(tmp_path: Path) -> None:
+    """An HA pair: the leader is SIGKILLed mid-rollout; the standby reads the rollout record
+    and the instances' steps from etcd and finishes the rollout."""
+    built = Lab(LabConfig(
+        hosts=3, masters=2, name=f"rf{os.getpid() % 100000}", dir=tmp_path / "lab",
+        subnet=f"10.74.{os.getpid() % 250}.0/24", etcd_port=free_port(pair=True),
+        registry_port=free_port(), listen=f"127.0.0.1:{free_port(pair=True)}",
+        heartbeat_ttl=2))
+    try:
+        built.up()
+        lab = LabCluster(built, tmp_path)
+
+        def leader() -> tuple[str, int]:
+            async def read() -> str:
+                store = lab.etcd()
+                try:
+                    found = await store.get(store.keys.leader(), LeaderRecord)
+                finally:
+                    await store.close()
+                return found.value.api if found is not None else ""
+
+            api = wait_for(lambda: asyncio.run(read()), 30, "a leader")
+            pid = next(m.pid for m in built.masters() if m.listen.split(":")[-1] in api)
+            return api, pid
+
+        api, pid = leader()
+        lab.env["SIGMA_SERVER"] = api
+        spec = web(lab, "rel", 4, update={"min_ready": "3s"})
+        lab.apply(spec)
+        before = {i["name"]: i["ip"] for i in lab.running("rel", 4)}
+        spec["containers"][0]["env"] = {"RELEASE": "2"}
+        lab.apply(spec)
+        wait_for(lambda: sum(1 for i in lab.instances("rel") if i["generation"] == 2) >= 1,
+                 60, "one instance on revision 2")
+        os.kill(pid, signal.SIGKILL)
+
+        def standby() -> str | None:
+            now_api = leader()[0]
+            return now_api if now_api != api else None
+
+        new_api = wait_for(standby, 60, "the standby leading")
+        lab.env["SIGMA_SERVER"] = new_api
+        watched = lab.ctl("rollout", "status", "rel", "-w", "--timeout", "180")
+        assert watched.returncode == 0 and "rolled out" in watched.stdout, \
+            watched.stdout + watched.stderr
+        after = lab.running("rel", 4)
+        assert all(i["generation"] == 2 for i in after), after
+        assert {i["name"]: i["ip"] for i in after} == before
+    finally:
+        built.down()
