@@ -39,9 +39,10 @@ def counts(answer: dict[str, Any]) -> tuple[int, int, int, int, int]:
         else r.get("to_revision", answer.get("current"))
     insts = answer.get("instances") or []
     on = [i for i in insts if i["revision"] == target]
-    return (len(on), sum(1 for i in on if i["ready"] and not i["release"]),
-            sum(1 for i in insts if i["failing"]), sum(1 for i in insts if i["moving"]),
-            len(insts))
+    ended = r.get("phase") in ENDED  # (a failed step's mark goes just after the record)
+    return (len(on), sum(1 for i in on if i["ready"] and (ended or not i["release"])),
+            0 if ended else sum(1 for i in insts if i["failing"]),
+            sum(1 for i in insts if i["moving"]), len(insts))
 
 
 def progress_text(answer: dict[str, Any]) -> str:

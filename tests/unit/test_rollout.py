@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from sigmactl.rollout import history_text
+from sigmactl.rollout import failed, history_text, progress_text
 from sigmad import records
 from sigmad.api import make_app
 from sigmad.api.apps import only_replicas
@@ -406,3 +406,22 @@ async def test_an_app_with_host_ports_stops_then_starts_and_says_so() -> None:
         await lead.until(lambda: record(lead).phase == Phase.DONE, 15, "done")
         assert "host ports" in record(lead).recreate_reason
         assert any("without live moves" in e for e in lead.events())
+
+
+def test_status_text_counts_and_says_when_a_rollout_failed() -> None:
+    insts = [{"name": f"web-{i}", "revision": 2 if i < 3 else 1, "ready": i != 2,
+              "release": 2 if i == 2 else 0, "moving": i == 2, "failing": ""}
+             for i in range(6)]
+    answer = {"current": 2, "instances": insts,
+              "rollout": {"from_revision": 1, "to_revision": 2, "phase": "running"}}
+    text = progress_text(answer)
+    assert text.startswith("[######..............] 3/6 on revision 2, 2 ready, 1 moving, "
+                           "0 failing; running"), text
+    assert not failed(answer)
+    reverted = {**answer, "rollout": {**answer["rollout"], "phase": "reverted",
+                                      "reason": "instance 0 on revision 2: x"}}
+    assert failed(reverted) and "6/6" not in progress_text(reverted)
+    paused = {**answer, "rollout": {**answer["rollout"], "phase": "paused",
+                                    "reason": "paused by sigmactl rollout pause"}}
+    assert not failed(paused)
+    assert failed({**paused, "rollout": {**paused["rollout"], "reason": "instance 1: y"}})
