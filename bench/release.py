@@ -175,8 +175,18 @@ def section(result: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- |",
         *(f"| {r['run']} | {r['seconds']:.1f} s | {r['requests']} | {r['lost']} | "
           f"{r['resets']} |" for r in result["runs"]),
-        "",
+        "", goal(result["runs"]), "",
     ])
+
+
+def goal(runs: list[dict[str, Any]]) -> str:
+    """Whether the goal (0 lost) was met, and what the losses were."""
+    lost, resets = sum(r["lost"] for r in runs), sum(r["resets"] for r in runs)
+    requests = sum(r["requests"] for r in runs)
+    if not lost:
+        return f"Goal met: 0 of {requests} requests lost."
+    return (f"Goal not met: {lost} of {requests} requests lost, {resets} of them connection "
+            "resets at a flip" + ("" if lost == resets else f", {lost - resets} other") + ".")
 
 
 if __name__ == "__main__":
