@@ -3,7 +3,8 @@ polled on every instance's overlay IP by three client containers while a release
 A good release answers every request and never has more than `max_parallel` instances in
 transition at any sample (read from etcd); a release of an image that does not exist
 reverts by itself and the app ends on its old revision with every replica Running; on an HA
-pair, the leader SIGKILLed mid-rollout, the standby finishes it."""
+pair, the leader SIGKILLed mid-rollout, the standby finishes it; a canary waits for promote
+and pause/resume keep it waiting."""
 
 from __future__ import annotations
 
@@ -257,3 +258,32 @@ def test_the_standby_finishes_a_rollout_whose_leader_was_sigkilled(tmp_path: Pat
         assert {i["name"]: i["ip"] for i in after} == before
     finally:
         built.down()
+
+
+def test_canary_waits_for_promote_and_pause_resume_keep_it(lab: LabCluster) -> None:
+    spec = web(lab, "rel", 4, update={"canary": 1, "max_parallel": 2, "min_ready": "1s"})
+    lab.apply(spec)
+    try:
+        lab.running("rel", 4)
+        spec["containers"][0]["env"] = {"RELEASE": "2"}
+        lab.apply(spec)
+        watched = lab.ctl("rollout", "status", "rel", "-w", "--timeout", "120")
+        assert watched.returncode == 0 and "canary of revision 2 is ready" in watched.stdout, \
+            watched.stdout + watched.stderr
+        assert sorted(i["generation"] for i in lab.instances("rel")) == [1, 1, 1, 2]
+        paused = lab.ctl("rollout", "pause", "rel")
+        assert paused.returncode == 0 and "paused" in paused.stdout, paused.stderr
+        assert lab.ctl("rollout", "status", "rel").returncode == 0  # paused by hand: no failure
+        resumed = lab.ctl("rollout", "resume", "rel")
+        assert resumed.returncode == 0 and "canary" in resumed.stdout, resumed.stderr
+        time.sleep(3)  # a canary starts nothing more by itself
+        assert sorted(i["generation"] for i in lab.instances("rel")) == [1, 1, 1, 2]
+        promoted = lab.ctl("rollout", "promote", "rel")
+        assert promoted.returncode == 0 and "promoted" in promoted.stdout, promoted.stderr
+        done = lab.ctl("rollout", "status", "rel", "-w", "--timeout", "120")
+        assert done.returncode == 0 and "revision 2 rolled out" in done.stdout, done.stdout
+        assert [i["generation"] for i in lab.running("rel", 4)] == [2, 2, 2, 2]
+        again = lab.ctl("rollout", "promote", "rel")
+        assert again.returncode == 1 and "nothing to promote" in again.stderr, again.stderr
+    finally:
+        lab.delete("rel")
