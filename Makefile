@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 # images are built from, the lab's registry, `ip` and `bridge`, iptables (the lab's underlay
 # bridge needs a FORWARD rule), curl, venv support for python3, and for SSD volumes mkfs.ext4 and
 # blkid (e2fsprogs) and losetup (mount); headless chromium and its driver for the console tests.
-APT_PACKAGES := docker.io etcd-server busybox-static docker-registry iproute2 iptables curl python3-venv e2fsprogs mount chromium chromium-driver
+APT_PACKAGES := docker.io etcd-server busybox-static docker-registry iproute2 iptables curl python3-venv e2fsprogs mount chromium chromium-driver redis-server redis-tools
 
 # Only the source directories that exist (bench/ may not yet).
 LINT_DIRS := $(wildcard sigmad sigmactl tests bench)

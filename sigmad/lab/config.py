@@ -74,6 +74,10 @@ class LabConfig:
         return f"{self.registry_addr}/sigma/busybox:latest"
 
     @property
+    def redis_image(self) -> str:
+        return f"{self.registry_addr}/sigma/redis:latest"
+
+    @property
     def master_listens(self) -> list[str]:
         """HOST:PORT of each master: --listen's port, then the next ones."""
         host, _, port = self.listen.rpartition(":")

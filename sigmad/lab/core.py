@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -104,6 +105,11 @@ class Lab:
     @property
     def image(self) -> str:
         return self._state().image
+
+    @property
+    def redis_image(self) -> str:
+        """The lab's redis-server image ("" if this host has none)."""
+        return self._state().redis_image
 
     @property
     def masters(self) -> list[MasterState]:
@@ -217,6 +223,11 @@ class Lab:
         services.build_and_push(state.hosts[0].engine, cfg.image, cfg.root)
         self.say("pushed image to the lab registry")
         state.image = cfg.image
+        if shutil.which(services.REDIS):  # on the busybox image: readiness checks need sh
+            services.build_from_host(state.hosts[0].engine, cfg.redis_image, services.REDIS,
+                                     [], cfg.root, base=cfg.image)
+            self.say(f"pushed {cfg.redis_image} (this host's redis-server)")
+            state.redis_image = cfg.redis_image
         state.save()
 
     def _up_sigma(self, state: LabState) -> None:
@@ -293,7 +304,8 @@ class Lab:
                             "healthy": answer is not None and answer[0] == 200,
                             "role": roles.get(m.listen, "") if alive else ""})
         return {"name": s.name, "dir": s.dir, "ready": s.ready, "server": s.server, "ca": s.ca,
-                "image": s.image, "bridge": s.bridge, "bridge_ip": s.bridge_ip,
+                "image": s.image, "redis_image": s.redis_image, "bridge": s.bridge,
+                "bridge_ip": s.bridge_ip,
                 "hosts": hosts, "etcd": etcd, "registry": reg, "masters": masters}
 
     # -- failures ---------------------------------------------------------------------------

@@ -27,6 +27,7 @@ PREFIX = "/sigma/v1"
 DOCKERFILE = ('FROM scratch\nCOPY busybox /bin/busybox\n'
               'RUN ["/bin/busybox","--install","-s","/bin"]\n')
 BUSYBOX = Path("/bin/busybox")
+REDIS = "redis-server"  # the lab's second image, when this host has it (apt-get install)
 
 
 def sigma_env() -> dict[str, str]:
@@ -118,6 +119,26 @@ def build_and_push(engine: str, image: str, workdir: Path) -> None:
     with tempfile.TemporaryDirectory(dir=workdir, prefix="image-") as context:
         (Path(context) / "Dockerfile").write_text(DOCKERFILE)
         shutil.copy(BUSYBOX, Path(context) / "busybox")
+        docker(engine, "build", "-q", "-t", image, context)
+    docker(engine, "push", image)
+
+
+def build_from_host(engine: str, image: str, binary: str, entrypoint: list[str],
+                    workdir: Path, base: str = "scratch") -> None:
+    """Build an image FROM `base` holding this host's `binary` and the libraries it links (at
+    the same paths), with `entrypoint`, on `engine`; push it."""
+    found = shutil.which(binary)
+    if found is None:
+        raise LabError(f"{binary} is missing on this host: install it (apt-get)")
+    libs = [p for line in run(["ldd", found]).stdout.splitlines() for p in line.split()
+            if p.startswith("/")]
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="image-") as context:
+        lines = [f"FROM {base}"]
+        for i, path in enumerate([found, *libs]):
+            shutil.copy(os.path.realpath(path), Path(context) / f"f{i}")
+            lines.append(f"COPY f{i} {path}")
+        lines.append(f"ENTRYPOINT {json.dumps(entrypoint or [found])}")
+        (Path(context) / "Dockerfile").write_text("\n".join(lines) + "\n")
         docker(engine, "build", "-q", "-t", image, context)
     docker(engine, "push", image)
 

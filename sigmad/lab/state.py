@@ -90,6 +90,7 @@ class LabState:
     registry: RegistryState | None = None
     masters: list[MasterState] = field(default_factory=list)
     image: str = ""
+    redis_image: str = ""  # "" when this host has no redis-server
     token: str = ""
     server: str = ""
     credentials: str = ""  # the credentials file `up` wrote

@@ -55,12 +55,18 @@ class LabCluster:
         return yaml.safe_load(result.stdout)  # type: ignore[no-any-return]
 
     def running(self, app: str, count: int, timeout: float = 90) -> list[dict[str, Any]]:
+        seen: list[dict[str, Any]] = []
+
         def check() -> list[dict[str, Any]] | None:
-            items = self.instances(app)
+            seen[:] = items = self.instances(app)
             ok = len(items) == count and all(i["state"] == "Running" for i in items)
             return items if ok else None
 
-        return wait_for(check, timeout, f"{count} Running instances of {app}", 0.1)
+        try:
+            return wait_for(check, timeout, f"{count} Running instances of {app}", 0.1)
+        except AssertionError as e:
+            states = [(i["name"], i["state"], i.get("reason", "")) for i in seen]
+            raise AssertionError(f"{e}; instances: {states}") from None
 
     def docker(self, node: str, *args: str, check: bool = True
                ) -> subprocess.CompletedProcess[str]:
