@@ -1,7 +1,8 @@
 """Terminal sessions (`exec -it`) on fakes: the session table (opened once, by its own token,
 before it expires), the resize message's checks, and the WebSocket relay over the API with
 the fake engine's terminal: keystrokes and output both ways, resizes, the exit code, the
-hang-up and the idle end, each ending the session's marked processes."""
+hang-up and the idle end, each ending the session's marked processes; and sigmactl's
+checks of -i/-t before it calls."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from sigmad.api.terminals import MARKER, Terminals, resize_of
 from sigmad.errors import Forbidden, NotFound, SpecError
 from tests.fakes.engine import FakeEngine, FakeTerminal
 from tests.unit.harness import ADMIN, Leader, call, spec
+from tests.unit.test_sigmactl_client import Fake, run
 
 EXEC = "/v1/instances/default/web-0/exec"
 SHELL = {"command": ["sh"], "stdin": True, "tty": True}
@@ -198,3 +200,21 @@ async def test_a_session_path_is_a_websocket_only(api: tuple[TestClient, Leader]
         await ws.send_bytes(b"exit 0\n")
         assert (await _until_last(ws))[1] == {"exit_code": 0}
 
+
+
+# -- sigmactl exec -it's checks (before any call) --------------------------------------------
+
+
+@pytest.mark.parametrize("flags", [["-i"], ["-t"], ["--stdin"]])
+def test_sigmactl_exec_refuses_i_without_t(fake: Fake, flags: list[str]) -> None:
+    result = run(fake, "exec", *flags, "web-0", "--", "sh")
+    assert result.exit_code == 2 and "-i and -t go together" in result.stderr
+    assert fake.seen == []
+
+
+def test_sigmactl_exec_it_needs_a_terminal(fake: Fake) -> None:
+    result = run(fake, "exec", "-it", "web-0", "--", "sh")  # (the runner's stdin is no tty)
+    assert (result.exit_code, result.stderr) == (
+        1, "error: -it needs a terminal on stdin: run it from one (or drop -it to run the "
+           "command and print its output)\n")
+    assert fake.seen == []  # no session made
