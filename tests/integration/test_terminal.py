@@ -1,17 +1,21 @@
 """`exec -it` on a real master, agent, etcd and dockerd: the session's WebSocket driven by
 hand (a shell's output, its exit code, a resize its `stty size` sees, a hang-up that ends
 what the shell left running even though it ignores SIGHUP), and `sigmactl exec -it` on a
-pseudo-terminal."""
+pseudo-terminal (its size, a SIGWINCH, the exit code, the terminal's mode given back)."""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import pty
 import select
+import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -98,35 +102,65 @@ async def test_a_hang_up_ends_what_the_shell_left(web: Cluster,
              f"sleep 777 (ignoring SIGHUP) to end after the hang-up; ps: {_ps(web)}")
 
 
+def _set_size(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+class _Pty:
+    """A pseudo-terminal's leader end and what was read from it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.seen = b""
+
+    def read_for(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if select.select([self.fd], [], [], left)[0]:
+                try:
+                    chunk = os.read(self.fd, 4096)
+                except OSError:  # (EIO: no one holds the other end)
+                    return
+                if not chunk:
+                    return
+                self.seen += chunk
+
+    def until(self, want: bytes, seconds: float = 10) -> None:
+        deadline = time.monotonic() + seconds
+        while want not in self.seen and time.monotonic() < deadline:
+            self.read_for(0.2)
+        assert want in self.seen, self.seen
+
+
 def test_sigmactl_exec_it_on_a_terminal(web: Cluster) -> None:
-    """The CLI end to end: raw mode on a pseudo-terminal, the shell's output, its exit code,
-    and the terminal's mode given back."""
+    """The CLI end to end: raw mode on a pseudo-terminal, its size at the start and after a
+    SIGWINCH, the shell's output, its exit code, and the terminal's mode given back."""
     leader, follower = pty.openpty()
+    _set_size(follower, 30, 90)
     before = subprocess.run(["stty", "-g"], stdin=follower, capture_output=True,
                             text=True).stdout
     proc = subprocess.Popen([sys.executable, "-m", "sigmactl", "exec", "-it", "web-0", "--",
                              "sh"], stdin=follower, stdout=follower, stderr=follower,
                             env=web.env)
-    seen = b""
+    term = _Pty(leader)
     try:
+        os.write(leader, b"stty size\n")
+        term.until(b"30 90")
+        _set_size(follower, 45, 120)
+        proc.send_signal(signal.SIGWINCH)  # (what the kernel sends a terminal's foreground)
+        deadline = time.monotonic() + 10
+        while b"45 120" not in term.seen and time.monotonic() < deadline:
+            os.write(leader, b"stty size\n")  # (until the resize has reached the shell)
+            term.read_for(1)
+        assert b"45 120" in term.seen, term.seen
         os.write(leader, b"echo h''i; exit 3\n")
-        deadline = time.monotonic() + 20
-        while proc.poll() is None and time.monotonic() < deadline:
-            if select.select([leader], [], [], 0.2)[0]:
-                seen += os.read(leader, 4096)
-        assert proc.wait(10) == 3, seen
+        assert proc.wait(20) == 3, term.seen
     finally:
         if proc.poll() is None:
             proc.kill()
-        while select.select([leader], [], [], 0.1)[0]:
-            try:
-                chunk = os.read(leader, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            seen += chunk
-    assert b"\r\nhi\r\n" in seen, seen
+            proc.wait(10)
+    term.read_for(0.5)
+    assert b"\r\nhi\r\n" in term.seen, term.seen
     after = subprocess.run(["stty", "-g"], stdin=follower, capture_output=True,
                            text=True).stdout
     assert after == before  # raw mode undone
