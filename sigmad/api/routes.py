@@ -71,15 +71,14 @@ async def _here(coro: Coroutine[Any, Any, T]) -> T:
 def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None = None,
              on_main: OnMain[Any] = _here, limits: Limits | None = None,
              metrics: Metrics | None = None, caps: TokenCaps = DEFAULT_CAPS,
-             audit_log: str = "", master_id: str = "",
-             exec_idle: float = terminals.IDLE) -> web.Application:
+             audit_log: str = "", master_id: str = "") -> web.Application:
     """The aiohttp application serving the API from `cache`, writing to `store`;
     `on_main(coro)` runs `coro` on the loop that owns the cache and the store (by default
     the one that serves). `limits` bound bodies and event streams (sigmad.api.serving);
     `metrics` counts what they bound. `token` is the bootstrap admin token; `caps` bound
     each token's calls; `audit_log` is a JSON-lines file that gets every audit entry
     (sigmad.api.audit). `master_id` is this master's (/readyz and /metrics say whether it
-    leads). A terminal session (`exec -it`) ends after `exec_idle` seconds without a byte."""
+    leads)."""
     audit = AuditLog(store, audit_log, on_main)
     gate = Gate(cache, token, audit, caps)
 
@@ -111,7 +110,6 @@ def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None 
     metrics = metrics or Metrics()
     api = Api(store, cache, AppWrites(store, cache, pool), on_main, limits, metrics)
     api.master_id = master_id
-    api.terminals = terminals.Terminals(idle=exec_idle)
     api.registry = prom.registry(metrics, functools.partial(prom.cluster_figures, cache,
                                                             master_id), prom.queue_figures)
     app = web.Application(middlewares=[errors, read_body(limits, metrics)],
@@ -176,7 +174,7 @@ class Api:
         self.limits = limits
         self.metrics = metrics
         self.master_id = ""
-        self.terminals = terminals.Terminals()
+        self.terminals = terminals.Terminals(limits.exec_idle)
         self.registry: CollectorRegistry | None = None
         self.encoded = views.Encoded()
         self.parsers = ThreadPoolExecutor(PARSERS, thread_name_prefix="api-parse")

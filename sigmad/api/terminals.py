@@ -40,7 +40,6 @@ from sigmad.errors import EngineError, Forbidden, NotFound, SpecError
 log = logging.getLogger(__name__)
 MARKER = "SIGMA_EXEC"  # env NAME=marker on a session's command and all it starts
 OPEN_WITHIN = 30.0  # seconds a made session waits to be opened
-IDLE = 900.0  # seconds without a byte either way after which a session ends
 MAX_PENDING = 256  # sessions made and not yet opened, on one master
 RELAY_BACKLOG = 64  # output chunks queued for a slow client
 EXIT_WAIT = 5.0  # seconds the engine gets to say an ended command's exit code
@@ -79,7 +78,7 @@ def new_marker() -> str:
 class Terminals:
     """The sessions of this master that wait to be opened (module docstring)."""
 
-    def __init__(self, idle: float = IDLE, open_within: float = OPEN_WITHIN,
+    def __init__(self, idle: float, open_within: float = OPEN_WITHIN,
                  most: int = MAX_PENDING,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.idle = idle

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
+from sigmad.api.serving import Limits
 from sigmad.api.terminals import MARKER, Terminals, resize_of
 from sigmad.errors import Forbidden, NotFound, SpecError
 from tests.fakes.engine import FakeEngine, FakeTerminal
@@ -30,7 +31,7 @@ SHELL = {"command": ["sh"], "stdin": True, "tty": True}
 
 def test_a_session_opens_once_with_its_own_token_before_it_expires() -> None:
     now = [100.0]
-    table = Terminals(open_within=30, most=2, clock=lambda: now[0])
+    table = Terminals(idle=60, open_within=30, most=2, clock=lambda: now[0])
     engine = FakeEngine()
     sid = table.add("tok-a", "default/web-0 main", engine, "c1", "e1", "m1")
     with pytest.raises(Forbidden, match="belongs to another token"):
@@ -66,7 +67,7 @@ def test_a_bad_control_message_names_its_field(text: str, field: str) -> None:
 
 @pytest.fixture
 async def api() -> AsyncIterator[tuple[TestClient, Leader]]:
-    async with Leader() as lead, lead.client(exec_idle=0.5) as client:
+    async with Leader() as lead, lead.client(limits=Limits(exec_idle=0.5)) as client:
         await lead.add_node("a")
         await lead.apply(spec(replicas=1))
         await lead.running("web", 1)
