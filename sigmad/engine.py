@@ -4,10 +4,11 @@ The only module that speaks Docker. Everything Docker-shaped stays here: the res
 sees the `Engine` protocol, `ContainerState` and plain dicts of container config.
 
 The Engine API is HTTP/1.1 over a Unix socket or over TLS on TCP, spoken by a small client
-of our own (`_Http`): kept-alive connections per engine, Content-Length and chunked bodies, streamed
-JSON lines for events and pulls. A burst drives hundreds of thousands of calls through the
-leader, and this client costs ~50 µs of CPU per call where aiodocker over aiohttp cost ~190
-(bench/scale.py).
+of our own (`_Http`): kept-alive connections per engine, Content-Length and chunked bodies,
+streamed JSON lines for events and pulls, and connections handed over to an exec's terminal
+(`Upgrade: tcp`, as the Docker CLI's exec -it does: `exec_attach`). A burst drives hundreds
+of thousands of calls through the leader, and this client costs ~50 µs of CPU per call where
+aiodocker over aiohttp cost ~190 (bench/scale.py).
 
 Invariants:
 - a call that cannot reach the engine, or times out, raises EngineError "… is unreachable";

@@ -147,8 +147,12 @@ async def relay(ws: web.WebSocketResponse, session: Session, on_main: OnMain,
 
     async def pump() -> None:
         """On the main loop: the terminal's output into the queue, then None."""
-        while data := await term.read():
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(out.put(data), here))
+        try:
+            while data := await term.read():
+                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(out.put(data),
+                                                                           here))
+        except Exception:  # (a bug, not a closed terminal: that reads b"")
+            log.exception("exec %s: reading its terminal failed", session.what)
         await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(out.put(None), here))
 
     async def to_client() -> None:
