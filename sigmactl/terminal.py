@@ -5,7 +5,7 @@ Invariants:
 - the local terminal is in raw mode only while the session runs, and its mode is given back
   however the session ends (the command's exit, an error, a lost connection);
 - every size change of the local terminal (SIGWINCH) is sent as a resize, and so is its
-  size at the start;
+  size at the start (unless it has none: 0 rows or columns);
 - the exit status is the command's; 255 when the session ended without one (as ssh does).
 """
 
@@ -58,9 +58,13 @@ def _raw(fd: int) -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-def _size(fd: int) -> str:
+def _size(fd: int) -> str | None:
+    """The resize message of `fd`'s terminal (None when it has no size: the engine's
+    default stays)."""
     size = os.get_terminal_size(fd)
-    return json.dumps({"resize": [max(size.lines, 1), max(size.columns, 1)]})
+    if not (size.lines and size.columns):
+        return None
+    return json.dumps({"resize": [size.lines, size.columns]})
 
 
 async def _session(client: Client, path: str, stdin: int, stdout: int) -> tuple[int, str]:
@@ -83,8 +87,8 @@ async def _session(client: Client, path: str, stdin: int, stdout: int) -> tuple[
                                   f"({exc or type(exc).__name__}): run the command again")
         sending: set[asyncio.Task[Any]] = set()
 
-        def send(data: bytes | str) -> None:
-            if ws.closed:
+        def send(data: bytes | str | None) -> None:
+            if data is None or ws.closed:
                 return
             task = asyncio.ensure_future(ws.send_bytes(data) if isinstance(data, bytes)
                                          else ws.send_str(data))
