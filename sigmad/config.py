@@ -71,6 +71,7 @@ class MasterConfig:
     body_timeout: float = 30.0  # seconds a request's body has to arrive
     max_connections: int = 1024  # API connections served at once (more are answered 503)
     stream_heartbeat: float = 5.0  # seconds between heartbeats of an idle event stream
+    exec_idle_timeout: float = 900.0  # seconds a terminal (exec -it) may pass without a byte
     history_keep: float = 300.0  # seconds of etcd history the leader keeps (compacting older)
     compact_interval: float = 60.0  # seconds between the leader's compactions
     tls: TlsFiles | None = None  # the API's certificate and key: HTTPS
@@ -303,6 +304,7 @@ def master_config(fields: Fields) -> MasterConfig:
         body_timeout=_number(fields, "body_timeout", 30.0, 0.1, 3600.0),
         max_connections=_whole(fields, "max_connections", 1024, 1, 1_000_000),
         stream_heartbeat=_number(fields, "stream_heartbeat", 5.0, 0.1, 3600.0),
+        exec_idle_timeout=_number(fields, "exec_idle_timeout", 900.0, 1.0, 86400.0),
         history_keep=_number(fields, "history_keep", 300.0, 1.0, 30 * 86400.0),
         compact_interval=_number(fields, "compact_interval", 60.0, 0.1, 86400.0),
         tls=_api_tls(fields),

@@ -154,7 +154,7 @@ async def run_master(config: MasterConfig) -> None:
     store = EtcdStore(endpoints, prefix, tls=tls)
     metrics = Metrics()
     limits = Limits(config.header_timeout, config.body_timeout, config.max_connections,
-                    config.stream_heartbeat)
+                    config.stream_heartbeat, config.exec_idle_timeout)
     api: ApiThread | None = None
     try:
         await cache.synced.wait()
