@@ -266,12 +266,22 @@ def _open_lab(name: str, directory: Path | None) -> Lab:
               help="SSDs per host: loop devices over sparse files, removed by `lab down`")
 @click.option("--ssd-size", default="10Gi", show_default=True,
               help="size of each (sparse: only what is written takes space)")
+@click.option("--cpu", default="", help="cpu of each host, e.g. 2 or 500m: its engine's "
+              "cgroup parent is capped at it and its node reports it [default: the machine's "
+              "cpus / hosts]")
+@click.option("--memory", default="", help="memory of each host, e.g. 4Gi: capped and "
+              "reported likewise [default: the machine's memory / hosts]")
 def lab_up(hosts: int, name: str, directory: Path | None, subnet: str, overlay_cidr: str,
            etcd_port: int, registry_port: int, listen: str, masters: int, heartbeat_ttl: int,
-           port_range: str, tls: bool, ssds: int, ssd_size: str) -> None:
+           port_range: str, tls: bool, ssds: int, ssd_size: str, cpu: str, memory: str) -> None:
     """Build a lab: bridge, hosts h1..hN, etcd, registry, image, master(s), agents."""
     from sigmad.lab import Lab, LabConfig, LabError
-    from sigmad.lab.config import parse_port_range, parse_ssd_size
+    from sigmad.lab.config import (
+        parse_cpu_option,
+        parse_memory_option,
+        parse_port_range,
+        parse_ssd_size,
+    )
     from sigmad.lab.report import summary
 
     def up() -> None:
@@ -279,7 +289,8 @@ def lab_up(hosts: int, name: str, directory: Path | None, subnet: str, overlay_c
                            overlay_cidr=overlay_cidr, etcd_port=etcd_port,
                            registry_port=registry_port, listen=listen, masters=masters,
                            heartbeat_ttl=heartbeat_ttl, port_range=parse_port_range(port_range),
-                           tls=tls, ssds=ssds, ssd_size=parse_ssd_size(ssd_size))
+                           tls=tls, ssds=ssds, ssd_size=parse_ssd_size(ssd_size),
+                           cpu=parse_cpu_option(cpu), memory=parse_memory_option(memory))
         the_lab = Lab(config, out=click.echo)
         fresh = the_lab.state is None  # else `up` refuses: the lab exists
         try:

@@ -89,9 +89,12 @@ class NodeRefused(SigmaError):
 
 def node_record(config: NodeConfig, info: dict[str, object], draining: bool,
                 disks: tuple[int, int] = (0, 0)) -> Node:
-    """The Node record from the engine's `info` (real CPU count and memory of the host) and
-    its `disks` (allow-listed SSDs and their summed size)."""
-    capacity = Resources(int(str(info.get("NCPU", 0))) * 1000, int(str(info.get("MemTotal", 0))))
+    """The Node record from the engine's `info` (real CPU count and memory of the host, unless
+    the config's `capacity` overrides them) and its `disks` (allow-listed SSDs and their
+    summed size)."""
+    capacity = Resources(
+        config.capacity.cpu_m or int(str(info.get("NCPU", 0))) * 1000,
+        config.capacity.memory or int(str(info.get("MemTotal", 0))))
     allocatable = Resources(
         max(capacity.cpu_m - config.reserved.cpu_m, 0),
         max(capacity.memory - config.reserved.memory, 0),
