@@ -1,4 +1,4 @@
-"""`sigmad master | node | dev | lab | pki`."""
+"""`sigmad master | node | restore | dev | lab | pki`."""
 
 from __future__ import annotations
 
@@ -95,6 +95,42 @@ def node(config_path: str) -> None:
     from sigmad.node.agent import run_agent
 
     _run(run_agent(_load(load_node, config_path)))
+
+
+@cli.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--config", "config_path", default="/etc/sigma/master.yaml", show_default=True,
+              help="a master's config: its etcd section says where to write")
+@click.option("--force", is_flag=True,
+              help="delete every key under the prefix first (it must be empty otherwise)")
+def restore(file: Path, config_path: str, force: bool) -> None:
+    """Write a backup (sigmactl backup -o FILE) into etcd under the config's prefix.
+
+    Stop every master and agent first. After it, start the agents (their heartbeats say
+    their nodes are Ready), then the masters: they adopt the containers that run (by their
+    labels) and start no copies."""
+    from sigmad import backup
+    from sigmad.store import EtcdStore
+
+    config = _load(load_master, config_path)
+    try:
+        taken = backup.decode(file.read_bytes())
+    except SigmaError as exc:
+        raise click.ClickException(f"{file}: {exc.message}") from None
+
+    async def main() -> None:
+        store = EtcdStore(config.etcd.endpoints, config.etcd.prefix, tls=config.etcd.tls)
+        try:
+            done = await backup.restore(store, taken, force,
+                                        lambda line: click.echo(line, err=True))
+        finally:
+            await store.close()
+        click.echo(f"restored {done.written} keys of revision {taken.revision} (taken under "
+                   f"{taken.prefix}) into {config.etcd.prefix}; {done.skipped} leased keys "
+                   f"left out" + (f"; {done.deleted} keys deleted first" if done.deleted
+                                  else "") + ". Start the agents, then the masters.")
+
+    _run(main())
 
 
 @cli.command()
