@@ -27,7 +27,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from sigmad import metrics
+from sigmad import metrics, schema
 from sigmad.config import NodeConfig
 from sigmad.engine import LABEL_INSTANCE, ContainerState, DockerEngine
 from sigmad.errors import EngineError, SigmaError
@@ -274,10 +274,18 @@ class Agent:
             log.warning("overlay not ready yet: %s", exc)
 
     async def remove_stale(self) -> None:
-        """Stop and remove, all at once, the containers no instance record places here."""
+        """Stop and remove, all at once, the containers no instance record places here;
+        none while the cluster's records are absent (no schema key: a lost or fresh etcd)
+        or half restored (sigmad.schema): they would all look stale."""
         me = self.config.name
         found = await self.engine.find({LABEL_INSTANCE: ""})
         if not found:
+            return
+        version, restoring = await schema.read(self.store)
+        if version is None or restoring:
+            log.warning("%d sigma containers here, and %s: none is removed as stale",
+                        len(found), "a restore is under way" if restoring else
+                        "etcd holds no cluster records (no schema key)")
             return
         records, _ = await self.store.scan(self.store.keys.instances(), Instance)
         placed = {v.value.key: v.value for v in records}  # `ns/app-index` → record

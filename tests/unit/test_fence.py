@@ -18,6 +18,7 @@ from sigmad.errors import Conflict, StoreUnavailable
 from sigmad.models import Beat, Instance
 from sigmad.node.agent import Agent
 from sigmad.node.fence import margin
+from sigmad.schema import VERSION, SchemaRecord
 from tests.fakes.engine import FakeEngine
 from tests.fakes.store import MemoryStore
 from tests.unit.harness import Leader, spec
@@ -198,6 +199,7 @@ async def test_an_agent_that_cannot_renew_stops_its_containers_before_the_ttl(
     a, b = await run_containers(engine, "default/web-0", "default/web-1")
     mine = Instance("default", "web", 0, 1, node="h1")
     elsewhere = Instance("default", "web", 1, 1, node="h2")  # its copy here is stale
+    await store.put(store.keys.schema(), SchemaRecord(VERSION))  # the cluster's records
     await store.put(store.keys.instance("default", "web", 0), mine)
     await store.put(store.keys.instance("default", "web", 1), elsewhere)
     beating = asyncio.create_task(agent.heartbeat())
@@ -248,3 +250,26 @@ async def test_an_agent_whose_renewals_succeed_never_fences() -> None:
         beating.cancel()
         await asyncio.gather(beating, return_exceptions=True)
 
+
+
+@pytest.mark.parametrize("state", ["no-schema", "restoring"])
+async def test_an_agent_removes_nothing_while_the_clusters_records_are_absent(
+        state: str) -> None:
+    """A fresh or lost etcd (no schema key) or a restore under way: every container would
+    look stale, so none is removed; once the records are there, the stale one goes."""
+    store = MemoryStore("/t")
+    agent = Agent(NodeConfig(name="h1", engine="fake://h1", heartbeat_ttl=2,
+                             etcd=EtcdConfig(prefix="/t")), store, overlay=False)
+    engine = agent.engine = FakeEngine("fake://h1", "/t")  # type: ignore[assignment]
+    a, b = await run_containers(engine, "default/web-0", "default/web-1")
+    await store.put(store.keys.instance("default", "web", 0),
+                    Instance("default", "web", 0, 1, node="h1"))
+    if state == "restoring":
+        await store.put(store.keys.schema(), SchemaRecord(VERSION))
+        await store.put(store.keys.restoring(), {"revision": 5})
+    await agent.remove_stale()
+    assert set(engine.by_id) == {a, b}
+    await store.delete(store.keys.restoring())
+    await store.put(store.keys.schema(), SchemaRecord(VERSION))
+    await agent.remove_stale()
+    assert set(engine.by_id) == {a}  # web-1 has no record placing it here
