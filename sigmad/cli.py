@@ -79,22 +79,45 @@ def _load(loader: Any, path: str) -> Any:
         raise click.ClickException(f"{path}: {exc.message}") from None
 
 
+_CHECK = click.option("--check", is_flag=True,
+                      help="Check the config and the environment (etcd, certificates, ...), "
+                           "print what to fix and exit: 0 when nothing must be fixed.")
+
+
+def _check(findings: Coroutine[Any, Any, list[Any]]) -> None:
+    from sigmad.check import report
+
+    sys.exit(0 if report(asyncio.run(findings), click.echo) else 1)
+
+
 @cli.command()
 @click.option("--config", "config_path", default="/etc/sigma/master.yaml", show_default=True)
-def master(config_path: str) -> None:
+@_CHECK
+def master(config_path: str, check: bool) -> None:
     """Run the master: API, controller and scheduler."""
+    config = _load(load_master, config_path)
+    if check:
+        from sigmad import check as checks
+
+        _check(checks.master(config))
     from sigmad.master import run_master
 
-    _run(run_master(_load(load_master, config_path)))
+    _run(run_master(config))
 
 
 @cli.command()
 @click.option("--config", "config_path", default="/etc/sigma/node.yaml", show_default=True)
-def node(config_path: str) -> None:
+@_CHECK
+def node(config_path: str, check: bool) -> None:
     """Run the node agent of this host."""
+    config = _load(load_node, config_path)
+    if check:
+        from sigmad import check as checks
+
+        _check(checks.node(config))
     from sigmad.node.agent import run_agent
 
-    _run(run_agent(_load(load_node, config_path)))
+    _run(run_agent(config))
 
 
 @cli.command()
