@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import stat
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +12,7 @@ from sigmad import backup
 from sigmad.backup import Backup, BackupError, Entry
 from tests.fakes.store import MemoryStore
 from tests.unit.harness import ADMIN, Leader, call
+from tests.unit.test_sigmactl_client import run, serving
 
 
 async def filled() -> MemoryStore:
@@ -124,3 +127,21 @@ async def test_get_backup_is_admin_only_and_says_its_revision() -> None:
             taken = backup.decode(await r.read())
         assert int(r.headers["X-Sigma-Revision"]) == taken.revision
         assert any(e.key == "nodes/a" for e in taken.entries)
+
+
+def test_sigmactl_backup_writes_a_private_file_and_says_what_it_holds(tmp_path: Path) -> None:
+    taken = Backup("/sigma/v1", 42, 1.0, [Entry("nodes/h1", b"{}"),
+                                          Entry("heartbeats/h1", b"{}", leased=True)])
+    with serving() as fake:
+        fake.answer("GET", "/v1/backup", (200, taken.to_dict()))
+        out = tmp_path / "b.json"
+        result = run(fake, "backup", "-o", str(out), "--json")
+        assert result.exit_code == 0, result.output
+        assert stat.S_IMODE(out.stat().st_mode) == 0o600
+        assert backup.decode(out.read_bytes()) == taken
+        summary = json.loads(result.output)
+        assert (summary["revision"], summary["keys"], summary["leased"]) == (42, 2, 1)
+        fake.answer("GET", "/v1/backup", (200, {"items": []}))
+        bad = run(fake, "backup", "-o", str(tmp_path / "c.json"))
+        assert bad.exit_code != 0 and "no backup" in bad.output
+        assert not (tmp_path / "c.json").exists()
