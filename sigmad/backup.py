@@ -7,11 +7,12 @@ Invariants:
 - keys are kept relative to the prefix, so a backup restores under another prefix too;
 - leased keys (heartbeats, usage, events, audit, leader, masters) are kept marked as leased and
   never restored: their leases belonged to processes of the old etcd, which grant new ones;
-- a restore writes only into a prefix without unleased keys (forced: after deleting every
-  key under it). It first creates the `restoring` marker (guarded: absent), then writes in
-  transactions of at most MAX_TXN_OPS operations, deleting the marker in the last one. A
-  crash leaves the marker: masters do not lead and agents remove nothing while it is there
-  (sigmad.schema), and `sigmad restore --force` again finishes the job.
+- a restore writes only into a prefix without unleased keys and without a running master's
+  keys (forced: after deleting every key under it, which deposes a leader). It first creates
+  the `restoring` marker (guarded: absent), then writes in transactions of at most
+  MAX_TXN_OPS operations, deleting the marker in the last one. A crash leaves the marker:
+  masters do not lead and agents remove nothing while it is there (sigmad.schema), and
+  `sigmad restore --force` again finishes the job.
 """
 
 from __future__ import annotations
@@ -141,6 +142,13 @@ async def restore(store: Store, backup: Backup, force: bool = False,
             f"{root} holds {len(unleased)} keys (e.g. {unleased[0]}): restore writes only "
             "into an empty prefix. Stop the masters and agents, then run it again with "
             "--force to delete them first", "force")
+    masters = [i.key for i in present
+               if i.key == store.keys.leader() or i.key.startswith(store.keys.masters())]
+    if masters and not force:
+        raise BackupError(
+            f"a master runs ({masters[0]} is held): a leader would act on a half-restored "
+            "state. Stop every master first (systemctl stop sigmad-master), or run it again "
+            "with --force, which deletes its keys (a leader then stops leading)", "force")
     deleted = 0
     for start in range(0, len(present), MAX_TXN_OPS):
         gone = present[start:start + MAX_TXN_OPS]

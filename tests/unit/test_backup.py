@@ -60,7 +60,7 @@ async def test_a_restore_refuses_a_prefix_with_keys_unless_forced() -> None:
     await target.put(target.keys.node("stray"), {"name": "stray"})
     lease = await target.grant(5)
     await target.put(target.keys.leader(), {"id": "m1"}, lease=lease)
-    with pytest.raises(BackupError, match=r"holds 1 keys .*--force") as refused:
+    with pytest.raises(BackupError, match=r"holds 1 keys .*--force") as refused:  # first
         await backup.restore(target, taken)
     assert refused.value.field == "force"
     assert target.keys.restoring() not in target.data  # nothing written
@@ -71,12 +71,23 @@ async def test_a_restore_refuses_a_prefix_with_keys_unless_forced() -> None:
 
 
 async def test_a_leased_only_prefix_counts_as_empty() -> None:
-    """A master's leased keys (leader, masters/) are no state to lose."""
+    """Leased keys (an event, a heartbeat) are no state to lose."""
     target = MemoryStore()
     lease = await target.grant(5)
-    await target.put(target.keys.leader(), {"id": "m1"}, lease=lease)
+    await target.put(target.keys.events() + "1-1", {"message": "x"}, lease=lease)
     taken = await backup.take(await filled())
     assert (await backup.restore(target, taken)).deleted == 1
+
+
+async def test_a_restore_refuses_while_a_master_runs_unless_forced() -> None:
+    target = MemoryStore()
+    lease = await target.grant(5)
+    await target.put(target.keys.master("m1"), {"id": "m1"}, lease=lease)
+    taken = await backup.take(await filled())
+    with pytest.raises(BackupError, match=r"a master runs .*masters/m1.*Stop every master"):
+        await backup.restore(target, taken)
+    assert target.keys.restoring() not in target.data
+    assert (await backup.restore(target, taken, force=True)).deleted == 1
 
 
 async def test_a_half_restore_leaves_its_marker_and_a_second_one_is_refused() -> None:
