@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -21,7 +23,9 @@ from typing import Any
 import pytest
 
 from sigmactl.client import Client, CtlError
+from sigmad import schema
 from sigmad.lab import Lab, LabConfig, services
+from sigmad.lab.net import inside
 from tests.integration.conftest import free_port, wait_for
 from tests.integration.labkit import HOST_CPU, HOST_MEMORY, LabCluster, web
 
@@ -166,3 +170,23 @@ def test_rolling_restart_of_masters_then_agents_loses_nothing(pair: LabCluster) 
         assert pair.docker(i["node"], "inspect", "-f", "{{.State.StartedAt}}",
                            cid).stdout == started[cid]  # not restarted
     pair.delete(app)
+
+
+def test_check_passes_on_the_labs_masters_and_hosts(pair: LabCluster) -> None:
+    """`sigmad master --check` and `sigmad node --check` against real etcd, engines and
+    certificates: nothing to fix; the schema is the leader's, version 1."""
+    lab = pair.lab
+    env = services.sigma_env()
+    for m in lab.masters:
+        done = subprocess.run([sys.executable, "-m", "sigmad", "master", "--check",
+                               "--config", m.config], capture_output=True, text=True,
+                              timeout=60, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"ok    schema under /sigma/v1: version {schema.VERSION}" in done.stdout
+        assert "WARN  listen" in done.stdout  # the master runs there
+    for h in lab.hosts:
+        done = subprocess.run([*inside(h.netns), sys.executable, "-m", "sigmad", "node",
+                               "--check", "--config", h.node_config], capture_output=True,
+                              text=True, timeout=60, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "ok    engine tcp://" in done.stdout and "FAIL" not in done.stdout
