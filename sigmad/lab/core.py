@@ -210,6 +210,7 @@ class Lab:
                  f"{first.memory >> 20} MiB (cgroup sigma-lab-{cfg.name}-hN)")
         for host in state.hosts:
             services.cap_host(host)
+            state.save()
         self.say(f"starting dockerd on {span(state.hosts)}")
         procs = []
         for host in state.hosts:
@@ -341,6 +342,7 @@ class Lab:
             # as a zombie until init reaps it.
             teardown.remove_stale_pidfiles(host)
             services.cap_host(host)
+            s.save()
             proc = services.dockerd(host, s.registry.addr if s.registry else
                                     self.config.registry_addr, self.tls_root)
             proc.start()

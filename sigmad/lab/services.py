@@ -83,11 +83,12 @@ def wait_registry(reg: RegistryState, log: Path, timeout: float = 20.0) -> None:
 
 
 def cap_host(host: HostState) -> None:
-    """Make the host's cgroup parent, capped at its cpu and memory (a lab from before caps
-    has none: left alone)."""
+    """Make the host's cgroup parent, capped at its cpu and memory, and remember where (a
+    lab from before caps has none: left alone). The caller saves the state."""
     if host.cpu_m and host.memory:
         try:
-            cap_cgroup(host.cgroup_parent, host.cpu_m, host.memory)
+            made = cap_cgroup(host.cgroup_parent, host.cpu_m, host.memory)
+            host.cgroups = sorted({*host.cgroups, *map(str, made)})
         except OSError as exc:
             raise LabError(f"cannot cap cgroup {host.cgroup_parent}: {exc}") from None
 

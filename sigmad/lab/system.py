@@ -279,14 +279,15 @@ def machine_capacity() -> tuple[int, int]:
     return (os.cpu_count() or 1) * 1000, total
 
 
-def remove_cgroups(component: str) -> list[str]:
+def remove_cgroups(component: str, made: Iterable[str] = ()) -> list[str]:
     """rmdir the cgroup `component` (and its children) in every hierarchy, at the top and
-    under this process's own cgroup (where runc puts a relative cgroup parent); what
+    under this process's own cgroup (where runc puts a relative cgroup parent), and the
+    directories `made` (where `up` capped it, maybe under another process's cgroup); what
     remains."""
     left = []
     own = own_cgroups()
     nested = {_under(CGROUP_ROOT, h, p, component) for h, p in own.items() if h and p != "/"}
-    for top in sorted({*CGROUP_ROOT.glob(f"*/{component}"), *nested}):
+    for top in sorted({*CGROUP_ROOT.glob(f"*/{component}"), *nested, *map(Path, made)}):
         if not top.is_dir():
             continue
         for dirpath, _, _ in os.walk(top, topdown=False):

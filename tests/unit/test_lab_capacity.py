@@ -11,7 +11,7 @@ from sigmad.config import load_node
 from sigmad.lab import LabConfig, services
 from sigmad.lab.config import LabError, parse_cpu_option, parse_memory_option
 from sigmad.lab.state import HostState, LabState
-from sigmad.lab.system import cap_cgroup, own_cgroups
+from sigmad.lab.system import cap_cgroup, own_cgroups, remove_cgroups
 from sigmad.spec import Resources
 
 
@@ -55,12 +55,14 @@ def test_the_node_config_reports_the_hosts_capacity(tmp_path: Path) -> None:
 
 def test_the_capacity_is_kept_in_lab_json(tmp_path: Path) -> None:
     cfg = LabConfig(name="t", dir=tmp_path, hosts=1)
-    state = LabState("t", str(tmp_path), "10.81.6.0/24", "10.81.6.1",
-                     hosts=[host(cfg, 1500, 1 << 30)])
+    capped = host(cfg, 1500, 1 << 30)
+    capped.cgroups = ["/sys/fs/cgroup/cpu/sigma-lab-t-h1"]
+    state = LabState("t", str(tmp_path), "10.81.6.0/24", "10.81.6.1", hosts=[capped])
     state.save()
     loaded = LabState.load(tmp_path)
     assert loaded is not None and (loaded.hosts[0].cpu_m, loaded.hosts[0].memory) == \
         (1500, 1 << 30)
+    assert loaded.hosts[0].cgroups == ["/sys/fs/cgroup/cpu/sigma-lab-t-h1"]
 
 
 OWN_V1 = "4:memory:/process_api/abc\n2:cpu,cpuacct:/\n0::/\n"
@@ -88,3 +90,12 @@ def test_cap_cgroup_v2_writes_cpu_max_and_memory_max(tmp_path: Path) -> None:
     assert (made / "cpu.max").read_text() == "200000 100000"
     assert (made / "memory.max").read_text() == str(4 << 30)
     assert (tmp_path / "lab.scope/cgroup.subtree_control").read_text() == "+cpu +memory"
+
+
+def test_down_removes_the_capped_directories_up_recorded(tmp_path: Path) -> None:
+    """Wherever `up` made them (under the cgroup of the process that ran it, maybe not
+    the one that runs `down`)."""
+    made = tmp_path / "memory/process_api/other/sigma-lab-t-h1"
+    (made / "container").mkdir(parents=True)
+    assert remove_cgroups("sigma-lab-no-such-lab-h1", [str(made)]) == []
+    assert not made.exists()
