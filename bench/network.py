@@ -135,7 +135,9 @@ def main() -> None:
     opts = parser.parse_args()
     lab = Lab(LabConfig(hosts=2, name="netpath", dir=Path("/var/lib/sigma-lab/netpath-bench"),
                         subnet="10.81.15.0/24", etcd_port=free_port(),
-                        registry_port=free_port(), listen=f"127.0.0.1:{free_port()}"))
+                        registry_port=free_port(), listen=f"127.0.0.1:{free_port()}",
+                        # each host's engine may use the whole machine, as the bare host does
+                        cpu=(os.cpu_count() or 1) * 1000))
     servers: list[subprocess.Popen[bytes]] = []
     try:
         lab.up()

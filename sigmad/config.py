@@ -99,6 +99,9 @@ class NodeConfig:
     address: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     reserved: Resources = field(default_factory=Resources)
+    # What the node record reports instead of the engine's figures (0: the engine's): for a
+    # host whose engine's cgroup parent is capped below the machine (the lab's hosts).
+    capacity: Resources = field(default_factory=Resources)
     overcommit: Overcommit = field(default_factory=Overcommit)
     port_range: list[int] = field(default_factory=lambda: list(DEFAULT_PORT_RANGE))
     heartbeat_ttl: int = 5
@@ -328,6 +331,12 @@ def node_config(fields: Fields) -> NodeConfig:
         quantity("reserved.memory", reserved.take("memory", 0), parse_size),
     )
     reserved.done()
+    capacity = Fields("capacity", fields.take("capacity") or {}, "")
+    override = Resources(
+        quantity("capacity.cpu", capacity.take("cpu", 0), parse_cpu),
+        quantity("capacity.memory", capacity.take("memory", 0), parse_size),
+    )
+    capacity.done()
     ratios = Fields("overcommit", fields.take("overcommit") or {}, "")
     overcommit = Overcommit(
         _number(ratios, "cpu", 1.0, 1.0, MAX_OVERCOMMIT),
@@ -347,6 +356,7 @@ def node_config(fields: Fields) -> NodeConfig:
         address=_address(fields),
         labels=string_map("labels", fields.take("labels"), LABEL_RE, "label"),
         reserved=reserve,
+        capacity=override,
         overcommit=overcommit,
         port_range=list(port_range),
         heartbeat_ttl=int(_number(fields, "heartbeat_ttl", 5, 2, 3600)),

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from sigmad import __version__, events, records, spec
+from sigmad import __version__, backup, events, records, spec
 from sigmad import metrics as prom
 from sigmad.api import logs, sse, terminals, views
 from sigmad.api.apps import AppWrites, ResourceChange, with_resources
@@ -151,6 +151,7 @@ def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None 
     app.router.add_get("/v1/instances/{ns}/{name}", api.get_instance)
     app.router.add_post("/v1/instances/{ns}/{name}/migrate", api.migrate)
     app.router.add_get("/v1/masters", api.masters)
+    app.router.add_get("/v1/backup", api.backup)
     app.router.add_get("/v1/instances/{ns}/{name}/logs", api.logs)
     app.router.add_post("/v1/instances/{ns}/{name}/exec", api.exec_)
     app.router.add_get("/v1/exec/{id}", api.terminal)
@@ -189,6 +190,12 @@ class Api:
     async def body(self, request: web.Request) -> dict[str, Any]:
         """The request's body as a JSON object (SpecError if it is not one)."""
         return await self.parsed(request, _json_object)
+
+    async def backup(self, request: web.Request) -> web.Response:
+        """Every key under the prefix at one revision (sigmad.backup): admin only."""
+        taken = await self.main(backup.take(self.store))
+        return web.Response(body=backup.encode(taken), content_type="application/json",
+                            headers={"X-Sigma-Revision": str(taken.revision)})
 
     async def healthz(self, request: web.Request) -> web.Response:
         return _json({"ok": True, "version": __version__})

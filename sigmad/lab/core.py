@@ -179,12 +179,14 @@ class Lab:
             state.save()
         self.say(f"creating hosts h1..h{cfg.hosts} (netns {cfg.name}-hN, veth, "
                  f"{cfg.host_address(1)} and up)")
+        cpu_m, memory = cfg.host_capacity(system.machine_capacity())
         for i in range(1, cfg.hosts + 1):
             name = f"{cfg.name}-h{i}"
             host = HostState(
                 name=f"h{i}", netns=name, veth=name, address=cfg.host_address(i),
                 root=str(cfg.root / f"h{i}"), engine=f"unix://{cfg.root / f'h{i}' / 'docker.sock'}",
                 exec_root=str(RUN_ROOT / name), cgroup_parent=f"sigma-lab-{name}",
+                cpu_m=cpu_m, memory=memory,
             )
             state.hosts.append(host)
             state.save()
@@ -209,6 +211,12 @@ class Lab:
         state.registry = services.start_registry(cfg)
         state.save()
         services.wait_registry(state.registry, cfg.root / "registry.log")
+        first = state.hosts[0]
+        self.say(f"capping each host's engine at {first.cpu_m}m cpu and "
+                 f"{first.memory >> 20} MiB (cgroup sigma-lab-{cfg.name}-hN)")
+        for host in state.hosts:
+            services.cap_host(host)
+            state.save()
         self.say(f"starting dockerd on {span(state.hosts)}")
         procs = []
         for host in state.hosts:
@@ -345,6 +353,8 @@ class Lab:
             # dockerd refuses a pid file naming any /proc entry: a killed one may linger
             # as a zombie until init reaps it.
             teardown.remove_stale_pidfiles(host)
+            services.cap_host(host)
+            s.save()
             proc = services.dockerd(host, s.registry.addr if s.registry else
                                     self.config.registry_addr, self.tls_root)
             proc.start()

@@ -20,7 +20,7 @@ from sigmad.lab import trust
 from sigmad.lab.config import LabConfig, LabError
 from sigmad.lab.net import inside
 from sigmad.lab.state import EtcdState, HostState, MasterState, RegistryState
-from sigmad.lab.system import alive, engine_ping, http_get, run, spawn, tail
+from sigmad.lab.system import alive, cap_cgroup, engine_ping, http_get, run, spawn, tail
 from sigmad.procs import DockerdProcess, EtcdProcess
 
 PREFIX = "/sigma/v1"
@@ -81,6 +81,17 @@ def wait_registry(reg: RegistryState, log: Path, timeout: float = 20.0) -> None:
         time.sleep(0.2)
     raise LabError(f"the registry did not answer on http://{reg.addr}/v2/ in {timeout:.0f}s "
                    f"(log: {log})")
+
+
+def cap_host(host: HostState) -> None:
+    """Make the host's cgroup parent, capped at its cpu and memory, and remember where (a
+    lab from before caps has none: left alone). The caller saves the state."""
+    if host.cpu_m and host.memory:
+        try:
+            made = cap_cgroup(host.cgroup_parent, host.cpu_m, host.memory)
+            host.cgroups = sorted({*host.cgroups, *map(str, made)})
+        except OSError as exc:
+            raise LabError(f"cannot cap cgroup {host.cgroup_parent}: {exc}") from None
 
 
 def dockerd(host: HostState, registry: str, tls_root: Path | None = None) -> DockerdProcess:
@@ -217,6 +228,8 @@ def write_node_config(config: LabConfig, host: HostState, index: int) -> None:
         **engine,
         "address": host.address,
         "labels": {"zone": "room-a" if index % 2 else "room-b", "host": host.name},
+        **({"capacity": {"cpu": f"{host.cpu_m}m", "memory": host.memory}}
+           if host.cpu_m and host.memory else {}),
         "port_range": list(config.port_range),
         "heartbeat_ttl": config.heartbeat_ttl,
         "overlay_cidr": config.overlay_cidr,
