@@ -14,12 +14,12 @@ STAMP := $(VENV)/.installed
 # images are built from, the lab's registry, `ip` and `bridge`, iptables (the lab's underlay
 # bridge needs a FORWARD rule), curl, venv support for python3, and for SSD volumes mkfs.ext4 and
 # blkid (e2fsprogs) and losetup (mount); headless chromium and its driver for the console tests.
-APT_PACKAGES := docker.io etcd-server busybox-static docker-registry iproute2 iptables curl python3-venv e2fsprogs mount chromium chromium-driver
+APT_PACKAGES := docker.io etcd-server busybox-static docker-registry iproute2 iptables curl python3-venv e2fsprogs mount chromium chromium-driver redis-server redis-tools
 
 # Only the source directories that exist (bench/ may not yet).
 LINT_DIRS := $(wildcard sigmad sigmactl tests bench)
 
-.PHONY: help deps system-deps venv lock lint unit test demo demo-stop clean
+.PHONY: help deps system-deps venv lock lint unit test dist demo demo-stop clean
 
 help:
 	@echo "make demo       (root) build a 3-host lab here, or reuse it (sigmad lab up: netns + dockerd"
@@ -31,6 +31,8 @@ help:
 	@echo "make lint       ruff and mypy only"
 	@echo "make deps       install missing system packages and the .venv (from requirements.lock)"
 	@echo "make lock       update requirements.lock (pinned, with hashes) from setup.cfg"
+	@echo "make dist       build the wheel and the sdist into dist/ (scripts/install.sh installs"
+	@echo "                the wheel on a host: docs/operations.md)"
 	@echo "make clean      remove .venv and caches"
 
 deps: system-deps venv
@@ -93,6 +95,15 @@ unit: venv
 test: deps
 	$(MAKE) --no-print-directory lint
 	$(BIN)/pytest -q
+
+# The wheel (pip builds it in an isolated environment) and the sdist (setuptools, in the
+# venv), into $(DIST).
+DIST ?= dist
+dist: venv
+	rm -rf $(DIST) && mkdir -p $(DIST)
+	$(BIN)/pip wheel --quiet --disable-pip-version-check --no-deps -w $(DIST) .
+	$(BIN)/python -c 'import sys; from setuptools import build_meta; build_meta.build_sdist(sys.argv[1])' $(DIST)
+	@ls -l $(DIST)
 
 demo: deps
 	scripts/demo.sh

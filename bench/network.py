@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.docs import write_section  # noqa: E402
-from sigmad.lab import Lab, LabConfig  # noqa: E402
+from sigmad.lab import Lab, LabConfig, services  # noqa: E402
 
 PATHS = ("bare", "docker -p", "host-compat", "overlay")
 REDIS, IPERF = 6379, 5201
@@ -90,20 +90,10 @@ def build_image(engine: str, registry: str) -> str:
     binary = shutil.which("redis-server")
     if binary is None or not shutil.which("redis-benchmark") or not shutil.which("iperf3"):
         raise SystemExit("apt-get install redis-server redis-tools iperf3")
-    libs = [p for line in run(["ldd", binary]).splitlines() for p in line.split()
-            if p.startswith("/")]
     image = f"{registry}/netbench-redis:1"
-    with tempfile.TemporaryDirectory() as context:
-        lines = ["FROM scratch"]
-        for i, path in enumerate([os.path.realpath(binary), *libs]):
-            shutil.copy(os.path.realpath(path), Path(context) / f"f{i}")
-            lines.append(f"COPY f{i} {binary if i == 0 else path}")
-        lines.append(f'ENTRYPOINT ["{binary}", "--protected-mode", "no", "--save", "", '
-                     '"--appendonly", "no"]')
-        (Path(context) / "Dockerfile").write_text("\n".join(lines) + "\n")
-        env = {**os.environ, "DOCKER_BUILDKIT": "0"}
-        run(["docker", "-H", engine, "build", "-q", "-t", image, context], env)
-        run(["docker", "-H", engine, "push", image], env)
+    services.build_from_host(engine, image, binary, [
+        binary, "--protected-mode", "no", "--save", "", "--appendonly", "no"],
+        Path(tempfile.gettempdir()))
     return image
 
 
@@ -145,7 +135,9 @@ def main() -> None:
     opts = parser.parse_args()
     lab = Lab(LabConfig(hosts=2, name="netpath", dir=Path("/var/lib/sigma-lab/netpath-bench"),
                         subnet="10.81.15.0/24", etcd_port=free_port(),
-                        registry_port=free_port(), listen=f"127.0.0.1:{free_port()}"))
+                        registry_port=free_port(), listen=f"127.0.0.1:{free_port()}",
+                        # each host's engine may use the whole machine, as the bare host does
+                        cpu=(os.cpu_count() or 1) * 1000))
     servers: list[subprocess.Popen[bytes]] = []
     try:
         lab.up()

@@ -1,9 +1,12 @@
-"""`sigmactl token`, `sigmactl audit` (admin tokens) and `sigmactl config` (the contexts of
-the credentials file, sigmactl.contexts)."""
+"""`sigmactl token`, `sigmactl audit`, `sigmactl backup` (admin tokens) and `sigmactl config`
+(the contexts of the credentials file, sigmactl.contexts)."""
 
 from __future__ import annotations
 
+import os
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -12,6 +15,8 @@ from sigmactl import contexts
 from sigmactl.base import Settings, emit, items, obj, output_option
 from sigmactl.client import CtlError, api_path
 from sigmactl.output import age, table
+from sigmad import backup as backup_file
+from sigmad.errors import SigmaError
 
 
 @click.group()
@@ -178,3 +183,44 @@ def _save(creds: contexts.Credentials) -> None:
         contexts.save(creds)
     except contexts.CredentialsError as exc:
         raise CtlError(str(exc)) from None
+
+
+@click.command()
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False,
+              path_type=Path), help="The file to write (mode 0600: it holds token hashes).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.pass_obj
+def backup(settings: Settings, out: Path, as_json: bool) -> None:
+    """Back up the cluster's state (admin only): every key under its etcd prefix, read at one
+    revision. Restore it with `sigmad restore FILE` (see docs/operations.md)."""
+    show = sys.stderr.isatty() and not as_json
+    received = 0
+    chunks = []
+    for chunk in settings.client().text(api_path("backup")):
+        chunks.append(chunk)
+        received += len(chunk)
+        if show:
+            click.echo(f"\rreceived {received / (1 << 20):.1f} MiB", nl=False, err=True)
+    if show:
+        click.echo(err=True)
+    data = b"".join(chunks)
+    try:
+        taken = backup_file.decode(data)
+    except SigmaError as exc:
+        raise CtlError(f"the master's answer is no backup ({exc.message}): is --server a "
+                       "Sigma master of this version?") from None
+    tmp = out.with_name(f".{out.name}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
+    summary = {"file": str(out), "revision": taken.revision, "prefix": taken.prefix,
+               "keys": len(taken.entries), "leased": taken.leased, "bytes": len(data)}
+    if as_json:
+        emit(summary, "json")
+        return
+    click.echo(table(["file", "revision", "prefix", "keys", "leased (not restored)", "size"],
+                     [[str(out), str(taken.revision), taken.prefix, str(len(taken.entries)),
+                       str(taken.leased), f"{len(data) / 1024:.1f} KiB"]]))

@@ -165,7 +165,7 @@ def delete(settings: Settings, kind: str, name: str, namespace: str, wait: bool,
 for command in (observe.logs, observe.top, observe.exec_, observe.completion,
                 commands.update, commands.events, commands.pool, commands.why,
                 commands.migrate, commands.drain, commands.uncordon, commands.ssd, admin.token,
-                admin.audit, admin.config, rollout.rollout, rollout.release):
+                admin.audit, admin.backup, admin.config, rollout.rollout, rollout.release):
     cli.add_command(command)
 
 

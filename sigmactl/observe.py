@@ -1,5 +1,5 @@
-"""`sigmactl logs`, `top nodes|instances`, `exec` and `completion`, with the shell
-completion of app, instance and node names."""
+"""`sigmactl logs`, `top nodes|instances`, `exec` (`-it`: sigmactl.terminal) and
+`completion`, with the shell completion of app, instance and node names."""
 
 from __future__ import annotations
 
@@ -197,16 +197,32 @@ def top_instances(settings: Settings, namespace: str | None, app: str | None,
 @click.argument("command", nargs=-1, required=True)
 @namespace_option
 @click.option("-c", "--container", default="", help="The container (default: the first).")
+@click.option("-i", "--stdin", is_flag=True, help="Keep stdin open to the command (with -t).")
+@click.option("-t", "--tty", is_flag=True, help="Give the command a terminal (with -i): "
+              "-it for a shell.")
 @click.option("--timeout", type=click.FloatRange(0.1, 300), default=30, show_default=True,
-              help="Seconds the command may run.")
+              help="Seconds the command may run (without -it).")
 @click.pass_obj
 def exec_(settings: Settings, instance: str, command: tuple[str, ...], namespace: str,
-          container: str, timeout: float) -> None:
+          container: str, stdin: bool, tty: bool, timeout: float) -> None:
     """Run COMMAND in INSTANCE's container and print its output (sigmactl exec web-0 --
-    ls /); exits with its exit code."""
-    body: dict[str, Any] = {"command": list(command), "timeout": timeout}
+    ls /), or with -it on this terminal (sigmactl exec -it web-0 -- sh); exits with its
+    exit code."""
+    if stdin != tty:
+        raise click.UsageError("-i and -t go together: -it for a terminal on the command, "
+                               "neither to run it and print its output")
+    body: dict[str, Any] = {"command": list(command)}
     if container:
         body["container"] = container
+    if tty:
+        from sigmactl import terminal  # (aiohttp: imported by this command only)
+
+        terminal.need_terminal(0)
+        client = settings.client()
+        made = obj(client.post_json(api_path("instances", namespace, instance, "exec"),
+                                    {**body, "stdin": True, "tty": True}), "an exec session")
+        sys.exit(terminal.run(client, str(made.get("path", ""))))
+    body["timeout"] = timeout
     answer = obj(settings.client().post_json(api_path("instances", namespace, instance,
                                                       "exec"), body), "an exec result")
     sys.stdout.write(str(answer.get("output", "")))

@@ -1,4 +1,4 @@
-"""`sigmad master | node | dev | lab | pki`."""
+"""`sigmad master | node | restore | dev | lab | pki`."""
 
 from __future__ import annotations
 
@@ -79,22 +79,81 @@ def _load(loader: Any, path: str) -> Any:
         raise click.ClickException(f"{path}: {exc.message}") from None
 
 
+_CHECK = click.option("--check", is_flag=True,
+                      help="Check the config and the environment (etcd, certificates, ...), "
+                           "print what to fix and exit: 0 when nothing must be fixed.")
+
+
+def _check(findings: Coroutine[Any, Any, list[Any]]) -> None:
+    from sigmad.check import report
+
+    sys.exit(0 if report(asyncio.run(findings), click.echo) else 1)
+
+
 @cli.command()
 @click.option("--config", "config_path", default="/etc/sigma/master.yaml", show_default=True)
-def master(config_path: str) -> None:
+@_CHECK
+def master(config_path: str, check: bool) -> None:
     """Run the master: API, controller and scheduler."""
+    config = _load(load_master, config_path)
+    if check:
+        from sigmad import check as checks
+
+        _check(checks.master(config))
     from sigmad.master import run_master
 
-    _run(run_master(_load(load_master, config_path)))
+    _run(run_master(config))
 
 
 @cli.command()
 @click.option("--config", "config_path", default="/etc/sigma/node.yaml", show_default=True)
-def node(config_path: str) -> None:
+@_CHECK
+def node(config_path: str, check: bool) -> None:
     """Run the node agent of this host."""
+    config = _load(load_node, config_path)
+    if check:
+        from sigmad import check as checks
+
+        _check(checks.node(config))
     from sigmad.node.agent import run_agent
 
-    _run(run_agent(_load(load_node, config_path)))
+    _run(run_agent(config))
+
+
+@cli.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--config", "config_path", default="/etc/sigma/master.yaml", show_default=True,
+              help="a master's config: its etcd section says where to write")
+@click.option("--force", is_flag=True,
+              help="delete every key under the prefix first (it must be empty otherwise)")
+def restore(file: Path, config_path: str, force: bool) -> None:
+    """Write a backup (sigmactl backup -o FILE) into etcd under the config's prefix.
+
+    Stop every master and agent first. After it, start the agents (their heartbeats say
+    their nodes are Ready), then the masters: they adopt the containers that run (by their
+    labels) and start no copies."""
+    from sigmad import backup
+    from sigmad.store import EtcdStore
+
+    config = _load(load_master, config_path)
+    try:
+        taken = backup.decode(file.read_bytes())
+    except SigmaError as exc:
+        raise click.ClickException(f"{file}: {exc.message}") from None
+
+    async def main() -> None:
+        store = EtcdStore(config.etcd.endpoints, config.etcd.prefix, tls=config.etcd.tls)
+        try:
+            done = await backup.restore(store, taken, force,
+                                        lambda line: click.echo(line, err=True))
+        finally:
+            await store.close()
+        click.echo(f"restored {done.written} keys of revision {taken.revision} (taken under "
+                   f"{taken.prefix}) into {config.etcd.prefix}; {done.skipped} leased keys "
+                   f"left out" + (f"; {done.deleted} keys deleted first" if done.deleted
+                                  else "") + ". Start the agents, then the masters.")
+
+    _run(main())
 
 
 @cli.command()
@@ -266,12 +325,22 @@ def _open_lab(name: str, directory: Path | None) -> Lab:
               help="SSDs per host: loop devices over sparse files, removed by `lab down`")
 @click.option("--ssd-size", default="10Gi", show_default=True,
               help="size of each (sparse: only what is written takes space)")
+@click.option("--cpu", default="", help="cpu of each host, e.g. 2 or 500m: its engine's "
+              "cgroup parent is capped at it and its node reports it [default: the machine's "
+              "cpus / hosts]")
+@click.option("--memory", default="", help="memory of each host, e.g. 4Gi: capped and "
+              "reported likewise [default: the machine's memory / hosts]")
 def lab_up(hosts: int, name: str, directory: Path | None, subnet: str, overlay_cidr: str,
            etcd_port: int, registry_port: int, listen: str, masters: int, heartbeat_ttl: int,
-           port_range: str, tls: bool, ssds: int, ssd_size: str) -> None:
+           port_range: str, tls: bool, ssds: int, ssd_size: str, cpu: str, memory: str) -> None:
     """Build a lab: bridge, hosts h1..hN, etcd, registry, image, master(s), agents."""
     from sigmad.lab import Lab, LabConfig, LabError
-    from sigmad.lab.config import parse_port_range, parse_ssd_size
+    from sigmad.lab.config import (
+        parse_cpu_option,
+        parse_memory_option,
+        parse_port_range,
+        parse_ssd_size,
+    )
     from sigmad.lab.report import summary
 
     def up() -> None:
@@ -279,7 +348,8 @@ def lab_up(hosts: int, name: str, directory: Path | None, subnet: str, overlay_c
                            overlay_cidr=overlay_cidr, etcd_port=etcd_port,
                            registry_port=registry_port, listen=listen, masters=masters,
                            heartbeat_ttl=heartbeat_ttl, port_range=parse_port_range(port_range),
-                           tls=tls, ssds=ssds, ssd_size=parse_ssd_size(ssd_size))
+                           tls=tls, ssds=ssds, ssd_size=parse_ssd_size(ssd_size),
+                           cpu=parse_cpu_option(cpu), memory=parse_memory_option(memory))
         the_lab = Lab(config, out=click.echo)
         fresh = the_lab.state is None  # else `up` refuses: the lab exists
         try:

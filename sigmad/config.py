@@ -71,6 +71,7 @@ class MasterConfig:
     body_timeout: float = 30.0  # seconds a request's body has to arrive
     max_connections: int = 1024  # API connections served at once (more are answered 503)
     stream_heartbeat: float = 5.0  # seconds between heartbeats of an idle event stream
+    exec_idle_timeout: float = 900.0  # seconds a terminal (exec -it) may pass without a byte
     history_keep: float = 300.0  # seconds of etcd history the leader keeps (compacting older)
     compact_interval: float = 60.0  # seconds between the leader's compactions
     tls: TlsFiles | None = None  # the API's certificate and key: HTTPS
@@ -98,6 +99,9 @@ class NodeConfig:
     address: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     reserved: Resources = field(default_factory=Resources)
+    # What the node record reports instead of the engine's figures (0: the engine's): for a
+    # host whose engine's cgroup parent is capped below the machine (the lab's hosts).
+    capacity: Resources = field(default_factory=Resources)
     overcommit: Overcommit = field(default_factory=Overcommit)
     port_range: list[int] = field(default_factory=lambda: list(DEFAULT_PORT_RANGE))
     heartbeat_ttl: int = 5
@@ -303,6 +307,7 @@ def master_config(fields: Fields) -> MasterConfig:
         body_timeout=_number(fields, "body_timeout", 30.0, 0.1, 3600.0),
         max_connections=_whole(fields, "max_connections", 1024, 1, 1_000_000),
         stream_heartbeat=_number(fields, "stream_heartbeat", 5.0, 0.1, 3600.0),
+        exec_idle_timeout=_number(fields, "exec_idle_timeout", 900.0, 1.0, 86400.0),
         history_keep=_number(fields, "history_keep", 300.0, 1.0, 30 * 86400.0),
         compact_interval=_number(fields, "compact_interval", 60.0, 0.1, 86400.0),
         tls=_api_tls(fields),
@@ -326,6 +331,12 @@ def node_config(fields: Fields) -> NodeConfig:
         quantity("reserved.memory", reserved.take("memory", 0), parse_size),
     )
     reserved.done()
+    capacity = Fields("capacity", fields.take("capacity") or {}, "")
+    override = Resources(
+        quantity("capacity.cpu", capacity.take("cpu", 0), parse_cpu),
+        quantity("capacity.memory", capacity.take("memory", 0), parse_size),
+    )
+    capacity.done()
     ratios = Fields("overcommit", fields.take("overcommit") or {}, "")
     overcommit = Overcommit(
         _number(ratios, "cpu", 1.0, 1.0, MAX_OVERCOMMIT),
@@ -345,6 +356,7 @@ def node_config(fields: Fields) -> NodeConfig:
         address=_address(fields),
         labels=string_map("labels", fields.take("labels"), LABEL_RE, "label"),
         reserved=reserve,
+        capacity=override,
         overcommit=overcommit,
         port_range=list(port_range),
         heartbeat_ttl=int(_number(fields, "heartbeat_ttl", 5, 2, 3600)),

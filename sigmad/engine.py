@@ -4,10 +4,11 @@ The only module that speaks Docker. Everything Docker-shaped stays here: the res
 sees the `Engine` protocol, `ContainerState` and plain dicts of container config.
 
 The Engine API is HTTP/1.1 over a Unix socket or over TLS on TCP, spoken by a small client
-of our own (`_Http`): kept-alive connections per engine, Content-Length and chunked bodies, streamed
-JSON lines for events and pulls. A burst drives hundreds of thousands of calls through the
-leader, and this client costs ~50 µs of CPU per call where aiodocker over aiohttp cost ~190
-(bench/scale.py).
+of our own (`_Http`): kept-alive connections per engine, Content-Length and chunked bodies,
+streamed JSON lines for events and pulls, and connections handed over to an exec's terminal
+(`Upgrade: tcp`, as the Docker CLI's exec -it does: `exec_attach`). A burst drives hundreds
+of thousands of calls through the leader, and this client costs ~50 µs of CPU per call where
+aiodocker over aiohttp cost ~190 (bench/scale.py).
 
 Invariants:
 - a call that cannot reach the engine, or times out, raises EngineError "… is unreachable";
@@ -61,6 +62,7 @@ REQUEST_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 5.0
 CONNECTIONS = 2  # kept-alive connections per engine (thousands of engines: file limits)
 SEND_BUFFER = 1 << 16  # bytes buffered for sending before a request waits for them to go
+TERMINAL_READ = 1 << 16  # bytes of a terminal's output read at once
 MAX_RUN_OUTPUT = 1 << 20  # bytes of an exec's output kept (the last)
 LAST_LINES_READ = 1 << 16  # bytes of a container's output read for its last lines
 _EXIT_STATUS = re.compile(r"^Exited \((-?\d+)\)")
@@ -265,6 +267,20 @@ def _kept(labels: dict[str, str] | None) -> dict[str, str]:
     return {k: v for k, v in (labels or {}).items() if k in KEPT_LABELS}
 
 
+class Terminal(Protocol):
+    """A started exec's terminal: its output and keystrokes, both ways."""
+
+    async def read(self) -> bytes:
+        """The next output bytes; b"" once the terminal closed (the command ended)."""
+        ...
+
+    async def write(self, data: bytes) -> None:
+        """Keystrokes to the command; EngineError if the terminal is gone."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class Engine(Protocol):
     """What sigma needs of one host's container engine (Docker, or tests' fake)."""
 
@@ -293,6 +309,11 @@ class Engine(Protocol):
     async def last_lines(self, container_id: str, count: int) -> list[str]: ...
     async def run(self, container_id: str, command: list[str], timeout: float
                   ) -> tuple[int, bytes]: ...
+    async def exec_create(self, container_id: str, command: list[str],
+                          env: list[str]) -> str: ...
+    async def exec_attach(self, exec_id: str) -> Terminal: ...
+    async def exec_resize(self, exec_id: str, rows: int, cols: int) -> None: ...
+    async def exec_state(self, exec_id: str) -> tuple[bool, int]: ...
     def logs(self, container_id: str, tail: int, follow: bool = False
              ) -> AsyncGenerator[bytes, None]: ...
     def events(self, labels: dict[str, str] | None = None, since: float | None = None
@@ -371,6 +392,31 @@ class _Conn:
         else:  # till the engine closes the connection
             while data := await self.reader.read(65536):
                 yield data
+
+
+class _Hijacked:
+    """An exec's terminal on the connection its start handed over (`_Http.hijack`)."""
+
+    def __init__(self, conn: _Conn, what: str) -> None:
+        self.conn = conn
+        self.what = what
+
+    async def read(self) -> bytes:
+        try:
+            return await self.conn.reader.read(TERMINAL_READ)
+        except (OSError, asyncio.IncompleteReadError):
+            return b""
+
+    async def write(self, data: bytes) -> None:
+        try:
+            self.conn.writer.write(data)
+            await self.conn.writer.drain()
+        except OSError as exc:
+            raise EngineError(f"{self.what}: the terminal is gone: "
+                              f"{exc or type(exc).__name__}") from None
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 class Frames:
@@ -459,8 +505,8 @@ class _Http:
             self.prefix = f"/v{mine}"
         return self.prefix
 
-    def _head(self, method: str, path: str, body: bytes) -> bytes:
-        lines = [f"{method} {path} HTTP/1.1", "Host: docker"]
+    def _head(self, method: str, path: str, body: bytes, extra: tuple[str, ...] = ()) -> bytes:
+        lines = [f"{method} {path} HTTP/1.1", "Host: docker", *extra]
         if body or method in ("POST", "PUT"):
             lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
         return ("\r\n".join(lines) + "\r\n\r\n").encode()
@@ -556,6 +602,31 @@ class _Http:
                               f"{exc or type(exc).__name__}") from None
         finally:
             conn.close()
+
+    async def hijack(self, path: str, body: bytes, what: str) -> _Conn:
+        """A POST whose connection the engine then hands over to a raw stream both ways
+        (`Upgrade: tcp`, as exec start and attach do); the connection, its head read."""
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                target = (self.prefix or await self._version()) + path
+        except TimeoutError:
+            raise self.unreachable(TimeoutError("no answer to /version")) from None
+        conn = await self._connect()
+        try:
+            await conn.send(self._head("POST", target, body,
+                                       ("Connection: Upgrade", "Upgrade: tcp")), body)
+            status, headers = await asyncio.wait_for(conn.head(), REQUEST_TIMEOUT)
+            if status >= 400:
+                data = b"".join([c async for c in conn.chunks(status, headers)])
+                raise EngineError(f"{what}: {_Answer(status, data).message()}", status)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+            conn.close()
+            raise EngineError(f"{what}: engine {self.url} failed: "
+                              f"{exc or type(exc).__name__}") from None
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def close(self) -> None:
         for conn in self.idle:
@@ -756,6 +827,31 @@ class DockerEngine:
             await stream.aclose()
         info = await self._json(f"/exec/{exec_id}/json")
         return int(info.get("ExitCode") or 0), output
+
+    async def exec_create(self, container_id: str, command: list[str], env: list[str]
+                          ) -> str:
+        """Make (not start) `command` with a terminal and its stdin attached, and `env`
+        added to the container's: its exec id."""
+        created = await self._json(f"/containers/{container_id}/exec", "POST", body={
+            "Cmd": command, "Env": env, "Tty": True, "AttachStdin": True,
+            "AttachStdout": True, "AttachStderr": True})
+        return str(created["Id"])
+
+    async def exec_attach(self, exec_id: str) -> Terminal:
+        """Start the exec `exec_id` (exec_create) and hand over its terminal: the start
+        call's connection, hijacked."""
+        what = f"exec {exec_id[:12]}"
+        body = orjson.dumps({"Detach": False, "Tty": True})
+        return _Hijacked(await self._http.hijack(f"/exec/{exec_id}/start", body, what), what)
+
+    async def exec_resize(self, exec_id: str, rows: int, cols: int) -> None:
+        """Set the exec's terminal size (the engine waits for a start under way)."""
+        await self._json(f"/exec/{exec_id}/resize", "POST", {"h": rows, "w": cols})
+
+    async def exec_state(self, exec_id: str) -> tuple[bool, int]:
+        """Whether the exec still runs, and its exit code (0 while it runs)."""
+        info = await self._json(f"/exec/{exec_id}/json")
+        return bool(info.get("Running")), int(info.get("ExitCode") or 0)
 
     async def memory_usage(self, container_id: str) -> int:
         """Bytes of memory the container uses now (page cache excluded, as `docker stats`)."""

@@ -25,6 +25,7 @@ from sigmad.store import EtcdStore, Guard, LeaseKeeper, Store, WatchCompacted
 
 log = logging.getLogger(__name__)
 Lead = Callable[[], Coroutine[Any, Any, None]]
+Gate = Callable[[], Coroutine[Any, Any, "str | None"]]
 RECHECK = 10.0  # a standby campaigns at least this often, whatever its watch says
 RETRY = 1.0  # seconds before the next try after a failed election step
 RESIGN_TIMEOUT = 2.0  # seconds a resignation may take on the way out
@@ -66,8 +67,10 @@ class Elector:
     it, with `fenced` (the controller's store) fenced by the key as won."""
 
     def __init__(self, store: Store, fenced: Store, master_id: str, api: str, ttl: int,
-                 watcher: Store | None = None, keep_in_thread: bool = False) -> None:
+                 watcher: Store | None = None, keep_in_thread: bool = False,
+                 gate: Gate | None = None) -> None:
         self.store = store
+        self.gate = gate  # why this master may not lead now (None: it may), asked each time
         self.fenced = fenced
         self.keys = store.keys
         self.id = master_id
@@ -196,6 +199,10 @@ class Elector:
     async def _campaign(self, lead: Lead, watcher: Store, hold: asyncio.Task[str]) -> None:
         """Try once to take the leader key: lead while it is ours, else wait until it is
         free."""
+        if self.gate is not None and (why := await self.gate()):
+            self._say(f"{self.id} does not lead: {why}")
+            await asyncio.wait([hold], timeout=RECHECK)
+            return
         key = self.keys.leader()
         claim = await self.store.claim(key, LeaderRecord(self.id, self.api, time.time()),
                                        self.lease)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import gc
 import logging
 import resource
@@ -15,6 +16,7 @@ import time
 from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 
+from sigmad import schema
 from sigmad.api import make_app
 from sigmad.api.auth import DEFAULT_CAPS, TokenCaps
 from sigmad.api.serving import Limits, Served
@@ -154,7 +156,7 @@ async def run_master(config: MasterConfig) -> None:
     store = EtcdStore(endpoints, prefix, tls=tls)
     metrics = Metrics()
     limits = Limits(config.header_timeout, config.body_timeout, config.max_connections,
-                    config.stream_heartbeat)
+                    config.stream_heartbeat, config.exec_idle_timeout)
     api: ApiThread | None = None
     try:
         await cache.synced.wait()
@@ -166,9 +168,12 @@ async def run_master(config: MasterConfig) -> None:
                         config.audit_log, config.master_id())
         await api.start()
         elector = Elector(election, store, config.master_id(), config.api_url(), ttl,
-                          keep_in_thread=True)
+                          keep_in_thread=True,
+                          gate=functools.partial(schema.why_not_lead, election))
 
         async def lead() -> None:
+            version = await schema.settle(store, elector.id)
+            log.info("records are of schema version %d", version)
             compactor = Compactor(store, config.history_keep, config.compact_interval,
                                   metrics)
             compacting = asyncio.create_task(compactor.run())

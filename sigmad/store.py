@@ -212,6 +212,14 @@ class Keys:
         """Audit entries, leased (they expire), newest first (sigmad.api.audit)."""
         return self._k("audit", "")
 
+    def schema(self) -> str:
+        """The version of the records' layout (sigmad.schema), written by the first leader."""
+        return self._k("schema")
+
+    def restoring(self) -> str:
+        """Present while `sigmad restore` writes (sigmad.backup): nobody acts on a half."""
+        return self._k("restoring")
+
 
 @dataclass(slots=True)
 class Versioned(Generic[T]):

@@ -153,7 +153,8 @@ def new_record(name: object, role: object, namespaces: object, now: float
 # -- what each role may do -------------------------------------------------------------------
 
 READ_METHODS = frozenset({"GET", "HEAD"})
-ADMIN_READS = frozenset({"/v1/tokens", "/v1/audit"})  # reads that only an admin may make
+# Reads that only an admin may make.
+ADMIN_READS = frozenset({"/v1/tokens", "/v1/audit", "/v1/backup"})
 # Changes open to operators: route pattern → how its namespace is found. "path": the
 # route's {ns}; "body": the handler calls `check_namespaces` with every namespace it writes.
 SCOPED: dict[tuple[str, str], str] = {

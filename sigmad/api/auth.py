@@ -8,7 +8,8 @@ every call that may change something (sigmad.api.audit). `TokenApi` serves /v1/t
 
 Invariants:
 - a token holds at most `TokenCaps.requests` calls in flight and `TokenCaps.streams` event
-  streams (`?watch=true`) at once; one more is answered 429 at once, before its handler runs;
+  streams (`?watch=true`, log follows, exec terminals) at once; one more is answered 429
+  at once, before its handler runs;
 - a slot is taken before the handler runs and given back however it ends;
 - the API runs on one event loop (one thread): the counters need no lock;
 - a console session's cookie (sigmad.api.console) stands for its token on reads only
@@ -81,9 +82,10 @@ DEFAULT_CAPS = TokenCaps()
 
 
 def is_stream(request: web.Request) -> bool:
-    """An event watch (`?watch=true`) or a log follow (`?follow=1`)."""
-    return any(request.query.get(k, "").lower() in ("1", "true", "yes")
-               for k in ("watch", "follow"))
+    """An event watch (`?watch=true`), a log follow (`?follow=1`) or a WebSocket (an exec's
+    terminal)."""
+    return request.headers.get("Upgrade", "").lower() == "websocket" or any(
+        request.query.get(k, "").lower() in ("1", "true", "yes") for k in ("watch", "follow"))
 
 
 def caller(request: web.Request) -> Principal:

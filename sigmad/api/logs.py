@@ -1,6 +1,7 @@
 """An instance's container output for GET /v1/instances/{ns}/{name}/logs, relayed from its
 node's engine (sigmad.engine) or, with `previous`, from its termination record; and a
-command run in it for POST /v1/instances/{ns}/{name}/exec (output bounded by the engine).
+command run in it for POST /v1/instances/{ns}/{name}/exec (output bounded by the engine;
+with a terminal, a session of sigmad.api.terminals).
 
 Invariants:
 - every engine call runs on the main loop (`on_main`), where the engines live; the API's
@@ -73,11 +74,13 @@ def _container(inst: Instance, given: Any) -> str:
 
 @dataclass(frozen=True)
 class Exec:
-    """`{"command": [...], "container": C, "timeout": S}`, checked."""
+    """`{"command": [...], "container": C, "timeout": S}`, checked; with `"stdin": true,
+    "tty": true` a terminal session (sigmad.api.terminals), which has no timeout."""
 
     command: list[str]
     container: str
     timeout: float
+    terminal: bool = False
 
     @classmethod
     def of(cls, body: dict[str, Any], inst: Instance) -> Exec:
@@ -86,16 +89,27 @@ class Exec:
                 and all(isinstance(a, str) and len(a) <= MAX_ARG for a in command)):
             raise SpecError("command", f"must be a list of 1 to {MAX_ARGS} strings (each at "
                             f"most {MAX_ARG} characters)")
+        unknown = set(body) - {"command", "container", "timeout", "stdin", "tty"}
+        if unknown:
+            raise SpecError(sorted(unknown)[0], "is not a field of an exec (command, "
+                            "container, timeout, stdin, tty)")
+        stdin, tty = body.get("stdin", False), body.get("tty", False)
+        for name, value in (("stdin", stdin), ("tty", tty)):
+            if not isinstance(value, bool):
+                raise SpecError(name, "must be true or false")
+        if stdin != tty:
+            raise SpecError("tty" if stdin else "stdin", "stdin and tty go together (a "
+                            "terminal session): give both true, or neither")
         timeout = body.get("timeout", 30)
+        if tty and "timeout" in body:
+            raise SpecError("timeout", "a terminal session has no timeout (it ends when "
+                            "idle): drop timeout, or stdin and tty")
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) \
                 or not 0 < timeout <= MAX_EXEC_SECONDS:
             raise SpecError("timeout", f"must be seconds, more than 0 and at most "
                             f"{MAX_EXEC_SECONDS}")
-        unknown = set(body) - {"command", "container", "timeout"}
-        if unknown:
-            raise SpecError(sorted(unknown)[0], "is not a field of an exec (command, "
-                            "container, timeout)")
-        return cls(list(command), _container(inst, body.get("container", "")), float(timeout))
+        return cls(list(command), _container(inst, body.get("container", "")),
+                   float(timeout), tty)
 
 
 def previous(inst: Instance, container: str) -> str:

@@ -25,9 +25,9 @@ from typing import Any, TypeVar
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from sigmad import __version__, events, records, spec
+from sigmad import __version__, backup, events, records, spec
 from sigmad import metrics as prom
-from sigmad.api import logs, sse, views
+from sigmad.api import logs, sse, terminals, views
 from sigmad.api.apps import AppWrites, ResourceChange, with_resources
 from sigmad.api.audit import AuditLog
 from sigmad.api.auth import AUDIT_APPS, DEFAULT_CAPS, GATE, Gate, TokenApi, TokenCaps, caller
@@ -152,8 +152,10 @@ def make_app(store: Store, cache: Cache, token: str, engines: EnginePool | None 
     app.router.add_get("/v1/instances/{ns}/{name}", api.get_instance)
     app.router.add_post("/v1/instances/{ns}/{name}/migrate", api.migrate)
     app.router.add_get("/v1/masters", api.masters)
+    app.router.add_get("/v1/backup", api.backup)
     app.router.add_get("/v1/instances/{ns}/{name}/logs", api.logs)
     app.router.add_post("/v1/instances/{ns}/{name}/exec", api.exec_)
+    app.router.add_get("/v1/exec/{id}", api.terminal)
     TokenApi(store, cache, audit, on_main, api.body).add_routes(app.router)
     ConsoleApi(cache, gate, Feed(cache), api.body, api.console_events,
                limits.stream_heartbeat, metrics).add_routes(app)
@@ -174,6 +176,7 @@ class Api:
         self.limits = limits
         self.metrics = metrics
         self.master_id = ""
+        self.terminals = terminals.Terminals(limits.exec_idle)
         self.registry: CollectorRegistry | None = None
         self.encoded = views.Encoded()
         self.parsers = ThreadPoolExecutor(PARSERS, thread_name_prefix="api-parse")
@@ -188,6 +191,12 @@ class Api:
     async def body(self, request: web.Request) -> dict[str, Any]:
         """The request's body as a JSON object (SpecError if it is not one)."""
         return await self.parsed(request, _json_object)
+
+    async def backup(self, request: web.Request) -> web.Response:
+        """Every key under the prefix at one revision (sigmad.backup): admin only."""
+        taken = await self.main(backup.take(self.store))
+        return web.Response(body=backup.encode(taken), content_type="application/json",
+                            headers={"X-Sigma-Revision": str(taken.revision)})
 
     async def healthz(self, request: web.Request) -> web.Response:
         return _json({"ok": True, "version": __version__})
@@ -384,12 +393,39 @@ class Api:
 
     async def exec_(self, request: web.Request) -> web.Response:
         """Run a command in an instance's container (operators of its namespace; audited):
-        its exit code and output (sigmad.api.logs.Exec)."""
+        its exit code and output (sigmad.api.logs.Exec). With `stdin` and `tty`, a terminal
+        session instead (201): its id and path, to open as a WebSocket
+        (sigmad.api.terminals) within `expires_in` seconds, with the same token."""
         v = self._instance(request)
         run = logs.Exec.of(await self.body(request), v.value)
         engine, cid = logs.target(self.cache, self.writes.engines, v.value, run.container)
-        code, output = await self.main(engine.run(cid, run.command, run.timeout))
-        return _json({"exit_code": code, "output": output.decode(errors="replace")})
+        if not run.terminal:
+            code, output = await self.main(engine.run(cid, run.command, run.timeout))
+            return _json({"exit_code": code, "output": output.decode(errors="replace")})
+        marker = terminals.new_marker()
+        exec_id = await self.main(engine.exec_create(
+            cid, run.command, [f"{terminals.MARKER}={marker}"]))
+        sid = self.terminals.add(caller(request).id, f"{v.value.key} {run.container}", engine,
+                                 cid, exec_id, marker)
+        return _json({"session": sid, "path": f"/v1/exec/{sid}",
+                      "expires_in": self.terminals.open_within}, status=201)
+
+    async def terminal(self, request: web.Request) -> web.StreamResponse:
+        """A terminal session made by POST .../exec (with the token that made it), as a
+        WebSocket relaying its terminal (sigmad.api.terminals)."""
+        ws = web.WebSocketResponse(max_msg_size=terminals.MAX_MESSAGE)
+        if not ws.can_prepare(request).ok:
+            raise SpecError("Upgrade", "GET /v1/exec/{id} is a WebSocket: connect with "
+                            "'Upgrade: websocket' (sigmactl exec -it does)")
+        session = self.terminals.take(request.match_info["id"], caller(request).id)
+        await ws.prepare(request)
+        self.metrics.api_streams_open += 1
+        try:
+            await terminals.relay(ws, session, self.main, self.terminals.idle)
+        finally:
+            self.metrics.api_streams_open -= 1
+            self.metrics.api_streams_closed += 1
+        return ws
 
     async def readyz(self, request: web.Request) -> web.Response:
         """200 when etcd answers this master (a read of the leader key, on the main loop,

@@ -30,12 +30,13 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @dataclass(frozen=True)
 class Limits:
     """The API's bounds (conf/master.yaml: header_timeout, body_timeout, max_connections,
-    stream_heartbeat)."""
+    stream_heartbeat, exec_idle_timeout)."""
 
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     max_connections: int = 1024
     stream_heartbeat: float = 5.0
+    exec_idle: float = 900.0  # seconds a terminal session may pass without a byte
 
 
 def read_body(limits: Limits, metrics: Metrics) -> Callable[..., Awaitable[web.StreamResponse]]:

@@ -15,8 +15,10 @@ Invariants:
 - a step stuck on the engine of a node that is lost is abandoned, so the instance moves
   without waiting for the engine to time out;
 - at most one live copy (DESIGN.md §6): an instance on a lost node moves only once its copy
-  there is fenced, by that node's engine stopping it or by the node's lease having lapsed
-  `fence_grace` seconds ago (sigmad.control.migration decides; `_fence` asks the engine);
+  there is fenced, `fence_grace` seconds after the node's lease lapsed: by that node's engine
+  stopping it, or, when the engine does not answer, by the lapse itself
+  (sigmad.control.migration decides; `_fence` asks the engine). Its agent back within the
+  grace (a restart) finds its copies untouched;
 - containers carry labels: a new leader adopts what runs instead of starting copies.
 """
 
@@ -662,9 +664,13 @@ class Controller:
         loss = self._loss(inst.node)
         stopped = None
         failed = self.unfenced.get(inst.node, 0.0)
-        # (an engine that just failed one fence is not asked again at once for the others:
-        # a dead host's hundreds of instances would each wait FENCE_TIMEOUT for it)
-        if node is not None and not loss.alive and time.monotonic() - failed >= FENCE_RETRY:
+        grace = self.config.fence_grace
+        wait = migration.fence_wait(loss, grace, time.monotonic())
+        # The engine is asked only once the grace has passed too: an agent that restarts
+        # (an upgrade) may let its lease lapse and be back a moment later, its copies
+        # untouched. (An engine that just failed one fence is not asked again at once for
+        # the others: a dead host's hundreds of instances would each wait FENCE_TIMEOUT.)
+        if node is not None and wait == 0 and time.monotonic() - failed >= FENCE_RETRY:
             self._watch_engine(node)  # (the engine client of the node's record)
             stopped = await drive.fence(self.watches[node.name].engine, inst.key,
                                         FENCE_TIMEOUT)
@@ -672,7 +678,6 @@ class Controller:
                 self.unfenced[inst.node] = time.monotonic()
             else:
                 self.unfenced.pop(inst.node, None)
-        grace = self.config.fence_grace
         if stopped is not None:
             how = (f"{len(stopped)} container(s) stopped on {inst.node} through its engine"
                    if stopped else f"{inst.node}'s engine runs no container of it")
@@ -681,8 +686,9 @@ class Controller:
             if wait is None or wait > 0:
                 why = ("waiting for a fence: its engine does not answer and its agent is "
                        "alive, so the copy there may still run" if wait is None else
-                       "waiting for a fence: its engine does not answer; the copy there "
-                       f"counts as fenced {grace:g}s after its heartbeat lease lapsed")
+                       f"waiting for a fence: {grace:g}s after its node's heartbeat lease "
+                       "lapsed, its engine is asked to stop the copy (if it does not "
+                       "answer, the copy then counts as fenced)")
                 if not inst.reason.endswith(why):
                     await self._write(v, Transition(inst.waiting_for_fence(why), [],
                                                     [(why, True)]))

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sigmad.config import DEFAULT_OVERLAY_CIDR
-from sigmad.units import parse_size
+from sigmad.units import parse_cpu, parse_size
 
 NAME_RE = re.compile(r"[a-z0-9]{1,8}")  # fullmatch
 LAB_ROOT = Path("/var/lib/sigma-lab")
@@ -19,6 +19,8 @@ RUN_ROOT = Path("/run/sigma-lab")
 MAX_HOSTS = 40
 MAX_MASTERS = 5
 MAX_SSDS = 8
+MIN_CPU = 100  # millicores of a host
+MIN_MEMORY = 64 << 20  # bytes of a host
 
 
 class LabError(Exception):
@@ -47,6 +49,8 @@ class LabConfig:
     tls: bool = True  # etcd, engines and the API over TLS with the lab's own CA
     ssds: int = 0  # loop devices (sparse files) per host, on its node's SSD allow-list
     ssd_size: int = 10 << 30  # bytes of each (sparse: only what is written takes space)
+    cpu: int = 0  # millicores each host's engine may use (0: the machine's / hosts)
+    memory: int = 0  # bytes each host's engine may use (0: the machine's / hosts)
 
     @property
     def root(self) -> Path:
@@ -74,10 +78,20 @@ class LabConfig:
         return f"{self.registry_addr}/sigma/busybox:latest"
 
     @property
+    def redis_image(self) -> str:
+        return f"{self.registry_addr}/sigma/redis:latest"
+
+    @property
     def master_listens(self) -> list[str]:
         """HOST:PORT of each master: --listen's port, then the next ones."""
         host, _, port = self.listen.rpartition(":")
         return [f"{host}:{int(port) + i}" for i in range(self.masters)]
+
+    def host_capacity(self, machine: tuple[int, int]) -> tuple[int, int]:
+        """(millicores, bytes) each host gets: --cpu/--memory, or an even share of
+        `machine` (its millicores and bytes)."""
+        return (self.cpu or max(machine[0] // self.hosts, MIN_CPU),
+                self.memory or max(machine[1] // self.hosts, MIN_MEMORY))
 
     def host_address(self, index: int) -> str:
         """The underlay address of host `index` (1-based): .11, .12, ..."""
@@ -124,6 +138,10 @@ class LabConfig:
             raise LabError(f"--ssds {self.ssds}: use 0 to {MAX_SSDS} per host")
         if not 64 << 20 <= self.ssd_size <= 16 << 40:
             raise LabError(f"--ssd-size {self.ssd_size}: use 64Mi to 16Ti")
+        if self.cpu and self.cpu < MIN_CPU:
+            raise LabError(f"--cpu {self.cpu}m: at least {MIN_CPU}m per host")
+        if self.memory and self.memory < MIN_MEMORY:
+            raise LabError(f"--memory {self.memory}: at least 64Mi per host")
         socket = self.root / f"h{self.hosts}" / "docker.sock"
         if len(str(socket)) > 100:
             raise LabError(f"--dir {self.root}: too long for a unix socket path ({socket})")
@@ -152,6 +170,22 @@ def parse_ssd_size(text: str) -> int:
         return parse_size(text)
     except ValueError as exc:
         raise LabError(f"--ssd-size {text!r}: {exc}") from None
+
+
+def parse_cpu_option(text: str) -> int:
+    """`2` or `500m` → millicores; "" or 0 → 0 (the default share)."""
+    try:
+        return parse_cpu(text or 0)
+    except ValueError as exc:
+        raise LabError(f"--cpu {text!r}: {exc}") from None
+
+
+def parse_memory_option(text: str) -> int:
+    """`4Gi` → bytes; "" or 0 → 0 (the default share)."""
+    try:
+        return parse_size(text or 0)
+    except ValueError as exc:
+        raise LabError(f"--memory {text!r}: {exc}") from None
 
 
 def parse_port_range(text: str) -> tuple[int, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -106,6 +107,11 @@ class Lab:
         return self._state().image
 
     @property
+    def redis_image(self) -> str:
+        """The lab's redis-server image ("" if this host has none)."""
+        return self._state().redis_image
+
+    @property
     def masters(self) -> list[MasterState]:
         return list(self._state().masters)
 
@@ -173,12 +179,14 @@ class Lab:
             state.save()
         self.say(f"creating hosts h1..h{cfg.hosts} (netns {cfg.name}-hN, veth, "
                  f"{cfg.host_address(1)} and up)")
+        cpu_m, memory = cfg.host_capacity(system.machine_capacity())
         for i in range(1, cfg.hosts + 1):
             name = f"{cfg.name}-h{i}"
             host = HostState(
                 name=f"h{i}", netns=name, veth=name, address=cfg.host_address(i),
                 root=str(cfg.root / f"h{i}"), engine=f"unix://{cfg.root / f'h{i}' / 'docker.sock'}",
                 exec_root=str(RUN_ROOT / name), cgroup_parent=f"sigma-lab-{name}",
+                cpu_m=cpu_m, memory=memory,
             )
             state.hosts.append(host)
             state.save()
@@ -203,6 +211,12 @@ class Lab:
         state.registry = services.start_registry(cfg)
         state.save()
         services.wait_registry(state.registry, cfg.root / "registry.log")
+        first = state.hosts[0]
+        self.say(f"capping each host's engine at {first.cpu_m}m cpu and "
+                 f"{first.memory >> 20} MiB (cgroup sigma-lab-{cfg.name}-hN)")
+        for host in state.hosts:
+            services.cap_host(host)
+            state.save()
         self.say(f"starting dockerd on {span(state.hosts)}")
         procs = []
         for host in state.hosts:
@@ -217,6 +231,11 @@ class Lab:
         services.build_and_push(state.hosts[0].engine, cfg.image, cfg.root)
         self.say("pushed image to the lab registry")
         state.image = cfg.image
+        if shutil.which(services.REDIS):  # on the busybox image: readiness checks need sh
+            services.build_from_host(state.hosts[0].engine, cfg.redis_image, services.REDIS,
+                                     [], cfg.root, base=cfg.image)
+            self.say(f"pushed {cfg.redis_image} (this host's redis-server)")
+            state.redis_image = cfg.redis_image
         state.save()
 
     def _up_sigma(self, state: LabState) -> None:
@@ -293,7 +312,8 @@ class Lab:
                             "healthy": answer is not None and answer[0] == 200,
                             "role": roles.get(m.listen, "") if alive else ""})
         return {"name": s.name, "dir": s.dir, "ready": s.ready, "server": s.server, "ca": s.ca,
-                "image": s.image, "bridge": s.bridge, "bridge_ip": s.bridge_ip,
+                "image": s.image, "redis_image": s.redis_image, "bridge": s.bridge,
+                "bridge_ip": s.bridge_ip,
                 "hosts": hosts, "etcd": etcd, "registry": reg, "masters": masters}
 
     # -- failures ---------------------------------------------------------------------------
@@ -333,6 +353,8 @@ class Lab:
             # dockerd refuses a pid file naming any /proc entry: a killed one may linger
             # as a zombie until init reaps it.
             teardown.remove_stale_pidfiles(host)
+            services.cap_host(host)
+            s.save()
             proc = services.dockerd(host, s.registry.addr if s.registry else
                                     self.config.registry_addr, self.tls_root)
             proc.start()

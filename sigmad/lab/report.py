@@ -59,6 +59,8 @@ def summary(lab: Lab, credentials: str) -> str:
         f"  token:       {lab.token}\n"
         f"{trust}"
         f"  image:       {lab.image}   (use this ref in app specs)\n"
+        + (f"  redis:       {lab.redis_image}   (this host's redis-server)\n"
+           if lab.redis_image else "") +
         f"  credentials: {credentials}   (context {lab_context(lab.name)}: "
         "try `sigmactl get nodes`)\n"
         f"  hosts:\n{hosts}\n"

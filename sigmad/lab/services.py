@@ -20,13 +20,14 @@ from sigmad.lab import trust
 from sigmad.lab.config import LabConfig, LabError
 from sigmad.lab.net import inside
 from sigmad.lab.state import EtcdState, HostState, MasterState, RegistryState
-from sigmad.lab.system import alive, engine_ping, http_get, run, spawn, tail
+from sigmad.lab.system import alive, cap_cgroup, engine_ping, http_get, run, spawn, tail
 from sigmad.procs import DockerdProcess, EtcdProcess
 
 PREFIX = "/sigma/v1"
 DOCKERFILE = ('FROM scratch\nCOPY busybox /bin/busybox\n'
               'RUN ["/bin/busybox","--install","-s","/bin"]\n')
 BUSYBOX = Path("/bin/busybox")
+REDIS = "redis-server"  # the lab's second image, when this host has it (apt-get install)
 
 
 def sigma_env() -> dict[str, str]:
@@ -82,6 +83,17 @@ def wait_registry(reg: RegistryState, log: Path, timeout: float = 20.0) -> None:
                    f"(log: {log})")
 
 
+def cap_host(host: HostState) -> None:
+    """Make the host's cgroup parent, capped at its cpu and memory, and remember where (a
+    lab from before caps has none: left alone). The caller saves the state."""
+    if host.cpu_m and host.memory:
+        try:
+            made = cap_cgroup(host.cgroup_parent, host.cpu_m, host.memory)
+            host.cgroups = sorted({*host.cgroups, *map(str, made)})
+        except OSError as exc:
+            raise LabError(f"cannot cap cgroup {host.cgroup_parent}: {exc}") from None
+
+
 def dockerd(host: HostState, registry: str, tls_root: Path | None = None) -> DockerdProcess:
     """Host `host`'s dockerd: its unix socket (for the tests and the docker CLI), and with
     `tls_root` (the lab's directory) tcp://ADDRESS:2376 with --tlsverify, which the masters
@@ -118,6 +130,26 @@ def build_and_push(engine: str, image: str, workdir: Path) -> None:
     with tempfile.TemporaryDirectory(dir=workdir, prefix="image-") as context:
         (Path(context) / "Dockerfile").write_text(DOCKERFILE)
         shutil.copy(BUSYBOX, Path(context) / "busybox")
+        docker(engine, "build", "-q", "-t", image, context)
+    docker(engine, "push", image)
+
+
+def build_from_host(engine: str, image: str, binary: str, entrypoint: list[str],
+                    workdir: Path, base: str = "scratch") -> None:
+    """Build an image FROM `base` holding this host's `binary` and the libraries it links (at
+    the same paths), with `entrypoint`, on `engine`; push it."""
+    found = shutil.which(binary)
+    if found is None:
+        raise LabError(f"{binary} is missing on this host: install it (apt-get)")
+    libs = [p for line in run(["ldd", found]).stdout.splitlines() for p in line.split()
+            if p.startswith("/")]
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="image-") as context:
+        lines = [f"FROM {base}"]
+        for i, path in enumerate([found, *libs]):
+            shutil.copy(os.path.realpath(path), Path(context) / f"f{i}")
+            lines.append(f"COPY f{i} {path}")
+        lines.append(f"ENTRYPOINT {json.dumps(entrypoint or [found])}")
+        (Path(context) / "Dockerfile").write_text("\n".join(lines) + "\n")
         docker(engine, "build", "-q", "-t", image, context)
     docker(engine, "push", image)
 
@@ -196,6 +228,8 @@ def write_node_config(config: LabConfig, host: HostState, index: int) -> None:
         **engine,
         "address": host.address,
         "labels": {"zone": "room-a" if index % 2 else "room-b", "host": host.name},
+        **({"capacity": {"cpu": f"{host.cpu_m}m", "memory": host.memory}}
+           if host.cpu_m and host.memory else {}),
         "port_range": list(config.port_range),
         "heartbeat_ttl": config.heartbeat_ttl,
         "overlay_cidr": config.overlay_cidr,

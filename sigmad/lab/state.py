@@ -33,6 +33,9 @@ class HostState:
     engine: str          # unix://DIR/hI/docker.sock
     exec_root: str
     cgroup_parent: str
+    cpu_m: int = 0       # the cap of its cgroup parent and its node's capacity (0: none)
+    memory: int = 0
+    cgroups: list[str] = field(default_factory=list)  # the capped directories `up` made
     dockerd_pid: int = 0
     agent_pid: int = 0
     killed: bool = False
@@ -90,6 +93,7 @@ class LabState:
     registry: RegistryState | None = None
     masters: list[MasterState] = field(default_factory=list)
     image: str = ""
+    redis_image: str = ""  # "" when this host has no redis-server
     token: str = ""
     server: str = ""
     credentials: str = ""  # the credentials file `up` wrote

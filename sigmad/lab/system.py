@@ -208,10 +208,88 @@ def detach_loop(device: str, file: str) -> str:
         if result.returncode else ""
 
 
-def remove_cgroups(component: str) -> list[str]:
-    """rmdir the cgroup `component` (and its children) in every hierarchy; what remains."""
+CFS_PERIOD_US = 100_000
+
+
+def own_cgroups(text: str | None = None) -> dict[str, str]:
+    """Hierarchy (its mount's name: "cpu", "cpu,cpuacct", "memory"; "" on v2) → this
+    process's cgroup in it, from /proc/self/cgroup (or `text`)."""
+    if text is None:
+        text = Path("/proc/self/cgroup").read_text()
+    out = {}
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            out[parts[1]] = parts[2]
+    return out
+
+
+def _under(root: Path, hierarchy: str, own: str, component: str) -> Path:
+    return root.joinpath(hierarchy, own.lstrip("/"), component) if hierarchy else \
+        root.joinpath(own.lstrip("/"), component)
+
+
+def cgroup_dirs(component: str, root: Path = CGROUP_ROOT,
+                own: dict[str, str] | None = None) -> dict[str, Path]:
+    """Where a dockerd started by this process puts --cgroup-parent `component` (relative
+    to its own cgroup, as runc does): controller ("cpu", "memory"; "" on v2) → directory."""
+    own = own_cgroups() if own is None else own
+    if (root / "cgroup.controllers").exists():
+        return {"": _under(root, "", own.get("", "/"), component)}
+    dirs: dict[str, Path] = {}
+    for hierarchy, path in own.items():
+        for controller in ("cpu", "memory"):
+            if controller in hierarchy.split(","):
+                dirs[controller] = _under(root, hierarchy, path, component)
+    return dirs
+
+
+def cap_cgroup(component: str, cpu_m: int, memory: int, root: Path = CGROUP_ROOT,
+               own: dict[str, str] | None = None) -> list[Path]:
+    """Make cgroup `component` (a dockerd's --cgroup-parent) capped at `cpu_m` millicores
+    (CFS quota) and `memory` bytes, on cgroup v2 (one tree) or v1 (the cpu and memory
+    hierarchies); the directories made or capped."""
+    dirs = cgroup_dirs(component, root, own)
+    quota = cpu_m * CFS_PERIOD_US // 1000
+    if "" in dirs:  # v2: the parent must hand both controllers down
+        top = dirs[""]
+        with contextlib.suppress(OSError):
+            (top.parent / "cgroup.subtree_control").write_text("+cpu +memory")
+        top.mkdir(exist_ok=True)
+        (top / "cpu.max").write_text(f"{quota} {CFS_PERIOD_US}")
+        (top / "memory.max").write_text(str(memory))
+        return [top]
+    if set(dirs) != {"cpu", "memory"}:
+        raise OSError(f"no cpu and memory cgroup hierarchies under {root}")
+    cpu, mem = dirs["cpu"], dirs["memory"]
+    for d in (cpu, mem):
+        d.mkdir(exist_ok=True)
+    (cpu / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+    (cpu / "cpu.cfs_quota_us").write_text(str(quota))
+    (mem / "memory.limit_in_bytes").write_text(str(memory))
+    return [cpu, mem]
+
+
+def machine_capacity() -> tuple[int, int]:
+    """(millicores, bytes of memory) of this machine."""
+    total = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            total = int(line.split()[1]) * 1024
+    return (os.cpu_count() or 1) * 1000, total
+
+
+def remove_cgroups(component: str, made: Iterable[str] = ()) -> list[str]:
+    """rmdir the cgroup `component` (and its children) in every hierarchy, at the top and
+    under this process's own cgroup (where runc puts a relative cgroup parent), and the
+    directories `made` (where `up` capped it, maybe under another process's cgroup); what
+    remains."""
     left = []
-    for top in sorted(CGROUP_ROOT.glob(f"*/{component}")):
+    own = own_cgroups()
+    nested = {_under(CGROUP_ROOT, h, p, component) for h, p in own.items() if h and p != "/"}
+    for top in sorted({*CGROUP_ROOT.glob(f"*/{component}"), *nested, *map(Path, made)}):
+        if not top.is_dir():
+            continue
         for dirpath, _, _ in os.walk(top, topdown=False):
             try:
                 os.rmdir(dirpath)

@@ -82,7 +82,8 @@ def remove_system_objects(s: LabState, say: Say) -> list[str]:
     if s.iptables_rule:
         problems += filter(None, [net.delete_rule(s.iptables_rule)])
     for host in s.hosts:
-        problems += [f"cgroup {d} remains" for d in system.remove_cgroups(host.cgroup_parent)]
+        problems += [f"cgroup {d} remains"
+                     for d in system.remove_cgroups(host.cgroup_parent, host.cgroups)]
     return problems
 
 

@@ -27,7 +27,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from sigmad import metrics
+from sigmad import metrics, schema
 from sigmad.config import NodeConfig
 from sigmad.engine import LABEL_INSTANCE, ContainerState, DockerEngine
 from sigmad.errors import EngineError, SigmaError
@@ -89,9 +89,12 @@ class NodeRefused(SigmaError):
 
 def node_record(config: NodeConfig, info: dict[str, object], draining: bool,
                 disks: tuple[int, int] = (0, 0)) -> Node:
-    """The Node record from the engine's `info` (real CPU count and memory of the host) and
-    its `disks` (allow-listed SSDs and their summed size)."""
-    capacity = Resources(int(str(info.get("NCPU", 0))) * 1000, int(str(info.get("MemTotal", 0))))
+    """The Node record from the engine's `info` (real CPU count and memory of the host, unless
+    the config's `capacity` overrides them) and its `disks` (allow-listed SSDs and their
+    summed size)."""
+    capacity = Resources(
+        config.capacity.cpu_m or int(str(info.get("NCPU", 0))) * 1000,
+        config.capacity.memory or int(str(info.get("MemTotal", 0))))
     allocatable = Resources(
         max(capacity.cpu_m - config.reserved.cpu_m, 0),
         max(capacity.memory - config.reserved.memory, 0),
@@ -272,10 +275,18 @@ class Agent:
             log.warning("overlay not ready yet: %s", exc)
 
     async def remove_stale(self) -> None:
-        """Stop and remove, all at once, the containers no instance record places here."""
+        """Stop and remove, all at once, the containers no instance record places here;
+        none while the cluster's records are absent (no schema key: a lost or fresh etcd)
+        or half restored (sigmad.schema): they would all look stale."""
         me = self.config.name
         found = await self.engine.find({LABEL_INSTANCE: ""})
         if not found:
+            return
+        version, restoring = await schema.read(self.store)
+        if version is None or restoring:
+            log.warning("%d sigma containers here, and %s: none is removed as stale",
+                        len(found), "a restore is under way" if restoring else
+                        "etcd holds no cluster records (no schema key)")
             return
         records, _ = await self.store.scan(self.store.keys.instances(), Instance)
         placed = {v.value.key: v.value for v in records}  # `ns/app-index` → record

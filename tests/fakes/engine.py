@@ -7,7 +7,9 @@ and Docker's events. Scripts make things happen:
 - `script[name] = code`: a container of that name exits with `code` right after it starts;
 - `probe[name] = n`: its readiness probe fails n times, then passes;
 - `slow = seconds`: every call takes that long; `hang()`: calls wait until `release()`;
-- `down = True`: every call fails as an unreachable engine does.
+- `down = True`: every call fails as an unreachable engine does;
+- an exec with a terminal (`exec_create`, `exec_attach`) is a FakeTerminal in `terminals`:
+  it echoes what is typed, and a typed line `exit N` ends it with code N.
 Every call is recorded in `calls` (its name and first argument).
 """
 
@@ -21,6 +23,43 @@ from typing import Any
 
 from sigmad.engine import LABEL_CLUSTER, ContainerState
 from sigmad.errors import EngineError
+
+
+class FakeTerminal:
+    """An exec's terminal (see the module docstring); `sizes` are the resizes it got."""
+
+    def __init__(self, container_id: str, command: list[str], env: list[str]) -> None:
+        self.container_id = container_id
+        self.command = command
+        self.env = env
+        self.started = False
+        self.closed = False
+        self.code: int | None = None  # None while it runs
+        self.sizes: list[tuple[int, int]] = []
+        self._line = b""
+        self._output: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def say(self, data: bytes) -> None:
+        """The command writes `data`."""
+        self._output.put_nowait(data)
+
+    async def read(self) -> bytes:
+        return b"" if self.closed else await self._output.get()
+
+    async def write(self, data: bytes) -> None:
+        if self.closed or self.code is not None:
+            raise EngineError("fake terminal: the terminal is gone")
+        self.say(data)
+        self._line += data
+        while b"\n" in self._line:
+            line, _, self._line = self._line.partition(b"\n")
+            if line.startswith(b"exit "):
+                self.code = int(line.split()[1])
+                self.say(b"")
+
+    def close(self) -> None:
+        self.closed = True
+        self.say(b"")
 
 
 @dataclass
@@ -73,6 +112,7 @@ class FakeEngine:
         self._ids = itertools.count(1)
         self._clock = itertools.count(1)
         self._subscribers: list[asyncio.Queue[dict[str, Any]]] = []
+        self.terminals: dict[str, FakeTerminal] = {}
 
     # -- scripting ----------------------------------------------------------------------------
 
@@ -236,6 +276,33 @@ class FakeEngine:
                   ) -> tuple[int, bytes]:
         await self._call("run", " ".join(command))
         return self.probe.get(command[0], 0), (" ".join(command) + "\n").encode()
+
+    async def exec_create(self, container_id: str, command: list[str], env: list[str]
+                          ) -> str:
+        await self._call("exec_create", container_id)
+        c = self._get(container_id)
+        if c is None or c.status != "running":
+            raise EngineError(f"{self.url}: Container {container_id} is not running", 409)
+        exec_id = f"exec-{next(self._ids)}"
+        self.terminals[exec_id] = FakeTerminal(container_id, command, env)
+        return exec_id
+
+    async def exec_attach(self, exec_id: str) -> FakeTerminal:
+        await self._call("exec_attach", exec_id)
+        term = self.terminals[exec_id]
+        if term.started:
+            raise EngineError(f"{self.url}: exec {exec_id} has already started", 409)
+        term.started = True
+        return term
+
+    async def exec_resize(self, exec_id: str, rows: int, cols: int) -> None:
+        await self._call("exec_resize", f"{exec_id} {rows}x{cols}")
+        self.terminals[exec_id].sizes.append((rows, cols))
+
+    async def exec_state(self, exec_id: str) -> tuple[bool, int]:
+        await self._call("exec_state", exec_id)
+        term = self.terminals[exec_id]
+        return term.code is None and not term.closed, term.code or 0
 
     async def last_lines(self, container_id: str, count: int) -> list[str]:
         await self._call("last_lines", container_id)

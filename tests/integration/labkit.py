@@ -55,12 +55,18 @@ class LabCluster:
         return yaml.safe_load(result.stdout)  # type: ignore[no-any-return]
 
     def running(self, app: str, count: int, timeout: float = 90) -> list[dict[str, Any]]:
+        seen: list[dict[str, Any]] = []
+
         def check() -> list[dict[str, Any]] | None:
-            items = self.instances(app)
+            seen[:] = items = self.instances(app)
             ok = len(items) == count and all(i["state"] == "Running" for i in items)
             return items if ok else None
 
-        return wait_for(check, timeout, f"{count} Running instances of {app}", 0.1)
+        try:
+            return wait_for(check, timeout, f"{count} Running instances of {app}", 0.1)
+        except AssertionError as e:
+            states = [(i["name"], i["state"], i.get("reason", "")) for i in seen]
+            raise AssertionError(f"{e}; instances: {states}") from None
 
     def docker(self, node: str, *args: str, check: bool = True
                ) -> subprocess.CompletedProcess[str]:
@@ -114,14 +120,18 @@ def web(lab: LabCluster, app: str, replicas: int, **extra: Any) -> dict[str, Any
     }], **extra}
 
 
+HOST_CPU = 2000  # millicores of each lab host (the machine's 2 cores: no throttling)
+HOST_MEMORY = 4 << 30  # bytes of each lab host
+
+
 def build_lab(root: Path) -> Lab:
     """A 3-host lab on addresses and ports of its own (heartbeat TTL 2 s), 2 SSDs of 1 GiB
-    (loop devices) per host."""
+    (loop devices) per host, each host capped at HOST_CPU and HOST_MEMORY."""
     return Lab(LabConfig(
         hosts=3, name=f"o{os.getpid() % 100000}", dir=root / "lab",
         subnet=f"10.79.{os.getpid() % 250}.0/24", etcd_port=free_port(pair=True),
         registry_port=free_port(), listen=f"127.0.0.1:{free_port()}", heartbeat_ttl=2,
-        ssds=2, ssd_size=1 << 30,
+        ssds=2, ssd_size=1 << 30, cpu=HOST_CPU, memory=HOST_MEMORY,
     ))
 
 

@@ -5,7 +5,8 @@ disk) and an in-place resize; deleting the app gives the disk back `ready` with 
 filesystem (no sentinel); bad volume specs are refused naming the field, nothing written; a
 killed host's instance runs elsewhere on a new disk while its old one is retained until
 `sigmactl ssd release`, and goes home to it (its data there) when its new host dies in
-turn; a vanished disk gives SSDLost and new disks.
+turn; a vanished disk gives SSDLost and new disks. A real database (the lab's redis image,
+examples/lab-redis.yaml) keeps what it acknowledged across a SIGKILL of its container.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.integration.conftest import wait_for
 from tests.integration.labkit import LabCluster
@@ -93,6 +95,40 @@ def test_data_survives_restarts_and_is_wiped_on_delete(lab: LabCluster) -> None:
     assert not fresh["claimed_by"]
     assert os.listdir(source) == []  # a fresh filesystem: no sentinel
     assert fresh["fs_uuid"] != before[f"{inst['node']}/{bound['disk']}"]["fs_uuid"]
+
+
+def test_redis_keeps_what_it_acknowledged_on_its_ssd_across_a_kill(lab: LabCluster) -> None:
+    assert lab.lab.redis_image, "the lab built no redis image: apt-get install redis-server"
+    spec = yaml.safe_load((Path(__file__).parents[2] / "examples/lab-redis.yaml").read_text())
+    spec["containers"][0]["image"] = lab.lab.redis_image
+    spec["volumes"][0]["reclaim"] = "wipe"
+    lab.apply(spec)
+    try:
+        (inst,) = lab.running("kv", 1)
+
+        def cli(i: dict[str, Any], *args: str) -> str | None:
+            try:
+                return lab.in_host(i["node"], "redis-cli", "-h", i["ip"], *args).strip()
+            except subprocess.CalledProcessError:
+                return None  # (not answering yet)
+
+        assert wait_for(lambda: cli(inst, "set", "order:1", "paid"), 30, "SET") == "OK"
+        assert cli(inst, "rpush", "log", "a", "b", "c") == "3"
+        lab.docker(inst["node"], "kill", "-s", "KILL", inst["containers"][0]["id"])
+
+        def restarted() -> dict[str, Any] | None:
+            (now,) = lab.instances("kv")
+            return now if now["restarts"] >= 1 and now["state"] == "Running" else None
+
+        again = wait_for(restarted, 60, "kv-0 restarted")
+        assert again["containers"][0]["id"] != inst["containers"][0]["id"]
+        assert again["ssds"] == inst["ssds"] and again["ip"] == inst["ip"]
+        assert wait_for(lambda: cli(again, "get", "order:1"), 30, "GET") == "paid"
+        assert cli(again, "lrange", "log", "0", "-1") == "a\nb\nc"
+        source = Path(inst["ssds"][0]["source"])
+        assert any(p.name.startswith("appendonly") for p in source.iterdir())
+    finally:
+        lab.delete("kv")
 
 
 @pytest.mark.parametrize(("volume", "field"), [

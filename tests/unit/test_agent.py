@@ -41,3 +41,14 @@ def test_node_record_subtracts_reserved_and_keeps_draining() -> None:
     assert node.port_range == [32000, 32100]
     assert node.draining and node.labels == {"zone": "a"}
     assert node.engine_version == "20.10.24"
+
+
+def test_node_record_reports_the_configured_capacity_over_the_engines() -> None:
+    """A host capped below the machine (a lab host) reports its cap, not docker info's."""
+    config = NodeConfig(name="h1", capacity=Resources(2000, 4 << 30),
+                        reserved=Resources(500, 1 << 30))
+    node = node_record(config, INFO, draining=False)
+    assert node.capacity == Resources(2000, 4 << 30)
+    assert node.allocatable == Resources(1500, 3 << 30)
+    only_cpu = node_record(NodeConfig(name="h1", capacity=Resources(3000, 0)), INFO, False)
+    assert only_cpu.capacity == Resources(3000, 16 << 30)

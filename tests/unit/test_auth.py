@@ -181,7 +181,7 @@ async def test_a_reader_reads_and_changes_nothing(api: Api) -> None:
         status, answer = await call(client, method, path, body, headers=reader)
         assert status == 403 and answer["error"]["code"] == "forbidden", (method, path)
         assert "read-only" in answer["error"]["message"]
-    for path in ("/v1/tokens", "/v1/audit"):
+    for path in ("/v1/tokens", "/v1/audit", "/v1/backup"):
         assert (await call(client, "GET", path, headers=reader))[0] == 403
     changed = {k for k in lead.store.data if lead.store.data[k] != before.get(k)}
     assert all("/audit/" in k for k in changed)  # only the audit of the refusals

@@ -395,6 +395,12 @@ def test_audit_log_and_per_token_caps():
     assert master_error(token=TOKEN, max_streams_per_token=0).field == "max_streams_per_token"
     assert master_error(token=TOKEN, max_requests_per_token=True).field == \
         "max_requests_per_token"
+
+
+def test_exec_idle_timeout():
+    assert master(token=TOKEN).exec_idle_timeout == 900
+    assert master(token=TOKEN, exec_idle_timeout=60).exec_idle_timeout == 60
+    assert master_error(token=TOKEN, exec_idle_timeout=0.5).field == "exec_idle_timeout"
 # --- hostile values (issue 16) -------------------------------------------------------------
 
 

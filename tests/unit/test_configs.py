@@ -332,6 +332,10 @@ async def test_a_restarted_agent_rebuilds_from_etcd_and_says_what_it_holds(
         assert v is not None and v.value.versions == {"web-conf": 1}
         assert (tmp_path / "default" / "web-0" / "web-conf" / "a").read_text() == "one"
         assert not (tmp_path / "default" / "web-1").exists()  # not this node's
+        for _ in range(200):  # (removed in the same sync, after the held record is written)
+            if not (tmp_path / "default" / "gone-0").exists():
+                break
+            await asyncio.sleep(0.01)
         assert not (tmp_path / "default" / "gone-0").exists()
         await store.put(keys.config_version("default", "web-conf", 2), version(2, {"a": "two"}))
         inst.configs = {"web-conf": 2}

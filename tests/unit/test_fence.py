@@ -18,6 +18,7 @@ from sigmad.errors import Conflict, StoreUnavailable
 from sigmad.models import Beat, Instance
 from sigmad.node.agent import Agent
 from sigmad.node.fence import margin
+from sigmad.schema import VERSION, SchemaRecord
 from tests.fakes.engine import FakeEngine
 from tests.fakes.store import MemoryStore
 from tests.unit.harness import Leader, spec
@@ -72,7 +73,7 @@ async def test_a_lost_node_whose_engine_hangs_moves_only_after_lapse_plus_grace(
                                             if "waiting for a fence" in i.reason],
                                    timeout=grace + 5, what="waiting for the fence")
         assert waiting[0].state == "NeedMigration" and waiting[0].node == "a"
-        assert f"counts as fenced {grace:g}s after its heartbeat lease lapsed" in \
+        assert f"{grace:g}s after its node's heartbeat lease lapsed, its engine is asked" in \
             waiting[0].reason
         (inst,) = await lead.running("web", 1, timeout=grace + 10)
         assert inst.node == "b" and [t.reason for t in inst.terminations] == ["NodeLost"]
@@ -81,6 +82,27 @@ async def test_a_lost_node_whose_engine_hangs_moves_only_after_lapse_plus_grace(
         ((_, made),) = creates
         assert made - lapsed >= grace  # the new copy was made only after lapse + grace
         lead.engine("a").release()
+
+
+async def test_an_agent_back_within_the_grace_finds_its_copies_untouched() -> None:
+    """An agent restart (an upgrade) that lets the node's lease lapse: its engine still
+    answers, but it is not asked to stop anything before the grace has passed; the agent is
+    back first, and the instance resumes with the same container."""
+    async with Leader(fence_grace=2.0) as lead:
+        await lead.add_node("a")
+        await lead.apply(spec(replicas=1))
+        (before,) = await lead.running("web", 1)
+        await lead.add_node("b")
+        await lead.lose_node("a")
+        await lead.until(lambda: [i for i in lead.instances() if "waiting for a fence" in
+                                  i.reason], what="waiting for the fence")
+        lead.leases["a"] = await lead.store.grant(5)
+        await lead.beat("a")  # the new agent's heartbeat
+        (after,) = await lead.running("web", 1)
+        assert after.node == "a" and after.containers[0].id == before.containers[0].id
+        await asyncio.sleep(2.5)  # past the grace: still nothing stopped
+        assert [c.status for c in lead.engine("a").by_id.values()] == ["running"]
+        assert not [e for e in lead.events() if e.startswith("fenced")]
 
 
 async def test_a_dead_engine_is_not_waited_for_once_per_instance() -> None:
@@ -198,6 +220,7 @@ async def test_an_agent_that_cannot_renew_stops_its_containers_before_the_ttl(
     a, b = await run_containers(engine, "default/web-0", "default/web-1")
     mine = Instance("default", "web", 0, 1, node="h1")
     elsewhere = Instance("default", "web", 1, 1, node="h2")  # its copy here is stale
+    await store.put(store.keys.schema(), SchemaRecord(VERSION))  # the cluster's records
     await store.put(store.keys.instance("default", "web", 0), mine)
     await store.put(store.keys.instance("default", "web", 1), elsewhere)
     beating = asyncio.create_task(agent.heartbeat())
@@ -248,3 +271,26 @@ async def test_an_agent_whose_renewals_succeed_never_fences() -> None:
         beating.cancel()
         await asyncio.gather(beating, return_exceptions=True)
 
+
+
+@pytest.mark.parametrize("state", ["no-schema", "restoring"])
+async def test_an_agent_removes_nothing_while_the_clusters_records_are_absent(
+        state: str) -> None:
+    """A fresh or lost etcd (no schema key) or a restore under way: every container would
+    look stale, so none is removed; once the records are there, the stale one goes."""
+    store = MemoryStore("/t")
+    agent = Agent(NodeConfig(name="h1", engine="fake://h1", heartbeat_ttl=2,
+                             etcd=EtcdConfig(prefix="/t")), store, overlay=False)
+    engine = agent.engine = FakeEngine("fake://h1", "/t")  # type: ignore[assignment]
+    a, b = await run_containers(engine, "default/web-0", "default/web-1")
+    await store.put(store.keys.instance("default", "web", 0),
+                    Instance("default", "web", 0, 1, node="h1"))
+    if state == "restoring":
+        await store.put(store.keys.schema(), SchemaRecord(VERSION))
+        await store.put(store.keys.restoring(), {"revision": 5})
+    await agent.remove_stale()
+    assert set(engine.by_id) == {a, b}
+    await store.delete(store.keys.restoring())
+    await store.put(store.keys.schema(), SchemaRecord(VERSION))
+    await agent.remove_stale()
+    assert set(engine.by_id) == {a}  # web-1 has no record placing it here

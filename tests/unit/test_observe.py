@@ -205,6 +205,6 @@ async def test_exec_runs_in_the_container(api: tuple[TestClient, Leader]) -> Non
     assert status == 200 and body == {"exit_code": 0, "output": "echo hi\n"}
     for bad, field in (({"command": []}, "command"), ({"command": ["x"], "timeout": 0},
                                                       "timeout"),
-                       ({"command": ["x"], "tty": True}, "tty")):
+                       ({"command": ["x"], "tty": True}, "stdin")):
         status, body = await call(client, "POST", "/v1/instances/default/web-0/exec", bad)
         assert status == 400 and body["error"]["field"] == field, bad
