@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.docs import write_section  # noqa: E402
+from bench.labctl import LabCtl  # noqa: E402
 from sigmad.lab import Lab, LabConfig  # noqa: E402
 
 SERVE = "httpd -f -p 8080 -h /etc/web"
@@ -44,18 +45,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Bench:
+class Bench(LabCtl):
     def __init__(self, lab: Lab) -> None:
-        self.lab = lab
-        self.env = {**os.environ, "SIGMA_SERVER": lab.server, "SIGMA_TOKEN": lab.token,
-                    "SIGMA_CA": lab.ca, "PYTHONPATH": str(REPO)}
-
-    def ctl(self, *args: str, stdin: str | None = None) -> str:
-        result = subprocess.run([sys.executable, "-m", "sigmactl", *args], input=stdin,
-                                capture_output=True, text=True, env=self.env, timeout=300)
-        if result.returncode:
-            raise SystemExit(f"sigmactl {' '.join(args)}: {result.stderr.strip()}")
-        return result.stdout
+        super().__init__(lab, timeout=300)
 
     def version(self, text: str) -> None:
         with tempfile.NamedTemporaryFile("w", suffix=".html") as f:
@@ -63,10 +55,6 @@ class Bench:
             f.flush()
             self.ctl("config", "create", "bench-conf", "--from-file", f"index.html={f.name}")
 
-    def instances(self) -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = json.loads(self.ctl("get", "instances", "--app",
-                                                          "cfgbench", "-o", "json"))
-        return found
 
     def served(self, pollers: dict[str, dict[str, Any]], ips: list[str]) -> list[str]:
         """One round: what every instance answers (from a poller on each host, in turn)."""
@@ -102,7 +90,7 @@ def main() -> None:
                           "limit": {"memory": "32Mi"}}}],
             "configs": [{"name": "bench-conf", "mount": "/etc/web"}]}
         bench.ctl("apply", "-f", "-", "--wait", "--timeout", "300", stdin=json.dumps(spec))
-        found = bench.instances()
+        found = bench.instances("cfgbench")
         ips = [i["ip"] for i in found]
         pollers = {i["node"]: i for i in found}
         rows = []
@@ -120,7 +108,7 @@ def main() -> None:
                 time.sleep(0.05)
             served = time.monotonic() - start
             while not all(i.get("configs_have", {}).get("bench-conf") == n + 1
-                          for i in bench.instances()):
+                          for i in bench.instances("cfgbench")):
                 time.sleep(0.1)
             recorded = time.monotonic() - start
             rows.append({"run": n, "create_s": sent, "served_s": served,

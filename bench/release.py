@@ -32,28 +32,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.docs import write_section  # noqa: E402
+from bench.labctl import LabCtl  # noqa: E402
 from sigmad.lab import Lab, LabConfig  # noqa: E402
 
 SERVE = "mkdir -p /www && echo hello > /www/index.html && exec httpd -f -p 8080 -h /www"
 
 
-class Bench:
+class Bench(LabCtl):
     def __init__(self, lab: Lab) -> None:
-        self.lab = lab
-        self.env = {**os.environ, "SIGMA_SERVER": lab.server, "SIGMA_TOKEN": lab.token,
-                    "SIGMA_CA": lab.ca, "PYTHONPATH": str(REPO)}
-
-    def ctl(self, *args: str, stdin: str | None = None) -> str:
-        result = subprocess.run([sys.executable, "-m", "sigmactl", *args], input=stdin,
-                                capture_output=True, text=True, env=self.env, timeout=900)
-        if result.returncode:
-            raise SystemExit(f"sigmactl {' '.join(args)}: {result.stderr.strip()}")
-        return result.stdout
-
-    def instances(self, app: str) -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = json.loads(self.ctl("get", "instances", "--app", app,
-                                                          "-o", "json"))
-        return found
+        super().__init__(lab, timeout=900)
 
     def clients(self, ips: list[str]) -> list[subprocess.Popen[str]]:
         """A request loop over every IP in each client instance (`ok` or `fail` a line),
