@@ -93,7 +93,7 @@ async def etcd(endpoints: list[str], prefix: str, tls: TlsFiles | None,
         version, restoring = await asyncio.wait_for(schema.read(store), timeout * 2)
     except (SigmaError, TimeoutError, OSError) as exc:
         return [Finding(FAIL, f"etcd {where} does not answer: "
-                              f"{getattr(exc, 'message', '') or exc or type(exc).__name__}",
+                              f"{_said(exc)}",
                         "start etcd, or fix etcd.endpoints and its ca/cert/key in the "
                         "config (https:// needs all three)")]
     finally:
@@ -109,6 +109,11 @@ async def etcd(endpoints: list[str], prefix: str, tls: TlsFiles | None,
         out.append(Finding(OK, f"schema under {prefix}: version {version} (this sigmad: "
                                f"{schema.VERSION})"))
     return out
+
+
+def _said(exc: BaseException) -> str:
+    """What a failed call said (a SigmaError's message, else the exception's text or type)."""
+    return str(getattr(exc, "message", "") or exc) or type(exc).__name__
 
 
 def listen_free(listen: str) -> Finding:
@@ -143,7 +148,7 @@ async def engine(config: NodeConfig, timeout: float) -> list[Finding]:
         info = await asyncio.wait_for(client.info(), timeout)
     except (SigmaError, TimeoutError, OSError) as exc:
         return [Finding(FAIL, f"engine {config.engine} does not answer: "
-                              f"{getattr(exc, 'message', '') or exc or type(exc).__name__}",
+                              f"{_said(exc)}",
                         "start dockerd (systemctl start docker), or fix engine and "
                         "engine_tls in the config")]
     finally:
