@@ -88,7 +88,8 @@ def main() -> None:
             "ready": {"tcp": 8080, "timeout": 30},
             "resources": {"request": {"cpu": "10m", "memory": "8Mi"},
                           "limit": {"memory": "32Mi"}}}],
-            "configs": [{"name": "bench-conf", "mount": "/etc/web"}]}
+            "configs": [{"name": "bench-conf", "mount": "/etc/web"}],
+            "update": {"max_parallel": "100%"}}  # all at once, as measured before batches
         bench.ctl("apply", "-f", "-", "--wait", "--timeout", "300", stdin=json.dumps(spec))
         found = bench.instances("cfgbench")
         ips = [i["ip"] for i in found]

@@ -286,7 +286,8 @@ class Controller:
                            and new.value.state != State.PENDING):
             self.queue.add(("inst", key))
         app = self.cache.app(inst.app_key)
-        if new is None or old is None or self._rolling(inst.namespace, inst.app):
+        if new is None or old is None or self._rolling(inst.namespace, inst.app) or (
+                app is not None and _config_batch_moves(old.value, new.value, app.value)):
             self.queue.add(("app", self.keys.app(inst.namespace, inst.app)))
         if new is not None and (binder.wants_a_node(new.value) or (
                 app is not None and binder.wants_a_rebooking(new.value, app.value.spec))):
@@ -903,3 +904,9 @@ def _fingerprint(inst: Instance) -> tuple[object, ...]:
         len(inst.terminations), inst.configs_have,
     )
 
+
+def _config_batch_moves(old: Instance, new: Instance, app: AppRecord) -> bool:
+    """An instance on the app's config versions became available, or stopped being so: the
+    next batch of a config rollout may start (sigmad.control.reconcile.repins)."""
+    return bool(app.configs) and new.configs == app.configs and (
+        reconcile.settled(old) != reconcile.settled(new))

@@ -9,7 +9,11 @@ Invariants:
   stop, then the record and its claims go);
 - an instance is pinned to the config versions its app resolves (`AppRecord.configs`): a
   new one from its creation, a live one by a rewrite of its record (its node's agent then
-  delivers them, and sigmad.control.drive runs `on_change`);
+  delivers them, and sigmad.control.drive runs `on_change`). Live ones take a new version in
+  batches: at most `update.max_parallel` placed instances on the app's versions are
+  unavailable (not Running, or their containers not yet on those versions) at once, so a
+  version that breaks its instances stops where it is; an instance that serves nothing
+  (unplaced, or not Running) takes it at once;
 - IP choices see every claim (`taken`), and add what they claim to it, so one pass never
   hands one address twice; the create-if-absent guard catches any other writer.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from sigmad.control import rollout
 from sigmad.models import AppRecord, Instance, new_instance
 from sigmad.network import ipam
 from sigmad.reasons import Kill, Reason, State
@@ -40,6 +45,7 @@ def sync_app(writes: Writes, app: AppRecord | None, instances: Mapping[str, Vers
     None: the app was deleted)."""
     plan = AppPlan()
     have: set[int] = set()
+    repin = repins(app, instances)
     for v in instances.values():
         inst = v.value
         have.add(inst.index)
@@ -51,7 +57,7 @@ def sync_app(writes: Writes, app: AppRecord | None, instances: Mapping[str, Vers
             plan.events.append((inst, f"terminating: {why}", False))
             continue
         new, claim = ip_change(writes, inst, app, net, taken)
-        if inst.configs != app.configs:
+        if inst.key in repin:
             new = new or inst.copy()
             new.configs = dict(app.configs)
             plan.events.append((inst, "config versions pinned: " + pins_text(app.configs),
@@ -70,6 +76,32 @@ def sync_app(writes: Writes, app: AppRecord | None, instances: Mapping[str, Vers
         if not inst.ip:  # (with one, "scheduled on NODE (IP …)" tells it next)
             plan.events.append((inst, f"created: {inst.reason}", True))
     return plan
+
+
+def repins(app: AppRecord | None, instances: Mapping[str, Versioned[Instance]]) -> set[str]:
+    """Keys of the instances to pin to the app's config versions now: every one that serves
+    nothing, and of those that serve, as many as `update.max_parallel` leaves room for beside
+    the app's unavailable instances already on those versions (lowest index first)."""
+    if app is None:
+        return set()
+    live = sorted((v.value for v in instances.values()
+                   if v.value.state != State.TERMINATING and v.value.index < app.spec.replicas),
+                  key=lambda i: i.index)
+    behind = [i for i in live if i.configs != app.configs]
+    now = {i.key for i in behind if not serving(i)}
+    busy = sum(1 for i in live if i.configs == app.configs and i.node and not settled(i))
+    room = rollout.batch_size(app.spec.update, app.spec.replicas) - busy
+    return now | {i.key for i in [i for i in behind if serving(i)][:max(0, room)]}
+
+
+def serving(inst: Instance) -> bool:
+    """Placed and Running: a reload may take it out of service."""
+    return bool(inst.node) and inst.state == State.RUNNING
+
+
+def settled(inst: Instance) -> bool:
+    """Running with containers on the versions it is pinned to."""
+    return inst.state == State.RUNNING and inst.configs_have == inst.configs
 
 
 def pins_text(pins: Mapping[str, int]) -> str:

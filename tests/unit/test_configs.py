@@ -232,14 +232,18 @@ async def test_no_start_before_the_files_are_in_place_then_signal_on_a_new_versi
     assert dry["instances"] == ["default/web-0", "default/web-1"] and dry["version"] == 2
     assert lead.instances("web")[0].configs == {"web-conf": 1}  # a dry run writes nothing
     await new_version(client, "two")
-    await lead.until(lambda: all(i.configs == {"web-conf": 2} for i in lead.instances("web")))
+    # One at a time (update.max_parallel: 1): web-1 waits until web-0 runs on v2.
+    await lead.until(lambda: lead.instances("web")[0].configs == {"web-conf": 2})
+    await asyncio.sleep(0.3)
+    assert lead.instances("web")[1].configs == {"web-conf": 1}
     assert not [c for c in lead.engine("a").calls if c[0] == "kill"]  # not delivered yet
     web0 = lead.instances("web")[0]
     await held(lead, "a", web0.key, {"web-conf": 2})
     await lead.until(lambda: lead.instances("web")[0].configs_have == {"web-conf": 2})
     kills = [c for c in lead.engine("a").calls if c[0] == "kill"]
     assert kills == [("kill", f"{web0.containers[0].id} SIGHUP")]
-    assert lead.instances("web")[1].configs_have == {"web-conf": 1}
+    await lead.until(lambda: lead.instances("web")[1].configs == {"web-conf": 2})
+    assert lead.instances("web")[1].configs_have == {"web-conf": 1}  # its batch is next
     assert {c.id for c in lead.engine("a").running()} == ids  # the same containers
 
 
