@@ -16,10 +16,7 @@ the "Configs" section of docs/benchmarks.md and prints one JSON object on its la
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -32,7 +29,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.docs import write_section  # noqa: E402
+from bench.docs import measured, write_section  # noqa: E402
 from bench.labctl import LabCtl  # noqa: E402
 from sigmad.lab import Lab, LabConfig  # noqa: E402
 
@@ -127,13 +124,10 @@ def main() -> None:
 
 
 def section(result: dict[str, Any]) -> str:
-    today = datetime.date.today().isoformat()
     return "\n".join([
         "## Configs", "",
-        f"Measured {today} on this machine ({os.cpu_count()} cores shared with other work, "
-        f"Linux {platform.release()}, Python {platform.python_version()}) in one run of:", "",
-        "```", f"python bench/configs.py --instances {result['instances']} --hosts "
-        f"{result['hosts']} --runs {len(result['runs'])}", "```", "",
+        *measured(f"python bench/configs.py --instances {result['instances']} --hosts "
+        f"{result['hosts']} --runs {len(result['runs'])}"),
         f"A new version of a config mounted by all {result['instances']} instances of an httpd "
         f"app on a {result['hosts']}-host lab (TLS on), from the start of `sigmactl config "
         "create` to the first poll round in which every instance serves the new file over the "

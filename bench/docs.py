@@ -3,6 +3,9 @@ are."""
 
 from __future__ import annotations
 
+import datetime
+import os
+import platform
 import re
 from pathlib import Path
 
@@ -15,3 +18,10 @@ def write_section(path: Path, title: str, section: str) -> None:
         text.rstrip("\n") + "\n\n" + section
     )
     path.write_text(text)
+
+
+def measured(command: str) -> list[str]:
+    """The opening lines of a section: when and where it was measured, and by what command."""
+    return [f"Measured {datetime.date.today().isoformat()} on this machine ({os.cpu_count()} "
+            f"cores shared with other work, Linux {platform.release()}, Python "
+            f"{platform.python_version()}) in one run of:", "", "```", command, "```", ""]

@@ -17,10 +17,7 @@ prints one JSON object on its last line.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -31,7 +28,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.docs import write_section  # noqa: E402
+from bench.docs import measured, write_section  # noqa: E402
 from bench.labctl import LabCtl  # noqa: E402
 from sigmad.lab import Lab, LabConfig  # noqa: E402
 
@@ -140,14 +137,11 @@ def main() -> None:
 
 
 def section(result: dict[str, Any]) -> str:
-    today = datetime.date.today().isoformat()
     n, hosts = result["instances"], result["hosts"]
     return "\n".join([
         "## Release", "",
-        f"Measured {today} on this machine ({os.cpu_count()} cores shared with other work, "
-        f"Linux {platform.release()}, Python {platform.python_version()}) in one run of:", "",
-        "```", f"python bench/release.py --instances {n} --hosts {hosts} --runs "
-        f"{len(result['runs'])}", "```", "",
+        *measured(f"python bench/release.py --instances {n} --hosts {hosts} --runs "
+        f"{len(result['runs'])}"),
         f"A rolling release (a new revision: an env change) of a {n}-instance httpd app on a "
         f"{hosts}-host lab (TLS on), `update: {{max_parallel: 25%, min_ready: 2s}}` (at most "
         f"{max(1, n * 25 // 100)} instances in transition; each moves live to another host "

@@ -25,10 +25,8 @@ docs/benchmarks.md and prints one JSON object on its last line.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -40,7 +38,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.docs import write_section  # noqa: E402
+from bench.docs import measured, write_section  # noqa: E402
 from sigmad.lab import Lab, LabConfig  # noqa: E402
 
 
@@ -139,13 +137,10 @@ def main() -> None:
 
 
 def section(result: dict[str, Any], lab: Lab, inst: dict[str, Any]) -> str:
-    today = datetime.date.today().isoformat()
     lines = [
         "## SSD", "",
-        f"Measured {today} on this machine ({os.cpu_count()} cores shared with other work, "
-        f"Linux {platform.release()}, Python {platform.python_version()}) in one run of:", "",
-        "```", f"python bench/ssd.py --size-mib {result['size_mib']} --runs "
-        f"{len(result['runs'])} --dir {result['dir']}", "```", "",
+        *measured(f"python bench/ssd.py --size-mib {result['size_mib']} --runs "
+        f"{len(result['runs'])} --dir {result['dir']}"),
         "Sequential writes of zeros (`dd bs=1M conv=fsync`, busybox) onto one SSD of a 1-host lab "
         "(a loop device over a sparse file, ext4 mounted `nodev,nosuid` by the agent): inside the "
         "container into its volume's mount `/data`, and on the host into the same directory "
