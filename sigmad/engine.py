@@ -578,34 +578,11 @@ class _Http:
         finally:
             await stream.aclose()
 
-    async def stream(self, method: str, path: str, params: dict[str, Any],
-                     what: str, body: bytes = b"") -> AsyncGenerator[bytes, None]:
-        """A streamed answer's body as it arrives, on a connection of its own; an error
-        status, or a failure on the way, becomes an EngineError naming `what`."""
-        try:
-            async with asyncio.timeout(REQUEST_TIMEOUT):
-                target = self.prefix or await self._version()
-        except TimeoutError:
-            raise self.unreachable(TimeoutError("no answer to /version")) from None
-        target += path + _query(params)
-        conn = await self._connect()
-        try:
-            await conn.send(self._head(method, target, body), body)
-            status, headers = await asyncio.wait_for(conn.head(), REQUEST_TIMEOUT)
-            if status >= 400:
-                body = b"".join([c async for c in conn.chunks(status, headers)])
-                raise EngineError(f"{what}: {_Answer(status, body).message()}", status)
-            async for chunk in conn.chunks(status, headers):
-                yield chunk
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
-            raise EngineError(f"{what}: engine {self.url} failed: "
-                              f"{exc or type(exc).__name__}") from None
-        finally:
-            conn.close()
-
-    async def hijack(self, path: str, body: bytes, what: str) -> _Conn:
-        """A POST whose connection the engine then hands over to a raw stream both ways
-        (`Upgrade: tcp`, as exec start and attach do); the connection, its head read."""
+    async def _open(self, method: str, path: str, body: bytes, what: str,
+                    extra: tuple[str, ...] = ()) -> tuple[_Conn, int, dict[bytes, bytes]]:
+        """A request on a connection of its own, its answer's head read: the connection,
+        status and headers. An error status, or a failure on the way, becomes an EngineError
+        naming `what` (the connection closed)."""
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 target = (self.prefix or await self._version()) + path
@@ -613,8 +590,7 @@ class _Http:
             raise self.unreachable(TimeoutError("no answer to /version")) from None
         conn = await self._connect()
         try:
-            await conn.send(self._head("POST", target, body,
-                                       ("Connection: Upgrade", "Upgrade: tcp")), body)
+            await conn.send(self._head(method, target, body, extra), body)
             status, headers = await asyncio.wait_for(conn.head(), REQUEST_TIMEOUT)
             if status >= 400:
                 data = b"".join([c async for c in conn.chunks(status, headers)])
@@ -626,6 +602,27 @@ class _Http:
         except BaseException:
             conn.close()
             raise
+        return conn, status, headers
+
+    async def stream(self, method: str, path: str, params: dict[str, Any],
+                     what: str, body: bytes = b"") -> AsyncGenerator[bytes, None]:
+        """A streamed answer's body as it arrives, on a connection of its own; an error
+        status, or a failure on the way, becomes an EngineError naming `what`."""
+        conn, status, headers = await self._open(method, path + _query(params), body, what)
+        try:
+            async for chunk in conn.chunks(status, headers):
+                yield chunk
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+            raise EngineError(f"{what}: engine {self.url} failed: "
+                              f"{exc or type(exc).__name__}") from None
+        finally:
+            conn.close()
+
+    async def hijack(self, path: str, body: bytes, what: str) -> _Conn:
+        """A POST whose connection the engine then hands over to a raw stream both ways
+        (`Upgrade: tcp`, as exec start and attach do); the connection, its head read."""
+        conn, _, _ = await self._open("POST", path, body, what,
+                                      ("Connection: Upgrade", "Upgrade: tcp"))
         return conn
 
     def close(self) -> None:
