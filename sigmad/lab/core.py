@@ -125,15 +125,16 @@ class Lab:
         """The lab's directory when it runs with TLS (its pki is under it)."""
         return Path(self._state().dir) if self._state().ca else None
 
-    def restart_master(self, listen: str) -> None:
-        """Start the master listening on `listen` again (after a crash) with its config."""
+    def restart_master(self, listen: str, sigmad: str = "") -> None:
+        """Start the master listening on `listen` again (after a crash) with its config;
+        with `sigmad`, that executable (an installed one: an upgrade) instead of this tree."""
         s = self._state()
         m = next((m for m in s.masters if m.listen == listen), None)
         if m is None:
             raise LabError(f"no master of lab {s.name} listens on {listen}")
         if system.owned(m.pid, m.config):
             system.stop([m.pid], timeout=20)
-        m.pid = services.spawn_master(Path(m.config))
+        m.pid = services.spawn_master(Path(m.config), sigmad)
         s.save()
         self.say(f"master on {listen} restarted (pid {m.pid})")
 
@@ -371,16 +372,17 @@ class Lab:
                                     ca=s.ca)
         return True
 
-    def restart_agent(self, name: str) -> None:
+    def restart_agent(self, name: str, sigmad: str = "") -> None:
         """Stop host `name`'s node agent (SIGTERM) and start a new one: its set-up must be
-        idempotent, so traffic keeps flowing."""
+        idempotent, so traffic keeps flowing. With `sigmad`, the new one runs that executable
+        (an installed one: an upgrade) instead of this tree."""
         s = self._state()
         host = s.host(name)
         if host.killed:
             raise LabError(f"{name} is killed: run 'sigmad lab heal {name}' instead")
         if host.agent_pid and system.owned(host.agent_pid, host.node_config):
             system.stop([host.agent_pid], timeout=20)
-        host.agent_pid = services.start_agent(host)
+        host.agent_pid = services.start_agent(host, sigmad)
         s.save()
         self.say(f"{name}: agent restarted (pid {host.agent_pid})")
 

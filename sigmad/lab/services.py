@@ -185,10 +185,21 @@ def start_master(config: LabConfig, token: str, listen: str, path: Path, index: 
     return MasterState(spawn_master(path), listen, str(path))
 
 
-def spawn_master(config: Path) -> int:
-    """`sigmad master --config CONFIG`, detached, logging beside its config; its pid."""
-    return spawn([sys.executable, "-m", "sigmad", "master", "--config", str(config)],
-                 config.with_suffix(".log"), env=sigma_env())
+def sigmad_command(sigmad: str = "") -> tuple[list[str], dict[str, str]]:
+    """How to run sigmad and its environment: this source tree's (the default), or the
+    executable `sigmad` (an installed one, e.g. /opt/sigma/venv/bin/sigmad), which then
+    imports its own package, not this tree."""
+    if not sigmad:
+        return [sys.executable, "-m", "sigmad"], sigma_env()
+    return [sigmad], {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+def spawn_master(config: Path, sigmad: str = "") -> int:
+    """`sigmad master --config CONFIG` (`sigmad_command`), detached, logging beside its
+    config; its pid."""
+    command, env = sigmad_command(sigmad)
+    return spawn([*command, "master", "--config", str(config)], config.with_suffix(".log"),
+                 env=env)
 
 
 def master_url(listen: str, ca: str) -> str:
@@ -242,11 +253,12 @@ def write_node_config(config: LabConfig, host: HostState, index: int) -> None:
     }))
 
 
-def start_agent(host: HostState) -> int:
-    """The node agent, inside the host's namespace (it programs netlink devices there)."""
-    args = [*inside(host.netns), sys.executable, "-m", "sigmad", "node",
-            "--config", host.node_config]
-    return spawn(args, Path(host.root) / "node.log", env=sigma_env())
+def start_agent(host: HostState, sigmad: str = "") -> int:
+    """The node agent (`sigmad_command`), inside the host's namespace (it programs netlink
+    devices there)."""
+    command, env = sigmad_command(sigmad)
+    args = [*inside(host.netns), *command, "node", "--config", host.node_config]
+    return spawn(args, Path(host.root) / "node.log", env=env)
 
 
 def ready_nodes(server: str, token: str, ca: str = "") -> set[str] | None:

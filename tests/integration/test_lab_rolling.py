@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +27,7 @@ from sigmactl.client import Client, CtlError
 from sigmad import schema
 from sigmad.lab import Lab, LabConfig, services
 from sigmad.lab.net import inside
-from tests.integration.conftest import free_port, wait_for
+from tests.integration.conftest import REPO, free_port, wait_for
 from tests.integration.labkit import HOST_CPU, HOST_MEMORY, LabCluster, web
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -190,3 +191,74 @@ def test_check_passes_on_the_labs_masters_and_hosts(pair: LabCluster) -> None:
                               text=True, timeout=60, env=env)
         assert done.returncode == 0, done.stdout + done.stderr
         assert "ok    engine tcp://" in done.stdout and "FAIL" not in done.stdout
+
+
+@pytest.mark.timeout(900)
+def test_the_install_path_on_a_lab_host_offline_then_its_agent_and_a_master_run_it(
+        pair: LabCluster, tmp_path: Path) -> None:
+    """scripts/install.sh run inside a lab host's own network namespace with no package
+    index (the wheel of `make dist` and its pinned dependencies carried in as files, as on a
+    host without internet); the installed `sigmad node --check` passes there; that host's
+    agent and the standby master are replaced by the installed sigmad (an upgrade): the node
+    is Ready again with the same containers running, and the pair has a leader again."""
+    lab = pair.lab
+    host = lab.hosts[0]
+    app = f"ri{uuid.uuid4().hex[:6]}"
+    pair.apply(web(pair, app, 3, placement={"spread": "host"}))
+    here = {i["containers"][0]["id"] for i in pair.running(app, 3) if i["node"] == host.name}
+    assert len(here) == 1
+
+    dist, wheels = tmp_path / "dist", tmp_path / "wheels"
+    built = subprocess.run(["make", "-s", "dist", f"DIST={dist}"], capture_output=True,
+                           text=True, cwd=REPO, timeout=300)
+    assert built.returncode == 0, built.stderr
+    [wheel] = dist.glob("sigma_orchestrator-*.whl")
+    constraints = tmp_path / "constraints.txt"  # the lock's versions, as install.sh takes them
+    constraints.write_text("".join(line.split(" \\")[0].rstrip() + "\n" for line in
+                                   (REPO / "requirements.lock").read_text().splitlines()
+                                   if "--hash" not in line))
+    fetched = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet",
+                              "--disable-pip-version-check", "-d", str(wheels),
+                              "-c", str(constraints), str(wheel)],
+                             capture_output=True, text=True, timeout=300)
+    assert fetched.returncode == 0, fetched.stderr
+
+    root = tmp_path / "host"
+    prefix, bin_dir, etc = root / "opt/sigma", root / "usr/local/bin", root / "etc/sigma"
+    installed = subprocess.run(
+        [*inside(host.netns), "bash", str(REPO / "scripts/install.sh"), "--wheel", str(wheel),
+         "--pip-args", f"--no-index --find-links {wheels}", "--prefix", str(prefix),
+         "--bin-dir", str(bin_dir), "--etc-dir", str(etc),
+         "--unit-dir", str(root / "etc/systemd/system")],
+        capture_output=True, text=True, timeout=300, env=_without_pythonpath())
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    sigmad = str(bin_dir / "sigmad")
+    checked = subprocess.run([*inside(host.netns), sigmad, "node", "--check", "--config",
+                              host.node_config], capture_output=True, text=True, timeout=60,
+                             env=_without_pythonpath())
+    assert checked.returncode == 0 and "FAIL" not in checked.stdout, \
+        checked.stdout + checked.stderr
+
+    old = heartbeat_lease(pair, host.name)
+    lab.restart_agent(host.name, sigmad)
+    wait_for(lambda: heartbeat_lease(pair, host.name) not in (0, old), 30,
+             f"{host.name}'s installed agent's heartbeat")
+    wait_for(functools.partial(ready, lab, host.name), 30, f"{host.name} Ready again")
+    agent = lab.host(host.name).agent_pid
+    assert str(prefix) in Path(f"/proc/{agent}/cmdline").read_text()  # the installed one runs
+    assert {i["containers"][0]["id"] for i in pair.running(app, 3)
+            if i["node"] == host.name} == here  # its instance kept running, untouched
+
+    now = roles(lab)
+    standby = next(listen for listen, role in now.items() if role == "standby")
+    lab.restart_master(standby, sigmad)
+    wait_for(lambda: sorted(roles(lab).values()) == ["leader", "standby"], 30,
+             "a leader and a standby again")
+    pid = next(m.pid for m in lab.masters if m.listen == standby)
+    assert str(prefix) in Path(f"/proc/{pid}/cmdline").read_text()
+    pair.delete(app)
+
+
+def _without_pythonpath() -> dict[str, str]:
+    """This environment without the test's PYTHONPATH: an installed sigmad imports its own."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
