@@ -319,7 +319,7 @@ class AppWrites:
         return [int(k.removeprefix(prefix)) for k in await self.store.keys_under(prefix)]
 
     async def history(self, namespace: str, name: str) -> dict[str, Any]:
-        """An app's kept revisions (oldest first) and its current one."""
+        """An app's kept revisions (oldest first, each with its spec) and its current one."""
         current = self.app(namespace, name).value.template_generation
         found, _ = await self.store.range_raw(self.keys.revisions(namespace, name))
         revisions = sorted((records.loads(Revision, i.value) for i in found), key=lambda r: r.n)
@@ -328,7 +328,8 @@ class AppWrites:
                 "rollout": records.to_dict(v.value) if v is not None else None,
                 "instances": self._progress(namespace, name),
                 "revisions": [{"revision": r.n, "images": [c.image for c in r.spec.containers],
-                               "configs": r.configs, "created": r.created} for r in revisions]}
+                               "configs": r.configs, "created": r.created,
+                               "spec": records.to_dict(r.spec)} for r in revisions]}
 
     def _progress(self, namespace: str, name: str) -> list[dict[str, Any]]:
         """Each instance's revision and whether it is ready or failing (`rollout status`)."""

@@ -8,7 +8,8 @@ import dataclasses
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from sigmactl.rollout import failed, history_text, progress_text
+from sigmactl.client import CtlError
+from sigmactl.rollout import diff_text, failed, history_text, kept, progress_text
 from sigmad import records
 from sigmad.api import make_app
 from sigmad.api.apps import only_replicas
@@ -269,6 +270,16 @@ async def test_the_api_and_sigmactl_show_the_history() -> None:
     text = history_text(answer, now=answer["revisions"][-1]["created"])
     assert text.splitlines()[0].split() == ["REVISION", "AGE", "IMAGES", "CONFIGS"]
     assert text.splitlines()[2].split()[0] == "*2" and "img:2" in text.splitlines()[2]
+    diff = diff_text(answer, "web", 1, 2).splitlines()
+    assert diff[:4] == ["configs of revision 1: none", "configs of revision 2: none",
+                        "--- revision 1", "+++ revision 2"], diff
+    assert [x for x in diff[4:] if x[:1] in "+-"] == ["-  image: img", "+  image: img:2"], diff
+    assert diff_text(answer, "web", 2, 2).endswith("the specs of revisions 2 and 2 are the same")
+    with pytest.raises(CtlError) as err:
+        diff_text(answer, "web", 1, 7)
+    assert str(err.value).startswith("revision 7 is not kept by app web (kept: 1, 2)")
+    with pytest.raises(CtlError, match="revisions 7 and 9 are not kept"):
+        kept(answer, "web", 7, 9)
 
 
 async def test_deleting_an_app_deletes_its_revisions_so_its_name_starts_afresh() -> None:

@@ -318,3 +318,30 @@ def test_ssd_cordon_and_uncordon(fake: Fake) -> None:
     assert (uncordon.exit_code, uncordon.stdout) == (
         0, "disk h1/loop3 uncordoned: its agent formats it afresh\n")
     assert fake.seen[-1]["path"] == "/v1/ssds/h1/loop3/uncordon"
+
+
+# rollout diff
+
+
+def _revision(n: int, image: str, configs: dict[str, int]) -> dict[str, Any]:
+    return {"revision": n, "images": [image], "configs": configs, "created": 1.0,
+            "spec": {"app": "web", "containers": [{"name": "main", "image": image}]}}
+
+
+def test_rollout_diff_shows_the_config_versions_and_the_spec_diff(fake: Fake) -> None:
+    fake.answer("GET", "/v1/apps/default/web/rollout", (200, {
+        "current": 3, "rollout": None, "instances": [],
+        "revisions": [_revision(2, "img:1", {}), _revision(3, "img:2", {"conf": 4})]}))
+    result = run(fake, "rollout", "diff", "web", "2", "3")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        "configs of revision 2: none", "configs of revision 3: conf@4", "--- revision 2",
+        "+++ revision 3", "@@ -1,4 +1,4 @@", " app: web", " containers:", "-- image: img:1",
+        "+- image: img:2", "   name: main"]
+    result = run(fake, "rollout", "diff", "web", "2", "3", "-o", "json")
+    both = json.loads(result.stdout)
+    assert (both["from"]["revision"], both["to"]["configs"]) == (2, {"conf": 4})
+    assert both["to"]["spec"]["containers"][0]["image"] == "img:2"
+    result = run(fake, "rollout", "diff", "web", "1", "3")
+    assert result.exit_code == 1 and "revision 1 is not kept by app web (kept: 2, 3)" in \
+        result.output, result.output
