@@ -1,5 +1,5 @@
-"""`sigmactl rollout history|diff|status|undo|pause|resume|promote` and `sigmactl release`:
-an app's revisions and its rolling release (issue 12)."""
+"""`sigmactl rollout history|diff|status|undo|pause|resume|promote|restart` and `sigmactl
+release`: an app's revisions and its rolling release (issue 12)."""
 
 from __future__ import annotations
 
@@ -106,12 +106,13 @@ def ended_text(answer: dict[str, Any]) -> str:
 
 
 def history_text(answer: dict[str, Any], now: float) -> str:
-    """The kept revisions, oldest first; the current one marked with *."""
+    """The kept revisions, oldest first; the current one marked with *; a restart says so."""
     rows = [[("*" if r["revision"] == answer["current"] else "") + str(r["revision"]),
              output.age(r["created"], now), ",".join(r["images"]),
-             ",".join(f"{k}@{v}" for k, v in sorted(r["configs"].items())) or "-"]
+             ",".join(f"{k}@{v}" for k, v in sorted(r["configs"].items())) or "-",
+             "restart" if r.get("restart") else "-"]
             for r in answer["revisions"]]
-    return output.table(["REVISION", "AGE", "IMAGES", "CONFIGS"], rows)
+    return output.table(["REVISION", "AGE", "IMAGES", "CONFIGS", "NOTE"], rows)
 
 
 @rollout.command()
@@ -242,6 +243,30 @@ def resume(settings: Settings, app: str, namespace: str) -> None:
 def promote(settings: Settings, app: str, namespace: str) -> None:
     """Roll the new revision out to every instance after its canaries."""
     _act(settings, app, namespace, "promote")
+
+
+@rollout.command()
+@click.argument("app")
+@namespace_option
+@click.option("-w", "--wait", is_flag=True, help="Follow the restart until it ends.")
+@click.option("--timeout", default=1800, show_default=True, help="Seconds to follow at most.")
+@click.pass_obj
+def restart(settings: Settings, app: str, namespace: str, wait: bool, timeout: float) -> None:
+    """Make every instance of APP anew without changing its spec: a new revision ('restart'
+    in 'rollout history'), rolled out as the app's update: block says (live moves keep the
+    IPs, max_parallel at a time). Refused while a rollout is under way. With -w, exits 1 when
+    the restart failed."""
+    client = settings.client()
+    answer = obj(client.post_json(api_path("apps", namespace, app, "rollout", "restart"), {}),
+                 "a rollout record")
+    click.echo(f"restarting {namespace}/{app}: revision {answer.get('to_revision')} is a "
+               f"restart of revision {answer.get('from_revision')}" +
+               ("" if wait else f" (follow it with 'sigmactl rollout status {app} -w')"))
+    if wait:
+        ended = follow(client, namespace, app, timeout)
+        click.echo(ended_text({**ended, "app": app}))
+        if failed(ended):
+            sys.exit(1)
 
 
 @rollout.command()

@@ -4,6 +4,8 @@ Records (etcd, DESIGN.md §2 layout):
 - `revisions/{ns}/{app}/{n}` — `Revision`: revision n of the app is its template generation n:
   the spec an instance runs and `configs: {name: version}` (the config versions it pins;
   empty until config center, issue 13, lands). The app keeps its last KEEP_REVISIONS.
+  A restart (`sigmactl rollout restart`) is a revision like any other whose spec and configs
+  are those of the revision before (`restart` set): it rolls every instance anew.
 - `rollouts/{ns}/{app}` — `Rollout`: from, to, state, the instances done, the reason. It is
   the only memory of a release: a new leader reads it and `plan` carries on where it was.
 
@@ -75,6 +77,7 @@ class Revision:
     spec: AppSpec
     configs: dict[str, int] = field(default_factory=dict)  # config name → version pinned
     created: float = 0.0
+    restart: bool = False  # made by `rollout restart`: the spec and configs of the one before
 
 
 @dataclass(slots=True)

@@ -147,14 +147,15 @@ class Writes:
             Op(v.key, delete=True), Op(self.keys.rollout(s.namespace, s.app), delete=True)] + [
             Op(self.keys.revision(s.namespace, s.app, n), delete=True) for n in revisions])
 
-    def start_rollout(self, old: AppRecord, new: AppRecord) -> Change:
+    def start_rollout(self, old: AppRecord, new: AppRecord, mod_revision: int = -1) -> Change:
         """The rollout record of a template change, from the app's previous template (what
         a revert goes back to), to go with the app's own guarded write (sigmad.control.
-        rollout executes it). A rollout under way gives way to it."""
+        rollout executes it). A rollout under way gives way to it; `mod_revision` (see
+        `put_rollout`) guards the record as read instead."""
         s, t = new.spec, now()
         record = Rollout(old.template_generation, new.template_generation,
                          recreate_reason=recreate_reason(s), started=t, updated=t)
-        return self.put_rollout(self.keys.rollout(s.namespace, s.app), record, -1)
+        return self.put_rollout(self.keys.rollout(s.namespace, s.app), record, mod_revision)
 
     def put_rollout(self, key: str, record: Rollout, mod_revision: int) -> Change:
         """Write an app's rollout record as read (`mod_revision`; 0: absent, -1: unguarded,

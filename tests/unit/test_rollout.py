@@ -268,7 +268,7 @@ async def test_the_api_and_sigmactl_show_the_history() -> None:
         finally:
             await client.close()
     text = history_text(answer, now=answer["revisions"][-1]["created"])
-    assert text.splitlines()[0].split() == ["REVISION", "AGE", "IMAGES", "CONFIGS"]
+    assert text.splitlines()[0].split() == ["REVISION", "AGE", "IMAGES", "CONFIGS", "NOTE"]
     assert text.splitlines()[2].split()[0] == "*2" and "img:2" in text.splitlines()[2]
     diff = diff_text(answer, "web", 1, 2).splitlines()
     assert diff[:4] == ["configs of revision 1: none", "configs of revision 2: none",
@@ -415,6 +415,7 @@ async def test_a_crashing_new_copy_pauses_without_auto_revert_and_resume_retries
         assert status == 409 and "nothing to resume" in err["error"]["message"]
         status, err = await call(client, "POST", "/v1/apps/default/web/rollout/jump")
         assert status == 400 and err["error"]["field"] == "action"
+        assert "pause, resume, promote or restart" in err["error"]["message"]
 
 
 async def test_canary_pauses_until_promote() -> None:
@@ -459,6 +460,41 @@ async def test_an_app_with_host_ports_stops_then_starts_and_says_so() -> None:
         await lead.until(lambda: record(lead).phase == Phase.DONE, 15, "done")
         assert "host ports" in record(lead).recreate_reason
         assert any("without live moves" in e for e in lead.events())
+
+
+async def test_restart_moves_every_instance_live_as_a_new_revision_and_refuses_a_second() -> None:
+    lead = Leader()
+    async with lead, lead.client() as client:
+        await two_nodes(lead, set())
+        await lead.apply(rolling(3, "img", "{max_parallel: 2, min_ready: 0s}"))
+        before = {i.name: (i.ip, i.node, i.containers[0].id)
+                  for i in await lead.running("web", 3)}
+        base = "/v1/apps/default/web/rollout"
+        status, answer = await call(client, "POST", base + "/restart")
+        assert status == 200 and (answer["from_revision"], answer["to_revision"]) == (1, 2)
+        status, err = await call(client, "POST", base + "/restart")  # under way: refused
+        assert status == 409 and "restart once it has ended" in err["error"]["message"], err
+        assert revisions(lead) == [1, 2]  # nothing written by the refused call
+        await lead.until(lambda: record(lead).phase == Phase.DONE, 15, "the restart done")
+        after = {i.name: i for i in await lead.running("web", 3)}
+        assert all(i.generation == 2 for i in after.values())
+        assert {n: i.ip for n, i in after.items()} == {n: ip for n, (ip, _, _) in before.items()}
+        assert all(after[n].node != node and after[n].containers[0].id != cid
+                   for n, (_, node, cid) in before.items())  # each moved live, made anew
+        app = lead.cache.app("default/web").value  # type: ignore[union-attr]
+        old = lead.store.value(lead.store.keys.revision("default", "web", 1), Revision)
+        new = lead.store.value(lead.store.keys.revision("default", "web", 2), Revision)
+        assert new.restart and not old.restart and new.spec == old.spec == app.spec
+        assert new.configs == old.configs
+        status, answer = await call(client, "GET", base)
+        status, again = await call(client, "POST", base + "/restart")  # ended: allowed
+        assert status == 200 and again["to_revision"] == 3, again
+        status, err = await call(client, "POST", "/v1/apps/default/nope/rollout/restart")
+        assert status == 404
+    text = history_text(answer, now=answer["revisions"][-1]["created"])
+    assert text.splitlines()[0].split() == ["REVISION", "AGE", "IMAGES", "CONFIGS", "NOTE"]
+    assert text.splitlines()[1].split()[-1] == "-"
+    assert text.splitlines()[2].split()[0] == "*2" and text.splitlines()[2].endswith("restart")
 
 
 def test_status_text_counts_and_says_when_a_rollout_failed() -> None:

@@ -345,3 +345,25 @@ def test_rollout_diff_shows_the_config_versions_and_the_spec_diff(fake: Fake) ->
     result = run(fake, "rollout", "diff", "web", "1", "3")
     assert result.exit_code == 1 and "revision 1 is not kept by app web (kept: 2, 3)" in \
         result.output, result.output
+
+
+# rollout restart
+
+
+def test_rollout_restart_says_the_revision_and_follows_with_wait(fake: Fake) -> None:
+    path = "/v1/apps/default/web/rollout/restart"
+    fake.answer("POST", path, (200, {"from_revision": 4, "to_revision": 5, "phase": "running"}))
+    result = run(fake, "rollout", "restart", "web")
+    assert (result.exit_code, result.stdout) == (0, (
+        "restarting default/web: revision 5 is a restart of revision 4 (follow it with "
+        "'sigmactl rollout status web -w')\n")), result.output
+    done = {"from_revision": 4, "to_revision": 5, "phase": "done"}
+    fake.answer("GET", "/v1/apps/default/web/rollout", (200, {
+        "current": 5, "rollout": done, "instances": [], "revisions": []}))
+    result = run(fake, "rollout", "restart", "web", "-w")
+    assert result.exit_code == 0 and result.stdout.splitlines()[-1] == \
+        "revision 5 rolled out", result.output
+    fake.answer("POST", path, (409, _error("conflict", "the rollout of default/web to "
+                                           "revision 5 is running: restart once it has ended")))
+    result = run(fake, "rollout", "restart", "web")
+    assert result.exit_code == 1 and "restart once it has ended" in result.output, result.output
