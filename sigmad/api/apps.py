@@ -25,6 +25,7 @@ from sigmad.control.rollout import (
     Phase,
     Revision,
     Rollout,
+    begun,
     failure,
     prune,
     ready_for,
@@ -262,10 +263,11 @@ class AppWrites:
                         dict(old.configs))
         change = self.writes.put_app(current.key, rec, current.mod_revision)
         change += await self._revision(rec, restart=True)
-        start = self.writes.start_rollout(old, rec, v.mod_revision if v is not None else 0)
-        await self._commit(change + start, f"app {namespace}/{name}")
+        record = begun(old, rec, now())
+        change += self.writes.put_rollout(key, record, v.mod_revision if v is not None else 0)
+        await self._commit(change, f"app {namespace}/{name}")
         log.info("restart %s/%s: revision %d", namespace, name, rec.template_generation)
-        return records.to_dict(start.ops[0].record)
+        return records.to_dict(record)
 
     async def rollout_action(self, namespace: str, name: str, action: str) -> dict[str, Any]:
         """Pause, resume or promote the app's rollout, or restart the app; the rollout record

@@ -121,6 +121,13 @@ class Plan:
     app: AppRecord | None = None  # that app record, written with `rollout`
 
 
+def begun(old: AppRecord, new: AppRecord, now: float) -> Rollout:
+    """The rollout record of a template change: from the app's previous template (what a
+    revert goes back to) to its new one."""
+    return Rollout(old.template_generation, new.template_generation,
+                   recreate_reason=recreate_reason(new.spec), started=now, updated=now)
+
+
 def batch_size(policy: UpdateSpec, replicas: int) -> int:
     """How many instances may be in transition at once (at least 1)."""
     if policy.percent:

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sigmad.control.rollout import Revision, Rollout, recreate_reason
+from sigmad.control.rollout import Revision, Rollout, begun
 from sigmad.models import AppRecord, Instance, Node, NodeLock, Owner, SsdClaim, now
 from sigmad.scheduler.snapshot import FreeSsd, RetainedSsd
 from sigmad.spec import AppSpec
@@ -147,15 +147,13 @@ class Writes:
             Op(v.key, delete=True), Op(self.keys.rollout(s.namespace, s.app), delete=True)] + [
             Op(self.keys.revision(s.namespace, s.app, n), delete=True) for n in revisions])
 
-    def start_rollout(self, old: AppRecord, new: AppRecord, mod_revision: int = -1) -> Change:
+    def start_rollout(self, old: AppRecord, new: AppRecord) -> Change:
         """The rollout record of a template change, from the app's previous template (what
         a revert goes back to), to go with the app's own guarded write (sigmad.control.
-        rollout executes it). A rollout under way gives way to it; `mod_revision` (see
-        `put_rollout`) guards the record as read instead."""
-        s, t = new.spec, now()
-        record = Rollout(old.template_generation, new.template_generation,
-                         recreate_reason=recreate_reason(s), started=t, updated=t)
-        return self.put_rollout(self.keys.rollout(s.namespace, s.app), record, mod_revision)
+        rollout executes it). A rollout under way gives way to it."""
+        s = new.spec
+        return self.put_rollout(self.keys.rollout(s.namespace, s.app), begun(old, new, now()),
+                                -1)
 
     def put_rollout(self, key: str, record: Rollout, mod_revision: int) -> Change:
         """Write an app's rollout record as read (`mod_revision`; 0: absent, -1: unguarded,
