@@ -1,13 +1,15 @@
-"""`sigmactl rollout history|status|undo|pause|resume|promote` and `sigmactl release`: an
-app's revisions and its rolling release (issue 12)."""
+"""`sigmactl rollout history|diff|status|undo|pause|resume|promote|restart` and `sigmactl
+release`: an app's revisions and its rolling release (issue 12)."""
 
 from __future__ import annotations
 
+import difflib
 import sys
 import time
 from typing import Any
 
 import click
+import yaml
 
 from sigmactl import output
 from sigmactl.base import Settings, emit, namespace_option, obj, output_option
@@ -104,12 +106,13 @@ def ended_text(answer: dict[str, Any]) -> str:
 
 
 def history_text(answer: dict[str, Any], now: float) -> str:
-    """The kept revisions, oldest first; the current one marked with *."""
+    """The kept revisions, oldest first; the current one marked with *; a restart says so."""
     rows = [[("*" if r["revision"] == answer["current"] else "") + str(r["revision"]),
              output.age(r["created"], now), ",".join(r["images"]),
-             ",".join(f"{k}@{v}" for k, v in sorted(r["configs"].items())) or "-"]
+             ",".join(f"{k}@{v}" for k, v in sorted(r["configs"].items())) or "-",
+             "restart" if r.get("restart") else "-"]
             for r in answer["revisions"]]
-    return output.table(["REVISION", "AGE", "IMAGES", "CONFIGS"], rows)
+    return output.table(["REVISION", "AGE", "IMAGES", "CONFIGS", "NOTE"], rows)
 
 
 @rollout.command()
@@ -121,6 +124,59 @@ def history(settings: Settings, app: str, namespace: str, fmt: str) -> None:
     """The app's kept revisions (the last 20), with their images and config versions."""
     answer = _answer(settings, app, namespace)
     click.echo(history_text(answer, time.time())) if fmt == "table" else emit(answer, fmt)
+
+
+def kept(answer: dict[str, Any], app: str, *wanted: int) -> list[dict[str, Any]]:
+    """The revisions `wanted` of the answer; CtlError naming those not kept (and the kept)."""
+    by_n = {r["revision"]: r for r in answer["revisions"]}
+    gone = [str(n) for n in wanted if n not in by_n]
+    if gone:
+        have = ", ".join(str(n) for n in sorted(by_n)) or "none"
+        which = f"revisions {' and '.join(gone)} are" if len(gone) > 1 else \
+            f"revision {gone[0]} is"
+        raise CtlError(f"{which} not kept by app {app} (kept: {have}); see 'sigmactl "
+                       f"rollout history {app}'")
+    return [by_n[n] for n in wanted]
+
+
+def spec_yaml(spec: dict[str, Any]) -> list[str]:
+    """A revision's spec as YAML lines, keys sorted (so two revisions compare line by line)."""
+    return yaml.safe_dump(spec, sort_keys=True, allow_unicode=True,
+                          default_flow_style=False).splitlines(keepends=True)
+
+
+def diff_text(answer: dict[str, Any], app: str, n: int, m: int) -> str:
+    """The config versions of revisions `n` and `m`, then a unified diff of their specs."""
+    a, b = kept(answer, app, n, m)
+
+    def pins(r: dict[str, Any]) -> str:
+        return ", ".join(f"{k}@{v}" for k, v in sorted(r["configs"].items())) or "none"
+
+    head = [f"configs of revision {n}: {pins(a)}", f"configs of revision {m}: {pins(b)}"]
+    lines = list(difflib.unified_diff(spec_yaml(a["spec"]), spec_yaml(b["spec"]),
+                                      f"revision {n}", f"revision {m}"))
+    if not lines:
+        return "\n".join([*head, f"the specs of revisions {n} and {m} are the same"])
+    return "\n".join(head) + "\n" + "".join(lines).rstrip("\n")
+
+
+@rollout.command()
+@click.argument("app")
+@click.argument("n", type=int)
+@click.argument("m", type=int)
+@namespace_option
+@output_option("diff", "json", "yaml", default="diff")
+@click.pass_obj
+def diff(settings: Settings, app: str, n: int, m: int, namespace: str, fmt: str) -> None:
+    """What changed from revision N to revision M of APP (both kept): their config versions
+    and a unified diff of their specs; -o json gives both specs and config versions."""
+    answer = _answer(settings, app, namespace)
+    if fmt == "diff":
+        click.echo(diff_text(answer, app, n, m))
+        return
+    a, b = kept(answer, app, n, m)
+    emit({"from": {k: a[k] for k in ("revision", "configs", "spec")},
+          "to": {k: b[k] for k in ("revision", "configs", "spec")}}, fmt)
 
 
 def _said(answer: dict[str, Any], what: str) -> str:
@@ -187,6 +243,30 @@ def resume(settings: Settings, app: str, namespace: str) -> None:
 def promote(settings: Settings, app: str, namespace: str) -> None:
     """Roll the new revision out to every instance after its canaries."""
     _act(settings, app, namespace, "promote")
+
+
+@rollout.command()
+@click.argument("app")
+@namespace_option
+@click.option("-w", "--wait", is_flag=True, help="Follow the restart until it ends.")
+@click.option("--timeout", default=1800, show_default=True, help="Seconds to follow at most.")
+@click.pass_obj
+def restart(settings: Settings, app: str, namespace: str, wait: bool, timeout: float) -> None:
+    """Make every instance of APP anew without changing its spec: a new revision ('restart'
+    in 'rollout history'), rolled out as the app's update: block says (live moves keep the
+    IPs, max_parallel at a time). Refused while a rollout is under way. With -w, exits 1 when
+    the restart failed."""
+    client = settings.client()
+    answer = obj(client.post_json(api_path("apps", namespace, app, "rollout", "restart"), {}),
+                 "a rollout record")
+    click.echo(f"restarting {namespace}/{app}: revision {answer.get('to_revision')} is a "
+               f"restart of revision {answer.get('from_revision')}" +
+               ("" if wait else f" (follow it with 'sigmactl rollout status {app} -w')"))
+    if wait:
+        ended = follow(client, namespace, app, timeout)
+        click.echo(ended_text({**ended, "app": app}))
+        if failed(ended):
+            sys.exit(1)
 
 
 @rollout.command()

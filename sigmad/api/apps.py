@@ -25,6 +25,7 @@ from sigmad.control.rollout import (
     Phase,
     Revision,
     Rollout,
+    begun,
     failure,
     prune,
     ready_for,
@@ -238,16 +239,41 @@ class AppWrites:
                      " (dry run)" if dry_run else "")
         return results
 
-    async def _revision(self, rec: AppRecord) -> Change:
+    async def _revision(self, rec: AppRecord, restart: bool = False) -> Change:
         """The new template generation as a revision (the history `rollout undo` and the
         rollout controller will read), dropping all but the last KEEP_REVISIONS."""
         s, n = rec.spec, rec.template_generation
         have = await self._revisions(s.namespace, s.app)
-        return self.writes.revision(s, Revision(n, s, dict(rec.configs), now()),
+        return self.writes.revision(s, Revision(n, s, dict(rec.configs), now(), restart),
                                     prune([*have, n], n))
 
+    async def restart(self, namespace: str, name: str) -> dict[str, Any]:
+        """Every instance of the app made anew, rolled out as its update: block says (live
+        moves, max_parallel): a new revision with the same spec and config versions, marked
+        as a restart. Refused while a rollout is under way. The rollout record as written."""
+        current = self.app(namespace, name)
+        key = self.keys.rollout(namespace, name)
+        v: Versioned[Rollout] | None = self.cache.get(ROLLOUTS, key)
+        if v is not None and v.value.phase not in (Phase.DONE, Phase.REVERTED):
+            raise Conflict(f"the rollout of {namespace}/{name} to revision "
+                           f"{v.value.to_revision} is {v.value.phase}: restart once it has "
+                           f"ended (see sigmactl rollout status {name} -w)")
+        old = current.value
+        rec = AppRecord(old.spec, old.generation + 1, old.generation + 1, old.created, now(),
+                        dict(old.configs))
+        change = self.writes.put_app(current.key, rec, current.mod_revision)
+        change += await self._revision(rec, restart=True)
+        record = begun(old, rec, now())
+        change += self.writes.put_rollout(key, record, v.mod_revision if v is not None else 0)
+        await self._commit(change, f"app {namespace}/{name}")
+        log.info("restart %s/%s: revision %d", namespace, name, rec.template_generation)
+        return records.to_dict(record)
+
     async def rollout_action(self, namespace: str, name: str, action: str) -> dict[str, Any]:
-        """Pause, resume or promote the app's rollout; its record as written."""
+        """Pause, resume or promote the app's rollout, or restart the app; the rollout record
+        as written."""
+        if action == "restart":
+            return await self.restart(namespace, name)
         self.app(namespace, name)
         key = self.keys.rollout(namespace, name)
         v: Versioned[Rollout] | None = self.cache.get(ROLLOUTS, key)
@@ -268,7 +294,8 @@ class AppWrites:
             raise Conflict(f"the rollout of {namespace}/{name} is {r.phase}: nothing to "
                            f"{action} (see sigmactl rollout status {name})")
         else:
-            raise SpecError("action", f"{shown(action)} is not pause, resume or promote")
+            raise SpecError("action", f"{shown(action)} is not pause, resume, promote or "
+                            "restart")
         await self._commit(self.writes.put_rollout(key, r, v.mod_revision),
                            f"the rollout of {namespace}/{name}")
         return records.to_dict(r)
@@ -319,7 +346,7 @@ class AppWrites:
         return [int(k.removeprefix(prefix)) for k in await self.store.keys_under(prefix)]
 
     async def history(self, namespace: str, name: str) -> dict[str, Any]:
-        """An app's kept revisions (oldest first) and its current one."""
+        """An app's kept revisions (oldest first, each with its spec) and its current one."""
         current = self.app(namespace, name).value.template_generation
         found, _ = await self.store.range_raw(self.keys.revisions(namespace, name))
         revisions = sorted((records.loads(Revision, i.value) for i in found), key=lambda r: r.n)
@@ -328,7 +355,9 @@ class AppWrites:
                 "rollout": records.to_dict(v.value) if v is not None else None,
                 "instances": self._progress(namespace, name),
                 "revisions": [{"revision": r.n, "images": [c.image for c in r.spec.containers],
-                               "configs": r.configs, "created": r.created} for r in revisions]}
+                               "configs": r.configs, "created": r.created,
+                               "restart": r.restart, "spec": records.to_dict(r.spec)}
+                              for r in revisions]}
 
     def _progress(self, namespace: str, name: str) -> list[dict[str, Any]]:
         """Each instance's revision and whether it is ready or failing (`rollout status`)."""

@@ -422,7 +422,7 @@ class Controller:
 
     async def _sync_rollout(self, app: Versioned[AppRecord]) -> None:
         """One pass of the app's rolling release (sigmad.control.rollout): the record's new
-        state first (with the app rewritten to the previous revision on a revert), then the
+        state first (with the app record the plan carries on a revert), then the
         instance steps, each guarded by its instance as read. Looked at again every
         ROLLOUT_TICK while it runs (min_ready, the progress deadline)."""
         spec = app.value.spec
@@ -439,36 +439,22 @@ class Controller:
             record = dataclasses.replace(record, recreate_reason="a live move needs a second "
                                          "Ready node: each instance stops, then starts again")
         request = spec.request()
+        back = self.cache.get(REVISIONS, self.keys.revision(ns, name, record.from_revision))
         p = rollout.plan(record, [rollout.view(v.value, target, t, request) for v in live],
-                         policy, t)
+                         app.value, back.value if back is not None else None, t)
         p.kind = "recreate" if record.recreate_reason else "move"
         if p.rollout != record:
             p.rollout.updated = t
             change = self.writes.put_rollout(key, p.rollout, found.mod_revision)
-            if p.rollout.phase == rollout.Phase.REVERTING and \
-                    record.phase != rollout.Phase.REVERTING:
-                back = self.cache.get(REVISIONS, self.keys.revision(ns, name,
-                                                                      record.from_revision))
-                if back is None:
-                    p.rollout.phase = rollout.Phase.PAUSED
-                    p.rollout.reason += (f"; revision {record.from_revision} is no longer "
-                                         "kept: cannot revert")
-                    change = self.writes.put_rollout(key, p.rollout, found.mod_revision)
-                else:
-                    old = back.value
-                    rec = AppRecord(dataclasses.replace(old.spec, replicas=spec.replicas,
-                                                        update=spec.update),
-                                    app.value.generation + 1, old.n, app.value.created, t,
-                                    dict(old.configs))
-                    change += self.writes.put_app(app.key, rec, app.mod_revision)
+            if p.app is not None:
+                change += self.writes.put_app(app.key, p.app, app.mod_revision)
             if not await self.writer.write(change):
                 raise Conflict(f"rollout of {ns}/{name} changed meanwhile")
             if p.rollout.phase != record.phase:
                 self.events.emit("app", ns, name, name, _phase_text(p.rollout),
                                  p.rollout.phase in (rollout.Phase.PAUSED,
                                                      rollout.Phase.REVERTING))
-            if p.rollout.phase == rollout.Phase.REVERTING and \
-                    record.phase != rollout.Phase.REVERTING:
+            if p.revert:
                 return  # the app is rewritten: the next pass rolls back from it
         by_index = {v.value.index: v for v in live}
         todo = rollout.steps(p.rollout, [v.value for v in live], p, policy.min_ready, t)
@@ -504,11 +490,7 @@ class Controller:
             return app
         v = self.cache.get(REVISIONS, self.keys.revision(inst.namespace, inst.app,
                                                          inst.generation))
-        if v is None:
-            return app
-        old = v.value
-        return AppRecord(dataclasses.replace(old.spec, replicas=app.spec.replicas),
-                         app.generation, old.n, app.created, app.updated, dict(app.configs))
+        return app if v is None else rollout.app_at(v.value, app, app.generation, app.updated)
 
     async def _sync_node(self, name: str) -> None:
         node = self.cache.node(name)

@@ -4,6 +4,8 @@ Records (etcd, DESIGN.md §2 layout):
 - `revisions/{ns}/{app}/{n}` — `Revision`: revision n of the app is its template generation n:
   the spec an instance runs and `configs: {name: version}` (the config versions it pins;
   empty until config center, issue 13, lands). The app keeps its last KEEP_REVISIONS.
+  A restart (`sigmactl rollout restart`) is a revision like any other whose spec and configs
+  are those of the revision before (`restart` set): it rolls every instance anew.
 - `rollouts/{ns}/{app}` — `Rollout`: from, to, state, the instances done, the reason. It is
   the only memory of a release: a new leader reads it and `plan` carries on where it was.
 
@@ -19,7 +21,9 @@ per-instance step is chosen by `step_kind(old, new, app)`:
 
 Execution (sigmad.control.controller `_sync_rollout`, on every sync of the app): the
 controller builds an `InstanceView` of each instance (`view`), asks `plan`, writes the new
-record first, then the instance steps `steps` returns (each guarded by the instance as read).
+record first (with, on a revert, the app record the plan carries: the app rewritten to the
+previous revision by `app_at`), then the instance steps `steps` returns (each guarded by the
+instance as read).
 An instance's step lives in its own record: `release` (the revision it is moving to),
 `release_at` (when the step began) and `release_failed` (why it failed), so a new leader
 rebuilds everything from etcd. A "move" step asks for a live move (`move`, booked by the
@@ -32,19 +36,22 @@ Invariants of `plan`:
   transition at once; with `canary: N` only N move until `promote` (or `auto_promote`);
 - an instance whose step failed (not ready within `progress_deadline`, crash-looping) fails
   the rollout: with `auto_revert` the plan becomes a rollout back to `from` (the same way,
-  batch by batch); otherwise the rollout pauses with the reason;
+  batch by batch) and carries the app record of `from` to write with it (`Plan.revert`,
+  `Plan.app`); if `from` is no longer kept, or without `auto_revert`, the rollout pauses with
+  the reason;
 - the plan only reads its arguments; the controller executes it and writes through
   state/writes.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 from sigmad.control.drive import parse_time
-from sigmad.models import Instance
+from sigmad.models import AppRecord, Instance
 from sigmad.reasons import State
 from sigmad.spec import AppSpec, Resources, UpdateSpec
 
@@ -70,6 +77,7 @@ class Revision:
     spec: AppSpec
     configs: dict[str, int] = field(default_factory=dict)  # config name → version pinned
     created: float = 0.0
+    restart: bool = False  # made by `rollout restart`: the spec and configs of the one before
 
 
 @dataclass(slots=True)
@@ -103,11 +111,21 @@ class InstanceView:
 
 @dataclass(slots=True)
 class Plan:
-    """What the controller does next: start steps on `start` (by `kind`), write `rollout`."""
+    """What the controller does next: write `rollout` (and `app`, on a revert), then start
+    steps on `start` (by `kind`)."""
 
     rollout: Rollout
     start: list[int] = field(default_factory=list)
     kind: str = "move"
+    revert: int = 0  # the revision the app is rewritten to (0 = no revert begins)
+    app: AppRecord | None = None  # that app record, written with `rollout`
+
+
+def begun(old: AppRecord, new: AppRecord, now: float) -> Rollout:
+    """The rollout record of a template change: from the app's previous template (what a
+    revert goes back to) to its new one."""
+    return Rollout(old.template_generation, new.template_generation,
+                   recreate_reason=recreate_reason(new.spec), started=now, updated=now)
 
 
 def batch_size(policy: UpdateSpec, replicas: int) -> int:
@@ -134,9 +152,20 @@ def step_kind(old: Revision, new: Revision, app: AppSpec) -> str:
     return "recreate" if recreate_reason(app) else "move"
 
 
-def plan(rollout: Rollout, instances: list[InstanceView], policy: UpdateSpec,
-         now: float) -> Plan:
-    """The next step of `rollout` given its instances (pure: reads only its arguments)."""
+def app_at(rev: Revision, app: AppRecord, generation: int, updated: float) -> AppRecord:
+    """`app` as it runs revision `rev`: the revision's spec and config versions, with the
+    app's replicas and update policy now (a revision never scales the app nor changes how
+    it rolls out)."""
+    return AppRecord(dataclasses.replace(rev.spec, replicas=app.spec.replicas,
+                                         update=app.spec.update),
+                     generation, rev.n, app.created, updated, dict(rev.configs))
+
+
+def plan(rollout: Rollout, instances: list[InstanceView], app: AppRecord,
+         back: Revision | None, now: float) -> Plan:
+    """The next step of `rollout` of `app` given its instances; `back` is revision
+    `rollout.from_revision` if it is still kept (pure: reads only its arguments)."""
+    policy = app.spec.update
     new = _copy(rollout)
     target = rollout.from_revision if rollout.phase == Phase.REVERTING else rollout.to_revision
     if rollout.phase in (Phase.DONE, Phase.REVERTED, Phase.PAUSED, Phase.CANARY):
@@ -153,8 +182,16 @@ def plan(rollout: Rollout, instances: list[InstanceView], policy: UpdateSpec,
                 f"({rollout.reason})"
             return Plan(new)
         new.reason = f"instance {f.index} on revision {target}: {why}"
-        new.phase = Phase.REVERTING if policy.auto_revert else Phase.PAUSED
-        return Plan(new)  # (a revert rewrites the app first: its steps come next pass)
+        if not policy.auto_revert:
+            new.phase = Phase.PAUSED
+            return Plan(new)
+        if back is None:
+            new.phase = Phase.PAUSED
+            new.reason += f"; revision {rollout.from_revision} is no longer kept: cannot revert"
+            return Plan(new)
+        new.phase = Phase.REVERTING  # the app is rewritten first: its steps come next pass
+        return Plan(new, revert=back.n,
+                    app=app_at(back, app, app.generation + 1, now))
     new.done = sorted(i.index for i in instances if i.revision == target and i.ready
                       and not i.in_transition)
     if len(new.done) == len(instances):

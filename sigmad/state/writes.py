@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sigmad.control.rollout import Revision, Rollout, recreate_reason
+from sigmad.control.rollout import Revision, Rollout, begun
 from sigmad.models import AppRecord, Instance, Node, NodeLock, Owner, SsdClaim, now
 from sigmad.scheduler.snapshot import FreeSsd, RetainedSsd
 from sigmad.spec import AppSpec
@@ -151,10 +151,9 @@ class Writes:
         """The rollout record of a template change, from the app's previous template (what
         a revert goes back to), to go with the app's own guarded write (sigmad.control.
         rollout executes it). A rollout under way gives way to it."""
-        s, t = new.spec, now()
-        record = Rollout(old.template_generation, new.template_generation,
-                         recreate_reason=recreate_reason(s), started=t, updated=t)
-        return self.put_rollout(self.keys.rollout(s.namespace, s.app), record, -1)
+        s = new.spec
+        return self.put_rollout(self.keys.rollout(s.namespace, s.app), begun(old, new, now()),
+                                -1)
 
     def put_rollout(self, key: str, record: Rollout, mod_revision: int) -> Change:
         """Write an app's rollout record as read (`mod_revision`; 0: absent, -1: unguarded,

@@ -4,7 +4,8 @@ A good release answers every request and never has more than `max_parallel` inst
 transition at any sample (read from etcd); a release of an image that does not exist
 reverts by itself and the app ends on its old revision with every replica Running; on an HA
 pair, the leader SIGKILLed mid-rollout, the standby finishes it; a canary waits for promote
-and pause/resume keep it waiting."""
+and pause/resume keep it waiting; `rollout restart` makes every instance anew on its IP (a
+second restart under way is refused) with the same zero-loss bar as a good release."""
 
 from __future__ import annotations
 
@@ -170,6 +171,59 @@ def test_a_good_release_answers_every_request_within_max_parallel(lab: LabCluste
         status = lab.ctl("rollout", "status", "rel")
         print(applied.stdout, applied.stderr, status.stdout, sep="\n")
         assert status.returncode == 0 and "rolled out" in status.stdout, status.stdout
+    finally:
+        lab.delete("rel")
+        lab.delete("poll")
+
+
+def test_restart_makes_every_instance_anew_on_its_ip_while_it_answers(lab: LabCluster) -> None:
+    lab.apply(web(lab, "poll", 3))
+    lab.apply(release_app(lab))
+    try:
+        before = {i["name"]: i for i in lab.running("rel", REPLICAS)}
+        procs = pollers(lab, sorted(i["ip"] for i in before.values()))
+        try:
+            time.sleep(2)
+            with Sampler(lab) as sampler:
+                restarted = lab.ctl("rollout", "restart", "rel")
+                assert restarted.returncode == 0 and "revision 2 is a restart of revision 1" \
+                    in restarted.stdout, restarted.stdout + restarted.stderr
+                again = lab.ctl("rollout", "restart", "rel")  # the first is under way
+                assert again.returncode == 1 and "restart once it has ended" in again.stderr, \
+                    again.stdout + again.stderr
+                watched = lab.ctl("rollout", "status", "rel", "-w", "--timeout", "300")
+                assert watched.returncode == 0 and "revision 2 rolled out" in watched.stdout, \
+                    watched.stdout + watched.stderr
+                time.sleep(2)
+        finally:
+            answers, failed = collect(procs)
+        print(f"answers {dict(answers)}; most in transition {sampler.most} over "
+              f"{sampler.samples} samples; phases {sampler.phases}")
+        if failed:
+            print("\n".join(["failed:", *failed, "records:", *sampler.changes]))
+        in_flight = [f for f in failed if at_a_flip(f, sampler.flips)]
+        print(f"{len(in_flight)} connection(s) open at the flip of their IP reset; "
+              f"{len(sampler.flips)} flips")
+        assert answers["ok"] > 300, answers
+        assert [f for f in failed if f not in in_flight] == [], failed  # no other loss
+        assert len(sampler.flips) == REPLICAS, sampler.changes
+        assert 1 <= sampler.most <= MAX_PARALLEL, sampler.most
+        after = lab.running("rel", REPLICAS)
+        assert all(i["generation"] == 2 for i in after), after
+        assert {i["name"]: i["ip"] for i in after} == \
+            {n: i["ip"] for n, i in before.items()}  # the same IPs
+        for i in after:  # each moved live: made anew, on another node
+            old = before[i["name"]]
+            assert i["node"] != old["node"], (i, old)
+            assert {c["id"] for c in i["containers"]}.isdisjoint(
+                {c["id"] for c in old["containers"]}), (i, old)
+        history = lab.ctl("rollout", "history", "rel").stdout
+        diff = lab.ctl("rollout", "diff", "rel", "1", "2")
+        print(restarted.stdout, watched.stdout, history, diff.stdout, sep="\n")
+        assert history.splitlines()[2].split()[0] == "*2" and \
+            history.splitlines()[2].endswith("restart"), history
+        assert diff.returncode == 0 and diff.stdout.rstrip().endswith(
+            "the specs of revisions 1 and 2 are the same"), diff.stdout + diff.stderr
     finally:
         lab.delete("rel")
         lab.delete("poll")

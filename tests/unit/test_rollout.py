@@ -8,7 +8,8 @@ import dataclasses
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from sigmactl.rollout import failed, history_text, progress_text
+from sigmactl.client import CtlError
+from sigmactl.rollout import diff_text, failed, history_text, kept, progress_text
 from sigmad import records
 from sigmad.api import make_app
 from sigmad.api.apps import only_replicas
@@ -19,6 +20,7 @@ from sigmad.control.rollout import (
     Phase,
     Revision,
     Rollout,
+    app_at,
     batch_size,
     plan,
     prune,
@@ -47,6 +49,14 @@ def app(image: str = "busybox:1", **kw: object) -> AppSpec:
     return AppSpec(app="web", containers=[ContainerSpec(name="c", image=image)], **kw)  # type: ignore[arg-type]
 
 
+BACK = Revision(1, app(), {"conf": 1})  # revision 1, still kept
+
+
+def at(policy: UpdateSpec, replicas: int = 2) -> AppRecord:
+    """The app on revision 2 (image busybox:2) with `policy`."""
+    return AppRecord(app("busybox:2", update=policy, replicas=replicas), 5, 2, 1.0, 1.0)
+
+
 def views(revs: list[int], busy: tuple[int, ...] = (), failing: dict[int, str] | None = None
           ) -> list[InstanceView]:
     failing = failing or {}
@@ -62,7 +72,7 @@ def run(policy: UpdateSpec, replicas: int, fail_on: int = 0) -> tuple[Rollout, i
     revs, busy, failing = [1] * replicas, set[int](), dict[int, str]()
     r, most = Rollout(1, 2), 0
     for _ in range(200):
-        p = plan(r, views(revs, tuple(busy), failing), policy, now=2.0)
+        p = plan(r, views(revs, tuple(busy), failing), at(policy, replicas), BACK, now=2.0)
         r = p.rollout
         for i in list(busy):  # last pass's steps end
             busy.discard(i)
@@ -112,10 +122,40 @@ def test_a_failing_instance_pauses_without_auto_revert() -> None:
 def test_not_ready_within_the_deadline_fails() -> None:
     inst = [InstanceView(0, 2, ready=False, in_transition=True, since=1.0),
             InstanceView(1, 1, ready=True, in_transition=False)]
-    p = plan(Rollout(1, 2), inst, UpdateSpec(progress_deadline=5), now=7.0)
+    p = plan(Rollout(1, 2), inst, at(UpdateSpec(progress_deadline=5)), BACK, now=7.0)
     assert p.rollout.phase == Phase.REVERTING and "not ready within 5s" in p.rollout.reason
-    assert plan(Rollout(1, 2), inst, UpdateSpec(progress_deadline=5), now=5.0).rollout.phase \
-        == Phase.RUNNING
+    p = plan(Rollout(1, 2), inst, at(UpdateSpec(progress_deadline=5)), BACK, now=5.0)
+    assert p.rollout.phase == Phase.RUNNING and not p.revert
+
+
+def test_a_failure_plans_the_revert_with_the_app_record_to_write() -> None:
+    failing = views([2, 1, 1], failing={0: "crash-looping"})
+    p = plan(Rollout(1, 2), failing, at(UpdateSpec(max_parallel=2), 3), BACK, now=9.0)
+    assert p.rollout.phase == Phase.REVERTING and p.revert == 1 and p.start == []
+    assert p.app == AppRecord(app(update=UpdateSpec(max_parallel=2), replicas=3),
+                              generation=6, template_generation=1, created=1.0, updated=9.0,
+                              configs={"conf": 1})
+    gone = plan(Rollout(1, 2), failing, at(UpdateSpec()), None, now=9.0)
+    assert gone.rollout.phase == Phase.PAUSED and (gone.revert, gone.app) == (0, None)
+    assert gone.rollout.reason == "instance 0 on revision 2: crash-looping; revision 1 is " \
+        "no longer kept: cannot revert"
+    off = plan(Rollout(1, 2), failing, at(UpdateSpec(auto_revert=False)), BACK, now=9.0)
+    assert off.rollout.phase == Phase.PAUSED and (off.revert, off.app) == (0, None)
+    # a revert that fails pauses: it never reverts the revert
+    back = plan(Rollout(1, 2, Phase.REVERTING, reason="r"), views([1, 2, 2], failing={0: "x"}),
+                at(UpdateSpec()), BACK, now=9.0)
+    assert back.rollout.phase == Phase.PAUSED and (back.revert, back.app) == (0, None)
+    assert back.rollout.reason.startswith("the revert failed: instance 0 on revision 1: x")
+    # nothing failing: no revert
+    assert plan(Rollout(1, 2), views([2, 1, 1]), at(UpdateSpec()), BACK, now=9.0).app is None
+
+
+def test_app_at_is_the_revision_with_the_apps_replicas_and_policy_now() -> None:
+    now = at(UpdateSpec(canary=1), 4)
+    rec = app_at(Revision(3, app("busybox:3", replicas=9), {"conf": 2}), now, 7, 8.0)
+    assert rec.spec == app("busybox:3", replicas=4, update=UpdateSpec(canary=1))
+    assert (rec.generation, rec.template_generation, rec.created, rec.updated, rec.configs) \
+        == (7, 3, 1.0, 8.0, {"conf": 2})
 
 
 def test_canary_waits_for_promote_then_finishes() -> None:
@@ -123,21 +163,21 @@ def test_canary_waits_for_promote_then_finishes() -> None:
     r, most = run(policy, 6)
     assert r.phase == Phase.CANARY and r.done == [0, 1] and most == 2
     promoted = dataclasses.replace(r, phase=Phase.RUNNING, promoted=True)
-    p = plan(promoted, views([2, 2, 1, 1, 1, 1]), policy, now=2.0)
+    p = plan(promoted, views([2, 2, 1, 1, 1, 1]), at(policy, 6), BACK, now=2.0)
     assert p.start == [2, 3, 4]
     r, _ = run(dataclasses.replace(policy, auto_promote=True), 6)
     assert r.phase == Phase.DONE
 
 
 def test_paused_rollout_starts_nothing() -> None:
-    p = plan(Rollout(1, 2, Phase.PAUSED), views([1] * 4), UpdateSpec(), now=2.0)
+    p = plan(Rollout(1, 2, Phase.PAUSED), views([1] * 4), at(UpdateSpec()), BACK, now=2.0)
     assert p.start == [] and p.rollout.phase == Phase.PAUSED
 
 
 def test_resume_from_the_record_carries_on_where_it_was() -> None:
     # a new leader sees 2 done, one in flight: it starts only the room left
-    p = plan(Rollout(1, 2), views([2, 2, 2, 1, 1, 1], busy=(2,)), UpdateSpec(max_parallel=2),
-             now=2.0)
+    p = plan(Rollout(1, 2), views([2, 2, 2, 1, 1, 1], busy=(2,)),
+             at(UpdateSpec(max_parallel=2), 6), BACK, now=2.0)
     assert p.rollout.done == [0, 1] and p.start == [3]
 
 
@@ -228,8 +268,18 @@ async def test_the_api_and_sigmactl_show_the_history() -> None:
         finally:
             await client.close()
     text = history_text(answer, now=answer["revisions"][-1]["created"])
-    assert text.splitlines()[0].split() == ["REVISION", "AGE", "IMAGES", "CONFIGS"]
+    assert text.splitlines()[0].split() == ["REVISION", "AGE", "IMAGES", "CONFIGS", "NOTE"]
     assert text.splitlines()[2].split()[0] == "*2" and "img:2" in text.splitlines()[2]
+    diff = diff_text(answer, "web", 1, 2).splitlines()
+    assert diff[:4] == ["configs of revision 1: none", "configs of revision 2: none",
+                        "--- revision 1", "+++ revision 2"], diff
+    assert [x for x in diff[4:] if x[:1] in "+-"] == ["-  image: img", "+  image: img:2"], diff
+    assert diff_text(answer, "web", 2, 2).endswith("the specs of revisions 2 and 2 are the same")
+    with pytest.raises(CtlError) as err:
+        diff_text(answer, "web", 1, 7)
+    assert str(err.value).startswith("revision 7 is not kept by app web (kept: 1, 2)")
+    with pytest.raises(CtlError, match="revisions 7 and 9 are not kept"):
+        kept(answer, "web", 7, 9)
 
 
 async def test_deleting_an_app_deletes_its_revisions_so_its_name_starts_afresh() -> None:
@@ -365,6 +415,7 @@ async def test_a_crashing_new_copy_pauses_without_auto_revert_and_resume_retries
         assert status == 409 and "nothing to resume" in err["error"]["message"]
         status, err = await call(client, "POST", "/v1/apps/default/web/rollout/jump")
         assert status == 400 and err["error"]["field"] == "action"
+        assert "pause, resume, promote or restart" in err["error"]["message"]
 
 
 async def test_canary_pauses_until_promote() -> None:
@@ -409,6 +460,41 @@ async def test_an_app_with_host_ports_stops_then_starts_and_says_so() -> None:
         await lead.until(lambda: record(lead).phase == Phase.DONE, 15, "done")
         assert "host ports" in record(lead).recreate_reason
         assert any("without live moves" in e for e in lead.events())
+
+
+async def test_restart_moves_every_instance_live_as_a_new_revision_and_refuses_a_second() -> None:
+    lead = Leader()
+    async with lead, lead.client() as client:
+        await two_nodes(lead, set())
+        await lead.apply(rolling(3, "img", "{max_parallel: 2, min_ready: 0s}"))
+        before = {i.name: (i.ip, i.node, i.containers[0].id)
+                  for i in await lead.running("web", 3)}
+        base = "/v1/apps/default/web/rollout"
+        status, answer = await call(client, "POST", base + "/restart")
+        assert status == 200 and (answer["from_revision"], answer["to_revision"]) == (1, 2)
+        status, err = await call(client, "POST", base + "/restart")  # under way: refused
+        assert status == 409 and "restart once it has ended" in err["error"]["message"], err
+        assert revisions(lead) == [1, 2]  # nothing written by the refused call
+        await lead.until(lambda: record(lead).phase == Phase.DONE, 15, "the restart done")
+        after = {i.name: i for i in await lead.running("web", 3)}
+        assert all(i.generation == 2 for i in after.values())
+        assert {n: i.ip for n, i in after.items()} == {n: ip for n, (ip, _, _) in before.items()}
+        assert all(after[n].node != node and after[n].containers[0].id != cid
+                   for n, (_, node, cid) in before.items())  # each moved live, made anew
+        app = lead.cache.app("default/web").value  # type: ignore[union-attr]
+        old = lead.store.value(lead.store.keys.revision("default", "web", 1), Revision)
+        new = lead.store.value(lead.store.keys.revision("default", "web", 2), Revision)
+        assert new.restart and not old.restart and new.spec == old.spec == app.spec
+        assert new.configs == old.configs
+        status, answer = await call(client, "GET", base)
+        status, again = await call(client, "POST", base + "/restart")  # ended: allowed
+        assert status == 200 and again["to_revision"] == 3, again
+        status, err = await call(client, "POST", "/v1/apps/default/nope/rollout/restart")
+        assert status == 404
+    text = history_text(answer, now=answer["revisions"][-1]["created"])
+    assert text.splitlines()[0].split() == ["REVISION", "AGE", "IMAGES", "CONFIGS", "NOTE"]
+    assert text.splitlines()[1].split()[-1] == "-"
+    assert text.splitlines()[2].split()[0] == "*2" and text.splitlines()[2].endswith("restart")
 
 
 def test_status_text_counts_and_says_when_a_rollout_failed() -> None:

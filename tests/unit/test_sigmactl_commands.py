@@ -318,3 +318,52 @@ def test_ssd_cordon_and_uncordon(fake: Fake) -> None:
     assert (uncordon.exit_code, uncordon.stdout) == (
         0, "disk h1/loop3 uncordoned: its agent formats it afresh\n")
     assert fake.seen[-1]["path"] == "/v1/ssds/h1/loop3/uncordon"
+
+
+# rollout diff
+
+
+def _revision(n: int, image: str, configs: dict[str, int]) -> dict[str, Any]:
+    return {"revision": n, "images": [image], "configs": configs, "created": 1.0,
+            "spec": {"app": "web", "containers": [{"name": "main", "image": image}]}}
+
+
+def test_rollout_diff_shows_the_config_versions_and_the_spec_diff(fake: Fake) -> None:
+    fake.answer("GET", "/v1/apps/default/web/rollout", (200, {
+        "current": 3, "rollout": None, "instances": [],
+        "revisions": [_revision(2, "img:1", {}), _revision(3, "img:2", {"conf": 4})]}))
+    result = run(fake, "rollout", "diff", "web", "2", "3")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        "configs of revision 2: none", "configs of revision 3: conf@4", "--- revision 2",
+        "+++ revision 3", "@@ -1,4 +1,4 @@", " app: web", " containers:", "-- image: img:1",
+        "+- image: img:2", "   name: main"]
+    result = run(fake, "rollout", "diff", "web", "2", "3", "-o", "json")
+    both = json.loads(result.stdout)
+    assert (both["from"]["revision"], both["to"]["configs"]) == (2, {"conf": 4})
+    assert both["to"]["spec"]["containers"][0]["image"] == "img:2"
+    result = run(fake, "rollout", "diff", "web", "1", "3")
+    assert result.exit_code == 1 and "revision 1 is not kept by app web (kept: 2, 3)" in \
+        result.output, result.output
+
+
+# rollout restart
+
+
+def test_rollout_restart_says_the_revision_and_follows_with_wait(fake: Fake) -> None:
+    path = "/v1/apps/default/web/rollout/restart"
+    fake.answer("POST", path, (200, {"from_revision": 4, "to_revision": 5, "phase": "running"}))
+    result = run(fake, "rollout", "restart", "web")
+    assert (result.exit_code, result.stdout) == (0, (
+        "restarting default/web: revision 5 is a restart of revision 4 (follow it with "
+        "'sigmactl rollout status web -w')\n")), result.output
+    done = {"from_revision": 4, "to_revision": 5, "phase": "done"}
+    fake.answer("GET", "/v1/apps/default/web/rollout", (200, {
+        "current": 5, "rollout": done, "instances": [], "revisions": []}))
+    result = run(fake, "rollout", "restart", "web", "-w")
+    assert result.exit_code == 0 and result.stdout.splitlines()[-1] == \
+        "revision 5 rolled out", result.output
+    fake.answer("POST", path, (409, _error("conflict", "the rollout of default/web to "
+                                           "revision 5 is running: restart once it has ended")))
+    result = run(fake, "rollout", "restart", "web")
+    assert result.exit_code == 1 and "restart once it has ended" in result.output, result.output
