@@ -283,6 +283,8 @@ class Instance:
     terminations: list[Termination] = field(default_factory=list)
     configs: dict[str, int] = field(default_factory=dict)  # config → version pinned (wanted)
     configs_have: dict[str, int] = field(default_factory=dict)  # config → version it runs with
+    reloaded_at: float = 0.0  # when its on_change ran for `configs_have` (a signal sent, its
+    # containers made anew); 0 once its readiness passed again after that (control/reloads.py)
     release: int = 0  # the revision a rolling release is moving it to (0: no step under way)
     release_at: float = 0.0  # when that step began (the progress deadline counts from it)
     release_failed: str = ""  # why that step failed ("" = it did not)
@@ -334,6 +336,7 @@ class Instance:
         new.node, new.host_ports, new.containers, new.ssds = "", {}, [], []
         new.move, new.next_node, new.next_ports = "", "", {}
         new.next_start, new.streak, new.updated = 0.0, 0, now()
+        new.reloaded_at = 0.0  # (its containers will start anew: no reload to check)
         return new
 
     def bound(self, node: str, ports: dict[str, int],
