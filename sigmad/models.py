@@ -219,6 +219,9 @@ class AppRecord:
     created: float = 0.0
     updated: float = 0.0
     configs: dict[str, int] = field(default_factory=dict)  # config → version the spec resolves to
+    configs_from: dict[str, int] = field(default_factory=dict)  # the versions before the last
+    # change of `configs`: what a failed config rollout reverts to (sigmad.control.reloads)
+    configs_halt: str = ""  # why the last config rollout failed ("" = it did not)
 
 
 @dataclass(slots=True)

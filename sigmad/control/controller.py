@@ -407,6 +407,13 @@ class Controller:
         plan = reconcile.sync_app(self.writes, rec.value if rec else None,
                                   self.cache.instances_of(f"{ns}/{name}"), self.net, self.taken,
                                   now())
+        if rec is not None and plan.app is not None:  # its config rollout failed
+            if not await self.writer.write(self.writes.put_app(key, plan.app, rec.mod_revision)):
+                raise Conflict(f"app {ns}/{name} changed meanwhile")
+            for inst, message, warning in plan.events:
+                self._emit(inst, message, warning)
+                self.events.emit("app", ns, name, name, message, warning)
+            return
         if plan.watching:
             self.queue.add_after(("app", key), ROLLOUT_TICK)
         results = await asyncio.gather(*(self.writer.write(c) for c in plan.changes))

@@ -10,7 +10,7 @@ Invariants:
 - an instance is pinned to the config versions its app resolves (`AppRecord.configs`): a
   new one from its creation, a live one by a rewrite of its record (its node's agent then
   delivers them, and sigmad.control.drive runs `on_change`), in the batches, with the
-  readiness re-check that sigmad.control.reloads decides;
+  readiness re-check and the revert that sigmad.control.reloads decides;
 - IP choices see every claim (`taken`), and add what they claim to it, so one pass never
   hands one address twice; the create-if-absent guard catches any other writer.
 """
@@ -35,6 +35,8 @@ WAITING_FOR_IP = "waiting for an overlay IP"
 class AppPlan:
     changes: list[Change] = field(default_factory=list)
     events: list[tuple[Instance, str, bool]] = field(default_factory=list)  # message, warning
+    app: AppRecord | None = None  # the app's new record: its config rollout failed (then
+    # the plan has no other change: the next sync works from the new record)
     watching: bool = False  # a config reload is being checked: sync again in a while
 
 
@@ -43,7 +45,10 @@ def sync_app(writes: Writes, app: AppRecord | None, instances: Mapping[str, Vers
     """The changes that bring an app's instances in line with its replicas, IPs and config
     versions (`app` None: the app was deleted)."""
     reload = reloads.plan(app, (v.value for v in instances.values()), now)
-    plan = AppPlan(watching=reload.watching)
+    plan = AppPlan(app=reload.app, watching=reload.watching)
+    if reload.app is not None and reload.failed is not None:
+        plan.events.append((reload.failed, reload.app.configs_halt, True))
+        return plan
     have: set[int] = set()
     for v in instances.values():
         inst = v.value
