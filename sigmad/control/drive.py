@@ -21,7 +21,9 @@ running container, or its containers made anew); `Instance.configs_have` then re
 versions it runs with and `reloaded_at` when. After a signal, a container with a readiness
 probe counts as not ready until a probe passes again, never in the step that sent the
 signal (the app has not had a moment to reload), so the instance is Starting until then;
-its probe's timeout counts from the signal (sigmad.control.reloads checks the reload).
+its probe's timeout counts from the signal (sigmad.control.reloads checks the reload). The
+first probe after a signal waits RELOAD_GRACE: a signal is handled when the app gets to it
+(a shell's trap after its current command), and a probe before that would see the old state.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF = 60.0
 STEADY_AFTER = 60.0  # a container that ran this long before ending resets the failure streak
 PROBE_TIMEOUT = 5.0
+RELOAD_GRACE = 1.0  # seconds after an on_change signal before a probe may count it ready again
 Report = Callable[[str, bool], None]  # (message, warning)
 
 
@@ -143,7 +146,6 @@ class Runner:
         self.report = report
         self.configs = config_input or ConfigInput()
         self.request = request or app.spec.request()
-        self.signalled: set[str] = set()  # containers signalled this step: not probed yet
 
     async def step(self, hold: str = "") -> None:
         """One step. `hold` (e.g. unmet depends_on) keeps an instance that has no containers
@@ -211,18 +213,19 @@ class Runner:
             await self.remove_all(list(by_name.values()), Reason.killed(Kill.UPDATED))
             self._reset(State.SCHEDULED, f"making containers anew for configs {moved}")
             return {}
+        signalled = set()
         for sig in sorted({c.action.removeprefix("signal:") for c in changes
                            if c.action.startswith("signal:")}):
             for c in by_name.values():
                 if c.running:
                     await self.engine.kill(c.id, sig)
-                    self.signalled.add(c.id)
+                    signalled.add(c.id)
             self.report(f"configs {moved} in place: {sig} sent", False)
-        if self.signalled:
+        if signalled:
             inst.reloaded_at = now()
             probes = {s.name for s in self.spec.containers if s.ready is not None}
             for status in inst.containers:
-                if status.name in probes and status.id in self.signalled:
+                if status.name in probes and status.id in signalled:
                     status.ready = False
         if not any(c.action.startswith("signal:") for c in changes):
             self.report("configs in place: " + ", ".join(f"{n} v{v}" for n, v in
@@ -260,13 +263,15 @@ class Runner:
                     self.report(f"started container {spec.name} ({c.id[:12]})", False)
             first_id = first_id or c.id
             was = known.get(c.id)
+            reloaded = inst.reloaded_at > parse_time(c.started_at or
+                                                     (was.started_at if was else ""))
             ready = (was is not None and was.ready) or (
-                c.id not in self.signalled and await self._probe(spec, c, was))
+                not (reloaded and now() - inst.reloaded_at < RELOAD_GRACE)
+                and await self._probe(spec, c, was))
             statuses.append(self._status(spec, c, ready, was))
             if not ready:
                 if inst.state != State.FAILED_TO_START:
-                    again = " again after its config reload" if inst.reloaded_at > parse_time(
-                        c.started_at or (was.started_at if was else "")) else ""
+                    again = " again after its config reload" if reloaded else ""
                     inst.state, inst.reason = State.STARTING, \
                         f"waiting for {spec.name} to be ready{again}"
                 break

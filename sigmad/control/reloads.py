@@ -73,8 +73,8 @@ def plan(app: AppRecord | None, instances: Iterable[Instance], now: float) -> Re
     out.pins = {i.key for i in behind if not serving(i)}
     if stopped(app):
         return out
-    busy = sum(1 for i in live if i.configs == app.configs and i.node and not settled(i)
-               and i.key not in out.checked)
+    # (one checked now still counts: its record says so before the next one is pinned)
+    busy = sum(1 for i in live if i.configs == app.configs and i.node and not settled(i))
     room = rollout.batch_size(policy, app.spec.replicas) - busy
     out.pins |= {i.key for i in [i for i in behind if serving(i)][:max(0, room)]}
     return out

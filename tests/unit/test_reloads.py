@@ -62,7 +62,10 @@ def test_without_a_probe_a_reload_counts_after_min_ready_running() -> None:
     assert p.pins == set() and p.watching and not p.checked  # web-0 holds the one place
     p = reloads.plan(rec, insts, T + 3.5)
     assert p.checked == {insts[0].key: "ready again after taking configs conf v2"}
-    assert p.pins == {insts[1].key} and p.app is None
+    assert p.pins == set() and p.app is None  # the next once web-0's record says so
+    insts[0].reloaded_at = 0.0
+    assert reloads.plan(rec, insts, T + 3.5).pins == {insts[1].key}
+    insts[0].reloaded_at = T - 2
     # restarted after the signal: no check passes, and the rollout fails
     insts[0].terminations = [Termination("main", "Exited(1)", T - 1)]
     p = reloads.plan(rec, insts, T + 3.5)
@@ -77,7 +80,7 @@ def test_with_a_probe_a_reload_counts_once_the_probe_passed_again() -> None:
     assert not p.checked and p.pins == set() and p.watching
     reloaded(insts[0], T - 1, State.RUNNING)  # a probe passed: min_ready is not waited for
     p = reloads.plan(rec, insts, T)
-    assert list(p.checked) == [insts[0].key] and p.pins == {insts[1].key}
+    assert list(p.checked) == [insts[0].key] and p.pins == set()
 
 
 def test_a_reload_not_ready_within_the_deadline_reverts_the_rollout() -> None:
