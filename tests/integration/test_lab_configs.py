@@ -222,6 +222,9 @@ def test_a_version_that_fails_the_probe_after_its_reload_reverts_by_itself(
             assert served.stdout == OLD, (inst["name"], served.stdout[:20])
         events = lab.ctl("events", "--app", "cfgbad", "-o", "json")
         assert "failed on instance cfgbad-0" in events.stdout, events.stdout[-2000:]
+        described = lab.ctl("describe", "app", "cfgbad").stdout
+        assert "Config rollout:" in described and "failed on instance cfgbad-0" in described, \
+            described
     finally:
         lab.delete("cfgbad")
         lab.ctl("config", "delete", "web-bad")
