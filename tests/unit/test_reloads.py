@@ -4,7 +4,11 @@ the whole loop on the fake store and engine (tests/unit/harness.py)."""
 
 from __future__ import annotations
 
-from sigmad.control import reloads
+import asyncio
+
+import pytest
+
+from sigmad.control import drive, reloads
 from sigmad.models import AppRecord, ContainerStatus, Instance, Termination, new_instance
 from sigmad.reasons import State
 from sigmad.spec import AppSpec, ConfigMount, ContainerSpec, ReadyCheck, UpdateSpec
@@ -175,3 +179,33 @@ async def test_a_version_whose_reload_never_gets_ready_again_is_reverted() -> No
         assert status == 200 and found["rollouts"] == [{
             "app": "default/web", "version": 1, "from": 1, "state": "reverted",
             "reason": rec().configs_halt}]
+
+
+async def test_no_probe_counts_within_the_grace_after_the_signal(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Right after its SIGHUP an instance is Starting and its probe is not run (it would
+    see the app before it acted on the signal), however often it is stepped; once the
+    grace is over, a passing probe makes it Running again and its reload is checked."""
+    monkeypatch.setattr(drive, "RELOAD_GRACE", 3600.0)
+    async with Leader() as lead, lead.client() as client:
+        await lead.add_node("a")
+        await new_version(client, "one")
+        text = configured(replicas=1).replace("    image: img\n",
+                                              "    image: img\n    ready: {tcp: 8080}\n")
+        await call(client, "PUT", "/v1/apps", text)
+        await lead.until(lambda: len(lead.instances("web")) == 1)
+        key = lead.instances("web")[0].key
+        await held(lead, "a", key, {"web-conf": 1})
+        await lead.running("web", 1)
+        await new_version(client, "two")
+        await held(lead, "a", key, {"web-conf": 2})
+        await lead.until(lambda: lead.instances("web")[0].reloaded_at > 0)
+        execs = sum(1 for c in lead.engine("a").calls if c[0] == "exec")
+        await asyncio.sleep(1.5)  # three steps at least (STEP_AGAIN), and the kill's event
+        (inst,) = lead.instances("web")
+        assert inst.state == State.STARTING and inst.reason == \
+            "waiting for main to be ready again after its config reload"
+        assert sum(1 for c in lead.engine("a").calls if c[0] == "exec") == execs
+        monkeypatch.setattr(drive, "RELOAD_GRACE", 0.0)
+        await lead.until(lambda: lead.instances("web")[0].state == State.RUNNING and
+                         not lead.instances("web")[0].reloaded_at)
