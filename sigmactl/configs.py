@@ -130,8 +130,9 @@ def get(settings: Settings, name: str | None, namespace: str | None, fmt: str) -
 @output_option("json", "yaml")
 @click.pass_obj
 def describe(settings: Settings, name: str, namespace: str, fmt: str | None) -> None:
-    """One config: its latest version's files, the apps using it, and the version each of
-    their instances pins and has."""
+    """One config: its latest version's files, the apps using it, the version each of
+    their instances pins and has, and each app's config rollout (why it failed, if it
+    did)."""
     found = obj(settings.client().get(api_path("configs", namespace, name)), "a config")
     if fmt:
         emit(found, fmt)
@@ -154,6 +155,12 @@ def describe(settings: Settings, name: str, namespace: str, fmt: str | None) -> 
     if rows:
         click.echo("\nInstances:")
         click.echo(table(["instance", "node", "pinned", "has"], rows))
+    rollouts = [[r["app"], f"v{r.get('version')}", f"v{r['from']}" if r.get("from") else "-",
+                 str(r.get("state")), r.get("reason") or "-"]
+                for r in found.get("rollouts") or []]
+    if rollouts:
+        click.echo("\nRollouts:")
+        click.echo(table(["app", "pinned", "before", "state", "why it failed"], rollouts))
     click.echo("\nFiles:")
     for fname, text in sorted((latest.get("files") or {}).items()):
         click.echo(f"--- {fname} ({len(text.encode())} bytes)")

@@ -218,6 +218,9 @@ def describe_app(a: Item, now: float) -> str:
         ("Replicas", f"{a.get('replicas', 0)} desired, {a.get('running', 0)} running"),
         ("Restart", spec.get("restart")),
         ("Placement", _labels((spec.get("placement") or {}).get("labels"))),
+        ("Configs", ", ".join(f"{n} v{v}" for n, v in sorted((a.get("configs") or {}).items()))
+         or NONE),
+        *([("Config rollout", a["configs_halt"])] if a.get("configs_halt") else []),
         ("Created", _when(a.get("created"), now)),
         ("Updated", _when(a.get("updated"), now)),
     ])

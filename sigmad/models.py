@@ -219,6 +219,9 @@ class AppRecord:
     created: float = 0.0
     updated: float = 0.0
     configs: dict[str, int] = field(default_factory=dict)  # config → version the spec resolves to
+    configs_from: dict[str, int] = field(default_factory=dict)  # the versions before the last
+    # change of `configs`: what a failed config rollout reverts to (sigmad.control.reloads)
+    configs_halt: str = ""  # why the last config rollout failed ("" = it did not)
 
 
 @dataclass(slots=True)
@@ -283,6 +286,8 @@ class Instance:
     terminations: list[Termination] = field(default_factory=list)
     configs: dict[str, int] = field(default_factory=dict)  # config → version pinned (wanted)
     configs_have: dict[str, int] = field(default_factory=dict)  # config → version it runs with
+    reloaded_at: float = 0.0  # when its on_change ran for `configs_have` (a signal sent, its
+    # containers made anew); 0 once its readiness passed again after that (control/reloads.py)
     release: int = 0  # the revision a rolling release is moving it to (0: no step under way)
     release_at: float = 0.0  # when that step began (the progress deadline counts from it)
     release_failed: str = ""  # why that step failed ("" = it did not)
@@ -334,6 +339,7 @@ class Instance:
         new.node, new.host_ports, new.containers, new.ssds = "", {}, [], []
         new.move, new.next_node, new.next_ports = "", "", {}
         new.next_start, new.streak, new.updated = 0.0, 0, now()
+        new.reloaded_at = 0.0  # (its containers will start anew: no reload to check)
         return new
 
     def bound(self, node: str, ports: dict[str, int],

@@ -20,7 +20,7 @@ from typing import Any
 
 from sigmad import configs, records
 from sigmad.api.configs import config_guards, resolve_for
-from sigmad.control import migration
+from sigmad.control import migration, reloads
 from sigmad.control.rollout import (
     Phase,
     Revision,
@@ -220,7 +220,10 @@ class AppWrites:
                     action = "resized in place"
                 elif not only_replicas(old.spec, s) or reenv:
                     template = old.generation + 1
-                rec = AppRecord(s, old.generation + 1, template, old.created, now(), resolved)
+                back, halt = reloads.carried(old, resolved, (
+                    i.value.configs for i in self.cache.instances_of(s.key).values()))
+                rec = AppRecord(s, old.generation + 1, template, old.created, now(), resolved,
+                                back, halt)
                 in_place = action == "resized in place"  # the same containers, new caps
                 result = Result(s.key, action, rec.generation,
                                 caps_changing(self.cache, old.spec, s) if in_place else 0)

@@ -26,6 +26,7 @@ from sigmad import configs, records
 from sigmad.api.audit import OnMain
 from sigmad.api.auth import caller
 from sigmad.configs import ConfigHead, ConfigVersion
+from sigmad.control import reloads
 from sigmad.control.rollout import Revision
 from sigmad.errors import Conflict, NotFound, SpecError
 from sigmad.models import AppRecord, now
@@ -122,6 +123,8 @@ class ConfigWrites:
                  if i.value.namespace == namespace]
         pins += [i.value.configs_have for i in self.cache.instances().values()
                  if i.value.namespace == namespace]
+        pins += [v.value.configs_from for v in self.cache.apps().values()
+                 if v.value.spec.namespace == namespace]  # (what a revert goes back to)
         spec_pins = {c.version for v in self.cache.apps().values()
                      if v.value.spec.namespace == namespace
                      for c in v.value.spec.configs if c.name == name and c.version}
@@ -164,7 +167,10 @@ class ConfigWrites:
             template = old.template_generation
             if configs.env_changed(spec, old.configs, resolved):
                 template = old.generation + 1
-            rec = AppRecord(spec, old.generation + 1, template, old.created, now(), resolved)
+            back, halt = reloads.carried(old, resolved, (
+                i.value.configs for i in self.cache.instances_of(spec.key).values()))
+            rec = AppRecord(spec, old.generation + 1, template, old.created, now(), resolved,
+                            back, halt)
             change.guards.append(Guard(v.key, v.mod_revision))
             change.ops.append(Op(v.key, rec))
             if template != old.template_generation:  # (older revisions go at the next apply)
@@ -308,7 +314,24 @@ class ConfigApi:
         out = self._view(head, app_uses(self.cache))
         out["latest_version"] = version_view(self.writes.version(ns, name, head.latest), True)
         out["instances"] = self._instances(ns, name)
+        out["rollouts"] = self._rollouts(ns, name)
         return web.json_response(out)
+
+    def _rollouts(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        """Each app that mounts the config: the version it pins, the one before, and its
+        config rollout (sigmad.control.reloads.status) with why it failed, if it did."""
+        out = []
+        for app in app_uses(self.cache).get(f"{namespace}/{name}", []):
+            v = self.cache.app(app)
+            if v is None or all(c.name != name for c in v.value.spec.configs):
+                continue
+            rec = v.value
+            out.append({"app": app, "version": rec.configs.get(name, 0),
+                        "from": rec.configs_from.get(name, 0),
+                        "state": reloads.status(rec, (i.value for i in
+                                                      self.cache.instances_of(app).values())),
+                        "reason": rec.configs_halt})
+        return out
 
     def _instances(self, namespace: str, name: str) -> list[dict[str, Any]]:
         """Each instance that uses the config: the version it pins and the one it has."""

@@ -145,6 +145,7 @@ def app_view(cache: Cache, rec: AppRecord) -> dict[str, Any]:
         "template_generation": rec.template_generation,
         "replicas": s.replicas, "running": sum(v.value.state == State.RUNNING for v in mine),
         "spec": records.to_dict(s), "created": rec.created, "updated": rec.updated,
+        "configs": rec.configs, "configs_halt": rec.configs_halt,
     }
 
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from sigmad import configs, metrics
 from sigmad.config import MasterConfig
-from sigmad.control import drive, migration, moves, reconcile, rollout
+from sigmad.control import drive, migration, moves, reconcile, reloads, rollout
 from sigmad.control.containers import EngineWatch
 from sigmad.control.drive import ConfigInput, Report, Runner
 from sigmad.control.migration import Loss, Transition
@@ -405,7 +405,17 @@ class Controller:
         rec: Versioned[AppRecord] | None = self.cache.get(APPS, key)
         ns, name = key.removeprefix(self.keys.apps()).split("/", 1)
         plan = reconcile.sync_app(self.writes, rec.value if rec else None,
-                                  self.cache.instances_of(f"{ns}/{name}"), self.net, self.taken)
+                                  self.cache.instances_of(f"{ns}/{name}"), self.net, self.taken,
+                                  now())
+        if rec is not None and plan.app is not None:  # its config rollout failed
+            if not await self.writer.write(self.writes.put_app(key, plan.app, rec.mod_revision)):
+                raise Conflict(f"app {ns}/{name} changed meanwhile")
+            for inst, message, warning in plan.events:
+                self._emit(inst, message, warning)
+                self.events.emit("app", ns, name, name, message, warning)
+            return
+        if plan.watching:
+            self.queue.add_after(("app", key), ROLLOUT_TICK)
         results = await asyncio.gather(*(self.writer.write(c) for c in plan.changes))
         for inst, message, warning in plan.events:
             self._emit(inst, message, warning)
@@ -883,12 +893,15 @@ def _fingerprint(inst: Instance) -> tuple[object, ...]:
     return (
         inst.state, inst.reason, inst.ip, inst.restarts, inst.next_start, inst.generation,
         [(c.id, c.state, c.exit_code, c.ready, c.limit) for c in inst.containers],
-        len(inst.terminations), inst.configs_have,
+        len(inst.terminations), inst.configs_have, inst.reloaded_at,
     )
 
 
 def _config_batch_moves(old: Instance, new: Instance, app: AppRecord) -> bool:
-    """An instance on the app's config versions became available, or stopped being so: the
-    next batch of a config rollout may start (sigmad.control.reconcile.repins)."""
-    return bool(app.configs) and new.configs == app.configs and (
-        reconcile.settled(old) != reconcile.settled(new))
+    """An instance took a reload, or its state moved while its reload is checked, or it
+    became available on the app's config versions, or stopped being so: its check, or the
+    next batch of a config rollout, may be due (sigmad.control.reloads)."""
+    return bool(app.configs) and (
+        reloads.checking(old) != reloads.checking(new)
+        or (reloads.checking(new) and old.state != new.state)
+        or (new.configs == app.configs and reloads.settled(old) != reloads.settled(new)))

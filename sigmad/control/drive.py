@@ -18,7 +18,12 @@ does the rest: an instance without containers is not started until every pinned 
 in place on its node (so a moved instance never starts with old or missing files), and a
 running one whose delivered version moved gets its configs' `on_change` (a signal to every
 running container, or its containers made anew); `Instance.configs_have` then records the
-versions it runs with.
+versions it runs with and `reloaded_at` when. After a signal, a container with a readiness
+probe counts as not ready until a probe passes again, never in the step that sent the
+signal (the app has not had a moment to reload), so the instance is Starting until then;
+its probe's timeout counts from the signal (sigmad.control.reloads checks the reload). The
+first probe after a signal waits RELOAD_GRACE: a signal is handled when the app gets to it
+(a shell's trap after its current command), and a probe before that would see the old state.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF = 60.0
 STEADY_AFTER = 60.0  # a container that ran this long before ending resets the failure streak
 PROBE_TIMEOUT = 5.0
+RELOAD_GRACE = 1.0  # seconds after an on_change signal before a probe may count it ready again
 Report = Callable[[str, bool], None]  # (message, warning)
 
 
@@ -203,16 +209,24 @@ class Runner:
             return by_name
         moved = ", ".join(f"{c.name} v{c.version}" for c in changes) or "none"
         if any(c.action == "restart" for c in changes):
-            inst.configs_have = have
+            inst.configs_have, inst.reloaded_at = have, now()
             await self.remove_all(list(by_name.values()), Reason.killed(Kill.UPDATED))
             self._reset(State.SCHEDULED, f"making containers anew for configs {moved}")
             return {}
+        signalled = set()
         for sig in sorted({c.action.removeprefix("signal:") for c in changes
                            if c.action.startswith("signal:")}):
             for c in by_name.values():
                 if c.running:
                     await self.engine.kill(c.id, sig)
+                    signalled.add(c.id)
             self.report(f"configs {moved} in place: {sig} sent", False)
+        if signalled:
+            inst.reloaded_at = now()
+            probes = {s.name for s in self.spec.containers if s.ready is not None}
+            for status in inst.containers:
+                if status.name in probes and status.id in signalled:
+                    status.ready = False
         if not any(c.action.startswith("signal:") for c in changes):
             self.report("configs in place: " + ", ".join(f"{n} v{v}" for n, v in
                                                          sorted(have.items())), False)
@@ -249,11 +263,17 @@ class Runner:
                     self.report(f"started container {spec.name} ({c.id[:12]})", False)
             first_id = first_id or c.id
             was = known.get(c.id)
-            ready = (was is not None and was.ready) or await self._probe(spec, c, was)
+            reloaded = inst.reloaded_at > parse_time(c.started_at or
+                                                     (was.started_at if was else ""))
+            ready = (was is not None and was.ready) or (
+                not (reloaded and now() - inst.reloaded_at < RELOAD_GRACE)
+                and await self._probe(spec, c, was))
             statuses.append(self._status(spec, c, ready, was))
             if not ready:
                 if inst.state != State.FAILED_TO_START:
-                    inst.state, inst.reason = State.STARTING, f"waiting for {spec.name} to be ready"
+                    again = " again after its config reload" if reloaded else ""
+                    inst.state, inst.reason = State.STARTING, \
+                        f"waiting for {spec.name} to be ready{again}"
                 break
         inst.containers = statuses
         if len(statuses) == len(self.spec.containers) and all(s.ready for s in statuses):
@@ -308,6 +328,7 @@ class Runner:
             self.report(f"container {spec.name} ready", False)
             return True
         begun = parse_time(c.started_at or (was.started_at if was else ""))
+        begun = max(begun, self.inst.reloaded_at) if begun else 0.0  # (after a reload: since)
         if begun and now() - begun > spec.ready.timeout:
             await self._failed(Reason.failed_to_start(
                 f"container {spec.name} not ready after {spec.ready.timeout:g}s{why}"))

@@ -9,11 +9,8 @@ Invariants:
   stop, then the record and its claims go);
 - an instance is pinned to the config versions its app resolves (`AppRecord.configs`): a
   new one from its creation, a live one by a rewrite of its record (its node's agent then
-  delivers them, and sigmad.control.drive runs `on_change`). Live ones take a new version in
-  batches: at most `update.max_parallel` placed instances on the app's versions are
-  unavailable (not Running, or their containers not yet on those versions) at once, so a
-  version that breaks its instances stops where it is; an instance that serves nothing
-  (unplaced, or not Running) takes it at once;
+  delivers them, and sigmad.control.drive runs `on_change`), in the batches, with the
+  readiness re-check and the revert that sigmad.control.reloads decides;
 - IP choices see every claim (`taken`), and add what they claim to it, so one pass never
   hands one address twice; the create-if-absent guard catches any other writer.
 """
@@ -23,7 +20,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from sigmad.control import rollout
+from sigmad.control import reloads
+from sigmad.control.reloads import pins_text
 from sigmad.models import AppRecord, Instance, new_instance
 from sigmad.network import ipam
 from sigmad.reasons import Kill, Reason, State
@@ -37,15 +35,21 @@ WAITING_FOR_IP = "waiting for an overlay IP"
 class AppPlan:
     changes: list[Change] = field(default_factory=list)
     events: list[tuple[Instance, str, bool]] = field(default_factory=list)  # message, warning
+    app: AppRecord | None = None  # the app's new record: its config rollout failed (then
+    # the plan has no other change: the next sync works from the new record)
+    watching: bool = False  # a config reload is being checked: sync again in a while
 
 
 def sync_app(writes: Writes, app: AppRecord | None, instances: Mapping[str, Versioned[Instance]],
-             net: ipam.OverlayNet, taken: set[str]) -> AppPlan:
-    """The changes that bring an app's instances in line with its replicas and IPs (`app`
-    None: the app was deleted)."""
-    plan = AppPlan()
+             net: ipam.OverlayNet, taken: set[str], now: float) -> AppPlan:
+    """The changes that bring an app's instances in line with its replicas, IPs and config
+    versions (`app` None: the app was deleted)."""
+    reload = reloads.plan(app, (v.value for v in instances.values()), now)
+    plan = AppPlan(app=reload.app, watching=reload.watching)
+    if reload.app is not None and reload.failed is not None:
+        plan.events.append((reload.failed, reload.app.configs_halt, True))
+        return plan
     have: set[int] = set()
-    repin = repins(app, instances)
     for v in instances.values():
         inst = v.value
         have.add(inst.index)
@@ -57,11 +61,15 @@ def sync_app(writes: Writes, app: AppRecord | None, instances: Mapping[str, Vers
             plan.events.append((inst, f"terminating: {why}", False))
             continue
         new, claim = ip_change(writes, inst, app, net, taken)
-        if inst.key in repin:
+        if inst.key in reload.pins:
             new = new or inst.copy()
             new.configs = dict(app.configs)
             plan.events.append((inst, "config versions pinned: " + pins_text(app.configs),
                                 False))
+        elif inst.key in reload.checked:
+            new = new or inst.copy()
+            new.reloaded_at = 0.0
+            plan.events.append((inst, reload.checked[inst.key], False))
         if new is not None:
             plan.changes.append(writes.update_instance(v, new) + claim)
     if app is None:
@@ -76,37 +84,6 @@ def sync_app(writes: Writes, app: AppRecord | None, instances: Mapping[str, Vers
         if not inst.ip:  # (with one, "scheduled on NODE (IP …)" tells it next)
             plan.events.append((inst, f"created: {inst.reason}", True))
     return plan
-
-
-def repins(app: AppRecord | None, instances: Mapping[str, Versioned[Instance]]) -> set[str]:
-    """Keys of the instances to pin to the app's config versions now: every one that serves
-    nothing, and of those that serve, as many as `update.max_parallel` leaves room for beside
-    the app's unavailable instances already on those versions (lowest index first)."""
-    if app is None:
-        return set()
-    live = sorted((v.value for v in instances.values()
-                   if v.value.state != State.TERMINATING and v.value.index < app.spec.replicas),
-                  key=lambda i: i.index)
-    behind = [i for i in live if i.configs != app.configs]
-    now = {i.key for i in behind if not serving(i)}
-    busy = sum(1 for i in live if i.configs == app.configs and i.node and not settled(i))
-    room = rollout.batch_size(app.spec.update, app.spec.replicas) - busy
-    return now | {i.key for i in [i for i in behind if serving(i)][:max(0, room)]}
-
-
-def serving(inst: Instance) -> bool:
-    """Placed and Running: a reload may take it out of service."""
-    return bool(inst.node) and inst.state == State.RUNNING
-
-
-def settled(inst: Instance) -> bool:
-    """Running with containers on the versions it is pinned to."""
-    return inst.state == State.RUNNING and inst.configs_have == inst.configs
-
-
-def pins_text(pins: Mapping[str, int]) -> str:
-    """`name vN, …` of a version map."""
-    return ", ".join(f"{n} v{v}" for n, v in sorted(pins.items())) or "none"
 
 
 def ip_change(writes: Writes, inst: Instance, app: AppRecord, net: ipam.OverlayNet,

@@ -4,6 +4,7 @@ to two of them; a fixed IP held by another instance waits; deletion releases the
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections import Counter
 from types import TracebackType
@@ -55,7 +56,7 @@ class AppSyncer:
         rec = self.cache.app(f"default/{app}")
         taken = {k.rsplit("/", 1)[-1] for k in self.cache.table(IPS)}
         plan = sync_app(self.writes, rec.value if rec else None,
-                        self.cache.instances_of(f"default/{app}"), NET, taken)
+                        self.cache.instances_of(f"default/{app}"), NET, taken, time.time())
         results = await asyncio.gather(*(self.writer.write(c) for c in plan.changes))
         return results.count(0)
 

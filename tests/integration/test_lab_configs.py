@@ -1,19 +1,28 @@
 """The config center on the lab (real etcd, agents, dockerd, overlay, TLS): three httpd
 replicas serve a config file while a new version rolls out, polled over the overlay every
 100 ms; busybox `trap` sees SIGHUP; env_from reaches the environment; an agent killed mid-
-delivery still delivers."""
+delivery still delivers; a version that fails the readiness probe after its SIGHUP reverts by
+itself; an agent SIGKILLed mid-rollout does not break the batches or the answers; in an HA
+pair, the standby finishes a rollout whose leader was SIGKILLed."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from tests.integration.conftest import wait_for
+import yaml
+
+from sigmad.lab import Lab, LabConfig
+from sigmad.leader import LeaderRecord
+from tests.integration.conftest import free_port, wait_for
 from tests.integration.labkit import LabCluster
 
 OLD = "old-" + "a" * 65536  # large: a half-written file would show as a short answer
@@ -47,20 +56,57 @@ def has(lab: LabCluster, app: str, version: int) -> bool:
                i["state"] == "Running" for i in lab.instances(app))
 
 
+def reloading(inst: dict[str, Any], version: int, config: str = "web-conf") -> bool:
+    """Pinned to `version` and not settled on it: its containers not yet on it, or its reload
+    not yet checked (not ready again), or not Running."""
+    return inst.get("configs", {}).get(config) == version and (
+        inst.get("configs_have", {}).get(config) != version or bool(inst.get("reloaded_at"))
+        or inst["state"] != "Running")
+
+
 def reloading_at_most(lab: LabCluster, app: str, version: int, timeout: float) -> int:
-    """Sample the app's instances until all run `version`: the most seen at once pinned to it
-    with their containers not yet on it (taking it)."""
+    """Sample the app's instances until all run `version`, their reloads checked: the most
+    seen reloading at once."""
     deadline, most = time.monotonic() + timeout, 0
     while time.monotonic() < deadline:
         found = lab.instances(app)
-        most = max(most, sum(1 for i in found if i.get("configs", {}).get("web-conf") == version
-                             and i.get("configs_have", {}).get("web-conf") != version))
+        most = max(most, sum(1 for i in found if reloading(i, version)))
         if all(i.get("configs_have", {}).get("web-conf") == version and i["state"] == "Running"
-               for i in found):
+               and not i.get("reloaded_at") for i in found):
             return most
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for version {version} on every "
                          f"instance of {app}")
+
+
+class Poll:
+    """From inside `poller`, fetch index.html of every instance over the overlay every 100 ms
+    (250 rounds at most); `answers()`: each answer's first 8 bytes and its length."""
+
+    def __init__(self, lab: LabCluster, poller: dict[str, Any], ips: list[str]) -> None:
+        loop = (f"for n in $(seq 1 250); do for ip in {' '.join(ips)}; do "
+                "b=$(timeout 3 wget -qO- http://$ip:8080/index.html); "
+                "echo \"$ip $(printf %s \"$b\" | head -c 8)$(printf %s \"$b\" | wc -c)\"; "
+                "done; "
+                "sleep 0.1; done")
+        self.proc = subprocess.Popen(["docker", "-H", lab.lab.engines[poller["node"]], "exec",
+                                      poller["containers"][0]["id"], "sh", "-c", loop],
+                                     stdout=subprocess.PIPE, text=True)
+
+    def answers(self) -> list[str]:
+        """Stop polling: the answers, in order."""
+        self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=30)
+        return [line.split(" ", 1)[1] for line in out.splitlines() if " " in line]
+
+
+def whole(answers: list[str]) -> None:
+    """Every answer is all of OLD or all of NEW (never empty or cut), old first, new last."""
+    print(f"{len(answers)} answers: {sorted(set(answers))}")
+    both = {OLD[:8] + str(len(OLD)), NEW[:8] + str(len(NEW))}
+    assert set(answers) <= both, sorted(set(answers) - both)[:5]
+    assert answers[0].startswith("old-") and answers[-1].startswith("new-")
+    assert len(answers) >= 30  # sampled before, during and after
 
 
 def test_a_new_version_is_served_whole_by_every_replica(lab: LabCluster) -> None:
@@ -70,16 +116,7 @@ def test_a_new_version_is_served_whole_by_every_replica(lab: LabCluster) -> None
             "name": "web-conf", "mount": "/etc/web", "on_change": "signal:SIGHUP"}]))
         found = lab.running("cfg", 3)
         wait_for(lambda: has(lab, "cfg", 1), 60, "version 1 in place")
-        ips = " ".join(i["ip"] for i in found)
-        poller = found[0]
-        loop = (f"for n in $(seq 1 250); do for ip in {ips}; do "
-                "b=$(timeout 3 wget -qO- http://$ip:8080/index.html); "
-                "echo \"$ip $(printf %s \"$b\" | head -c 8)$(printf %s \"$b\" | wc -c)\"; "
-                "done; "
-                "sleep 0.1; done")
-        proc = subprocess.Popen(["docker", "-H", lab.lab.engines[poller["node"]], "exec",
-                                 poller["containers"][0]["id"], "sh", "-c", loop],
-                                stdout=subprocess.PIPE, text=True)
+        poll = Poll(lab, found[0], [i["ip"] for i in found])
         try:
             time.sleep(2)
             dry = lab.ctl("config", "create", "web-conf", "--dry-run", "--from-file",
@@ -91,14 +128,8 @@ def test_a_new_version_is_served_whole_by_every_replica(lab: LabCluster) -> None
             assert busy <= 1, f"{busy} instances took the new version at once (max_parallel 1)"
             time.sleep(2)
         finally:
-            proc.terminate()
-            out, _ = proc.communicate(timeout=30)
-        answers = [line.split(" ", 1)[1] for line in out.splitlines() if " " in line]
-        print(f"{len(answers)} answers: {sorted(set(answers))}")
-        whole = {OLD[:8] + str(len(OLD)), NEW[:8] + str(len(NEW))}  # never empty or cut
-        assert set(answers) <= whole, sorted(set(answers) - whole)[:5]
-        assert answers[0].startswith("old-") and answers[-1].startswith("new-")
-        assert len(answers) >= 30  # sampled before, during and after (250 rounds at most)
+            answers = poll.answers()
+        whole(answers)
         for inst in lab.instances("cfg"):
             hups = lab.in_instance(inst, "cat", "/tmp/hups").stdout
             assert hups.split() == ["hup"], (inst["name"], hups)
@@ -136,3 +167,173 @@ def test_env_from_and_an_agent_killed_mid_delivery(lab: LabCluster) -> None:
         lab.delete("envy")
         lab.ctl("config", "delete", "web-conf")
         lab.ctl("config", "delete", "web-env")
+
+
+# sh as PID 1 serves the config's directory; it is ready while /tmp/ok exists, which each
+# SIGHUP decides anew: a version whose index.html starts with "bad" makes it not ready.
+CHECKED = ("mkdir -p /tmp; check() { if grep -q '^bad' /etc/web/index.html; then rm -f "
+           "/tmp/ok; else touch /tmp/ok; fi; }; check; trap check HUP; "
+           "httpd -p 8080 -h /etc/web; while true; do sleep 0.1; done")
+
+
+def rollout_of(lab: LabCluster, config_name: str, app: str) -> dict[str, Any]:
+    found = lab.ctl("config", "describe", config_name, "-o", "json")
+    assert found.returncode == 0, found.stderr
+    (row,) = [r for r in json.loads(found.stdout)["rollouts"] if r["app"] == f"default/{app}"]
+    return row  # type: ignore[no-any-return]
+
+
+def test_a_version_that_fails_the_probe_after_its_reload_reverts_by_itself(
+        lab: LabCluster) -> None:
+    config(lab, "web-bad", {"index.html": OLD})
+    try:
+        spec = served_app(lab, "cfgbad", 3, configs=[{
+            "name": "web-bad", "mount": "/etc/web", "on_change": "signal:SIGHUP"}],
+            update={"max_parallel": 1, "progress_deadline": 4})
+        spec["containers"][0]["command"] = ["sh", "-c", CHECKED]
+        spec["containers"][0]["ready"] = {"exec": ["test", "-f", "/tmp/ok"], "timeout": 60}
+        lab.apply(spec)
+        lab.running("cfgbad", 3)
+        wait_for(lambda: all(i.get("configs_have", {}).get("web-bad") == 1
+                             for i in lab.instances("cfgbad")), 60, "version 1 in place")
+        config(lab, "web-bad", {"index.html": "bad-" + "c" * 1000})
+        took: set[str] = set()  # the instances seen pinned to v2
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            found = lab.instances("cfgbad")
+            took |= {i["name"] for i in found if i["configs"].get("web-bad") == 2}
+            assert sum(1 for i in found if reloading(i, 2, "web-bad")) <= 1
+            if rollout_of(lab, "web-bad", "cfgbad")["state"] == "reverted":
+                break
+            time.sleep(0.1)
+        row = rollout_of(lab, "web-bad", "cfgbad")
+        assert row["state"] == "reverted", (row, lab.ctl("events", "--app", "cfgbad", "-o",
+                                                         "json").stdout)
+        assert took == {"cfgbad-0"}, (took, lab.ctl("events", "--app", "cfgbad", "-o",
+                                                    "json").stdout)
+        assert row["version"] == 1 and row["reason"].startswith(
+            "configs web-bad v1 → v2 failed on instance cfgbad-0: not ready again within 4s "
+            "of its reload"), row["reason"]
+        assert row["reason"].endswith("; reverted to web-bad v1"), row["reason"]
+        for inst in lab.instances("cfgbad"):
+            assert inst["configs"] == inst["configs_have"] == {"web-bad": 1}, inst
+            assert inst["state"] == "Running" and not inst["reloaded_at"], inst
+            served = lab.in_instance(inst, "wget", "-qO-", "http://127.0.0.1:8080/index.html")
+            assert served.stdout == OLD, (inst["name"], served.stdout[:20])
+        events = lab.ctl("events", "--app", "cfgbad", "-o", "json")
+        assert "failed on instance cfgbad-0" in events.stdout, events.stdout[-2000:]
+        described = lab.ctl("describe", "app", "cfgbad").stdout
+        assert "Config rollout:" in described and "failed on instance cfgbad-0" in described, \
+            described
+    finally:
+        lab.delete("cfgbad")
+        lab.ctl("config", "delete", "web-bad")
+
+
+def test_an_agent_sigkilled_mid_rollout_the_rollout_finishes_in_batches(
+        lab: LabCluster) -> None:
+    """The agent of the host of the instance whose batch comes second dies (SIGKILL) as the
+    new version starts out, and is started again: every instance ends on the new version,
+    never more than one reloading at once, and every answer is the old or the new file."""
+    config(lab, "web-conf", {"index.html": OLD})
+    try:
+        lab.apply(served_app(lab, "cfgkill", 3, configs=[{
+            "name": "web-conf", "mount": "/etc/web", "on_change": "signal:SIGHUP"}]))
+        found = lab.running("cfgkill", 3)
+        wait_for(lambda: has(lab, "cfgkill", 1), 60, "version 1 in place")
+        node = next(i for i in found if i["name"] == "cfgkill-1")["node"]
+        poll = Poll(lab, found[0], [i["ip"] for i in found])
+        try:
+            time.sleep(2)
+            config(lab, "web-conf", {"index.html": NEW})
+            os.kill(lab.lab.host(node).agent_pid, signal.SIGKILL)
+            done: list[int] = []
+            sampler = threading.Thread(target=lambda: done.append(
+                reloading_at_most(lab, "cfgkill", 2, 120)))
+            sampler.start()
+            time.sleep(1)
+            lab.lab.restart_agent(node)
+            sampler.join()
+            assert done and done[0] <= 1, f"{done} instances reloading at once (max_parallel 1)"
+            time.sleep(2)
+        finally:
+            answers = poll.answers()
+        whole(answers)
+        for inst in lab.instances("cfgkill"):
+            text = lab.in_instance(inst, "cat", "/etc/web/index.html").stdout
+            assert text == NEW, (inst["name"], text[:20])
+        assert rollout_of(lab, "web-conf", "cfgkill")["state"] == "done"
+    finally:
+        lab.delete("cfgkill")
+        lab.ctl("config", "delete", "web-conf")
+
+
+def test_the_standby_finishes_a_config_rollout_whose_leader_was_sigkilled(
+        tmp_path: Path) -> None:
+    """An HA pair: the leader is SIGKILLed once the first instance took the new version; the
+    standby carries on from etcd (the pins, what each instance has, its reload's check): every
+    instance ends on the new version, never more than one reloading at once."""
+    built = Lab(LabConfig(
+        hosts=3, masters=2, name=f"cf{os.getpid() % 100000}", dir=tmp_path / "lab",
+        subnet=f"10.73.{os.getpid() % 250}.0/24", etcd_port=free_port(pair=True),
+        registry_port=free_port(), listen=f"127.0.0.1:{free_port(pair=True)}",
+        heartbeat_ttl=2))
+    try:
+        built.up()
+        lab = LabCluster(built, tmp_path)
+
+        def leader() -> tuple[str, int]:
+            async def read() -> str:
+                store = lab.etcd()
+                try:
+                    found = await store.get(store.keys.leader(), LeaderRecord)
+                finally:
+                    await store.close()
+                return found.value.api if found is not None else ""
+
+            api = wait_for(lambda: asyncio.run(read()), 30, "a leader")
+            pid = next(m.pid for m in built.masters
+                       if api.rstrip("/").endswith(":" + m.listen.rsplit(":", 1)[-1]))
+            return api, pid
+
+        def sample() -> list[dict[str, Any]] | None:
+            """The instances as the leader sees them (None while no master answers)."""
+            found = lab.ctl("get", "instances", "--app", "cfgha", "-o", "json")
+            return yaml.safe_load(found.stdout) if found.returncode == 0 else None
+
+        api, pid = leader()
+        lab.env["SIGMA_SERVER"] = api
+        config(lab, "web-conf", {"index.html": OLD})
+        lab.apply(served_app(lab, "cfgha", 3, configs=[{
+            "name": "web-conf", "mount": "/etc/web", "on_change": "signal:SIGHUP"}]))
+        lab.running("cfgha", 3)
+        wait_for(lambda: has(lab, "cfgha", 1), 60, "version 1 in place")
+        config(lab, "web-conf", {"index.html": NEW})
+        most, killed, new_api = 0, False, ""
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            found = sample()
+            if found is None:
+                new_api = leader()[0]
+                lab.env["SIGMA_SERVER"] = new_api
+                continue
+            most = max(most, sum(1 for i in found if reloading(i, 2)))
+            if not killed and any(i["configs_have"].get("web-conf") == 2 for i in found):
+                assert not all(i["configs_have"].get("web-conf") == 2 for i in found)
+                os.kill(pid, signal.SIGKILL)  # mid-rollout
+                killed = True
+            if killed and all(i["configs_have"].get("web-conf") == 2 and not i["reloaded_at"]
+                              and i["state"] == "Running" for i in found):
+                break
+            time.sleep(0.05)
+        assert killed and new_api and new_api != api, (killed, api, new_api)
+        assert most <= 1, f"{most} instances reloading at once (max_parallel 1)"
+        assert rollout_of(lab, "web-conf", "cfgha")["state"] == "done"
+        for inst in lab.instances("cfgha"):
+            assert inst["configs_have"] == {"web-conf": 2}, inst
+            text = lab.in_instance(inst, "cat", "/etc/web/index.html").stdout
+            assert text == NEW, (inst["name"], text[:20])
+            hups = lab.in_instance(inst, "cat", "/tmp/hups").stdout.split()
+            assert hups and set(hups) == {"hup"}, (inst["name"], hups)
+    finally:
+        built.down()

@@ -119,9 +119,11 @@ async def api() -> AsyncIterator[tuple[TestClient, Leader]]:
 
 
 def configured(name: str = "web", mount: str = "/etc/web", on_change: str = "signal:SIGHUP",
-               replicas: int = 2, version: str = "latest", env: bool = False) -> str:
-    text = spec(name, replicas) + (f"configs:\n  - {{name: web-conf, mount: {mount}, version: "
-                                   f"{version}, on_change: '{on_change}'}}\n")
+               replicas: int = 2, version: str = "latest", env: bool = False,
+               **extra: str) -> str:
+    text = spec(name, replicas, **extra) + (
+        f"configs:\n  - {{name: web-conf, mount: {mount}, version: {version}, "
+        f"on_change: '{on_change}'}}\n")
     if env:
         text += "env_from:\n  - {config: web-env, file: env}\n"
     return text
@@ -216,7 +218,7 @@ async def test_no_start_before_the_files_are_in_place_then_signal_on_a_new_versi
     client, lead = api
     await lead.add_node("a")
     await new_version(client, "one")
-    await call(client, "PUT", "/v1/apps", configured(replicas=2))
+    await call(client, "PUT", "/v1/apps", configured(replicas=2, update="{min_ready: 1}"))
     await lead.until(lambda: all(i.reason.startswith("waiting for configs web-conf v1")
                                  for i in lead.instances("web")) and lead.instances("web"))
     assert not lead.engine("a").by_id  # nothing created before the files are there
@@ -242,7 +244,12 @@ async def test_no_start_before_the_files_are_in_place_then_signal_on_a_new_versi
     await lead.until(lambda: lead.instances("web")[0].configs_have == {"web-conf": 2})
     kills = [c for c in lead.engine("a").calls if c[0] == "kill"]
     assert kills == [("kill", f"{web0.containers[0].id} SIGHUP")]
+    # No readiness probe: web-0's reload counts once it ran min_ready (1s) after the signal.
+    assert lead.instances("web")[0].reloaded_at > 0
+    await asyncio.sleep(0.5)
+    assert lead.instances("web")[1].configs == {"web-conf": 1}
     await lead.until(lambda: lead.instances("web")[1].configs == {"web-conf": 2})
+    assert lead.instances("web")[0].reloaded_at == 0  # checked
     assert lead.instances("web")[1].configs_have == {"web-conf": 1}  # its batch is next
     assert {c.id for c in lead.engine("a").running()} == ids  # the same containers
 

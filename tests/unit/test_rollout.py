@@ -13,7 +13,6 @@ from sigmactl.rollout import diff_text, failed, history_text, kept, progress_tex
 from sigmad import records
 from sigmad.api import make_app
 from sigmad.api.apps import only_replicas
-from sigmad.control.reconcile import repins
 from sigmad.control.rollout import (
     KEEP_REVISIONS,
     InstanceView,
@@ -28,8 +27,7 @@ from sigmad.control.rollout import (
 )
 from sigmad.engine import EnginePool
 from sigmad.errors import SpecError
-from sigmad.models import AppRecord, new_instance
-from sigmad.reasons import State
+from sigmad.models import AppRecord
 from sigmad.spec import (
     AppSpec,
     ContainerSpec,
@@ -41,7 +39,6 @@ from sigmad.spec import (
     update_spec,
 )
 from sigmad.state.cache import APPS, ROLLOUTS
-from sigmad.store import Versioned
 from tests.unit.harness import TOKEN, Leader, call, spec
 
 
@@ -514,21 +511,3 @@ def test_status_text_counts_and_says_when_a_rollout_failed() -> None:
                                     "reason": "paused by sigmactl rollout pause"}}
     assert not failed(paused)
     assert failed({**paused, "rollout": {**paused["rollout"], "reason": "instance 1: y"}})
-
-
-def test_a_config_version_reaches_serving_instances_in_batches_of_max_parallel() -> None:
-    """reconcile.repins: of 8 Running instances at 25 %, 2 take v2 at a time; one that serves
-    nothing takes it at once; an instance on v2 not yet settled holds its place."""
-    spec = app(update=UpdateSpec(max_parallel=25, percent=True), replicas=8)
-    rec = AppRecord(spec, configs={"conf": 2})
-    insts = [new_instance(spec, i, 1, {"conf": 1}) for i in range(8)]
-    for inst in insts:
-        inst.node, inst.state, inst.configs_have = "a", State.RUNNING, {"conf": 1}
-    insts[5].state = State.EXITED  # serves nothing
-    found = {i.key: Versioned(i.key, i, 1) for i in insts}
-    assert repins(rec, found) == {insts[0].key, insts[1].key, insts[5].key}
-    insts[0].configs = {"conf": 2}  # re-pinned, its containers still on v1: busy
-    assert repins(rec, found) == {insts[1].key, insts[5].key}
-    insts[0].configs_have = {"conf": 2}  # settled: its place is free again
-    assert repins(rec, found) == {insts[1].key, insts[2].key, insts[5].key}
-    assert repins(None, found) == set()

@@ -66,10 +66,13 @@ def test_get_describe_and_a_refused_delete(fake: Fake) -> None:
     assert result.exit_code == 0 and "default/web" in result.output
     fake.answer("GET", PATH, (200, {**head, "latest_version": {
         "files": {"a": "hello"}, "author": "ops", "created": 0},
-        "instances": [{"instance": "default/web-0", "node": "h1", "pinned": 2, "has": 1}]}))
+        "instances": [{"instance": "default/web-0", "node": "h1", "pinned": 2, "has": 1}],
+        "rollouts": [{"app": "default/web", "version": 1, "from": 1, "state": "reverted",
+                      "reason": "configs web-conf v1 → v2 failed on instance web-0: x"}]}))
     result = run(fake, "config", "describe", "web-conf")
     assert result.exit_code == 0, result.output
     assert "default/web-0" in result.output and "hello" in result.output
+    assert "reverted" in result.output and "failed on instance web-0: x" in result.output
     fake.answer("DELETE", PATH, (409, {"error": {
         "code": "conflict", "message": "config default/web-conf is in use by default/web",
         "field": None}}))

@@ -165,6 +165,10 @@ def test_describe_app() -> None:
                                          "MEMORY(REQ/LIMIT)"]
     assert lines[header + 2].startswith("  main  sigma/busybox:latest  httpd -f -p 8080")
     assert lines[header + 2].split()[-2:] == ["100m/1.5", "64Mi/1Gi"]
+    halted = output.describe_app({**APP, "configs": {"web-conf": 1}, "configs_halt":
+                                  "configs web-conf v1 → v2 failed on instance web-0: x"}, NOW)
+    assert "Configs:         web-conf v1\n" in halted
+    assert "Config rollout:  configs web-conf v1 → v2 failed on instance web-0: x" in halted
 
 
 def test_describe_instance_shows_last_terminations() -> None:
