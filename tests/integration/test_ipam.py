@@ -51,13 +51,15 @@ class AppSyncer:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
     async def sync(self, app: str) -> int:
-        """One sync of `default/app` from the cache; the changes that lost a race."""
+        """One sync of `default/app` from the cache; the changes that lost a race. The
+        cache has what the sync wrote when it returns (a read of it right after sees it)."""
         await self.cache.wait_for(await self.store.ping())
         rec = self.cache.app(f"default/{app}")
         taken = {k.rsplit("/", 1)[-1] for k in self.cache.table(IPS)}
         plan = sync_app(self.writes, rec.value if rec else None,
                         self.cache.instances_of(f"default/{app}"), NET, taken, time.time())
         results = await asyncio.gather(*(self.writer.write(c) for c in plan.changes))
+        await self.cache.wait_for(await self.store.ping())
         return results.count(0)
 
 
