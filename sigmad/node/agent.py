@@ -13,7 +13,9 @@ Invariants:
   them as gone;
 - an agent that cannot renew its lease stops its instances' containers before the lease can
   lapse (sigmad.node.fence); once its lease is found lapsed it rejoins with a new one, as a
-  node that comes back (`before_ready` first).
+  node that comes back (`before_ready` first);
+- rejoining costs etcd the records of this host's own containers (read by key), never a
+  read of every instance: a mass lease lapse makes every agent rejoin at once.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from sigmad.config import NodeConfig
 from sigmad.engine import LABEL_INSTANCE, ContainerState, DockerEngine
 from sigmad.errors import EngineError, SigmaError
 from sigmad.events import EventLog
-from sigmad.models import Beat, Instance, Node, now
+from sigmad.models import Beat, Instance, Node, now, split_name
 from sigmad.network.overlay import OverlayError
 from sigmad.node.configs import ConfigKeeper
 from sigmad.node.disks import DiskKeeper, LinuxHost
@@ -45,6 +47,7 @@ from sigmad.store import EtcdStore, Store
 from sigmad.tls import client_context
 
 log = logging.getLogger(__name__)
+READS_AT_ONCE = 16  # record reads in flight while an agent looks for stale containers
 
 
 def config_root(config: NodeConfig) -> str:
@@ -288,8 +291,7 @@ class Agent:
                         len(found), "a restore is under way" if restoring else
                         "etcd holds no cluster records (no schema key)")
             return
-        records, _ = await self.store.scan(self.store.keys.instances(), Instance)
-        placed = {v.value.key: v.value for v in records}  # `ns/app-index` → record
+        placed = await self._records_of(found)
         stale = []
         for c in found:
             owner = c.labels.get(LABEL_INSTANCE, "")
@@ -308,6 +310,27 @@ class Agent:
             self.events.emit("instance", ns, name, app, message, warning=True)
 
         await asyncio.gather(*(remove(*item) for item in stale))
+
+    async def _records_of(self, found: list[ContainerState]) -> dict[str, Instance]:
+        """The instance records (`ns/app-index` → record) of the containers `found` here,
+        read key by key, READS_AT_ONCE at a time: the records of this host's containers,
+        never a scan of every instance (a thousand agents rejoining at once after a mass
+        lease lapse each read the whole table: etcd was buried under gigabytes of reads)."""
+        owners = {c.labels.get(LABEL_INSTANCE, "") for c in found}
+        gate = asyncio.Semaphore(READS_AT_ONCE)
+
+        async def read(owner: str) -> Instance | None:
+            ns, _, name = owner.partition("/")
+            parts = split_name(name)
+            if not ns or parts is None:
+                return None  # not an instance's name: no record can place it
+            async with gate:
+                v = await self.store.get(self.store.keys.instance(ns, *parts), Instance)
+            return v.value if v is not None else None
+
+        ordered = sorted(owners)
+        found_records = await asyncio.gather(*(read(o) for o in ordered))
+        return {o: r for o, r in zip(ordered, found_records, strict=True) if r is not None}
 
     async def run(self) -> None:
         events = asyncio.create_task(self.events.run())

@@ -294,3 +294,25 @@ async def test_an_agent_removes_nothing_while_the_clusters_records_are_absent(
     await store.put(store.keys.schema(), SchemaRecord(VERSION))
     await agent.remove_stale()
     assert set(engine.by_id) == {a}  # web-1 has no record placing it here
+
+
+async def test_rejoining_reads_only_the_records_of_its_own_containers() -> None:
+    """A mass lease lapse makes every agent rejoin at once: each reads the records of its
+    own containers by key, never every instance of the cluster (a thousand agents each
+    reading 20,000 records buried etcd)."""
+    store = MemoryStore("/t")
+    await store.put(store.keys.schema(), SchemaRecord(VERSION))
+    agent = Agent(NodeConfig(name="h1", engine="fake://h1", heartbeat_ttl=2,
+                             etcd=EtcdConfig(prefix="/t")), store, overlay=False)
+    engine = agent.engine = FakeEngine("fake://h1", "/t")  # type: ignore[assignment]
+    for i in range(500):  # the rest of the cluster
+        await store.put(store.keys.instance("default", "other", i),
+                        Instance("default", "other", i, 1, node="h2"))
+    await store.put(store.keys.instance("default", "web", 0),
+                    Instance("default", "web", 0, 1, node="h1"))
+    await store.put(store.keys.instance("default", "web", 1),
+                    Instance("default", "web", 1, 1, node="h2"))  # moved away
+    a, *_ = await run_containers(engine, "default/web-0", "default/web-1", "default/gone-3")
+    await agent.remove_stale()
+    assert set(engine.by_id) == {a}  # web-1 placed elsewhere, gone-3 has no record
+    assert store.items_read == 0  # no range read: three gets
