@@ -11,6 +11,8 @@ Invariants:
 - while the engine does not answer, the agent keeps its lease (the node is NotReady but
   alive): the containers that engine runs cannot be fenced, so the master must not count
   them as gone;
+- the lease is renewed every third of the TTL whatever else the agent does: making the host
+  safe to rejoin (`before_ready`) runs beside the renewals, and Ready is said once it is done;
 - an agent that cannot renew its lease stops its instances' containers before the lease can
   lapse (sigmad.node.fence); once its lease is found lapsed it rejoins with a new one, as a
   node that comes back (`before_ready` first);
@@ -21,6 +23,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -134,6 +137,8 @@ class Agent:
         self.configs = ConfigKeeper(config.name, config_root(config), store) if overlay \
             else None
         self.said: bool | None = None  # what the heartbeat says of the engine (None: no beat)
+        self.readying: asyncio.Task[None] | None = None  # `before_ready`, while it runs
+        self._woken = asyncio.Event()  # the readying is done: beat now, not at the next tick
         self.fence = SelfFence(lambda: self.engine, config.heartbeat_ttl)
         self.usage = Sampler(config.name, self.engine, store, config.usage_cgroup) \
             if config.usage_interval and overlay else None
@@ -219,10 +224,19 @@ class Agent:
                     await self.beat()
                 except SigmaError as exc:
                     log.warning("heartbeat failed: %s", exc.message)
-                await asyncio.sleep(max(tick + ttl / 3 - time.monotonic(), 0.0))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._woken.wait(),
+                                           max(tick + ttl / 3 - time.monotonic(), 0.0))
+                self._woken.clear()
         finally:
             fence.cancel()
+            self._stop_readying()
             await asyncio.gather(fence, return_exceptions=True)
+
+    def _stop_readying(self) -> None:
+        if self.readying is not None:
+            self.readying.cancel()
+            self.readying = None
 
     async def beat(self) -> None:
         """One heartbeat: renew the lease (or get a new one) while asking the engine, and say
@@ -237,6 +251,7 @@ class Agent:
             else:
                 log.warning("heartbeat lease %x lapsed", self.lease)
                 self.lease, self.said = 0, None
+                self._stop_readying()  # what moved away meanwhile: look again
         else:
             answers = await self._engine_answers()
         if not self.lease:
@@ -248,8 +263,18 @@ class Agent:
         if answers == self.said:
             return
         if answers:
-            await self.before_ready()
+            # Made safe to rejoin in a task of its own: the renewals go on meanwhile (a
+            # thousand agents rejoining at once, or one slow engine, took longer than the
+            # TTL: the new lease lapsed before its first renewal, again and again).
+            if self.readying is None:
+                self.readying = asyncio.create_task(self.before_ready())
+                self.readying.add_done_callback(lambda _: self._woken.set())
+            if not self.readying.done():
+                return
+            done, self.readying = self.readying, None
+            done.result()  # raises what failed: the next beat starts it again
         else:
+            self._stop_readying()
             log.warning("the engine does not answer: the node is NotReady (its instances "
                         "stay until it answers)")
         await self.store.put(key, Beat(self.config.name, now(), answers), lease=self.lease)
