@@ -316,3 +316,53 @@ async def test_rejoining_reads_only_the_records_of_its_own_containers() -> None:
     await agent.remove_stale()
     assert set(engine.by_id) == {a}  # web-1 placed elsewhere, gone-3 has no record
     assert store.items_read == 0  # no range read: three gets
+
+
+class SlowRejoin(Agent):
+    """An agent whose making-safe-to-rejoin takes as long as the test says."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.may_finish = asyncio.Event()
+
+    async def before_ready(self) -> None:
+        await self.may_finish.wait()
+        await super().before_ready()
+
+
+async def test_renewals_go_on_while_the_agent_makes_its_host_safe_to_rejoin() -> None:
+    """A rejoin slower than the TTL (a thousand agents rejoining at once, or one slow
+    engine) must not starve the renewals: the new lease is kept, the self-fence never fires,
+    and Ready is said once the host is safe (no later than the next tick)."""
+    store = MemoryStore("/t")
+    await store.put(store.keys.schema(), SchemaRecord(VERSION))
+    ttl = 2
+    agent = SlowRejoin(NodeConfig(name="h1", engine="fake://h1", heartbeat_ttl=ttl,
+                                  etcd=EtcdConfig(prefix="/t")), store, overlay=False)
+    engine = agent.engine = FakeEngine("fake://h1", "/t")  # type: ignore[assignment]
+    await store.put(store.keys.instance("default", "web", 0),
+                    Instance("default", "web", 0, 1, node="h1"))
+    (cid,) = await run_containers(engine, "default/web-0")
+    renewals = 0
+    keepalive = store.keepalive
+
+    async def counted(lease: int) -> bool:
+        nonlocal renewals
+        renewals += 1
+        return await keepalive(lease)
+
+    store.keepalive = counted  # type: ignore[method-assign]
+    beating = asyncio.create_task(agent.heartbeat())
+    try:
+        await asyncio.sleep(ttl * 1.5)  # past the self-fence's moment (ttl - margin)
+        assert renewals >= 3 and not agent.fence.fired_at
+        assert await beat_of(store, "h1") is None  # not Ready while not safe
+        agent.may_finish.set()
+        released = time.monotonic()
+        while (beat := await beat_of(store, "h1")) is None:
+            assert time.monotonic() - released < ttl / 3, "Ready waited for the next tick"
+            await asyncio.sleep(0.01)
+        assert beat.engine and engine.by_id[cid].status == "running"
+    finally:
+        beating.cancel()
+        await asyncio.gather(beating, return_exceptions=True)
