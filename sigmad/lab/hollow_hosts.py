@@ -93,6 +93,12 @@ class HollowAgent(Agent):
     def __init__(self, config: NodeConfig, store: EtcdStore, server: EngineServer,
                  gate: asyncio.Semaphore, registered: Callable[[], None]) -> None:
         super().__init__(config, store, overlay=False)
+        # No kept-alive connection to its own engine: both ends are in this process (two
+        # descriptors each), and after a mass lease lapse every agent's self-fence and
+        # rejoin had left two such connections idle, 4 descriptors a host on top of the
+        # master's: 5,000 hosts went past the open-file limit (EMFILE).
+        self.engine = DockerEngine(config.engine, cluster=config.etcd.prefix,
+                                   keep_alive=False)
         self.server = server
         self.gate = gate
         self.registered = registered
@@ -109,15 +115,6 @@ class HollowAgent(Agent):
             node = await super().register()
         self.registered()
         return node
-
-    async def before_ready(self) -> None:
-        """As a real agent's, then let go of the engine connection it used: thousands of
-        idle keep-alive connections (two descriptors each, both ends are in this process)
-        would crowd the open-file limit that the master's connections need."""
-        await super().before_ready()
-        used = self.engine
-        self.engine = DockerEngine(used.url, cluster=used.cluster)
-        await used.close()
 
 
 class HollowHosts:
