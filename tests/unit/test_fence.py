@@ -21,7 +21,7 @@ from sigmad.node.fence import margin
 from sigmad.schema import VERSION, SchemaRecord
 from tests.fakes.engine import FakeEngine
 from tests.fakes.store import MemoryStore
-from tests.unit.harness import Leader, spec
+from tests.unit.harness import GI, Leader, spec
 
 KEY = "/t/instances/default/web/0"
 
@@ -366,3 +366,48 @@ async def test_renewals_go_on_while_the_agent_makes_its_host_safe_to_rejoin() ->
     finally:
         beating.cancel()
         await asyncio.gather(beating, return_exceptions=True)
+
+
+class CountingEngine(FakeEngine):
+    """A fake engine counting the fence calls (a list of one instance's containers) in
+    flight over every engine of the class."""
+
+    live = 0
+    peak = 0
+
+    async def containers(self, labels: dict[str, str] | None = None) -> Any:
+        fence = bool((labels or {}).get(LABEL_INSTANCE))
+        if fence:
+            CountingEngine.live += 1
+            CountingEngine.peak = max(CountingEngine.peak, CountingEngine.live)
+        try:
+            return await super().containers(labels)
+        finally:
+            if fence:
+                CountingEngine.live -= 1
+
+
+async def test_a_mass_lease_lapse_fences_through_a_bounded_number_of_calls() -> None:
+    """Every node lost at once, their engines answering but slowly (a host coming back
+    under load): never more than the bound of fence calls in flight over all engines, and
+    every instance is fenced through its engine and Running elsewhere."""
+    async with Leader(workers=32, fence_grace=0.1) as lead:
+        lead.controller.fence_slots = asyncio.Semaphore(3)
+        names = [f"n{i}" for i in range(8)]
+        for name in names:
+            lead.engines[f"fake://{name}"] = CountingEngine(f"fake://{name}", "/t")
+            await lead.add_node(name)
+        await lead.apply(spec(replicas=16))
+        await lead.running("web", 16)
+        await lead.add_node("spare", cpu_m=64000, memory=64 * GI, ports=100)
+        for name in names:
+            lead.engine(name).slow = 0.2
+        CountingEngine.peak = 0
+        for name in names:
+            await lead.lose_node(name)
+        after = await lead.until(
+            lambda: len(lead.instances()) == 16 and all(
+                i.node == "spare" and i.state == "Running" for i in lead.instances())
+            and lead.instances(), timeout=30, what="all 16 Running on spare")
+        assert all(t.reason == "KilledBySigma(fenced)" for i in after for t in i.terminations)
+        assert 1 <= CountingEngine.peak <= 3
