@@ -115,6 +115,14 @@ def status_kb(pid: int, key: str) -> int:
     return 0
 
 
+def open_file_limit(pid: int) -> int:
+    """The soft limit of open descriptors of a process (from /proc/PID/limits)."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    return 0
+
+
 def percentile(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
@@ -493,6 +501,8 @@ class Scale:
         a = self.args
         assert self.master is not None and self.hollow is not None
         r = self.results
+        r["open_file_limit"] = min(open_file_limit(pid) for pid in
+                                   (self.master.pid, self.hollow.pid))
         before = {k: json.loads(v) for k, v in self._instances().items()}
         watch = Watch(self.api, {"master": self.master.pid, "hollow": self.hollow.pid})
         watch.start()
@@ -622,6 +632,8 @@ def lapse_markdown(args: argparse.Namespace, r: dict[str, Any]) -> str:
          f"{r['master_fds_before']} / {r['master_fds_peak']} / {r['master_fds_after']}"),
         ("hollow hosts open descriptors: before / peak / after",
          f"{r['hollow_fds_before']} / {r['hollow_fds_peak']} / {r['hollow_fds_after']}"),
+        ("open-file limit of the master and the hollow hosts (what the machine allows)",
+         f"{r['open_file_limit']}"),
         ("master peak RSS during the lapse", f"{r['master_rss_peak_mb']} MB"),
         ("master GET /healthz p50 / max (event loop lag)",
          f"{r['healthz_p50_s']} s / {r['healthz_max_s']} s"),
