@@ -30,6 +30,7 @@ import logging
 import random
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -561,14 +562,19 @@ class EtcdStore(StoreOps):
     put, delete): the leader's controller store carries the leader key as won, so a deposed
     leader writes nothing and sees `Deposed`; `on_deposed` is then called too.
 
-    `shared_leases`: lease keepalives go over one shared stream (`LeaseStream`), for a
-    process that keeps many leases alive (hollow hosts); otherwise each is its own call.
+    `shared_leases`: lease keepalives go over `lease_streams` shared streams (`LeaseStream`,
+    a lease always on the same one), for a process that keeps many leases alive (hollow
+    hosts); otherwise each is its own call. etcd renews the leases of one stream one after
+    the other, each waiting until etcd has applied what it committed: behind a burst of
+    writes, the renewals of thousands of leases on ONE stream took longer than their TTL
+    and every lease lapsed (real agents each have a stream of their own).
 
     `tls`: the CA (and client certificate) of `https://` endpoints."""
 
     def __init__(
         self, endpoints: list[str], prefix: str = "/sigma/v1", retry_for: float = 30.0,
         rpc_timeout: float = 5.0, shared_leases: bool = False, tls: TlsFiles | None = None,
+        lease_streams: int = 1,
     ) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
@@ -586,7 +592,8 @@ class EtcdStore(StoreOps):
         self.fence: Guard | None = None
         self.on_deposed: Callable[[], None] | None = None
         self.shared_leases = shared_leases
-        self._leases: LeaseStream | None = None
+        self.lease_streams = max(1, lease_streams)
+        self._leases: dict[int, LeaseStream] = {}  # slot (see _lease_stream) → its stream
 
     def _new_client(self) -> aetcd.Client:
         host, port = _target(self.endpoints[self._current])
@@ -598,8 +605,9 @@ class EtcdStore(StoreOps):
         return aetcd.Client(host=host, port=port, timeout=self.rpc_timeout, options=options)
 
     async def close(self) -> None:
-        if self._leases is not None:
-            await self._leases.close()
+        for stream in self._leases.values():
+            await stream.close()
+        self._leases.clear()
         await self._client.close()
 
     async def _reconnect(self, used: aetcd.Client) -> None:
@@ -890,19 +898,22 @@ class EtcdStore(StoreOps):
         one shared stream)."""
         if self.shared_leases:
             ttl = await self._call("lease keepalive",
-                                   lambda c: self._lease_stream(c).refresh(lease_id))
+                                   lambda c: self._lease_stream(c, lease_id).refresh(lease_id))
             return ttl > 0
         reply = await self._call("lease keepalive", lambda c: c.refresh_lease(lease_id))
         return reply is not None and reply.TTL > 0
 
-    def _lease_stream(self, client: aetcd.Client) -> LeaseStream:
-        """The keepalive stream on `client`, (re)opened if it is on an older client or
-        broke."""
-        stream = self._leases
+    def _lease_stream(self, client: aetcd.Client, lease_id: int) -> LeaseStream:
+        """The keepalive stream of `lease_id` on `client`, (re)opened if it is on an older
+        client or broke."""
+        # etcd's lease ids share a counter with its other requests (a burst of grants
+        # gives ids two apart): hashed, so that every stream gets its share.
+        slot = zlib.crc32(lease_id.to_bytes(8, "little")) % self.lease_streams
+        stream = self._leases.get(slot)
         if stream is None or stream.client is not client or stream.broken:
             if stream is not None:
                 stream.abandon()
-            stream = self._leases = LeaseStream(client, self.rpc_timeout)
+            stream = self._leases[slot] = LeaseStream(client, self.rpc_timeout)
         return stream
 
     async def revoke(self, lease_id: int) -> None:

@@ -19,6 +19,11 @@ Invariants:
   stopping it, or, when the engine does not answer, by the lapse itself
   (sigmad.control.migration decides; `_fence` asks the engine). Its agent back within the
   grace (a restart) finds its copies untouched;
+- at most FENCES_AT_ONCE fence calls are in flight, over all engines, and an engine that
+  failed one is not asked again within FENCE_RETRY, also by the instances that waited for a
+  slot meanwhile: after a mass lease lapse the engines that answer again are not buried
+  under one call per instance per second (20,000 calls that each timed out behind the
+  others, retried, and timed out again: nothing was ever fenced through them);
 - containers carry labels: a new leader adopts what runs instead of starting copies.
 """
 
@@ -73,6 +78,7 @@ RETRY_UNPLACED = 10.0  # seconds between rounds for instances that fit nowhere
 ABANDONED = "abandoned"
 FENCE_TIMEOUT = 3.0  # seconds a lost node's engine has to stop an instance's copy
 FENCE_RETRY = 1.0  # seconds between fence attempts while neither engine nor lapse fences
+FENCES_AT_ONCE = 32  # fence calls in flight over all the lost nodes' engines
 ROLLOUT_TICK = 1.0  # seconds between passes of a running rollout (min_ready, deadlines)
 
 
@@ -102,6 +108,7 @@ class Controller:
         self.abandoned: set[Key] = set()  # steps cancelled because their node is lost
         self.lapsed: dict[str, float] = {}  # node → when its heartbeat lease lapsed (monotonic)
         self.unfenced: dict[str, float] = {}  # node → when its engine last failed a fence
+        self.fence_slots = asyncio.Semaphore(FENCES_AT_ONCE)
         self.own: dict[str, Instance] = {}  # records a step is writing now (key → record)
         self.dependents: dict[str, set[str]] = {}  # `ns/app` → the apps that depend on it
         self.flips: dict[tuple[str, str], tuple[float, float]] = {}  # (node, instance) →
@@ -664,13 +671,16 @@ class Controller:
         # untouched. (An engine that just failed one fence is not asked again at once for
         # the others: a dead host's hundreds of instances would each wait FENCE_TIMEOUT.)
         if node is not None and wait == 0 and time.monotonic() - failed >= FENCE_RETRY:
-            self._watch_engine(node)  # (the engine client of the node's record)
-            stopped = await drive.fence(self.watches[node.name].engine, inst.key,
-                                        FENCE_TIMEOUT)
-            if stopped is None:
-                self.unfenced[inst.node] = time.monotonic()
-            else:
-                self.unfenced.pop(inst.node, None)
+            async with self.fence_slots:
+                failed = self.unfenced.get(inst.node, 0.0)  # (it may have failed meanwhile)
+                if time.monotonic() - failed >= FENCE_RETRY:
+                    self._watch_engine(node)  # (the engine client of the node's record)
+                    stopped = await drive.fence(self.watches[node.name].engine, inst.key,
+                                                FENCE_TIMEOUT)
+                    if stopped is None:
+                        self.unfenced[inst.node] = time.monotonic()
+                    else:
+                        self.unfenced.pop(inst.node, None)
         if stopped is not None:
             how = (f"{len(stopped)} container(s) stopped on {inst.node} through its engine"
                    if stopped else f"{inst.node}'s engine runs no container of it")

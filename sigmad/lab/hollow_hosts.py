@@ -4,9 +4,11 @@ Each host `hI` is a hollow engine on `DIR/hI.sock` (sigmad.lab.hollow_engine) an
 agent (sigmad.node.agent) as an asyncio task: it registers its Node record with the capacity
 its engine reports and holds its heartbeat lease, exactly as on a real host, but without the
 overlay (there is no kernel side) and with an in-process engine check instead of a ping per
-tick. All agents share one etcd client, whose lease keepalives share one gRPC stream
+tick. All agents share one etcd client, whose lease keepalives share LEASE_STREAMS gRPC streams
 (sigmad.store.LeaseStream): a heartbeat tick costs ~0.2 ms of CPU instead of ~0.8 ms, so
-5,000 agents at TTL 10 s (a tick every 3.3 s) cost about a third of a core.
+5,000 agents at TTL 10 s (a tick every 3.3 s) cost about a third of a core. Not ONE stream:
+etcd renews a stream's leases one after the other, each waiting for its apply to catch up,
+and behind the master's burst of writes 5,000 renewals in a row outlasted the TTL.
 
 A control endpoint, `DIR/control.sock` (HTTP), breaks and heals hosts while it runs:
     POST /kill   {"hosts": ["h1", ...]}  power loss: the agent stops (its lease lapses after
@@ -49,6 +51,8 @@ log = logging.getLogger(__name__)
 DEFAULT_IMAGE = "sigma/busybox:latest"
 CONTROL = "control.sock"
 REGISTER_CONCURRENCY = 64  # agents registering at once (each costs a few etcd calls)
+LEASE_STREAMS = 32  # keepalive streams the agents' leases are spread over (etcd renews the
+# leases of one stream one by one: see sigmad.store.EtcdStore)
 Say = Callable[[str], None]
 
 
@@ -93,6 +97,12 @@ class HollowAgent(Agent):
     def __init__(self, config: NodeConfig, store: EtcdStore, server: EngineServer,
                  gate: asyncio.Semaphore, registered: Callable[[], None]) -> None:
         super().__init__(config, store, overlay=False)
+        # No kept-alive connection to its own engine: both ends are in this process (two
+        # descriptors each), and after a mass lease lapse every agent's self-fence and
+        # rejoin had left two such connections idle, 4 descriptors a host on top of the
+        # master's: 5,000 hosts went past the open-file limit (EMFILE).
+        self.engine = DockerEngine(config.engine, cluster=config.etcd.prefix,
+                                   keep_alive=False)
         self.server = server
         self.gate = gate
         self.registered = registered
@@ -109,15 +119,6 @@ class HollowAgent(Agent):
             node = await super().register()
         self.registered()
         return node
-
-    async def before_ready(self) -> None:
-        """As a real agent's, then let go of the engine connection it used: thousands of
-        idle keep-alive connections (two descriptors each, both ends are in this process)
-        would crowd the open-file limit that the master's connections need."""
-        await super().before_ready()
-        used = self.engine
-        self.engine = DockerEngine(used.url, cluster=used.cluster)
-        await used.close()
 
 
 class HollowHosts:
@@ -197,7 +198,8 @@ class HollowHosts:
         self.say(f"hollow hosts: {c.hosts} engines in {c.dir} ({c.cpu} cpu, "
                  f"{c.memory >> 30} GiB each), open-file limit {limit}")
         await self.start_engines()
-        self.store = EtcdStore(c.etcd, c.prefix, shared_leases=True)
+        self.store = EtcdStore(c.etcd, c.prefix, shared_leases=True,
+                               lease_streams=LEASE_STREAMS)
         await self.start_control()
         try:
             for i, name in enumerate(c.names()):

@@ -11,14 +11,19 @@ Invariants:
 - while the engine does not answer, the agent keeps its lease (the node is NotReady but
   alive): the containers that engine runs cannot be fenced, so the master must not count
   them as gone;
+- the lease is renewed every third of the TTL whatever else the agent does: making the host
+  safe to rejoin (`before_ready`) runs beside the renewals, and Ready is said once it is done;
 - an agent that cannot renew its lease stops its instances' containers before the lease can
   lapse (sigmad.node.fence); once its lease is found lapsed it rejoins with a new one, as a
-  node that comes back (`before_ready` first).
+  node that comes back (`before_ready` first);
+- rejoining costs etcd the records of this host's own containers (read by key), never a
+  read of every instance: a mass lease lapse makes every agent rejoin at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -32,7 +37,7 @@ from sigmad.config import NodeConfig
 from sigmad.engine import LABEL_INSTANCE, ContainerState, DockerEngine
 from sigmad.errors import EngineError, SigmaError
 from sigmad.events import EventLog
-from sigmad.models import Beat, Instance, Node, now
+from sigmad.models import Beat, Instance, Node, now, split_name
 from sigmad.network.overlay import OverlayError
 from sigmad.node.configs import ConfigKeeper
 from sigmad.node.disks import DiskKeeper, LinuxHost
@@ -45,6 +50,7 @@ from sigmad.store import EtcdStore, Store
 from sigmad.tls import client_context
 
 log = logging.getLogger(__name__)
+READS_AT_ONCE = 16  # record reads in flight while an agent looks for stale containers
 
 
 def config_root(config: NodeConfig) -> str:
@@ -131,6 +137,8 @@ class Agent:
         self.configs = ConfigKeeper(config.name, config_root(config), store) if overlay \
             else None
         self.said: bool | None = None  # what the heartbeat says of the engine (None: no beat)
+        self.readying: asyncio.Task[None] | None = None  # `before_ready`, while it runs
+        self._woken = asyncio.Event()  # the readying is done: beat now, not at the next tick
         self.fence = SelfFence(lambda: self.engine, config.heartbeat_ttl)
         self.usage = Sampler(config.name, self.engine, store, config.usage_cgroup) \
             if config.usage_interval and overlay else None
@@ -216,10 +224,19 @@ class Agent:
                     await self.beat()
                 except SigmaError as exc:
                     log.warning("heartbeat failed: %s", exc.message)
-                await asyncio.sleep(max(tick + ttl / 3 - time.monotonic(), 0.0))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._woken.wait(),
+                                           max(tick + ttl / 3 - time.monotonic(), 0.0))
+                self._woken.clear()
         finally:
             fence.cancel()
+            self._stop_readying()
             await asyncio.gather(fence, return_exceptions=True)
+
+    def _stop_readying(self) -> None:
+        if self.readying is not None:
+            self.readying.cancel()
+            self.readying = None
 
     async def beat(self) -> None:
         """One heartbeat: renew the lease (or get a new one) while asking the engine, and say
@@ -234,6 +251,7 @@ class Agent:
             else:
                 log.warning("heartbeat lease %x lapsed", self.lease)
                 self.lease, self.said = 0, None
+                self._stop_readying()  # what moved away meanwhile: look again
         else:
             answers = await self._engine_answers()
         if not self.lease:
@@ -245,8 +263,18 @@ class Agent:
         if answers == self.said:
             return
         if answers:
-            await self.before_ready()
+            # Made safe to rejoin in a task of its own: the renewals go on meanwhile (a
+            # thousand agents rejoining at once, or one slow engine, took longer than the
+            # TTL: the new lease lapsed before its first renewal, again and again).
+            if self.readying is None:
+                self.readying = asyncio.create_task(self.before_ready())
+                self.readying.add_done_callback(lambda _: self._woken.set())
+            if not self.readying.done():
+                return
+            done, self.readying = self.readying, None
+            done.result()  # raises what failed: the next beat starts it again
         else:
+            self._stop_readying()
             log.warning("the engine does not answer: the node is NotReady (its instances "
                         "stay until it answers)")
         await self.store.put(key, Beat(self.config.name, now(), answers), lease=self.lease)
@@ -288,8 +316,7 @@ class Agent:
                         len(found), "a restore is under way" if restoring else
                         "etcd holds no cluster records (no schema key)")
             return
-        records, _ = await self.store.scan(self.store.keys.instances(), Instance)
-        placed = {v.value.key: v.value for v in records}  # `ns/app-index` → record
+        placed = await self._records_of(found)
         stale = []
         for c in found:
             owner = c.labels.get(LABEL_INSTANCE, "")
@@ -308,6 +335,27 @@ class Agent:
             self.events.emit("instance", ns, name, app, message, warning=True)
 
         await asyncio.gather(*(remove(*item) for item in stale))
+
+    async def _records_of(self, found: list[ContainerState]) -> dict[str, Instance]:
+        """The instance records (`ns/app-index` → record) of the containers `found` here,
+        read key by key, READS_AT_ONCE at a time: the records of this host's containers,
+        never a scan of every instance (a thousand agents rejoining at once after a mass
+        lease lapse each read the whole table: etcd was buried under gigabytes of reads)."""
+        owners = {c.labels.get(LABEL_INSTANCE, "") for c in found}
+        gate = asyncio.Semaphore(READS_AT_ONCE)
+
+        async def read(owner: str) -> Instance | None:
+            ns, _, name = owner.partition("/")
+            parts = split_name(name)
+            if not ns or parts is None:
+                return None  # not an instance's name: no record can place it
+            async with gate:
+                v = await self.store.get(self.store.keys.instance(ns, *parts), Instance)
+            return v.value if v is not None else None
+
+        ordered = sorted(owners)
+        found_records = await asyncio.gather(*(read(o) for o in ordered))
+        return {o: r for o, r in zip(ordered, found_records, strict=True) if r is not None}
 
     async def run(self) -> None:
         events = asyncio.create_task(self.events.run())

@@ -21,7 +21,7 @@ from sigmad.node.fence import margin
 from sigmad.schema import VERSION, SchemaRecord
 from tests.fakes.engine import FakeEngine
 from tests.fakes.store import MemoryStore
-from tests.unit.harness import Leader, spec
+from tests.unit.harness import GI, Leader, spec
 
 KEY = "/t/instances/default/web/0"
 
@@ -294,3 +294,120 @@ async def test_an_agent_removes_nothing_while_the_clusters_records_are_absent(
     await store.put(store.keys.schema(), SchemaRecord(VERSION))
     await agent.remove_stale()
     assert set(engine.by_id) == {a}  # web-1 has no record placing it here
+
+
+async def test_rejoining_reads_only_the_records_of_its_own_containers() -> None:
+    """A mass lease lapse makes every agent rejoin at once: each reads the records of its
+    own containers by key, never every instance of the cluster (a thousand agents each
+    reading 20,000 records buried etcd)."""
+    store = MemoryStore("/t")
+    await store.put(store.keys.schema(), SchemaRecord(VERSION))
+    agent = Agent(NodeConfig(name="h1", engine="fake://h1", heartbeat_ttl=2,
+                             etcd=EtcdConfig(prefix="/t")), store, overlay=False)
+    engine = agent.engine = FakeEngine("fake://h1", "/t")  # type: ignore[assignment]
+    for i in range(500):  # the rest of the cluster
+        await store.put(store.keys.instance("default", "other", i),
+                        Instance("default", "other", i, 1, node="h2"))
+    await store.put(store.keys.instance("default", "web", 0),
+                    Instance("default", "web", 0, 1, node="h1"))
+    await store.put(store.keys.instance("default", "web", 1),
+                    Instance("default", "web", 1, 1, node="h2"))  # moved away
+    a, *_ = await run_containers(engine, "default/web-0", "default/web-1", "default/gone-3")
+    await agent.remove_stale()
+    assert set(engine.by_id) == {a}  # web-1 placed elsewhere, gone-3 has no record
+    assert store.items_read == 0  # no range read: three gets
+
+
+class SlowRejoin(Agent):
+    """An agent whose making-safe-to-rejoin takes as long as the test says."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.may_finish = asyncio.Event()
+
+    async def before_ready(self) -> None:
+        await self.may_finish.wait()
+        await super().before_ready()
+
+
+async def test_renewals_go_on_while_the_agent_makes_its_host_safe_to_rejoin() -> None:
+    """A rejoin slower than the TTL (a thousand agents rejoining at once, or one slow
+    engine) must not starve the renewals: the new lease is kept, the self-fence never fires,
+    and Ready is said once the host is safe (no later than the next tick)."""
+    store = MemoryStore("/t")
+    await store.put(store.keys.schema(), SchemaRecord(VERSION))
+    ttl = 2
+    agent = SlowRejoin(NodeConfig(name="h1", engine="fake://h1", heartbeat_ttl=ttl,
+                                  etcd=EtcdConfig(prefix="/t")), store, overlay=False)
+    engine = agent.engine = FakeEngine("fake://h1", "/t")  # type: ignore[assignment]
+    await store.put(store.keys.instance("default", "web", 0),
+                    Instance("default", "web", 0, 1, node="h1"))
+    (cid,) = await run_containers(engine, "default/web-0")
+    renewals = 0
+    keepalive = store.keepalive
+
+    async def counted(lease: int) -> bool:
+        nonlocal renewals
+        renewals += 1
+        return await keepalive(lease)
+
+    store.keepalive = counted  # type: ignore[method-assign]
+    beating = asyncio.create_task(agent.heartbeat())
+    try:
+        await asyncio.sleep(ttl * 1.5)  # past the self-fence's moment (ttl - margin)
+        assert renewals >= 3 and not agent.fence.fired_at
+        assert await beat_of(store, "h1") is None  # not Ready while not safe
+        agent.may_finish.set()
+        released = time.monotonic()
+        while (beat := await beat_of(store, "h1")) is None:
+            assert time.monotonic() - released < ttl / 3, "Ready waited for the next tick"
+            await asyncio.sleep(0.01)
+        assert beat.engine and engine.by_id[cid].status == "running"
+    finally:
+        beating.cancel()
+        await asyncio.gather(beating, return_exceptions=True)
+
+
+class CountingEngine(FakeEngine):
+    """A fake engine counting the fence calls (a list of one instance's containers) in
+    flight over every engine of the class."""
+
+    live = 0
+    peak = 0
+
+    async def containers(self, labels: dict[str, str] | None = None) -> Any:
+        fence = bool((labels or {}).get(LABEL_INSTANCE))
+        if fence:
+            CountingEngine.live += 1
+            CountingEngine.peak = max(CountingEngine.peak, CountingEngine.live)
+        try:
+            return await super().containers(labels)
+        finally:
+            if fence:
+                CountingEngine.live -= 1
+
+
+async def test_a_mass_lease_lapse_fences_through_a_bounded_number_of_calls() -> None:
+    """Every node lost at once, their engines answering but slowly (a host coming back
+    under load): never more than the bound of fence calls in flight over all engines, and
+    every instance is fenced through its engine and Running elsewhere."""
+    async with Leader(workers=32, fence_grace=0.1) as lead:
+        lead.controller.fence_slots = asyncio.Semaphore(3)
+        names = [f"n{i}" for i in range(8)]
+        for name in names:
+            lead.engines[f"fake://{name}"] = CountingEngine(f"fake://{name}", "/t")
+            await lead.add_node(name)
+        await lead.apply(spec(replicas=16))
+        await lead.running("web", 16)
+        await lead.add_node("spare", cpu_m=64000, memory=64 * GI, ports=100)
+        for name in names:
+            lead.engine(name).slow = 0.2
+        CountingEngine.peak = 0
+        for name in names:
+            await lead.lose_node(name)
+        after = await lead.until(
+            lambda: len(lead.instances()) == 16 and all(
+                i.node == "spare" and i.state == "Running" for i in lead.instances())
+            and lead.instances(), timeout=30, what="all 16 Running on spare")
+        assert all(t.reason == "KilledBySigma(fenced)" for i in after for t in i.terminations)
+        assert 1 <= CountingEngine.peak <= 3

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from sigmad.engine import DockerEngine
+from sigmad.engine import DockerEngine, EnginePool
 from sigmad.errors import EngineError
 from sigmad.lab.hollow import UNSET_TIME, ApiError, Capacity, HollowEngine, rfc3339
 from sigmad.lab.hollow_engine import EngineServer, event_filter, parse_filters
@@ -280,3 +281,54 @@ async def test_served_through_sigmas_engine_client(tmp_path: Path) -> None:
     finally:
         await client.close()
         await server.close()
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_a_client_without_keep_alive_leaves_no_connection_open(tmp_path: Path) -> None:
+    """Hollow agents talk to their own engine in this process (two descriptors a
+    connection): without keep-alive nothing stays open between calls, where a default
+    client keeps its connections."""
+    server = EngineServer(tmp_path / "h1.sock", Capacity(4, 8 << 30), images=(IMAGE,))
+    await server.start()
+    try:
+        for keep_alive, left in ((False, 0), (True, 2)):  # 2: both ends of one connection
+            before = open_fds()
+            client = DockerEngine(server.url, cluster="/c", keep_alive=keep_alive)
+            for _ in range(5):
+                await client.ping()
+                await client.find({"app": ""})
+            for _ in range(100):  # both ends close a moment after the answer
+                if open_fds() - before == left:
+                    break
+                await asyncio.sleep(0.01)
+            assert open_fds() - before == left, f"keep_alive={keep_alive}"
+            await client.close()
+    finally:
+        await server.kill()
+
+
+async def test_the_clients_of_a_pool_keep_at_most_its_idle_budget(tmp_path: Path) -> None:
+    """A master's clients of many engines keep at most the pool's budget of idle
+    connections between them (else three sockets an engine: past the open-file limit at
+    thousands of engines); calls beyond it still work, on connections of their own."""
+    server = EngineServer(tmp_path / "h.sock", Capacity(4, 8 << 30), images=(IMAGE,))
+    await server.start()
+    pool = EnginePool("/c", idle=5)
+    try:
+        before = open_fds()
+        clients = [pool.get(f"n{i}", server.url)[0] for i in range(20)]
+        for _ in range(2):
+            await asyncio.gather(*(c.ping() for c in clients))
+        for _ in range(100):  # both ends close a moment after the answer
+            if open_fds() - before <= 2 * 5:
+                break
+            await asyncio.sleep(0.01)
+        assert open_fds() - before == 2 * 5  # five idle connections, both ends here
+        assert pool.budget.kept == 5
+        await pool.close()
+        assert pool.budget.kept == 0
+    finally:
+        await server.kill()
