@@ -270,6 +270,9 @@ class Controller:
         elif kind == APPLIED:
             for node, owner in self.flips:
                 self.queue.add(("stray", node, owner))
+            for v in self.cache.instances_on(key.rsplit("/", 1)[-1]):  # drained: flip now
+                if v.value.quiesce:
+                    self.queue.add(("inst", v.key))
         elif kind == IPS:
             ip = key.rsplit("/", 1)[-1]
             if new is None:
@@ -641,15 +644,20 @@ class Controller:
         runs = self._revision_app(inst, app, moving=True)
         releasing = inst.release == runs.template_generation and not inst.release_failed
         self._on_engine(key, target.name)
+        applied = self.cache.get(APPLIED, self.keys.overlay_applied(inst.node))
+        old = moves.OldCopy(inst.node in self.cache.ready,
+                            applied.value.drained if applied is not None else None)
         async with self.gates[target.name]:
             t = await moves.move_step(inst, runs, engine, target, watch, self._reporter(inst),
                                       self._config_input(inst, target.name, runs),
-                                      app.spec.update.min_ready if releasing else 0.0)
+                                      app.spec.update.min_ready if releasing else 0.0, old)
         if t is None:
             self.queue.add_after(key, STEP_AGAIN)
             return
         await self._write(v, t)
-        if t.new.node == inst.next_node:  # flipped: the old copy is now a stray
+        if t.new.quiesce:  # the old copy drains: its agent's word re-queues it (or the bound)
+            self.queue.add_after(key, STEP_AGAIN)
+        elif t.new.node == inst.next_node:  # flipped: the old copy is now a stray
             self.queue.add(("stray", inst.node, inst.key))
         else:  # called off: the new copy is a stray
             self.queue.add(("stray", inst.next_node, inst.key))
