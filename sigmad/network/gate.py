@@ -65,6 +65,7 @@ def syn_program(ip: str) -> list[tuple[int, int, int, int]]:
 class _gate_options(nla):
     """cls_bpf's options with classic BPF ops (pyroute2 knows only an eBPF fd)."""
 
+    _nlmsg_base__compiled_nla = False  # compile this map, not inherit nla's compiled one
     nla_map = (
         ("TCA_BPF_UNSPEC", "none"),
         ("TCA_BPF_ACT", "hex"),
@@ -79,25 +80,33 @@ class _gate_options(nla):
 
 
 class _gate_msg(tcmsg):
+    """A tc filter request whose options are `_gate_options`."""
+
+    _nlmsg_base__compiled_nla = False  # compile this map, not inherit tcmsg's compiled one
     nla_map = tuple(("TCA_OPTIONS", "gate_options") if entry[0] == "TCA_OPTIONS" else entry
                     for entry in tcmsg.nla_map)
     gate_options = _gate_options
 
 
-def close(port: int, ip: str) -> bool:
-    """Drop new connections to `ip` on the host-side veth `port` (ifindex); False if the
-    gate was already there."""
+def request(port: int, ip: str) -> tcmsg:
+    """The netlink request that adds the gate of `ip` to `port` (encode() makes its bytes)."""
     program = syn_program(ip)
     msg = _gate_msg()
-    msg["family"], msg["index"], msg["handle"], msg["parent"] = 0, port, HANDLE, EGRESS
-    msg["info"] = (PRIO << 16) | socket.htons(ETH_P_ALL)
     msg["header"]["type"] = RTM_NEWTFILTER
     msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
+    msg["family"], msg["index"], msg["handle"], msg["parent"] = 0, port, HANDLE, EGRESS
+    msg["info"] = (PRIO << 16) | socket.htons(ETH_P_ALL)
     msg["attrs"] = [["TCA_KIND", "bpf"], ["TCA_OPTIONS", {"attrs": [
         ["TCA_BPF_OPS_LEN", len(program)],
         ["TCA_BPF_OPS", b"".join(struct.pack("=HBBI", *op) for op in program)],
         ["TCA_BPF_FLAGS", TCA_BPF_FLAG_ACT_DIRECT],
     ]}]]
+    return msg
+
+
+def close(port: int, ip: str) -> bool:
+    """Drop new connections to `ip` on the host-side veth `port` (ifindex); False if the
+    gate was already there."""
     try:
         with IPRoute() as ipr:
             if _has_gate(ipr, port):
@@ -108,8 +117,8 @@ def close(port: int, ip: str) -> bool:
                 if exc.code != EEXIST:  # the port has one already
                     raise
             # (a batch of one: the plain request of this pyroute2's sync API fails)
-            ipr.nlm_request_batch([msg])
-    except NetlinkError as exc:
+            ipr.nlm_request_batch([request(port, ip)])
+    except (NetlinkError, OSError, ValueError, struct.error) as exc:
         raise OverlayError(f"netlink: SYN gate on port {port}: {exc}") from None
     return True
 

@@ -8,7 +8,7 @@ Invariants:
   longer-lived connection is then cut by the flip, as by any restart), this node says so
   in `drained` of its `overlay-applied/{node}` record (key → the record's `quiesce` stamp);
 - a record that stops quiescing while it still places the copy here (the move called off)
-  lifts the gate; one that places it elsewhere (the flip) or is gone forgets it: the gate
+  lifts the gate; one that places it elsewhere (the flip) or is gone leaves it: the gate
   goes with the copy's veth when the copy stops;
 - nothing is only in memory: after a restart the agent gates again what the records say
   (a gate already there is kept) and, at each full sync, lifts every gate of the bridge
@@ -70,6 +70,7 @@ class Quiescer:
         self.said = said
         self.gated: dict[str, float] = {}  # key → the mark it was gated for
         self.ports: dict[str, int] = {}  # key → the host-side veth gated
+        self.leaving: set[int] = set()  # gated veths of copies that moved away (until gone)
         self.drained: dict[str, float] = {}  # key → mark: what overlay-applied says
         self.waits: dict[str, asyncio.Task[None]] = {}
 
@@ -86,11 +87,14 @@ class Quiescer:
                 await asyncio.to_thread(gate.open_, port)
                 log.info("%s: move called off: new connections reach its copy again", key)
         for key in p.forget:
-            self.ports.pop(key, None)
+            port = self.ports.pop(key, None)
+            if port is not None:
+                self.leaving.add(port)
             self._drop(key)
         if full:
-            owned = set(self.ports.values())
-            for port in await asyncio.to_thread(gate.closed_ports, self.bridge) - owned:
+            closed = await asyncio.to_thread(gate.closed_ports, self.bridge)
+            self.leaving &= closed  # (a stopped copy's veth is gone, and its gate with it)
+            for port in closed - set(self.ports.values()) - self.leaving:
                 await asyncio.to_thread(gate.open_, port)
                 log.info("lifted a SYN gate no quiescing instance owns (port %d)", port)
 

@@ -6,13 +6,16 @@ the agent's gate plan (sigmad.node.quiesce.plan) and its reading of /proc/net/tc
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 
 import pytest
+from pyroute2.netlink.rtnl.tcmsg import tcmsg
 
 from sigmad.control import moves
 from sigmad.control.moves import OldCopy, flip_due
 from sigmad.models import ContainerStatus, Instance, OverlayApplied
-from sigmad.network.gate import count_busy
+from sigmad.network.gate import SHOT, UNSPEC, count_busy, request, syn_program
 from sigmad.node.quiesce import plan
 from tests.unit.harness import Leader, spec
 
@@ -123,3 +126,59 @@ def test_connections_in_use_on_the_instance_ip_are_counted() -> None:
     assert count_busy(TCP, "10.85.0.5") == 2
     assert count_busy(TCP6, "10.85.0.5") == 1
     assert count_busy(TCP, "10.85.0.6") == 0
+
+
+def run_cbpf(program: list[tuple[int, int, int, int]], frame: bytes) -> int:
+    """A classic BPF interpreter for the opcodes the gate uses (its verdict on `frame`)."""
+    a = x = pc = 0
+    while True:
+        code, jt, jf, k = program[pc]
+        pc += 1
+        if code == 0x28:
+            a = int.from_bytes(frame[k:k + 2], "big")
+        elif code == 0x30:
+            a = frame[k]
+        elif code == 0x20:
+            a = int.from_bytes(frame[k:k + 4], "big")
+        elif code == 0x50:
+            a = frame[x + k]
+        elif code == 0xB1:
+            x = 4 * (frame[k] & 0xF)
+        elif code == 0x54:
+            a &= k
+        elif code == 0x15:
+            pc += jt if a == k else jf
+        elif code == 0x45:
+            pc += jt if a & k else jf
+        elif code == 0x06:
+            return k
+        else:
+            raise AssertionError(f"opcode {code:#x}")
+
+
+def frame(dst: str, flags: int, proto: int = 6, options: int = 0, frag: int = 0,
+          ethertype: int = 0x0800) -> bytes:
+    ip = bytes([0x45 + options, 0]) + bytes(4) + frag.to_bytes(2, "big") + bytes([64, proto]) \
+        + bytes(2) + socket.inet_aton("10.0.0.9") + socket.inet_aton(dst) + bytes(4 * options)
+    tcp = bytes(13) + bytes([flags]) + bytes(6)
+    return bytes(12) + ethertype.to_bytes(2, "big") + ip + tcp
+
+
+def test_the_gate_drops_a_syn_to_the_instance_and_nothing_else() -> None:
+    program = syn_program("10.244.3.7")
+    assert run_cbpf(program, frame("10.244.3.7", 0x02)) == SHOT  # SYN
+    assert run_cbpf(program, frame("10.244.3.7", 0x02, options=2)) == SHOT  # with IP options
+    for passing in (frame("10.244.3.7", 0x12), frame("10.244.3.7", 0x10),  # SYN-ACK, ACK
+                    frame("10.244.3.7", 0x11), frame("10.244.3.8", 0x02),  # FIN, another IP
+                    frame("10.244.3.7", 0x02, proto=17),  # UDP
+                    frame("10.244.3.7", 0x02, frag=5),  # a later fragment
+                    frame("10.244.3.7", 0x02, ethertype=0x0806)):  # ARP
+        assert run_cbpf(program, passing) == UNSPEC
+
+
+def test_the_gate_request_encodes_its_own_options_after_tcmsg_compiled() -> None:
+    tcmsg()  # (pyroute2 compiles a message class's map once: the gate's must be its own)
+    msg = request(7, "10.244.3.7")
+    msg.encode()
+    ops = b"".join(struct.pack("=HBBI", *op) for op in syn_program("10.244.3.7"))
+    assert ops in bytes(msg.data)
