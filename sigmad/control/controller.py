@@ -42,7 +42,15 @@ from sigmad.control.queue import WorkQueue
 from sigmad.engine import ContainerState, Engine, EnginePool
 from sigmad.errors import Conflict, EngineError, SigmaError
 from sigmad.events import EventLog
-from sigmad.models import SSD_BROKEN, AppRecord, Instance, Node, now, split_name
+from sigmad.models import (
+    SSD_BROKEN,
+    AppRecord,
+    ContainerStatus,
+    Instance,
+    Node,
+    now,
+    split_name,
+)
 from sigmad.network import ipam
 from sigmad.reasons import SSD_LOST, Kill, Reason, State
 from sigmad.scheduler import binder
@@ -104,6 +112,8 @@ class Controller:
         self.unfenced: dict[str, float] = {}  # node → when its engine last failed a fence
         self.own: dict[str, Instance] = {}  # records a step is writing now (key → record)
         self.dependents: dict[str, set[str]] = {}  # `ns/app` → the apps that depend on it
+        self.new_copies: dict[str, tuple[str, list[ContainerStatus]]] = {}  # instance →
+        # a live move's new node and its copy's statuses at its last step (moves.move_step)
         self.flips: dict[tuple[str, str], tuple[float, float]] = {}  # (node, instance) →
         # when its old copy's stop began waiting for the agents, when they had all applied
         self.scheduling = asyncio.Event()
@@ -607,6 +617,7 @@ class Controller:
         if inst.next_node:
             await self._move(key, v, app.value)
             return
+        self.new_copies.pop(inst.key, None)  # (a move that has ended)
         hold = ""
         if app.value.spec.depends_on:
             running = {d: sum(1 for i in self.cache.instances_of(d).values()
@@ -650,11 +661,14 @@ class Controller:
         async with self.gates[target.name]:
             t = await moves.move_step(inst, runs, engine, target, watch, self._reporter(inst),
                                       self._config_input(inst, target.name, runs),
-                                      app.spec.update.min_ready if releasing else 0.0, old)
+                                      app.spec.update.min_ready if releasing else 0.0, old,
+                                      self.new_copies)
         if t is None:
             self.queue.add_after(key, STEP_AGAIN)
             return
         await self._write(v, t)
+        if inst.quiesce and t.new.node == inst.next_node:
+            log.info("%s: flipped %.2fs after the quiesce mark", inst.key, now() - inst.quiesce)
         if t.new.quiesce:  # the old copy drains: its agent's word re-queues it (or the bound)
             self.queue.add_after(key, STEP_AGAIN)
         elif t.new.node == inst.next_node:  # flipped: the old copy is now a stray

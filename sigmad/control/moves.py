@@ -33,7 +33,7 @@ from sigmad.control.drive import ConfigInput, Report, Runner
 from sigmad.control.migration import Transition
 from sigmad.control.rollout import ready_for
 from sigmad.engine import Engine
-from sigmad.models import AppRecord, Instance, Node, now
+from sigmad.models import AppRecord, ContainerStatus, Instance, Node, now
 from sigmad.reasons import State
 
 FLIP_GRACE = 0.5  # seconds the old copy keeps answering once every agent has the flip
@@ -66,20 +66,29 @@ async def move_step(inst: Instance, app: AppRecord, new_engine: Engine, new_node
                     watch: EngineWatch, report: Report,
                     config_input: ConfigInput | None = None,
                     min_ready: float = 0.0,
-                    old: OldCopy = OldCopy(True, None)) -> Transition | None:
+                    old: OldCopy = OldCopy(True, None),
+                    seen: dict[str, tuple[str, list[ContainerStatus]]] | None = None,
+                    ) -> Transition | None:
     """One step of a live move on the new node (`watch`: its containers): a Transition to
     write (the quiesce mark, the flip, or the move called off), or None while the new copy
     is still starting or the old one drains (step again soon; `old`: its node, `flip_due`).
     `app` is what the new copy runs (a release step's target revision).
     For a release step (`inst.release`), the new copy must have been ready `min_ready`
     seconds before the flip, and a container of it that ends calls the move off: the step
-    failed (`release_failed`), and the old copy never stopped serving."""
+    failed (`release_failed`), and the old copy never stopped serving. `seen` keeps the new
+    copy's container statuses from one step to the next (instance → node, statuses), so a
+    container found ready is not probed again (the flip of a drained copy waits for no probe);
+    the caller drops its entry once the move has ended."""
+    memo = seen if seen is not None else {}
+    node, known = memo.get(inst.key, ("", []))
     copy = dataclasses.replace(
         inst.copy(), node=inst.next_node, host_ports=dict(inst.next_ports),
-        state=State.SCHEDULED, reason="", containers=[], terminations=[], next_start=0.0,
-        streak=0, generation=app.template_generation,
+        state=State.SCHEDULED, reason="", containers=list(known) if node == inst.next_node
+        else [], terminations=[], next_start=0.0, streak=0,
+        generation=app.template_generation,
     )
     await Runner(new_engine, watch, copy, app, new_node, report, config_input).step()
+    memo[inst.key] = (inst.next_node, copy.containers)
     failed = ""
     if copy.state == State.FAILED_TO_START:  # the runner removed what it had made
         failed = copy.reason

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from sigmad.engine import Engine
 from sigmad.errors import SigmaError
-from sigmad.models import Instance
+from sigmad.models import Instance, now
 from sigmad.network import gate
 from sigmad.network.ipam import mac_for
 from sigmad.network.overlay import OverlayError
@@ -139,7 +139,8 @@ class Quiescer:
             self._done(key, mark)
             return
         self.ports[key] = port
-        log.info("%s: new connections to its copy dropped (port %d); draining", key, port)
+        log.info("%s: new connections to its copy dropped (port %d) %.2fs after the mark; "
+                 "draining", key, port, now() - mark)
         self.waits[key] = asyncio.create_task(self._drain(key, mark, pid, inst.ip))
 
     async def _drain(self, key: str, mark: float, pid: int, ip: str) -> None:
@@ -151,4 +152,5 @@ class Quiescer:
             log.info("%s: %d connection(s) still open after %gs: the flip cuts them", key,
                      left, DRAIN_WAIT)
         self.waits.pop(key, None)
+        log.info("%s: drained %.2fs after the mark", key, now() - mark)
         self._done(key, mark)
