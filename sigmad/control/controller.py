@@ -654,10 +654,16 @@ class Controller:
         engine, watch = found
         runs = self._revision_app(inst, app, moving=True)
         releasing = inst.release == runs.template_generation and not inst.release_failed
-        self._on_engine(key, target.name)
         applied = self.cache.get(APPLIED, self.keys.overlay_applied(inst.node))
         old = moves.OldCopy(inst.node in self.cache.ready,
                             applied.value.drained if applied is not None else None)
+        t = moves.drained_flip(inst, runs, watch, old, self.new_copies, now())
+        if t is not None:  # (no engine call: it does not wait for the engine's gate)
+            await self._write(v, t)
+            log.info("%s: flipped %.2fs after the quiesce mark", inst.key, now() - inst.quiesce)
+            self.queue.add(("stray", inst.node, inst.key))
+            return
+        self._on_engine(key, target.name)
         async with self.gates[target.name]:
             t = await moves.move_step(inst, runs, engine, target, watch, self._reporter(inst),
                                       self._config_input(inst, target.name, runs),

@@ -62,6 +62,31 @@ def flip_due(inst: Instance, old: OldCopy, clock: float) -> bool:
     return clock - inst.quiesce >= QUIESCE_WAIT
 
 
+def drained_flip(inst: Instance, app: AppRecord, watch: EngineWatch, old: OldCopy,
+                 seen: dict[str, tuple[str, list[ContainerStatus]]],
+                 clock: float) -> Transition | None:
+    """The flip of a quiescing move that is due (`flip_due`) when every container of its new
+    copy was ready at the last step (`seen`, see `move_step`) and still runs (`watch`: the new
+    node's containers): no engine call, so the flip never waits behind other steps on that
+    engine while the old copy drops new connections. None: step as usual."""
+    node, known = seen.get(inst.key, ("", []))
+    if not inst.quiesce or node != inst.next_node or \
+            len(known) != len(app.spec.containers) or not all(c.ready for c in known):
+        return None
+    running = {c.id for c in watch.of(inst.key) if c.running}
+    if any(c.id not in running for c in known) or not flip_due(inst, old, clock):
+        return None
+    return _flip(inst, known, app.template_generation)
+
+
+def _flip(inst: Instance, containers: list[ContainerStatus], generation: int) -> Transition:
+    new = inst.flipped(containers)
+    new.generation = generation
+    return Transition(new, [(inst.node, inst.host_ports)],
+                      [(f"moved from {inst.node} to {inst.next_node} ({inst.move}); the old "
+                        "copy stops once every node's overlay has the flip", False)])
+
+
 async def move_step(inst: Instance, app: AppRecord, new_engine: Engine, new_node: Node,
                     watch: EngineWatch, report: Report,
                     config_input: ConfigInput | None = None,
@@ -109,8 +134,4 @@ async def move_step(inst: Instance, app: AppRecord, new_engine: Engine, new_node
                             f"{inst.node} before the flip", False)])
     if not flip_due(inst, old, now()):
         return None
-    new = inst.flipped(copy.containers)
-    new.generation = copy.generation
-    return Transition(new, [(inst.node, inst.host_ports)],
-                      [(f"moved from {inst.node} to {inst.next_node} ({inst.move}); the old "
-                        "copy stops once every node's overlay has the flip", False)])
+    return _flip(inst, copy.containers, copy.generation)

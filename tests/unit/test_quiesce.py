@@ -13,10 +13,13 @@ import pytest
 from pyroute2.netlink.rtnl.tcmsg import tcmsg
 
 from sigmad.control import moves
-from sigmad.control.moves import OldCopy, flip_due
-from sigmad.models import ContainerStatus, Instance, OverlayApplied
+from sigmad.control.containers import EngineWatch
+from sigmad.control.moves import OldCopy, drained_flip, flip_due
+from sigmad.engine import LABEL_INSTANCE, ContainerState
+from sigmad.models import AppRecord, ContainerStatus, Instance, OverlayApplied
 from sigmad.network.gate import SHOT, UNSPEC, count_busy, request, syn_program
 from sigmad.node.quiesce import plan
+from sigmad.spec import AppSpec, ContainerSpec
 from tests.unit.harness import Leader, spec
 
 
@@ -182,3 +185,22 @@ def test_the_gate_request_encodes_its_own_options_after_tcmsg_compiled() -> None
     msg.encode()
     ops = b"".join(struct.pack("=HBBI", *op) for op in syn_program("10.244.3.7"))
     assert ops in bytes(msg.data)
+
+
+def test_a_due_flip_of_a_copy_ready_at_the_last_step_needs_no_engine_call() -> None:
+    rec = AppRecord(AppSpec(app="web", containers=[ContainerSpec(name="main", image="b:1")]),
+                    generation=1)
+    inst = moving(quiesce=100.0)
+    watch = EngineWatch("b", None, lambda node, owner: None)  # type: ignore[arg-type]
+    ready = [ContainerStatus("main", id="n1", state="running", ready=True)]
+    seen = {inst.key: ("b", ready)}
+    said = OldCopy(True, {inst.key: 100.0})
+    assert drained_flip(inst, rec, watch, said, seen, 100.2) is None  # n1 not seen running
+    watch.put(ContainerState("n1", "web-0-main", {LABEL_INSTANCE: inst.key}, True, "running",
+                             0, False, "", "", "", 42, ""))
+    t = drained_flip(inst, rec, watch, said, seen, 100.2)
+    assert t is not None and t.new.node == "b" and t.new.containers == ready
+    assert drained_flip(inst, rec, watch, OldCopy(True, {}), seen, 100.2) is None  # not due
+    assert drained_flip(inst, rec, watch, said, {inst.key: ("c", ready)}, 100.2) is None
+    unready = [ContainerStatus("main", id="n1", state="running", ready=False)]
+    assert drained_flip(inst, rec, watch, said, {inst.key: ("b", unready)}, 100.2) is None
