@@ -133,8 +133,9 @@ class OverlayApplied:
     at: float = 0.0
     # instance key → the `quiesce` stamp of its record for which this node's old copy is
     # drained: new connections no longer reach it and none it had is left (or the bound
-    # passed); the controller flips a live move on this (sigmad.control.moves)
-    drained: dict[str, float] = field(default_factory=dict)
+    # passed); the controller flips a live move on this (sigmad.control.moves). None: an
+    # agent that does not drain (an older one): the controller does not wait for it
+    drained: dict[str, float] | None = None
 
 
 @dataclass(slots=True)

@@ -12,6 +12,7 @@ import struct
 import pytest
 from pyroute2.netlink.rtnl.tcmsg import tcmsg
 
+from sigmad import records
 from sigmad.control import moves
 from sigmad.control.containers import EngineWatch
 from sigmad.control.moves import OldCopy, drained_flip, flip_due
@@ -44,6 +45,11 @@ def test_the_flip_goes_on_the_bound_or_at_once_for_a_lost_or_silent_old_node() -
     assert flip_due(inst, OldCopy(True, None), 100.0)  # its agent never says (a hollow host)
 
 
+def test_an_older_agents_record_says_nothing_drained_so_the_flip_does_not_wait() -> None:
+    old = records.from_dict(OverlayApplied, {"node": "a", "revision": 7, "at": 1.0})
+    assert old.drained is None and flip_due(moving(), OldCopy(True, old.drained), 100.0)
+
+
 def test_the_flip_and_a_called_off_move_clear_the_mark() -> None:
     inst = moving()
     assert inst.flipped([]).quiesce == 0.0
@@ -58,7 +64,7 @@ async def test_a_drain_flips_only_once_the_old_node_says_its_copy_is_drained() -
         await lead.running("web", 1)
         await lead.add_node("b")
         said = lead.store.keys.overlay_applied("a")
-        await lead.store.put(said, OverlayApplied("a", 1, 0.0))
+        await lead.store.put(said, OverlayApplied("a", 1, 0.0, {}))
         await lead.api.set_draining("a", True)
         marked = await lead.until(lambda: next((i for i in lead.instances() if i.quiesce), None),
                                   timeout=10, what="the old copy quiescing")
@@ -80,7 +86,7 @@ async def test_a_drain_flips_on_the_bound_when_the_old_node_never_says(
         await lead.apply(spec(replicas=1))
         await lead.running("web", 1)
         await lead.add_node("b")
-        await lead.store.put(lead.store.keys.overlay_applied("a"), OverlayApplied("a", 1, 0.0))
+        await lead.store.put(lead.store.keys.overlay_applied("a"), OverlayApplied("a", 1, 0.0, {}))
         await lead.api.set_draining("a", True)
         await lead.until(lambda: next((i for i in lead.instances() if i.quiesce), None),
                          timeout=10, what="the old copy quiescing")
