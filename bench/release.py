@@ -145,13 +145,16 @@ def section(result: dict[str, Any]) -> str:
         f"A rolling release (a new revision: an env change) of a {n}-instance httpd app on a "
         f"{hosts}-host lab (TLS on), `update: {{max_parallel: 25%, min_ready: 2s}}` (at most "
         f"{max(1, n * 25 // 100)} instances in transition; each moves live to another host "
-        "with its IP, and its old copy stops once every agent has applied the flip), from "
-        "`sigmactl apply --wait` to the rollout's `done`, while one client per host requests "
-        "every instance's IP in turn (a new connection per request; goal: 0 lost). A lost "
-        "request that was a connection reset is one whose connection was open at the moment "
-        "its client's node re-pointed the IP at the new copy, which does not know it (live "
-        "moves do not carry TCP connections over); any other loss (refused, timed out) "
-        "would be the old copy stopping too early.", "",
+        "with its IP: its old copy drains before the flip (its agent drops new SYNs to it "
+        "and waits for its open connections to end, at most 3 s), and stops once every agent "
+        "has applied the flip), from `sigmactl apply --wait` to the rollout's `done`, while "
+        "one client per host requests every instance's IP in turn (a new connection per "
+        "request; goal: 0 lost). A lost request that was a connection reset is one whose "
+        "connection was still open at the flip (the new copy does not know it); a timed-out "
+        "one, a SYN dropped by the drain and not answered by the new copy within the "
+        "client's 3 s; a refused one, the old copy stopping too early. The drain's cost: a "
+        "request whose SYN was dropped waits for its kernel's retry (about 1 s), so the "
+        "clients make fewer requests in the same time than without it.", "",
         "| run | duration | requests | lost | of which resets |",
         "| --- | --- | --- | --- | --- |",
         *(f"| {r['run']} | {r['seconds']:.1f} s | {r['requests']} | {r['lost']} | "

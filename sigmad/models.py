@@ -131,6 +131,11 @@ class OverlayApplied:
     node: str = ""
     revision: int = 0
     at: float = 0.0
+    # instance key → the `quiesce` stamp of its record for which this node's old copy is
+    # drained: new connections no longer reach it and none it had is left (or the bound
+    # passed); the controller flips a live move on this (sigmad.control.moves). None: an
+    # agent that does not drain (an older one): the controller does not wait for it
+    drained: dict[str, float] | None = None
 
 
 @dataclass(slots=True)
@@ -276,6 +281,7 @@ class Instance:
     move: str = ""  # why a live move was asked for (e.g. "drain h2"); the scheduler books it
     next_node: str = ""  # a live move in progress: booked there too, started there first
     next_ports: dict[str, int] = field(default_factory=dict)  # host ports booked on it
+    quiesce: float = 0.0  # a live move's new copy is ready: when the old copy began draining
     fence: str = ""  # how the copy on its lost node was fenced (set before any copy elsewhere)
     request: Resources = field(default_factory=Resources)
     ssds: list[BoundSsd] = field(default_factory=list)  # its volumes' disks on `node`
@@ -337,7 +343,7 @@ class Instance:
         new = self.copy()
         new.state, new.reason = State.PENDING, reason
         new.node, new.host_ports, new.containers, new.ssds = "", {}, [], []
-        new.move, new.next_node, new.next_ports = "", "", {}
+        new.move, new.next_node, new.next_ports, new.quiesce = "", "", {}, 0.0
         new.next_start, new.streak, new.updated = 0.0, 0, now()
         new.reloaded_at = 0.0  # (its containers will start anew: no reload to check)
         return new
@@ -431,14 +437,22 @@ class Instance:
         new = self.copy()
         new.reason = f"{NODE_LOST}: node {self.node} is NotReady; continuing on {self.next_node}"
         new.node, new.host_ports = self.next_node, dict(self.next_ports)
-        new.move, new.next_node, new.next_ports = "", "", {}
+        new.move, new.next_node, new.next_ports, new.quiesce = "", "", {}, 0.0
         new.state, new.containers, new.updated = State.SCHEDULED, [], now()
+        return new
+
+    def quiescing(self, at: float) -> Instance:
+        """A live move's new copy is ready: the old copy drains (its node's agent stops new
+        connections reaching it and says when it has none left) before the flip."""
+        new = self.copy()
+        new.quiesce, new.updated = at, now()
+        new.reason = f"moving to {self.next_node} ({self.move}): draining the copy on {self.node}"
         return new
 
     def move_cancelled(self, reason: str) -> Instance:
         """The move is off (release `next_ports` of `next_node`)."""
         new = self.copy()
-        new.move, new.next_node, new.next_ports = "", "", {}
+        new.move, new.next_node, new.next_ports, new.quiesce = "", "", {}, 0.0
         new.reason, new.updated = reason, now()
         return new
 
@@ -464,6 +478,7 @@ class Instance:
             containers
         new.state, new.reason, new.move, new.next_node, new.next_ports = \
             State.RUNNING, "", "", "", {}
+        new.quiesce = 0.0
         new.next_start, new.streak, new.updated = 0.0, 0, now()
         return new
 

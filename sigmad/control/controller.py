@@ -47,7 +47,15 @@ from sigmad.control.queue import WorkQueue
 from sigmad.engine import ContainerState, Engine, EnginePool
 from sigmad.errors import Conflict, EngineError, SigmaError
 from sigmad.events import EventLog
-from sigmad.models import SSD_BROKEN, AppRecord, Instance, Node, now, split_name
+from sigmad.models import (
+    SSD_BROKEN,
+    AppRecord,
+    ContainerStatus,
+    Instance,
+    Node,
+    now,
+    split_name,
+)
 from sigmad.network import ipam
 from sigmad.reasons import SSD_LOST, Kill, Reason, State
 from sigmad.scheduler import binder
@@ -111,6 +119,8 @@ class Controller:
         self.fence_slots = asyncio.Semaphore(FENCES_AT_ONCE)
         self.own: dict[str, Instance] = {}  # records a step is writing now (key → record)
         self.dependents: dict[str, set[str]] = {}  # `ns/app` → the apps that depend on it
+        self.new_copies: dict[str, tuple[str, list[ContainerStatus]]] = {}  # instance →
+        # a live move's new node and its copy's statuses at its last step (moves.move_step)
         self.flips: dict[tuple[str, str], tuple[float, float]] = {}  # (node, instance) →
         # when its old copy's stop began waiting for the agents, when they had all applied
         self.scheduling = asyncio.Event()
@@ -277,6 +287,9 @@ class Controller:
         elif kind == APPLIED:
             for node, owner in self.flips:
                 self.queue.add(("stray", node, owner))
+            for v in self.cache.instances_on(key.rsplit("/", 1)[-1]):  # drained: flip now
+                if v.value.quiesce:
+                    self.queue.add(("inst", v.key))
         elif kind == IPS:
             ip = key.rsplit("/", 1)[-1]
             if new is None:
@@ -603,6 +616,7 @@ class Controller:
         if inst.next_node:
             await self._move(key, v, app.value)
             return
+        self.new_copies.pop(inst.key, None)  # (a move that has ended)
         hold = ""
         if app.value.spec.depends_on:
             running = {d: sum(1 for i in self.cache.instances_of(d).values()
@@ -639,16 +653,30 @@ class Controller:
         engine, watch = found
         runs = self._revision_app(inst, app, moving=True)
         releasing = inst.release == runs.template_generation and not inst.release_failed
+        applied = self.cache.get(APPLIED, self.keys.overlay_applied(inst.node))
+        old = moves.OldCopy(inst.node in self.cache.ready,
+                            applied.value.drained if applied is not None else None)
+        t = moves.drained_flip(inst, runs, watch, old, self.new_copies, now())
+        if t is not None:  # (no engine call: it does not wait for the engine's gate)
+            await self._write(v, t)
+            log.info("%s: flipped %.2fs after the quiesce mark", inst.key, now() - inst.quiesce)
+            self.queue.add(("stray", inst.node, inst.key))
+            return
         self._on_engine(key, target.name)
         async with self.gates[target.name]:
             t = await moves.move_step(inst, runs, engine, target, watch, self._reporter(inst),
                                       self._config_input(inst, target.name, runs),
-                                      app.spec.update.min_ready if releasing else 0.0)
+                                      app.spec.update.min_ready if releasing else 0.0, old,
+                                      self.new_copies)
         if t is None:
             self.queue.add_after(key, STEP_AGAIN)
             return
         await self._write(v, t)
-        if t.new.node == inst.next_node:  # flipped: the old copy is now a stray
+        if inst.quiesce and t.new.node == inst.next_node:
+            log.info("%s: flipped %.2fs after the quiesce mark", inst.key, now() - inst.quiesce)
+        if t.new.quiesce:  # the old copy drains: its agent's word re-queues it (or the bound)
+            self.queue.add_after(key, STEP_AGAIN)
+        elif t.new.node == inst.next_node:  # flipped: the old copy is now a stray
             self.queue.add(("stray", inst.node, inst.key))
         else:  # called off: the new copy is a stray
             self.queue.add(("stray", inst.next_node, inst.key))

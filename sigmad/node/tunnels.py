@@ -10,7 +10,9 @@ Invariants:
 - after each sync the agent says which store revision its FDB now reflects, in the key
   `overlay-applied/{node}` under its heartbeat lease (sigmad.models.OverlayApplied): the
   controller stops the old copy of a live move only once every Ready node has applied the
-  flip (sigmad.control.moves). A host without a tunnel says so too (it has nothing to apply).
+  flip (sigmad.control.moves). A host without a tunnel says so too (it has nothing to apply);
+- the same record says which old copies of moving instances here are drained
+  (sigmad.node.quiesce): a change of an instance's quiesce mark triggers a sync too.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from sigmad.errors import SigmaError
 from sigmad.models import Instance, Node, OverlayApplied, now
 from sigmad.network.ipam import BRIDGE, MTU, VNI, VXLAN, VXLAN_PORT, OverlayNet, mac_for
 from sigmad.network.overlay import Overlay, OverlayError, Tunnel
+from sigmad.node.quiesce import Quiescer
 from sigmad.state.cache import APPLIED, INSTANCES, NODES, USAGE, Cache
 from sigmad.store import Store, Versioned
 
@@ -68,10 +71,12 @@ class TunnelKeeper:
         self.store = store
         self.engine = engine
         self.lease = lease  # the heartbeat lease (0: none yet) the applied revision goes under
-        self.said = (0, 0)  # (lease, revision) last said applied
+        self.said: tuple[int, int, frozenset[tuple[str, float]]] = (0, 0, frozenset())
+        # (lease, revision, drained) last said applied
         tunnel = tunnel_for(config)
         self.overlay = Overlay(tunnel) if tunnel else None
         self.changed = asyncio.Event()
+        self.quiescer = Quiescer(config.name, engine, BRIDGE, self.changed.set)
         self.setting_up = asyncio.Lock()  # the heartbeat's rejoin and `run` both set up
 
     async def setup(self) -> None:
@@ -102,7 +107,9 @@ class TunnelKeeper:
 
     def _on_change(self, kind: str, key: str, old: Versioned[Any] | None,
                    new: Versioned[Any] | None) -> None:
-        if kind in (NODES, INSTANCES) and fdb_input(kind, old) != fdb_input(kind, new):
+        if kind in (NODES, INSTANCES) and (
+                fdb_input(kind, old) != fdb_input(kind, new)
+                or (kind == INSTANCES and quiesce_input(old) != quiesce_input(new))):
             self.changed.set()
 
     async def run(self) -> None:
@@ -125,6 +132,8 @@ class TunnelKeeper:
                     if self.overlay is not None:
                         await self._program([v.value for v in cache.nodes().values()],
                                             [v.value for v in cache.instances().values()], full)
+                    await self.quiescer.refresh({v.value.key: v.value for v in
+                                                 cache.instances().values()}, full)
                     await self._say_applied(revision)
                     delay = 0.5
                 except (SigmaError, OverlayError, OSError) as exc:
@@ -140,6 +149,7 @@ class TunnelKeeper:
                                            max(0.0, full_at - time.monotonic()))
                 await asyncio.sleep(SETTLE)
         finally:
+            self.quiescer.stop()
             filling.cancel()
             await asyncio.gather(filling, return_exceptions=True)
 
@@ -148,18 +158,28 @@ class TunnelKeeper:
         """Put `overlay-applied/{node}` = `revision` under the heartbeat lease (once per
         lease and revision)."""
         lease = self.lease()
-        if not lease or (lease, revision) == self.said:
+        drained = dict(self.quiescer.drained)
+        said = (lease, revision, frozenset(drained.items()))
+        if not lease or said == self.said:
             return
         key = self.store.keys.overlay_applied(self.config.name)
         try:
-            await self.store.put(key, OverlayApplied(self.config.name, revision, now()),
+            await self.store.put(key, OverlayApplied(self.config.name, revision, now(), drained),
                                  lease=lease)
         except SigmaError as exc:  # (the FDB is programmed: only the news is late)
             log.warning("could not say the overlay revision applied (%s): the leader waits "
                         "up to its bound before it stops a moved instance's old copy",
                         exc.message)
             return
-        self.said = (lease, revision)
+        self.said = said
+
+
+def quiesce_input(record: Versioned[Instance] | None) -> object:
+    """What of an instance record its node's quiesce depends on."""
+    if record is None:
+        return None
+    i = record.value
+    return (i.quiesce, i.node, i.next_node)
 
 
 def fdb_input(kind: str, record: Versioned[Any] | None) -> object:
