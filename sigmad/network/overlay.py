@@ -14,6 +14,7 @@ The calls are blocking netlink requests: the agent runs them in a worker thread.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from collections.abc import Iterator
@@ -245,15 +246,57 @@ def _mirred_targets(flt: Any) -> list[int]:
     return found
 
 
-def _ours(ipr: Any, index: int) -> dict[int, list[int]]:
-    """The mirred filters on a device's ingress: priority → the devices they send to."""
-    return {f["info"] >> 16: targets for f in ipr.get_filters(index=index, parent=INGRESS)
+def _ours(ipr: Any, index: int) -> dict[int, tuple[int, list[int]]]:
+    """The mirred filters on a device's ingress: priority → (the filter's `info`: priority
+    and protocol, the devices it sends to)."""
+    return {f["info"] >> 16: (f["info"], targets)
+            for f in ipr.get_filters(index=index, parent=INGRESS)
             if (targets := _mirred_targets(f))}
+
+
+def _drop(ipr: Any, index: int, info: int) -> None:
+    """Delete one filter (priority and protocol in `info`) of a device's ingress. (Without
+    both, the kernel deletes every filter of the hook.)"""
+    if info >> 16 == 0:
+        raise OverlayError("refusing to delete a filter without a priority")
+    ipr.tc("del-filter", index=index, parent=INGRESS, info=info)
 
 
 def _clsact(ipr: Any, index: int) -> None:
     if not any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=index)):
         ipr.tc("add", "clsact", index=index)
+
+
+CLONE_NEWNET = 0x40000000
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _LIBC.setns(fd, CLONE_NEWNET) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"setns: {os.strerror(errno)}")
+
+
+@contextmanager
+def _inside_of(pid: int) -> Iterator[Any]:
+    """A netlink socket of process `pid`'s network namespace, this thread inside it until the
+    block ends (setns moves one thread only). Not pyroute2's own `netns=`: it forks a child
+    that it ends with SIGTERM, and the child's signal reaches the agent's event loop through
+    the shared wakeup fd (the agent stops)."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+        try:
+            _setns(target)
+            try:
+                with _netlink() as ipr:
+                    yield ipr
+            finally:
+                _setns(own)  # (a thread left inside would program the instance, not the host)
+        finally:
+            os.close(target)
+    finally:
+        os.close(own)
 
 
 class FastPath:
@@ -312,7 +355,6 @@ class FastPath:
               routes: list[dict[str, Any]], done: Changes) -> int | None:
         """The host side of the instance's veth, made and set inside if missing; None if the
         instance's process is gone (it ended: the next sync drops it)."""
-        netns = f"/proc/{inst.pid}/ns/net"
         index = self._index(ipr, inst.device)
         if index is None:
             try:
@@ -328,15 +370,16 @@ class FastPath:
             raise OverlayError(f"{inst.device} did not appear")
         if not ipr.link("get", index=index)[0]["flags"] & IFF_UP:
             ipr.link("set", index=index, state="up")
-        if not os.path.exists(netns):
+        try:
+            with _inside_of(inst.pid) as inside:
+                self._inside(inside, mac, routes)
+        except FileNotFoundError:  # its process ended
             return None
-        with IPRoute(netns=netns) as inside:
-            self._inside(inside, mac, routes)
         _clsact(ipr, index)
         back = _ours(ipr, index)
-        if back != {BACK_PRIO: [uplink]}:
-            for prio in back:
-                ipr.tc("del-filter", "u32", index=index, parent=INGRESS, prio=prio)
+        if [targets for _, targets in back.values()] != [[uplink]]:
+            for info, _ in back.values():
+                _drop(ipr, index, info)
             ipr.tc("add-filter", "u32", index=index, parent=INGRESS, prio=BACK_PRIO, target=0,
                    protocol=ETH_P_ALL, keys=["0x0/0x0+0"],
                    action=[{"kind": "mirred", "direction": "egress", "action": "redirect",
@@ -372,12 +415,12 @@ class FastPath:
         """The uplink's filters: one per host port, and the ARP copy."""
         have = _ours(ipr, uplink)
         protocols = {port: proto for i in wanted for port, proto in i.ports}
-        for prio, targets in have.items():
+        for prio, (info, targets) in have.items():
             if prio != ARP_PRIO and [devices.get(prio)] != targets:
-                ipr.tc("del-filter", "u32", index=uplink, parent=INGRESS, prio=prio)
+                _drop(ipr, uplink, info)
                 done.removed += 1
         for port, index in devices.items():
-            if have.get(port) == [index]:
+            if port in have and have[port][1] == [index]:
                 continue
             ipr.tc("add-filter", "u32", index=uplink, parent=INGRESS, prio=port, target=0,
                    protocol=ETH_P_IP, keys=_port_keys(self.address, port, protocols[port]),
@@ -385,8 +428,8 @@ class FastPath:
                             "ifindex": index}])
             done.added += 1
         arp = have.get(ARP_PRIO)
-        if arp is not None and sorted(arp) != arp_to:
-            ipr.tc("del-filter", "u32", index=uplink, parent=INGRESS, prio=ARP_PRIO)
+        if arp is not None and sorted(arp[1]) != arp_to:
+            _drop(ipr, uplink, arp[0])
             arp = None
         if arp is None and arp_to:
             ipr.tc("add-filter", "u32", index=uplink, parent=INGRESS, prio=ARP_PRIO, target=0,
