@@ -1,4 +1,6 @@
-"""The VXLAN data plane of one host (DESIGN.md §5): the only module that imports pyroute2.
+"""The data plane of one host (DESIGN.md §5): the only module that imports pyroute2. The
+VXLAN overlay (`Overlay`) and the host-compatible fast path (`FastPath`, its invariants in
+its docstring).
 
 The Docker network `sigma` owns the bridge; this module enslaves a VXLAN device to it (learning
 off: every remote MAC is a static FDB entry towards its node's VTEP, flood entries reach every
