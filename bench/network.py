@@ -130,6 +130,15 @@ def wait_port(prefix: list[str], host: str, port: int) -> None:
     raise SystemExit(f"nothing answers redis on {host}:{port}")
 
 
+def wait_filter(prefix: list[str], port: int) -> None:
+    """Until the host's uplink (eth0) has the fast path's filter for `port`."""
+    for _ in range(100):
+        if f"pref {port} " in run([*prefix, "tc", "filter", "show", "dev", "eth0", "ingress"]):
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"no fast-path filter for port {port} on the server's host")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--passes", type=int, default=2)
@@ -219,7 +228,10 @@ def measure(lab: Lab, opts: argparse.Namespace, servers: list[subprocess.Popen[b
     }
     for prefix, host, port, _ in targets.values():
         wait_port(prefix, host, port)
+    for port in hc["host_ports"].values():  # the agent's fast path is in place (2 s poll)
+        wait_filter(in_h2, port)
     passes: list[dict[str, Any]] = []
+    load = [os.getloadavg()]
     for n in range(opts.passes):
         order = list(PATHS) if n % 2 == 0 else list(reversed(PATHS))
         got: dict[str, Any] = {}
@@ -235,7 +247,9 @@ def measure(lab: Lab, opts: argparse.Namespace, servers: list[subprocess.Popen[b
             print(f"pass {n + 1} {name}: SET {rps['SET']:.0f}/s GET {rps['GET']:.0f}/s, "
                   f"{gbps:.2f} Gbit/s", flush=True)
         passes.append({"pass": n + 1, "order": " → ".join(order), "paths": got})
-    return {"passes": passes, "requests": opts.requests, "seconds": opts.seconds}
+    load.append(os.getloadavg())
+    return {"passes": passes, "requests": opts.requests, "seconds": opts.seconds,
+            "load": load}
 
 
 def meeting(result: dict[str, Any], name: str, goal: float) -> int:
@@ -280,6 +294,9 @@ def section(result: dict[str, Any], opts: argparse.Namespace) -> str:
     met = [f"{name} ≥ {goal}x bare for both SET and GET in {meeting(result, name, goal)} of "
            f"{len(result['passes'])} passes" for name, goal in (("host-compat", 0.9),
                                                                  ("overlay", 0.75))]
+    lines += ["", "The machine's load average (1, 5, 15 min) at the start: "
+              f"{', '.join(f'{x:.2f}' for x in result['load'][0])}; at the end: "
+              f"{', '.join(f'{x:.2f}' for x in result['load'][1])} (2 cores)."]
     lines += ["", "Median GET ratio to bare over the passes: " + ", ".join(
         f"{name} {ratio:.2f}" for name, ratio in med.items()) + f". Issue 15's goals: "
         f"{', '.join(met)}.", "",
