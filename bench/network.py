@@ -29,6 +29,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shutil
 import socket
 import statistics
@@ -84,6 +85,24 @@ def cpu_us(action: Callable[[], Any]) -> tuple[Any, float, int]:
     result = action()
     return (result, (busy_jiffies() - before) * 1e6 / os.sysconf("SC_CLK_TCK"),
             net_softirqs() - irqs)
+
+
+def proc_ticks(pid: int) -> int:
+    """A process's CPU time so far (user + system, /proc/PID/stat, in clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def children_ticks() -> float:
+    """The CPU time of this process's waited-for children so far (clock ticks)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (usage.ru_utime + usage.ru_stime) * os.sysconf("SC_CLK_TCK")
+
+
+def listener(prefix: list[str], port: int) -> int:
+    """The pid of the process listening on TCP `port` in the namespace `prefix` runs in."""
+    out = run([*prefix, "ss", "-Hltnp", f"sport = :{port}"])
+    return int(out.split("pid=", 1)[1].split(",", 1)[0])
 
 
 def build_image(engine: str, base: str) -> tuple[str, list[str]]:
@@ -226,6 +245,10 @@ def measure(lab: Lab, opts: argparse.Namespace, servers: list[subprocess.Popen[b
                         hc["host_ports"]["iperf"]),
         "overlay": (in_client, ov["ip"], REDIS, IPERF),
     }
+    server = {  # the redis-server of each path: its CPU time is read around each run
+        "bare": listener(in_h2, bare_port), "docker -p": int(pid(h2.engine, cid)),
+        "host-compat": int(pid(h2.engine, hc["containers"][0]["id"])),
+        "overlay": int(pid(h2.engine, ov["containers"][0]["id"]))}
     for prefix, host, port, _ in targets.values():
         wait_port(prefix, host, port)
     for port in hc["host_ports"].values():  # the agent's fast path is in place (2 s poll)
@@ -237,11 +260,15 @@ def measure(lab: Lab, opts: argparse.Namespace, servers: list[subprocess.Popen[b
         got: dict[str, Any] = {}
         for name in order:
             prefix, host, port, iport = targets[name]
+            ticks = proc_ticks(server[name]) + children_ticks()
             rps, cpu, irqs = cpu_us(
                 lambda p=prefix, h=host, q=port: redis(p, h, q, opts.requests))
+            ticks = proc_ticks(server[name]) + children_ticks() - ticks
             gbps, icpu, _ = cpu_us(
                 lambda p=prefix, h=host, q=iport: iperf(p, h, q, opts.seconds))
             got[name] = {**rps, "cpu_us_per_req": cpu / (2 * opts.requests),
+                         "procs_us_per_req": ticks * 1e6 / os.sysconf("SC_CLK_TCK")
+                         / (2 * opts.requests),
                          "softirqs_per_req": irqs / (2 * opts.requests), "gbit_s": gbps,
                          "cpu_s_per_gbit": icpu / 1e6 / (gbps * opts.seconds)}
             print(f"pass {n + 1} {name}: SET {rps['SET']:.0f}/s GET {rps['GET']:.0f}/s, "
@@ -270,12 +297,15 @@ def section(result: dict[str, Any], opts: argparse.Namespace) -> str:
         "Client on lab host h1, server on h2 (see the docstring of bench/network.py). "
         "redis-benchmark: 50 clients, SET and GET, requests/s; iperf3: one TCP stream; ratios "
         "to bare within the same pass. CPU: the whole machine's busy time during the "
-        "measurement per request (µs) and per Gbit (s), rough on a shared machine; net "
+        "measurement per request (µs) and per Gbit (s), rough on a shared machine; client+server: "
+        "the CPU time of redis-benchmark and of the redis-server (user + system, which holds "
+        "most of the network stack's work done in their system calls and softirqs taken "
+        "meanwhile) per request, far less swayed by other work; net "
         "softirqs: NET_RX + NET_TX softirqs (/proc/softirqs, all namespaces share them) per "
         "redis request.", "",
-        "| pass | path | SET/s | ratio | GET/s | ratio | CPU µs/req | net softirqs/req "
-        "| Gbit/s | ratio | CPU s/Gbit |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| pass | path | SET/s | ratio | GET/s | ratio | CPU µs/req | client+server µs/req "
+        "| net softirqs/req | Gbit/s | ratio | CPU s/Gbit |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for p in result["passes"]:
         bare = p["paths"]["bare"]
@@ -284,6 +314,7 @@ def section(result: dict[str, Any], opts: argparse.Namespace) -> str:
             lines.append(
                 f"| {p['pass']} | {name} | {r['SET']:.0f} | {r['SET'] / bare['SET']:.2f} | "
                 f"{r['GET']:.0f} | {r['GET'] / bare['GET']:.2f} | {r['cpu_us_per_req']:.1f} | "
+                f"{r['procs_us_per_req']:.1f} | "
                 f"{r['softirqs_per_req']:.2f} | "
                 f"{r['gbit_s']:.2f} | {r['gbit_s'] / bare['gbit_s']:.2f} | "
                 f"{r['cpu_s_per_gbit']:.2f} |")
