@@ -4,14 +4,15 @@ one lab host to a server on the other, over four paths, in one run:
 - bare: the server runs in host h2's own network namespace (no container);
 - docker -p: a container on h2's engine with Docker's own port publishing;
 - host-compat: a Sigma instance (`network.mode: host-compat`) on h2, reached at h2's address
-  and its allocated host port;
+  and its allocated host port through the agent's fast path (tc redirect, sigmad.node.fastpath);
 - overlay: a Sigma instance on h2, reached at its overlay IP from a Sigma instance on h1.
 
     python bench/network.py [--passes 2] [--requests 100000] [--seconds 5] [--keep]
 
 Root: builds a 2-host lab of its own (name `netpath`, subnet 10.81.15.0/24) and removes it on
-exit unless --keep. The redis image is built FROM scratch from this host's redis-server and
-the libraries it links (apt-get install redis-server redis-tools iperf3). The clients
+exit unless --keep. The redis image is built FROM the lab's busybox with this host's
+redis-server and the libraries it links (apt-get install redis-server redis-tools iperf3); the
+host-compat instance runs it on its host port ($SIGMA_HOST_PORT_REDIS). The clients
 (redis-benchmark, iperf3) are the host's binaries, run in h1's namespace (bare, docker -p,
 host-compat) or in the client instance's namespace (overlay, with nsenter); iperf3's server
 runs in the redis server's namespace the same way. Each path is measured `--passes` times,
@@ -28,6 +29,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shutil
 import socket
 import statistics
@@ -85,16 +87,38 @@ def cpu_us(action: Callable[[], Any]) -> tuple[Any, float, int]:
             net_softirqs() - irqs)
 
 
-def build_image(engine: str, registry: str) -> str:
-    """An image FROM scratch with this host's redis-server and the libraries it links."""
+def proc_ticks(pid: int) -> int:
+    """A process's CPU time so far (user + system, /proc/PID/stat, in clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def children_ticks() -> float:
+    """The CPU time of this process's waited-for children so far (clock ticks)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (usage.ru_utime + usage.ru_stime) * os.sysconf("SC_CLK_TCK")
+
+
+def listener(prefix: list[str], port: int) -> int:
+    """The pid of the process listening on TCP `port` in the namespace `prefix` runs in."""
+    out = run([*prefix, "ss", "-Hltnp", f"sport = :{port}"])
+    return int(out.split("pid=", 1)[1].split(",", 1)[0])
+
+
+def build_image(engine: str, base: str) -> tuple[str, list[str]]:
+    """An image FROM the lab's busybox with this host's redis-server and the libraries it
+    links (its entrypoint serves on 6379), and the command that serves on the host port
+    instead (a host-compat instance serves on its host port itself)."""
     binary = shutil.which("redis-server")
     if binary is None or not shutil.which("redis-benchmark") or not shutil.which("iperf3"):
         raise SystemExit("apt-get install redis-server redis-tools iperf3")
-    image = f"{registry}/netbench-redis:1"
-    services.build_from_host(engine, image, binary, [
-        binary, "--protected-mode", "no", "--save", "", "--appendonly", "no"],
-        Path(tempfile.gettempdir()))
-    return image
+    image = f"{base.split('/', 1)[0]}/netbench-redis:2"
+    flags = ["--protected-mode", "no", "--save", "", "--appendonly", "no"]
+    services.build_from_host(engine, image, binary, [binary, *flags],
+                             Path(tempfile.gettempdir()), base=base)
+    on_host_port = ["sh", "-c", f"exec {binary} --port $SIGMA_HOST_PORT_REDIS "
+                    "--protected-mode no --save '' --appendonly no"]
+    return image, on_host_port
 
 
 def redis(prefix: list[str], host: str, port: int, requests: int) -> dict[str, float]:
@@ -123,6 +147,15 @@ def wait_port(prefix: list[str], host: str, port: int) -> None:
             return
         time.sleep(0.2)
     raise SystemExit(f"nothing answers redis on {host}:{port}")
+
+
+def wait_filter(prefix: list[str], port: int) -> None:
+    """Until the host's uplink (eth0) has the fast path's filter for `port`."""
+    for _ in range(100):
+        if f"pref {port} " in run([*prefix, "tc", "filter", "show", "dev", "eth0", "ingress"]):
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"no fast-path filter for port {port} on the server's host")
 
 
 def main() -> None:
@@ -159,7 +192,7 @@ def measure(lab: Lab, opts: argparse.Namespace, servers: list[subprocess.Popen[b
            "SIGMA_CA": lab.ca, "PYTHONPATH": str(REPO)}
     ctl = [sys.executable, "-m", "sigmactl"]
     h1, h2 = lab.hosts[0], lab.hosts[1]
-    image = build_image(h2.engine, lab.image.split("/", 1)[0])
+    image, on_host_port = build_image(h2.engine, lab.image)
     in_h1 = ["ip", "netns", "exec", h1.netns]
 
     def apply(spec: dict[str, Any]) -> dict[str, Any]:
@@ -193,9 +226,10 @@ def measure(lab: Lab, opts: argparse.Namespace, servers: list[subprocess.Popen[b
     # Sigma host-compat and overlay, both on h2; the overlay client on h1
     on = {"placement": {"labels": {"host": h2.name}}}
     hc = apply({"app": "netbench-hc", "replicas": 1, **on, "containers": [
-        {"name": "main", "image": image}], "network": {"mode": "host-compat", "ports": [
-            {"name": "redis", "container": REDIS}, {"name": "iperf", "container": IPERF}]}})
-    iperf_server(["nsenter", "-t", pid(h2.engine, hc["containers"][0]["id"]), "-n"])
+        {"name": "main", "image": image, "command": on_host_port}],
+        "network": {"mode": "host-compat", "ports": [{"name": "redis"}, {"name": "iperf"}]}})
+    iperf_server(["nsenter", "-t", pid(h2.engine, hc["containers"][0]["id"]), "-n"],
+                 hc["host_ports"]["iperf"])
     ov = apply({"app": "netbench-ov", "replicas": 1, **on, "containers": [
         {"name": "main", "image": image}]})
     iperf_server(["nsenter", "-t", pid(h2.engine, ov["containers"][0]["id"]), "-n"])
@@ -211,25 +245,38 @@ def measure(lab: Lab, opts: argparse.Namespace, servers: list[subprocess.Popen[b
                         hc["host_ports"]["iperf"]),
         "overlay": (in_client, ov["ip"], REDIS, IPERF),
     }
+    server = {  # the redis-server of each path: its CPU time is read around each run
+        "bare": listener(in_h2, bare_port), "docker -p": int(pid(h2.engine, cid)),
+        "host-compat": int(pid(h2.engine, hc["containers"][0]["id"])),
+        "overlay": int(pid(h2.engine, ov["containers"][0]["id"]))}
     for prefix, host, port, _ in targets.values():
         wait_port(prefix, host, port)
+    for port in hc["host_ports"].values():  # the agent's fast path is in place (2 s poll)
+        wait_filter(in_h2, port)
     passes: list[dict[str, Any]] = []
+    load = [os.getloadavg()]
     for n in range(opts.passes):
         order = list(PATHS) if n % 2 == 0 else list(reversed(PATHS))
         got: dict[str, Any] = {}
         for name in order:
             prefix, host, port, iport = targets[name]
+            ticks = proc_ticks(server[name]) + children_ticks()
             rps, cpu, irqs = cpu_us(
                 lambda p=prefix, h=host, q=port: redis(p, h, q, opts.requests))
+            ticks = proc_ticks(server[name]) + children_ticks() - ticks
             gbps, icpu, _ = cpu_us(
                 lambda p=prefix, h=host, q=iport: iperf(p, h, q, opts.seconds))
             got[name] = {**rps, "cpu_us_per_req": cpu / (2 * opts.requests),
+                         "procs_us_per_req": ticks * 1e6 / os.sysconf("SC_CLK_TCK")
+                         / (2 * opts.requests),
                          "softirqs_per_req": irqs / (2 * opts.requests), "gbit_s": gbps,
                          "cpu_s_per_gbit": icpu / 1e6 / (gbps * opts.seconds)}
             print(f"pass {n + 1} {name}: SET {rps['SET']:.0f}/s GET {rps['GET']:.0f}/s, "
                   f"{gbps:.2f} Gbit/s", flush=True)
         passes.append({"pass": n + 1, "order": " → ".join(order), "paths": got})
-    return {"passes": passes, "requests": opts.requests, "seconds": opts.seconds}
+    load.append(os.getloadavg())
+    return {"passes": passes, "requests": opts.requests, "seconds": opts.seconds,
+            "load": load}
 
 
 def meeting(result: dict[str, Any], name: str, goal: float) -> int:
@@ -250,12 +297,15 @@ def section(result: dict[str, Any], opts: argparse.Namespace) -> str:
         "Client on lab host h1, server on h2 (see the docstring of bench/network.py). "
         "redis-benchmark: 50 clients, SET and GET, requests/s; iperf3: one TCP stream; ratios "
         "to bare within the same pass. CPU: the whole machine's busy time during the "
-        "measurement per request (µs) and per Gbit (s), rough on a shared machine; net "
+        "measurement per request (µs) and per Gbit (s), rough on a shared machine; client+server: "
+        "the CPU time of redis-benchmark and of the redis-server (user + system, which holds "
+        "most of the network stack's work done in their system calls and softirqs taken "
+        "meanwhile) per request, far less swayed by other work; net "
         "softirqs: NET_RX + NET_TX softirqs (/proc/softirqs, all namespaces share them) per "
         "redis request.", "",
-        "| pass | path | SET/s | ratio | GET/s | ratio | CPU µs/req | net softirqs/req "
-        "| Gbit/s | ratio | CPU s/Gbit |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| pass | path | SET/s | ratio | GET/s | ratio | CPU µs/req | client+server µs/req "
+        "| net softirqs/req | Gbit/s | ratio | CPU s/Gbit |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for p in result["passes"]:
         bare = p["paths"]["bare"]
@@ -264,6 +314,7 @@ def section(result: dict[str, Any], opts: argparse.Namespace) -> str:
             lines.append(
                 f"| {p['pass']} | {name} | {r['SET']:.0f} | {r['SET'] / bare['SET']:.2f} | "
                 f"{r['GET']:.0f} | {r['GET'] / bare['GET']:.2f} | {r['cpu_us_per_req']:.1f} | "
+                f"{r['procs_us_per_req']:.1f} | "
                 f"{r['softirqs_per_req']:.2f} | "
                 f"{r['gbit_s']:.2f} | {r['gbit_s'] / bare['gbit_s']:.2f} | "
                 f"{r['cpu_s_per_gbit']:.2f} |")
@@ -274,13 +325,30 @@ def section(result: dict[str, Any], opts: argparse.Namespace) -> str:
     met = [f"{name} ≥ {goal}x bare for both SET and GET in {meeting(result, name, goal)} of "
            f"{len(result['passes'])} passes" for name, goal in (("host-compat", 0.9),
                                                                  ("overlay", 0.75))]
+    lines += ["", "The machine's load average (1, 5, 15 min) at the start: "
+              f"{', '.join(f'{x:.2f}' for x in result['load'][0])}; at the end: "
+              f"{', '.join(f'{x:.2f}' for x in result['load'][1])} (2 cores)."]
     lines += ["", "Median GET ratio to bare over the passes: " + ", ".join(
         f"{name} {ratio:.2f}" for name, ratio in med.items()) + f". Issue 15's goals: "
         f"{', '.join(met)}.", "",
-        "- host-compat is Docker's own publishing (iptables DNAT to the instance's address on "
-        "the `sigma` bridge, userland proxy off): the same mechanism as `docker -p`, so the "
-        "differences between those two rows are this machine's noise. `network.mode` does not "
-        "yet select another data path.",
+        "- host-compat is the agent's fast path (README, \"Host-compatible networking\"): tc "
+        "filters on h2's uplink redirect the packets for h2's address and the instance's host "
+        "port straight to a veth of the instance's own (which holds h2's address and MAC), and "
+        "everything from that veth straight back to the uplink: no netfilter, routing or "
+        "bridge on h2 for them. `docker -p` is what host-compat was before (and what Docker's "
+        "publishing under the fast path still does for clients on h2 itself): iptables DNAT "
+        "to the container's address on a bridge, userland proxy off.",
+        "- Where the time went (by hand, 2026-12-06, a 2-host lab, `perf record -a -g` over "
+        "100k redis GETs from h1, twice each; samples of redis-server, redis-benchmark and "
+        "ksoftirqd only, by kernel function family): bare 16.5k/18.2k samples (netfilter "
+        "1.9k, bridge 0.8k, IPv4 0.5k), Docker's DNAT 25.0k/20.9k (netfilter 3.4k/3.0k, "
+        "bridge 1.1k, IPv4 1.0k/1.1k, veth 0.3k), a tc redirect 16.5k/16.8k (netfilter "
+        "1.9k, bridge 0.7k, IPv4 0.5k, tc 0.2k). The DNAT path's extra cost is conntrack "
+        "and NAT on h2 (the biggest part), forwarding (a second routing pass) and the "
+        "`sigma` bridge; a redirect at the uplink's ingress skips all three. The netfilter "
+        "and bridge work of the bare path is the lab's own underlay (a bridge in the root "
+        "namespace with bridge-nf-call-iptables, conntrack in each host's namespace): every "
+        "path pays it.",
         "- The overlay adds the VXLAN encapsulation (MTU 1450 on `sigma0` and the VXLAN "
         "device), a bridge and a veth pair on each host, and conntrack on both (the raw table "
         "is empty, bridge-nf-call-iptables is on): its CPU per request is the highest of the "

@@ -57,7 +57,10 @@ LABEL_CONTAINER = "sigma.container"
 LABEL_GENERATION = "sigma.generation"
 LABEL_INDEX = "sigma.index"
 LABEL_CLUSTER = "sigma.cluster"  # the cluster's etcd prefix: engines may be shared
-KEPT_LABELS = (LABEL_INSTANCE, LABEL_CONTAINER, LABEL_CLUSTER)  # what sigma reads back
+# On a host-compatible instance's first container: its host ports, "32400/tcp,32401/udp"
+# (the node agent's fast path: sigmad.node.fastpath).
+LABEL_HOST_PORTS = "sigma.host-ports"
+KEPT_LABELS = (LABEL_INSTANCE, LABEL_CONTAINER, LABEL_CLUSTER, LABEL_HOST_PORTS)  # read back
 DEFAULT_PIDS_LIMIT = 4096  # no fork bomb takes a host down
 CPU_PERIOD_NS = 1_000_000_000 // 1000  # NanoCpus per millicore
 UNCAPPED_MEMORY = (1 << 63) - 4096  # cgroup v1's "no limit", as a live update can set it
@@ -165,9 +168,13 @@ def container_config(
              "Source": delivered_dir(config_dir, app.namespace, instance.name, c.name),
              "BindOptions": {"Propagation": "rprivate"}}
             for c in app.configs)
+    host_compat = app.network.mode == "host-compat"
     if not network_of and instance.host_ports:
+        # host-compat: the instance serves on its host ports themselves (no port mapping);
+        # Docker's publishing stays under the agent's fast path (clients on the host).
         bindings = {
-            f"{ports[n].container}/{ports[n].protocol}": [{"HostPort": str(hp)}]
+            f"{hp if host_compat else ports[n].container}/{ports[n].protocol}":
+                [{"HostPort": str(hp)}]
             for n, hp in instance.host_ports.items()
         }
         host_config["PortBindings"] = bindings
@@ -182,6 +189,9 @@ def container_config(
             LABEL_INDEX: str(instance.index),
             LABEL_CONTAINER: container.name,
             LABEL_GENERATION: str(instance.generation),
+            **({LABEL_HOST_PORTS: ",".join(sorted(
+                f"{hp}/{ports[n].protocol}" for n, hp in instance.host_ports.items()))}
+               if host_compat and instance.host_ports and not network_of else {}),
         },
         "HostConfig": host_config,
     }

@@ -155,7 +155,9 @@ class Placement:
 
 @dataclass(slots=True)
 class Port:
-    """A named container port that gets a host port from the node's range."""
+    """A named port that gets a host port from the node's range. `container` is the port the
+    overlay instance serves on; 0 in host-compat mode, where the instance serves on the host
+    port itself (`SIGMA_HOST_PORT_<NAME>`)."""
 
     name: str
     container: int
@@ -577,11 +579,16 @@ def _network(value: object, replicas: int) -> NetworkSpec:
     names: set[str] = set()
     for i, item in enumerate(raw):
         pf = Fields(f"network.ports[{i}]", item, "")
-        port = Port(
-            _name(pf.at("name"), pf.take("name", required=True)),
-            _port_number(pf.at("container"), pf.take("container", required=True)),
-            _choice(pf.at("protocol"), pf.take("protocol", "tcp"), ("tcp", "udp")),
-        )
+        name = _name(pf.at("name"), pf.take("name", required=True))
+        if mode == "host-compat":
+            if pf.take("container") is not None:
+                raise SpecError(pf.at("container"), "a host-compat instance serves on its host "
+                                f"port itself ({Port(name, 0).env}): remove `container`")
+            container = 0
+        else:
+            container = _port_number(pf.at("container"), pf.take("container", required=True))
+        port = Port(name, container,
+                    _choice(pf.at("protocol"), pf.take("protocol", "tcp"), ("tcp", "udp")))
         pf.done()
         if port.name in names:
             raise SpecError(pf.at("name"), f"{port.name!r} is used twice")

@@ -41,8 +41,9 @@ from sigmad.models import Beat, Instance, Node, now, split_name
 from sigmad.network.overlay import OverlayError
 from sigmad.node.configs import ConfigKeeper
 from sigmad.node.disks import DiskKeeper, LinuxHost
+from sigmad.node.fastpath import FastPathKeeper
 from sigmad.node.fence import SelfFence
-from sigmad.node.tunnels import TunnelKeeper
+from sigmad.node.tunnels import TunnelKeeper, tunnel_for
 from sigmad.node.usage import Sampler
 from sigmad.reasons import Kill, Reason
 from sigmad.spec import Resources
@@ -130,6 +131,9 @@ class Agent:
                                    if config.engine_tls else None)
         self.tunnels = TunnelKeeper(config, store, self.engine, lambda: self.lease) \
             if overlay else None
+        # The host-compatible fast path needs the host's own address (none on a single host).
+        self.fastpath = FastPathKeeper(config.address, self.engine) \
+            if overlay and tunnel_for(config) is not None else None
         self.events = EventLog(store)
         self.lease = 0
         self.disks = DiskKeeper(config.name, config.data_dir, config.ssds, store, LinuxHost()) \
@@ -364,6 +368,8 @@ class Agent:
             loops = [self.heartbeat()]
             if self.tunnels is not None:
                 loops.append(self.tunnels.run())
+            if self.fastpath is not None:
+                loops.append(self.fastpath.run())
             if self.disks is not None:
                 loops.append(self.disks.run())
             if self.usage is not None:

@@ -106,7 +106,7 @@ def test_a_broken_host_loses_its_instances_and_rejoins_without_a_second_holder(
 
 def test_manual_migration_waits_for_migrate(lab: LabCluster) -> None:
     lab.apply(web(lab, "pinned", 1, migration="manual", placement={"labels": {"zone": "room-a"}},
-                  network={"mode": "host-compat", "ports": [{"name": "http", "container": 8080}]}))
+                  network={"mode": "host-compat", "ports": [{"name": "http"}]}))
     (inst,) = lab.running("pinned", 1)
     first = inst["node"]
     try:

@@ -70,7 +70,7 @@ def containers(lab: LabCluster, app: str) -> dict[str, dict[str, Any]]:
 def test_backup_wipe_restore_adopts_what_runs(lab: LabCluster, tmp_path: Path) -> None:
     app = f"bk{uuid.uuid4().hex[:6]}"
     lab.apply(web(lab, app, 3, network={"mode": "host-compat",
-                                        "ports": [{"name": "http", "container": 8080}]}))
+                                        "ports": [{"name": "http"}]}))
     try:
         before = {i["name"]: i for i in lab.running(app, 3)}
         running = containers(lab, app)

@@ -219,9 +219,9 @@ def test_host_compat_ports_env_and_reach(cluster: Cluster, engine: EngineHost) -
     assert os.stat(f"/proc/{engine.proc.proc.pid}/ns/net").st_ino == host_ns  # type: ignore[union-attr]
 
     script = ("mkdir -p /www && echo $SIGMA_HOST_IP:$SIGMA_HOST_PORT_HTTP > /www/index.html && "
-              "exec httpd -f -p 8080 -h /www")
+              "exec httpd -f -p $SIGMA_HOST_PORT_HTTP -h /www")
     spec = yaml.safe_load(web_spec(2, app="hc", script=script))
-    spec["network"] = {"mode": "host-compat", "ports": [{"name": "http", "container": 8080}]}
+    spec["network"] = {"mode": "host-compat", "ports": [{"name": "http"}]}
     cluster.apply(yaml.safe_dump(spec))
     items = cluster.wait_running("hc", 2)
     ports = [i["host_ports"]["http"] for i in items]

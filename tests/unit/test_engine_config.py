@@ -11,6 +11,7 @@ from sigmad.engine import (
     LABEL_APP,
     LABEL_CONTAINER,
     LABEL_GENERATION,
+    LABEL_HOST_PORTS,
     LABEL_INDEX,
     LABEL_INSTANCE,
     LABEL_NAMESPACE,
@@ -22,7 +23,15 @@ from sigmad.engine import (
     pull_params,
 )
 from sigmad.models import Instance
-from sigmad.spec import AppSpec, ContainerSpec, Resources, ResourceSpec, validate
+from sigmad.spec import (
+    AppSpec,
+    ContainerSpec,
+    NetworkSpec,
+    Port,
+    Resources,
+    ResourceSpec,
+    validate,
+)
 
 
 def make(
@@ -283,3 +292,24 @@ def test_the_network_owner_joins_the_overlay_with_its_ip_and_derived_mac() -> No
     joined = container_config(inst, app, container, network_of="abc")
     assert joined["HostConfig"]["NetworkMode"] == "container:abc"
     assert "NetworkingConfig" not in joined and "MacAddress" not in joined
+
+
+def test_host_compat_publishes_the_host_port_on_itself_and_labels_it():
+    inst, app, container = make()
+    app.network = NetworkSpec("host-compat", [Port("sql", 0), Port("stats", 0, "udp")])
+    inst.host_ports = {"sql": 31005, "stats": 31002}
+    cfg = container_config(inst, app, container, host_ip="10.0.0.5")
+    assert cfg["HostConfig"]["PortBindings"] == {
+        "31005/tcp": [{"HostPort": "31005"}], "31002/udp": [{"HostPort": "31002"}]}
+    assert cfg["Labels"][LABEL_HOST_PORTS] == "31002/udp,31005/tcp"
+    assert {"SIGMA_HOST_IP=10.0.0.5", "SIGMA_HOST_PORT_SQL=31005",
+            "SIGMA_HOST_PORT_STATS=31002"} <= set(cfg["Env"])
+    # the containers that join the first one's network carry no label
+    assert LABEL_HOST_PORTS not in container_config(inst, app, container,
+                                                     network_of="abc")["Labels"]
+    # an overlay app's ports map host port → container port, unlabelled
+    app.network = NetworkSpec("overlay", [Port("sql", 3306), Port("stats", 9125, "udp")])
+    cfg = container_config(inst, app, container)
+    assert cfg["HostConfig"]["PortBindings"] == {
+        "3306/tcp": [{"HostPort": "31005"}], "9125/udp": [{"HostPort": "31002"}]}
+    assert LABEL_HOST_PORTS not in cfg["Labels"]

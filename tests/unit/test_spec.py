@@ -573,3 +573,17 @@ def test_port_names_are_checked_in_linear_time():
 def test_quantities_are_bounded(resources, field):
     err = container_error(resources=resources)
     assert err.field == field
+
+
+def test_host_compat_ports_serve_on_the_host_port_and_refuse_a_container_port():
+    spec = validate({"app": "db", "containers": [{"name": "m", "image": "busybox"}],
+                     "network": {"mode": "host-compat", "ports": [{"name": "my-sql"}]}})
+    (port,) = spec.network.ports
+    assert (port.name, port.container, port.protocol, port.env) == (
+        "my-sql", 0, "tcp", "SIGMA_HOST_PORT_MY_SQL")
+    err = invalid(network={"mode": "host-compat", "ports": [{"name": "sql", "container": 3306}]})
+    assert err.field == "network.ports[0].container"
+    assert "SIGMA_HOST_PORT_SQL" in err.message and "remove" in err.message
+    # the overlay still maps a container port, and needs it
+    err = invalid(network={"ports": [{"name": "sql"}]})
+    assert err.field == "network.ports[0].container" and err.message.endswith("is required")

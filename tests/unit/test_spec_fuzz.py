@@ -97,7 +97,7 @@ def spec_doc(rng: random.Random, app: str) -> dict[str, Any]:
         "placement": {"labels": {"zone": "a"}, "spread": "zone", "strategy": "binpack",
                       "expressions": [{"key": "zone", "operator": "In", "values": ["a"]}]},
         "network": {"mode": "host-compat", "ip": ["10.244.0.1", "10.244.0.2"],
-                    "ports": [{"name": "http", "container": 8080}]},
+                    "ports": [{"name": "http"}]},
     }))
     return doc
 
