@@ -19,6 +19,7 @@ from sigmad.engine import LABEL_INSTANCE, DockerEngine
 from sigmad.errors import EngineError
 from sigmad.lab import Lab, LabConfig, trust
 from sigmad.lab.services import PREFIX
+from sigmad.leader import LeaderRecord
 from sigmad.models import Owner
 from sigmad.store import EtcdStore
 from sigmad.tls import TlsFiles
@@ -133,6 +134,34 @@ def build_lab(root: Path) -> Lab:
         registry_port=free_port(), listen=f"127.0.0.1:{free_port()}", heartbeat_ttl=2,
         ssds=2, ssd_size=1 << 30, cpu=HOST_CPU, memory=HOST_MEMORY,
     ))
+
+
+def pair_config(root: Path, name: str, octet: int, heartbeat_ttl: float = 2,
+                **extra: Any) -> LabConfig:
+    """A 3-host lab with an HA pair of masters on addresses and ports of its own
+    (10.OCTET.x.0/24, lab name NAME + pid)."""
+    return LabConfig(
+        hosts=3, masters=2, name=f"{name}{os.getpid() % 100000}", dir=root / "lab",
+        subnet=f"10.{octet}.{os.getpid() % 250}.0/24", etcd_port=free_port(pair=True),
+        registry_port=free_port(), listen=f"127.0.0.1:{free_port(pair=True)}",
+        heartbeat_ttl=heartbeat_ttl, **extra)
+
+
+def leader(lab: LabCluster) -> tuple[str, int]:
+    """The leading master's API URL, as its etcd record says, and its pid (waits for one,
+    bounded)."""
+    async def read() -> str:
+        store = lab.etcd()
+        try:
+            found = await store.get(store.keys.leader(), LeaderRecord)
+        finally:
+            await store.close()
+        return found.value.api if found is not None else ""
+
+    api = wait_for(lambda: asyncio.run(read()), 30, "a leader")
+    pid = next(m.pid for m in lab.lab.masters
+               if api.rstrip("/").endswith(":" + m.listen.rsplit(":", 1)[-1]))
+    return api, pid
 
 
 SAMPLE_EVERY = 0.1  # seconds between two samples of the holders

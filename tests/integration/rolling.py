@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
 import threading
 import time
 import uuid
@@ -17,21 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from sigmactl.client import Client, CtlError
-from sigmad.lab import Lab, LabConfig, services
-from tests.integration.conftest import free_port, wait_for
-from tests.integration.labkit import HOST_CPU, HOST_MEMORY, LabCluster, web
+from sigmad.lab import Lab, services
+from tests.integration.conftest import wait_for
+from tests.integration.labkit import HOST_CPU, HOST_MEMORY, LabCluster, pair_config, web
 
 
 @contextmanager
 def pair_lab(root: Path, name: str, octet: int) -> Iterator[LabCluster]:
     """A 3-host lab with 2 masters, heartbeat TTL 5 s (the default: an agent restart takes
     1 to 2 s here, and a TTL shorter than a restart lets the lease lapse), on 10.OCTET.x.0/24."""
-    lab = Lab(LabConfig(
-        hosts=3, masters=2, name=f"{name}{os.getpid() % 100000}", dir=root / "lab",
-        subnet=f"10.{octet}.{os.getpid() % 250}.0/24", etcd_port=free_port(pair=True),
-        registry_port=free_port(), listen=f"127.0.0.1:{free_port(pair=True)}",
-        heartbeat_ttl=5, cpu=HOST_CPU, memory=HOST_MEMORY,
-    ))
+    lab = Lab(pair_config(root, name, octet, heartbeat_ttl=5, cpu=HOST_CPU,
+                          memory=HOST_MEMORY))
     try:
         lab.up()
         yield LabCluster(lab, root)

@@ -7,7 +7,6 @@ pair, the standby finishes a rollout whose leader was SIGKILLed."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -20,10 +19,9 @@ from typing import Any
 
 import yaml
 
-from sigmad.lab import Lab, LabConfig
-from sigmad.leader import LeaderRecord
-from tests.integration.conftest import free_port, wait_for
-from tests.integration.labkit import LabCluster
+from sigmad.lab import Lab
+from tests.integration.conftest import wait_for
+from tests.integration.labkit import LabCluster, leader, pair_config
 
 OLD = "old-" + "a" * 65536  # large: a half-written file would show as a short answer
 NEW = "new-" + "b" * 65536
@@ -273,35 +271,17 @@ def test_the_standby_finishes_a_config_rollout_whose_leader_was_sigkilled(
     """An HA pair: the leader is SIGKILLed once the first instance took the new version; the
     standby carries on from etcd (the pins, what each instance has, its reload's check): every
     instance ends on the new version, never more than one reloading at once."""
-    built = Lab(LabConfig(
-        hosts=3, masters=2, name=f"cf{os.getpid() % 100000}", dir=tmp_path / "lab",
-        subnet=f"10.73.{os.getpid() % 250}.0/24", etcd_port=free_port(pair=True),
-        registry_port=free_port(), listen=f"127.0.0.1:{free_port(pair=True)}",
-        heartbeat_ttl=2))
+    built = Lab(pair_config(tmp_path, "cf", 73))
     try:
         built.up()
         lab = LabCluster(built, tmp_path)
-
-        def leader() -> tuple[str, int]:
-            async def read() -> str:
-                store = lab.etcd()
-                try:
-                    found = await store.get(store.keys.leader(), LeaderRecord)
-                finally:
-                    await store.close()
-                return found.value.api if found is not None else ""
-
-            api = wait_for(lambda: asyncio.run(read()), 30, "a leader")
-            pid = next(m.pid for m in built.masters
-                       if api.rstrip("/").endswith(":" + m.listen.rsplit(":", 1)[-1]))
-            return api, pid
 
         def sample() -> list[dict[str, Any]] | None:
             """The instances as the leader sees them (None while no master answers)."""
             found = lab.ctl("get", "instances", "--app", "cfgha", "-o", "json")
             return yaml.safe_load(found.stdout) if found.returncode == 0 else None
 
-        api, pid = leader()
+        api, pid = leader(lab)
         lab.env["SIGMA_SERVER"] = api
         config(lab, "web-conf", {"index.html": OLD})
         lab.apply(served_app(lab, "cfgha", 3, configs=[{
@@ -314,7 +294,7 @@ def test_the_standby_finishes_a_config_rollout_whose_leader_was_sigkilled(
         while time.monotonic() < deadline:
             found = sample()
             if found is None:
-                new_api = leader()[0]
+                new_api = leader(lab)[0]
                 lab.env["SIGMA_SERVER"] = new_api
                 continue
             most = max(most, sum(1 for i in found if reloading(i, 2)))

@@ -24,11 +24,10 @@ from typing import Any
 import yaml
 
 from sigmad.control.rollout import Rollout
-from sigmad.lab import Lab, LabConfig
-from sigmad.leader import LeaderRecord
+from sigmad.lab import Lab
 from sigmad.models import Instance
-from tests.integration.conftest import free_port, wait_for
-from tests.integration.labkit import LabCluster, web
+from tests.integration.conftest import wait_for
+from tests.integration.labkit import LabCluster, leader, pair_config, web
 
 REPLICAS = 6
 MAX_PARALLEL = 2
@@ -127,6 +126,21 @@ def rollout_of(lab: LabCluster) -> dict[str, Any]:
     return dict(json.loads(result.stdout)["rollout"] or {})
 
 
+def every_request_answered(answers: Counter[str], failed: list[str], sampler: Sampler) -> None:
+    """Every request of the client loops answered, not even a connection open at a flip
+    lost (each old copy drains first: no new connection reaches it, its open ones end, and
+    only then does its IP flip); every instance flipped once; at most MAX_PARALLEL in
+    transition at any sample."""
+    print(f"answers {dict(answers)}; most in transition {sampler.most} over "
+          f"{sampler.samples} samples; phases {sampler.phases}")
+    if failed:
+        print("\n".join(["failed:", *failed, "records:", *sampler.changes]))
+    assert answers["ok"] > 300, answers
+    assert failed == [], failed
+    assert len(sampler.flips) == REPLICAS, sampler.changes
+    assert 1 <= sampler.most <= MAX_PARALLEL, sampler.most
+
+
 def test_a_good_release_answers_every_request_within_max_parallel(lab: LabCluster) -> None:
     lab.apply(web(lab, "poll", 3))
     lab.apply(release_app(lab))
@@ -143,16 +157,7 @@ def test_a_good_release_answers_every_request_within_max_parallel(lab: LabCluste
                 time.sleep(2)
         finally:
             answers, failed = collect(procs)
-        print(f"answers {dict(answers)}; most in transition {sampler.most} over "
-              f"{sampler.samples} samples; phases {sampler.phases}")
-        if failed:
-            print("\n".join(["failed:", *failed, "records:", *sampler.changes]))
-        assert answers["ok"] > 300, answers
-        # not even a connection open at a flip: each old copy drains first (no new
-        # connection reaches it, its open ones end) and only then does its IP flip
-        assert failed == [], failed
-        assert len(sampler.flips) == REPLICAS, sampler.changes
-        assert 1 <= sampler.most <= MAX_PARALLEL, sampler.most
+        every_request_answered(answers, failed, sampler)
         assert sampler.phases[-1] == "done", sampler.phases
         after = lab.running("rel", REPLICAS)
         assert {i["name"]: i["ip"] for i in after} == \
@@ -187,14 +192,7 @@ def test_restart_makes_every_instance_anew_on_its_ip_while_it_answers(lab: LabCl
                 time.sleep(2)
         finally:
             answers, failed = collect(procs)
-        print(f"answers {dict(answers)}; most in transition {sampler.most} over "
-              f"{sampler.samples} samples; phases {sampler.phases}")
-        if failed:
-            print("\n".join(["failed:", *failed, "records:", *sampler.changes]))
-        assert answers["ok"] > 300, answers
-        assert failed == [], failed  # each old copy drains before its flip, as in a release
-        assert len(sampler.flips) == REPLICAS, sampler.changes
-        assert 1 <= sampler.most <= MAX_PARALLEL, sampler.most
+        every_request_answered(answers, failed, sampler)
         after = lab.running("rel", REPLICAS)
         assert all(i["generation"] == 2 for i in after), after
         assert {i["name"]: i["ip"] for i in after} == \
@@ -251,30 +249,12 @@ def test_a_broken_image_reverts_by_itself_to_the_old_revision(lab: LabCluster) -
 def test_the_standby_finishes_a_rollout_whose_leader_was_sigkilled(tmp_path: Path) -> None:
     """An HA pair: the leader is SIGKILLed mid-rollout; the standby reads the rollout record
     and the instances' steps from etcd and finishes the rollout."""
-    built = Lab(LabConfig(
-        hosts=3, masters=2, name=f"rf{os.getpid() % 100000}", dir=tmp_path / "lab",
-        subnet=f"10.74.{os.getpid() % 250}.0/24", etcd_port=free_port(pair=True),
-        registry_port=free_port(), listen=f"127.0.0.1:{free_port(pair=True)}",
-        heartbeat_ttl=2))
+    built = Lab(pair_config(tmp_path, "rf", 74))
     try:
         built.up()
         lab = LabCluster(built, tmp_path)
 
-        def leader() -> tuple[str, int]:
-            async def read() -> str:
-                store = lab.etcd()
-                try:
-                    found = await store.get(store.keys.leader(), LeaderRecord)
-                finally:
-                    await store.close()
-                return found.value.api if found is not None else ""
-
-            api = wait_for(lambda: asyncio.run(read()), 30, "a leader")
-            pid = next(m.pid for m in built.masters
-                       if api.rstrip("/").endswith(":" + m.listen.rsplit(":", 1)[-1]))
-            return api, pid
-
-        api, pid = leader()
+        api, pid = leader(lab)
         lab.env["SIGMA_SERVER"] = api
         spec = web(lab, "rel", 4, update={"min_ready": "3s"})
         lab.apply(spec)
@@ -286,7 +266,7 @@ def test_the_standby_finishes_a_rollout_whose_leader_was_sigkilled(tmp_path: Pat
         os.kill(pid, signal.SIGKILL)
 
         def standby() -> str | None:
-            now_api = leader()[0]
+            now_api = leader(lab)[0]
             return now_api if now_api != api else None
 
         new_api = wait_for(standby, 60, "the standby leading")
