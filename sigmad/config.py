@@ -113,6 +113,7 @@ class NodeConfig:
     usage_interval: float = 5.0  # seconds between usage samples (0: none; sigmad.node.usage)
     usage_cgroup: str = ""  # the engine's cgroup parent, measured as the host ("": machine)
     metrics_listen: str = ""  # HOST:PORT of the agent's /metrics ("": not served)
+    overlay_netfilter: bool = False  # frames bridged between instances through iptables
 
 
 def _etcd(fields: Fields) -> EtcdConfig:
@@ -168,6 +169,13 @@ def _number(fields: Fields, key: str, default: float, minimum: float,
         raise SpecError(fields.at(key), f"must be a number of at least {minimum:g} and at "
                         f"most {maximum:g}")
     return float(value)
+
+
+def _flag(fields: Fields, key: str) -> bool:
+    value = fields.take(key, False)
+    if not isinstance(value, bool):
+        raise SpecError(fields.at(key), "must be true or false")
+    return value
 
 
 def _whole(fields: Fields, key: str, default: int, low: int, high: int) -> int:
@@ -368,6 +376,7 @@ def node_config(fields: Fields) -> NodeConfig:
         usage_interval=_number(fields, "usage_interval", 5.0, 0.0, 3600.0),
         usage_cgroup=_cgroup(fields),
         metrics_listen=_listen(fields, "metrics_listen", ""),
+        overlay_netfilter=_flag(fields, "overlay_netfilter"),
     )
     fields.done()
     return config

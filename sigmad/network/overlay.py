@@ -61,7 +61,7 @@ class Changes:
 
 
 @contextmanager
-def _netlink() -> Iterator[Any]:
+def netlink() -> Iterator[Any]:
     """A netlink socket of this network namespace; kernel refusals become OverlayError."""
     try:
         with IPRoute() as ipr:
@@ -87,7 +87,7 @@ class Overlay:
         anything had to change."""
         t = self.t
         changed = False
-        with _netlink() as ipr:
+        with netlink() as ipr:
             bridge = self._index(ipr, t.bridge)
             if bridge is None:
                 raise OverlayError(f"bridge {t.bridge} does not exist (the engine's network "
@@ -136,7 +136,7 @@ class Overlay:
         t = self.t
         done = Changes()
         known, self._programmed = self._programmed, None
-        with _netlink() as ipr:
+        with netlink() as ipr:
             vx = self._index(ipr, t.device)
             bridge = self._index(ipr, t.bridge)
             if vx is None or bridge is None:
@@ -192,7 +192,7 @@ class Overlay:
 
     def remove(self) -> None:
         """Delete the VXLAN device (its FDB goes with it)."""
-        with _netlink() as ipr:
+        with netlink() as ipr:
             vx = self._index(ipr, self.t.device)
             if vx is not None:
                 ipr.link("del", index=vx)
@@ -291,7 +291,7 @@ def _inside_of(pid: int) -> Iterator[Any]:
         try:
             _setns(target)
             try:
-                with _netlink() as ipr:
+                with netlink() as ipr:
                     yield ipr
             finally:
                 _setns(own)  # (a thread left inside would program the instance, not the host)
@@ -322,7 +322,7 @@ class FastPath:
     def sync(self, wanted: list[FastInstance]) -> Changes:
         """Make the uplink's filters and the instances' veths exactly those of `wanted`."""
         done = Changes()
-        with _netlink() as ipr:
+        with netlink() as ipr:
             uplink, mac, routes = self._uplink(ipr)
             devices: dict[int, int] = {}  # host port → ifindex of its instance's veth
             arp_to: list[int] = []

@@ -11,6 +11,8 @@ Invariants:
   `overlay-applied/{node}` under its heartbeat lease (sigmad.models.OverlayApplied): the
   controller stops the old copy of a live move only once every Ready node has applied the
   flip (sigmad.control.moves). A host without a tunnel says so too (it has nothing to apply);
+- frames bridged between instances skip the host's iptables unless `overlay_netfilter`
+  (sigmad.network.netfilter), set again with every full sync;
 - the same record says which old copies of moving instances here are drained
   (sigmad.node.quiesce): a change of an instance's quiesce mark triggers a sync too.
 """
@@ -29,6 +31,7 @@ from sigmad.config import NodeConfig
 from sigmad.engine import Engine
 from sigmad.errors import SigmaError
 from sigmad.models import Instance, Node, OverlayApplied, now
+from sigmad.network import netfilter
 from sigmad.network.ipam import BRIDGE, MTU, VNI, VXLAN, VXLAN_PORT, OverlayNet, mac_for
 from sigmad.network.overlay import Overlay, OverlayError, Tunnel
 from sigmad.node.quiesce import Quiescer
@@ -87,6 +90,10 @@ class TunnelKeeper:
                 log.info("created the engine's network for the overlay %s", net.cidr)
             if self.overlay is not None and await asyncio.to_thread(self.overlay.ensure):
                 log.info("tunnel %s set up (VTEP %s)", VXLAN, self.config.address)
+            keep = self.config.overlay_netfilter
+            if await asyncio.to_thread(netfilter.apply, BRIDGE, net.cidr, keep):
+                log.info("frames bridged on %s: %s", BRIDGE,
+                         "through iptables" if keep else "around iptables (hairpin rule set)")
 
     async def sync(self) -> None:
         """Program the FDB from the nodes and instances in etcd now (read back the kernel's)."""

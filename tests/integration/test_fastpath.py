@@ -83,3 +83,51 @@ def test_fast_path_reaches_the_instance_at_the_host_port_and_goes_on_delete(
     links = lab.in_host("h2", "ip", "-o", "link", "show")
     assert device not in links
     assert not any(k.startswith(f"h2/{port}") for k in lab.port_claims())
+
+
+def forward_counter(lab: LabCluster, node: str) -> int:
+    """Packets Docker's `FORWARD -i sigma0 -o sigma0 -j ACCEPT` rule on `node` has seen: frames
+    bridged on sigma0 that went through iptables."""
+    out = lab.in_host(node, "iptables", "-w", "10", "-L", "FORWARD", "-v", "-x", "-n")
+    (line,) = [x for x in out.splitlines() if re.search(r"ACCEPT .* sigma0\s+sigma0\s", x)]
+    return int(line.split()[0])
+
+
+def test_overlay_frames_skip_iptables_and_the_hairpin_to_a_host_port_still_answers(
+        lab: LabCluster) -> None:
+    """sigmad.network.netfilter: frames bridged between instances go around h2's iptables
+    (Docker's own FORWARD rule for them counts none of them), the other bridges keep their
+    netfilter, and an instance on h2 still reaches another instance's host port on h2
+    (DNATed back onto the bridge: the hairpin rule)."""
+    for node in ("h1", "h2"):
+        flags = lab.in_host(node, "sysctl", "-n", "net.bridge.bridge-nf-call-iptables")
+        assert flags.strip() == "0"
+        for bridge, flag in (("sigma0", "0"), ("docker0", "1")):
+            assert f" nf_call_iptables {flag} " in lab.in_host(node, "ip", "-d", "link", "show",
+                                                                 bridge)
+        assert "sigma overlay hairpin" in lab.in_host(node, "iptables", "-w", "10", "-t",
+                                                      "nat", "-S", "POSTROUTING")
+    lab.apply(fast_app(lab))
+    lab.apply({"app": "peer", "replicas": 3, "placement": {"spread": "host"},
+               "containers": [{"name": "main", "image": lab.lab.image,
+                               "command": ["sh", "-c", "exec sleep 3600"],
+                               "resources": {"request": {"cpu": "10m", "memory": "8Mi"}}}]})
+    try:
+        (fast,) = lab.running("fast", 1)
+        peers = {i["node"]: i for i in lab.running("peer", 3)}  # one on each host
+        port, address = fast["host_ports"]["http"], lab.lab.hosts[1].address
+        before = forward_counter(lab, "h2")
+        # across the tunnel: h1's peer to the fast instance's overlay IP (bridged on both)
+        for _ in range(3):
+            got = lab.in_instance(peers["h1"], "timeout", "3", "wget", "-qO-",
+                                  f"http://{fast['ip']}:{port}/").stdout.strip()
+            assert got == f"fast-0 {address}:{port}"
+        assert forward_counter(lab, "h2") == before
+        # the hairpin: h2's peer to h2's address and the fast instance's host port
+        got = wait_for(lambda: lab.in_instance(
+            peers["h2"], "timeout", "3", "wget", "-qO-", f"http://{address}:{port}/"
+        ).stdout.strip(), 20, "an answer at the host port from an instance on the same host")
+        assert got == f"fast-0 {address}:{port}"
+    finally:
+        lab.delete("fast")
+        lab.delete("peer")

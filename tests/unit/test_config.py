@@ -206,6 +206,7 @@ def test_node_defaults():
     assert cfg.reserved == Resources(0, 0)
     assert cfg.heartbeat_ttl == 5
     assert cfg.etcd == EtcdConfig([DEFAULT_ETCD], DEFAULT_PREFIX)
+    assert cfg.overlay_netfilter is False
 
 
 def test_node_all_fields():
@@ -320,6 +321,12 @@ def test_bad_node_ssds(ssds, where, text):
 @pytest.mark.parametrize("data_dir", ["/", "relative", 3])
 def test_bad_data_dir(data_dir):
     assert node_error(data_dir=data_dir).field == "data_dir"
+
+
+def test_overlay_netfilter_is_a_flag():
+    assert node_config(Fields("", {"overlay_netfilter": True}, "")).overlay_netfilter
+    err = node_error(overlay_netfilter="yes")
+    assert err.field == "overlay_netfilter" and "must be true or false" in err.message
 
 
 def test_unknown_node_key_rejected():
