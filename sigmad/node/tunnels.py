@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import subprocess
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -90,10 +91,20 @@ class TunnelKeeper:
                 log.info("created the engine's network for the overlay %s", net.cidr)
             if self.overlay is not None and await asyncio.to_thread(self.overlay.ensure):
                 log.info("tunnel %s set up (VTEP %s)", VXLAN, self.config.address)
-            keep = self.config.overlay_netfilter
-            if await asyncio.to_thread(netfilter.apply, BRIDGE, net.cidr, keep):
+            await self._bridge_netfilter(net.cidr)
+
+    async def _bridge_netfilter(self, cidr: str) -> None:
+        """Set how frames bridged on the overlay meet iptables (sigmad.network.netfilter);
+        a failure is logged and tried again at the next full sync: it slows the overlay down
+        or leaves it as Docker set it, and must not hold up the FDB."""
+        keep = self.config.overlay_netfilter
+        try:
+            if await asyncio.to_thread(netfilter.apply, BRIDGE, cidr, keep):
                 log.info("frames bridged on %s: %s", BRIDGE,
                          "through iptables" if keep else "around iptables (hairpin rule set)")
+        except (OverlayError, OSError, subprocess.SubprocessError) as exc:
+            log.warning("frames bridged on %s: could not set how they meet iptables: %s "
+                        "(trying again in %gs)", BRIDGE, exc, RESYNC)
 
     async def sync(self) -> None:
         """Program the FDB from the nodes and instances in etcd now (read back the kernel's)."""
