@@ -24,6 +24,7 @@ from sigmad import schema
 from sigmad.config import MasterConfig, NodeConfig
 from sigmad.engine import DockerEngine
 from sigmad.errors import SigmaError
+from sigmad.node import dockerd
 from sigmad.node.agent import NodeRefused, check_engine
 from sigmad.store import EtcdStore
 from sigmad.tls import TlsFiles, client_context
@@ -157,7 +158,8 @@ async def engine(config: NodeConfig, timeout: float) -> list[Finding]:
                        f"{info.get('NCPU')} cpus, {int(str(info.get('MemTotal', 0))) >> 20} "
                        "MiB)")]
     try:
-        out += [Finding(WARN, w) for w in check_engine(config.engine, info)]
+        proxy = await asyncio.to_thread(dockerd.userland_proxy, config.engine)
+        out += [Finding(WARN, w) for w in check_engine(config.engine, info, proxy)]
     except NodeRefused as exc:
         out.append(Finding(FAIL, exc.message))
     return out

@@ -39,6 +39,7 @@ from sigmad.errors import EngineError, SigmaError
 from sigmad.events import EventLog
 from sigmad.models import Beat, Instance, Node, now, split_name
 from sigmad.network.overlay import OverlayError
+from sigmad.node import dockerd
 from sigmad.node.configs import ConfigKeeper
 from sigmad.node.disks import DiskKeeper, LinuxHost
 from sigmad.node.fastpath import FastPathKeeper
@@ -59,14 +60,14 @@ def config_root(config: NodeConfig) -> str:
     return f"{config.data_dir.rstrip('/')}/configs"
 
 
-def check_engine(url: str, info: dict[str, object]) -> list[str]:
-    """Check the engine's settings from `docker info`: refuse a host whose engine cannot cap
-    memory and swap together (sigma's caps would not hold: a container could swap past its
-    memory limit); return a warning, with its fix, for each setting that production wants
-    and the engine lacks (the node still joins: labs and dev hosts run without them).
-
-    The userland proxy is not visible through the Engine API: the README's production
-    section says to turn it off (`"userland-proxy": false`)."""
+def check_engine(url: str, info: dict[str, object],
+                 userland_proxy: bool | None = None) -> list[str]:
+    """Check the engine's settings from `docker info` (and `userland_proxy`, which the Engine
+    API does not show: sigmad.node.dockerd reads it from a local daemon; None: not known):
+    refuse a host whose engine cannot cap memory and swap together (sigma's caps would not
+    hold: a container could swap past its memory limit); return a warning, with its fix, for
+    each setting that production wants and the engine lacks (the node still joins: labs and
+    dev hosts run without them)."""
     if not info.get("SwapLimit") or not info.get("MemoryLimit"):
         raise NodeRefused(
             f"the engine at {url} has no memory-swap accounting (docker info: "
@@ -85,6 +86,12 @@ def check_engine(url: str, info: dict[str, object]) -> list[str]:
             f"the engine at {url} uses the {driver} cgroup driver: under systemd two managers "
             "own the cgroup tree and limits can drift under memory pressure; set "
             "\"exec-opts\": [\"native.cgroupdriver=systemd\"] in /etc/docker/daemon.json "
+            "and restart dockerd")
+    if userland_proxy:
+        warnings.append(
+            f"the engine at {url} runs the userland proxy: every connection to a published "
+            "port (host ports of overlay instances, clients on this host) is copied through "
+            "a docker-proxy process; set \"userland-proxy\": false in /etc/docker/daemon.json "
             "and restart dockerd")
     return warnings
 
@@ -191,7 +198,8 @@ class Agent:
     async def register(self) -> Node:
         """Write the node record, keeping the master-owned `draining` flag."""
         info = await self._engine_info()
-        self.warn_engine(check_engine(self.config.engine, info))
+        proxy = await asyncio.to_thread(dockerd.userland_proxy, self.config.engine)
+        self.warn_engine(check_engine(self.config.engine, info, proxy))
         key = self.store.keys.node(self.config.name)
         disks = await self.disks.capacity() if self.disks else (0, 0)
         while True:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
+from pathlib import Path
 
 import pytest
 
 from sigmad.engine import LABEL_INSTANCE, DockerEngine, container_config
 from sigmad.errors import EngineError
 from sigmad.models import Instance
+from sigmad.node.dockerd import DEFAULT_CONFIG, userland_proxy
 from sigmad.spec import parse
 from tests.integration.conftest import IMAGE, EngineHost
 
@@ -96,3 +99,10 @@ async def test_unreachable_engine_is_an_engine_error() -> None:
         assert "unreachable" in down.value.message
     finally:
         await client.close()
+
+
+def test_the_userland_proxy_is_read_from_the_daemon_behind_the_socket(engine: EngineHost) -> None:
+    """The session's dockerd runs without --userland-proxy: dockerd's default (on), unless this
+    machine's daemon.json says otherwise."""
+    config = json.loads(Path(DEFAULT_CONFIG).read_text()) if Path(DEFAULT_CONFIG).exists() else {}
+    assert userland_proxy(engine.url) is bool(config.get("userland-proxy", True))

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from sigmad.node.dockerd import userland_proxy
 from tests.integration.conftest import wait_for
 from tests.integration.labkit import LabCluster
 
@@ -131,3 +132,13 @@ def test_overlay_frames_skip_iptables_and_the_hairpin_to_a_host_port_still_answe
     finally:
         lab.delete("fast")
         lab.delete("peer")
+
+
+def test_the_lab_dockerds_run_without_the_userland_proxy_and_the_agent_sees_it(
+        lab: LabCluster) -> None:
+    """sigmad.node.dockerd reads each lab engine's daemon (--userland-proxy=false) through its
+    socket; the agents of the lab warned of nothing about it."""
+    for node, url in lab.lab.engines.items():
+        assert userland_proxy(url) is False, node
+        log = (lab.lab.root / node / "node.log").read_text()
+        assert "userland proxy" not in log, node
