@@ -430,7 +430,7 @@ class AppWrites:
                                                           for d in v.value.ssds):
             raise Conflict(f"disk {node}/{disk} is in use by instance {owner}: delete or "
                            "scale down its app first")
-        change = self.writes.release_ssd(claim)
+        change = self.writes.release_ssd(claim, self.cache.get(SSDS, self.keys.ssd(node, disk)))
         if key:  # the owner's record as judged: not placed here meanwhile
             change += Change([Guard(key, v.mod_revision if v else 0)], [])
         await self._commit(change, f"disk {node}/{disk}")

@@ -776,7 +776,9 @@ class Controller:
                     else:
                         await _stop_all(engine, watch, containers)
         owner = self.cache.get(IPS, self.keys.ip(inst.ip)) if inst.ip else None
-        if await self.writer.write(self.writes.delete_instance(v, owner)):
+        disks = {d.disk: self.cache.get(SSDS, self.keys.ssd(inst.node, d.disk))
+                 for d in inst.ssds}
+        if await self.writer.write(self.writes.delete_instance(v, owner, disks)):
             self._emit(inst, f"gone ({inst.reason})", False)
         else:
             raise Conflict(f"{inst.key} changed meanwhile")

@@ -15,6 +15,9 @@ Invariants:
 - a disk leaves `ready` (to be formatted again) only in a transaction guarding that no claim
   exists and that its record is unchanged, and the master claims only a `ready` disk whose
   record revision it guards: a disk is never claimed while it is being formatted;
+- a disk released before its agent saw the claim (its record still `ready`: claimed and
+  released between two passes) is marked `wiping` by the release itself
+  (sigmad.state.writes.Writes.wipe_unseen), so it is wiped like any other;
 - a released disk (bound, its claim gone) is wiped — a fresh filesystem with a new UUID and an
   empty data directory, checked — before it is `ready` again: no tenant sees another's data;
 - a disk whose device vanished, or whose I/O fails, is `broken` (with the error) and stays so

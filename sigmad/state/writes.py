@@ -18,11 +18,22 @@ import asyncio
 import collections
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sigmad.control.rollout import Revision, Rollout, begun
-from sigmad.models import AppRecord, Instance, Node, NodeLock, Owner, SsdClaim, now
+from sigmad.models import (
+    SSD_READY,
+    SSD_WIPING,
+    AppRecord,
+    Instance,
+    Node,
+    NodeLock,
+    Owner,
+    Ssd,
+    SsdClaim,
+    now,
+)
 from sigmad.scheduler.snapshot import FreeSsd, RetainedSsd
 from sigmad.spec import AppSpec
 from sigmad.state.cache import Cache
@@ -68,16 +79,19 @@ class Writes:
         """Rewrite an instance as read (at its mod_revision)."""
         return Change([Guard(v.key, v.mod_revision)], [Op(v.key, new)])
 
-    def delete_instance(self, v: Versioned[Instance],
-                        ip_owner: Versioned[Owner] | None) -> Change:
+    def delete_instance(self, v: Versioned[Instance], ip_owner: Versioned[Owner] | None,
+                        disks: dict[str, Versioned[Ssd] | None] | None = None) -> Change:
         """Delete an instance with its host-port claims, the claims of its disks whose
         volume says `reclaim: wipe` (their agent then wipes them; `retain` ones stay claimed
-        until `sigmactl ssd release`), and its IP claim if it holds it."""
+        until `sigmactl ssd release`; `disks`: their records as read, see `wipe_unseen`), and
+        its IP claim if it holds it."""
         inst = v.value
         change = Change([Guard(v.key, v.mod_revision)], [Op(v.key, delete=True)])
         change += self.release_ports(inst.node, inst.host_ports)
-        change += Change([], [Op(self.keys.ssd_claim(inst.node, d.disk), delete=True)
-                              for d in inst.ssds if d.reclaim == "wipe"])
+        for d in inst.ssds:
+            if d.reclaim == "wipe":
+                change += Change([], [Op(self.keys.ssd_claim(inst.node, d.disk), delete=True)])
+                change += self.wipe_unseen((disks or {}).get(d.disk))
         change += self.release_ports(inst.next_node, inst.next_ports)
         if ip_owner is not None and ip_owner.value.owner == inst.key:
             change += Change([Guard(ip_owner.key, ip_owner.mod_revision)],
@@ -116,9 +130,22 @@ class Writes:
         (still this instance's, for that volume)."""
         return Change([Guard(d.claim, d.revision) for d in disks], [])
 
-    def release_ssd(self, claim: Versioned[SsdClaim]) -> Change:
-        """Give up a retained disk's claim as read (its agent then wipes it)."""
-        return Change([Guard(claim.key, claim.mod_revision)], [Op(claim.key, delete=True)])
+    def release_ssd(self, claim: Versioned[SsdClaim],
+                    disk: Versioned[Ssd] | None = None) -> Change:
+        """Give up a retained disk's claim as read (its agent then wipes it; `disk`: its
+        record as read, see `wipe_unseen`)."""
+        return Change([Guard(claim.key, claim.mod_revision)],
+                      [Op(claim.key, delete=True)]) + self.wipe_unseen(disk)
+
+    def wipe_unseen(self, disk: Versioned[Ssd] | None) -> Change:
+        """A disk released while its record still says `ready` (claimed and released between
+        two passes of its agent, which never saw the claim, yet an instance wrote to it) is
+        marked `wiping` in the release's own transaction, guarded as read: its agent wipes
+        it before it is `ready` again. A disk its agent saw claimed needs nothing here."""
+        if disk is None or disk.value.state != SSD_READY:
+            return Change()
+        wiping = replace(disk.value, state=SSD_WIPING, owner="", updated=now())
+        return Change([Guard(disk.key, disk.mod_revision)], [Op(disk.key, wiping)])
 
     def book(self, node: str, lock: int, by: str) -> Change:
         """Guard and bump `node`'s lock (its revision `lock` as read, 0 if absent): any

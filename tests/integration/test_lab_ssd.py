@@ -169,7 +169,14 @@ def test_kill_host_moves_the_instance_to_a_new_disk_and_retains_the_old(
                     else None
 
             moved = wait_for(elsewhere, 90, "ssdb-0 running on another host")
-            assert lab.in_instance(moved, "ls", "/data").stdout == ""  # a new, empty disk
+            # a new, empty disk (what to look at if not: seen once, 2026-12-06, holding the
+            # `appendonlydir` of the redis test's wiped disk)
+            source = moved["ssds"][0]["source"]
+            assert lab.in_instance(moved, "ls", "/data").stdout == "", (
+                moved["node"], moved["ssds"], ssds(lab),
+                subprocess.run(["findmnt", "-T", source], capture_output=True, text=True,
+                               check=False).stdout,
+                lab.in_instance(moved, "ls", "-la", "--full-time", "/data").stdout)
             assert ssds(lab)[old]["claimed_by"] == "default/ssdb-0"
             events = lab.ctl("events", "--app", "ssdb", "-o", "json").stdout
             assert f"its data stays on {first['node']}, disk {first['ssds'][0]['disk']}" \

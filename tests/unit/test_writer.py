@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from sigmad.models import Owner
+from sigmad.models import Owner, SsdClaim
 from sigmad.state.cache import Cache
 from sigmad.state.writes import Change, Writer
 from sigmad.store import Guard, Op
@@ -83,3 +83,45 @@ async def test_a_rewrite_of_a_record_read_before_another_write_loses() -> None:
     gone = writes.delete_instance(read, None)
     assert not await store.commit(gone.guards, gone.ops)
     assert store.value(key, Instance) is not None
+
+
+async def test_a_disk_released_before_its_agent_saw_the_claim_is_marked_for_a_wipe() -> None:
+    """Claimed and released between two passes of its agent, a disk's record still says
+    `ready`, though an instance wrote to it: the release marks it `wiping` (its agent then
+    wipes it); a disk its agent saw claimed (`bound`) is left to the agent."""
+    from sigmad.models import SSD_BOUND, SSD_READY, SSD_WIPING, BoundSsd, Instance, Ssd
+    from sigmad.state.writes import Writes
+
+    store = MemoryStore("/t")
+    writes = Writes(store.keys)
+    inst = Instance("ns", "db", 0, 1)
+    inst.node = "h1"
+    inst.ssds = [BoundSsd("data", "loop0", "/d/loop0/data"), BoundSsd("logs", "loop1", "/d/l")]
+    key = store.keys.instance("ns", "db", 0)
+    await store.put(key, inst)
+    for disk, state in (("loop0", SSD_READY), ("loop1", SSD_BOUND)):
+        await store.put(store.keys.ssd("h1", disk), Ssd("h1", disk, f"/dev/{disk}", state=state,
+                                                        owner="" if state == SSD_READY
+                                                        else "ns/db-0"))
+        await store.put(store.keys.ssd_claim("h1", disk), SsdClaim("ns/db-0", disk))
+    read = await store.get(key, Instance)
+    disks = {d: await store.get(store.keys.ssd("h1", d), Ssd) for d in ("loop0", "loop1")}
+    assert read is not None
+    gone = writes.delete_instance(read, None, disks)
+    assert await store.commit(gone.guards, gone.ops)
+    assert store.value(store.keys.ssd("h1", "loop0"), Ssd).state == SSD_WIPING
+    assert store.value(store.keys.ssd("h1", "loop1"), Ssd).state == SSD_BOUND
+    assert store.value(store.keys.ssd_claim("h1", "loop0"), SsdClaim) is None
+    # read `ready`, then its agent marks it bound: the release fails whole, to be tried
+    # again on what is there now
+    await store.put(store.keys.ssd("h1", "loop0"), Ssd("h1", "loop0", "/dev/loop0",
+                                                       state=SSD_READY))
+    await store.put(store.keys.ssd_claim("h1", "loop0"), SsdClaim("ns/db-0", "data"))
+    stale = await store.get(store.keys.ssd("h1", "loop0"), Ssd)
+    claim = await store.get(store.keys.ssd_claim("h1", "loop0"), SsdClaim)
+    assert stale is not None and claim is not None
+    await store.put(stale.key, Ssd("h1", "loop0", "/dev/loop0", state=SSD_BOUND))
+    released = writes.release_ssd(claim, stale)
+    assert released.ops[-1].key == stale.key  # it would have marked the disk
+    assert not await store.commit(released.guards, released.ops)
+    assert store.value(store.keys.ssd_claim("h1", "loop0"), SsdClaim) is not None
