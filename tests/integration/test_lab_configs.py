@@ -245,14 +245,22 @@ def test_an_agent_sigkilled_mid_rollout_the_rollout_finishes_in_batches(
             time.sleep(2)
             config(lab, "web-conf", {"index.html": NEW})
             os.kill(lab.lab.host(node).agent_pid, signal.SIGKILL)
-            done: list[int] = []
-            sampler = threading.Thread(target=lambda: done.append(
-                reloading_at_most(lab, "cfgkill", 2, 120)))
+            done: list[int | Exception] = []  # the sampler's answer, or what it raised
+
+            def sample() -> None:
+                try:
+                    done.append(reloading_at_most(lab, "cfgkill", 2, 120))
+                except Exception as exc:  # (raised here below, not lost with the thread)
+                    done.append(exc)
+
+            sampler = threading.Thread(target=sample)
             sampler.start()
             time.sleep(1)
             lab.lab.restart_agent(node)
             sampler.join()
-            assert done and done[0] <= 1, f"{done} instances reloading at once (max_parallel 1)"
+            if isinstance(done[0], Exception):
+                raise done[0]
+            assert done[0] <= 1, f"{done} instances reloading at once (max_parallel 1)"
             time.sleep(2)
         finally:
             answers = poll.answers()

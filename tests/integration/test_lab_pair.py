@@ -90,8 +90,12 @@ def test_sigmactl_follows_the_pair_and_tokens_hold_across_it(pair: PairLab) -> N
     assert creds["current-context"] == f"lab-{pair.name}"
     assert context["servers"] == [first, second]
 
-    masters = pair.ok("get", "masters", "-o", "json")
-    assert len(json.loads(masters.stdout)) == 2 and "did not answer" not in masters.stderr
+    def both() -> subprocess.CompletedProcess[str] | None:  # the standby registers in turn
+        listed = pair.ok("get", "masters", "-o", "json")
+        return listed if len(json.loads(listed.stdout)) == 2 else None
+
+    masters = wait_for(both, 30, "both masters listed")
+    assert "did not answer" not in masters.stderr
 
     # a reader reads, and cannot apply; an operator of ns a cannot touch ns b
     reader = pair.ok("token", "create", "viewer", "--role", "reader").stdout.strip()
